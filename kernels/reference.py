@@ -1,0 +1,175 @@
+"""Plain-PyTorch twins of every Triton kernel in this package.
+
+These are the definitions the kernels are tested against and the ops that ``backend="torch"`` runs,
+so they favour clarity over speed, and compute in fp32 whatever the input dtype (casting once, at the
+end, like the kernels do). Each has the same signature as its Triton twin in ``kernels/<op>.py``.
+
+Shape conventions (Meta's): activations are ``(B, T, H, D)`` — batch, tokens, heads, head dim — and the
+KV cache is handed to the ops as a ``(B, S_max, H_kv, D)`` view (any strides). Positions are absolute
+token positions in the sequence, so a KV-cache slot is the position itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm",
+    "add_rms_norm",
+    "rope_inv_freq",
+    "rope",
+    "attention",
+    "decode_attention",
+    "swiglu",
+]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32, returned in x.dtype.
+
+    Meta's model rounds the normalised row to the input dtype before multiplying by the weight; we
+    multiply in fp32 and round once (the kernel does the same), which is the more accurate of the two.
+    """
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = residual + x (rounded to x.dtype, as the residual stream is stored); returns (rms_norm(h), h)."""
+    h = (residual.float() + x.float()).to(x.dtype)
+    return rms_norm(h, weight, eps), h
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The ``head_dim // 2`` rotation frequencies of RoPE, fp32, with Llama 3.1/3.2 scaling if given.
+
+    ``scaling`` holds ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+    ``original_max_position_embeddings`` (8192 for Llama 3). Long wavelengths (low frequencies) are
+    divided by ``factor``, short ones kept, and the band between blended smoothly — Meta's
+    ``apply_scaling``, with the constants read from the checkpoint instead of hard-coded.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    low = float(scaling["low_freq_factor"])
+    high = float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_len / low
+    high_freq_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    new_freqs = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * new_freqs / factor + smooth * new_freqs
+    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_band, blended, new_freqs)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate Meta's interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by angles (B, T, 1, D/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+def rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    k_cache: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotary position embedding of q (B, T, Hq, D) and k (B, T, Hkv, D) at ``positions`` (B, T).
+
+    The angle of pair i at position p is p * inv_freq[i], computed in fp32. Returns new tensors
+    ``(q_rot, k_rot)`` in the input dtype. With ``k_cache`` (and ``v``/``v_cache``), shapes
+    (B, S_max, Hkv, D), the rotated k (and v as is) are written to slot ``positions[b, t]`` of the
+    caches instead, and ``(q_rot, None)`` is returned.
+    """
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)  # (B, T, D/2)
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    q_rot = _rotate(q, cos, sin).to(q.dtype)
+    k_rot = _rotate(k, cos, sin).to(k.dtype)
+    if k_cache is None:
+        return q_rot, k_rot
+    b_idx = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(positions)
+    k_cache[b_idx, positions.long()] = k_rot.to(k_cache.dtype)
+    if v_cache is not None:
+        v_cache[b_idx, positions.long()] = v.to(v_cache.dtype)
+    return q_rot, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    start_pos: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention with a cache offset and grouped-query heads.
+
+    q: (B, T, Hq, D) at absolute positions start_pos .. start_pos+T-1; k, v: (B, S, Hkv, D) with
+    S >= start_pos + T (only the first start_pos + T keys are read). Query t sees keys 0..start_pos+t.
+    Hq must be a multiple of Hkv: q head h reads k/v head h // (Hq // Hkv). Returns (B, T, Hq, D).
+
+    GQA without copies: q is viewed as (B, Hkv, G, T, D) and k as (B, Hkv, 1, S, D), so the
+    matrix product broadcasts each k/v head over its G query heads instead of repeating it.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    S = start_pos + T
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf = q.float().permute(0, 2, 1, 3).reshape(B, Hkv, G, T, D)
+    kf = k[:, :S].float().permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, S, D)
+    vf = v[:, :S].float().permute(0, 2, 1, 3)[:, :, None]
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, G, T, S)
+    q_pos = torch.arange(start_pos, S, device=q.device)[:, None]
+    k_pos = torch.arange(S, device=q.device)[None, :]
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vf  # (B, Hkv, G, T, D)
+    return out.reshape(B, Hq, T, D).permute(0, 2, 1, 3).to(q.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One new query per sequence against its KV cache.
+
+    q: (B, Hq, D); k_cache, v_cache: (B, S_max, Hkv, D); lengths: (B,) ints in [1, S_max]. Sequence b
+    attends to its keys 0 .. lengths[b]-1 (the new token's own key already written at lengths[b]-1).
+    Returns (B, Hq, D).
+    """
+    B, Hq, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf = q.float().reshape(B, Hkv, G, 1, D)
+    kf = k_cache.float().permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, S_max, D)
+    vf = v_cache.float().permute(0, 2, 1, 3)[:, :, None]
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, G, 1, S_max)
+    valid = torch.arange(S_max, device=q.device)[None, :] < lengths.to(q.device).long()[:, None]  # (B, S_max)
+    scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vf  # (B, Hkv, G, 1, D)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, computed in fp32 and returned in gate.dtype (the FFN's gated activation)."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
