@@ -6,13 +6,31 @@ signature. On a machine without a GPU, set ``TRITON_INTERPRET=1`` *before* impor
 to run the kernels in Triton's interpreter (the ``@triton.jit`` decorator reads it at import time).
 """
 
-from kernels import reference
-from kernels.attention import attention
-from kernels.decode import decode_attention
-from kernels.reference import rope_inv_freq
-from kernels.rmsnorm import add_rms_norm, rms_norm
-from kernels.rope import rope
-from kernels.swiglu import swiglu
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# ``import kernels.reference`` (the torch backend) never compiles or interprets a Triton kernel, and so
+# that TRITON_INTERPRET can still be set after ``import kernels`` but before the first kernel is used.
+_EXPORTS = {
+    "rms_norm": "kernels.rmsnorm",
+    "add_rms_norm": "kernels.rmsnorm",
+    "rope": "kernels.rope",
+    "rope_inv_freq": "kernels.reference",
+    "attention": "kernels.attention",
+    "decode_attention": "kernels.decode",
+    "swiglu": "kernels.swiglu",
+    "reference": "kernels.reference",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if name == "reference" else getattr(module, name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "reference",

@@ -1,0 +1,496 @@
+"""Reading Llama-3 checkpoints in Meta's and Hugging Face's layouts, and writing tiny random ones.
+
+Both layouts are presented to the driver the same way: an ``args`` (ModelArgs) and a ``tensor(name)``
+that returns one full weight under **Meta's name**, merged across model-parallel shards and with
+Hugging Face's rotate-half permutation of wq/wk undone, shape-checked against the config. Tensors are
+produced one at a time from memory-mapped files, so the driver can cast, fuse and move each before
+asking for the next: host memory stays near one copy of the model.
+
+Meta's layout:  params.json, consolidated.00.pth [.. consolidated.NN.pth], tokenizer.model
+                (also found in the ``original/`` folder of Hugging Face repos)
+HF's layout:    config.json, model.safetensors or model-0000N-of-0000M.safetensors + model.safetensors.index.json
+
+Nothing here unpickles code: ``.pth`` files are opened with ``weights_only=True`` (tensors and plain
+containers only) and ``mmap=True``; safetensors files hold no code at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from model.config import ConfigError, ModelArgs, from_hf_config, from_meta_params, to_hf_config, to_meta_params
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or does not fit its config."""
+
+
+# Meta's model-parallel split dimension of each weight kind (None: replicated, read from shard 0).
+# Column-parallel layers are split on the output rows (dim 0), row-parallel wo/w2 on the input (dim 1).
+META_SPLIT_DIM = {
+    "tok_embeddings": 0,
+    "output": 0,
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "wo": 1,
+    "w2": 1,
+    "attention_norm": None,
+    "ffn_norm": None,
+    "norm": None,
+}
+IGNORED = {"rope.freqs"}  # precomputed RoPE table some Meta checkpoints carry; we compute our own
+
+HF_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def expected_shapes(args: ModelArgs, with_output: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every weight of the model under Meta's names, with its full (unsharded) shape."""
+    hd, q_rows, kv_rows = args.head_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (args.dim,)
+        shapes[p + "attention.wq.weight"] = (q_rows, args.dim)
+        shapes[p + "attention.wk.weight"] = (kv_rows, args.dim)
+        shapes[p + "attention.wv.weight"] = (kv_rows, args.dim)
+        shapes[p + "attention.wo.weight"] = (args.dim, q_rows)
+        shapes[p + "ffn_norm.weight"] = (args.dim,)
+        shapes[p + "feed_forward.w1.weight"] = (args.hidden_dim, args.dim)
+        shapes[p + "feed_forward.w3.weight"] = (args.hidden_dim, args.dim)
+        shapes[p + "feed_forward.w2.weight"] = (args.dim, args.hidden_dim)
+    assert hd * args.n_heads == q_rows
+    shapes["norm.weight"] = (args.dim,)
+    if with_output:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def _kind(name: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'wq'; 'norm.weight' -> 'norm'."""
+    return name.rsplit(".", 2)[-2]
+
+
+def permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's wq/wk rows -> Hugging Face's: within each head, interleaved pairs (x0,x1),(x2,x3).. become
+    halves (x0,x2,..|x1,x3,..), so HF's rotate-half RoPE computes the same rotation."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_from_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of ``permute_for_rotate_half``: HF's q_proj/k_proj rows back to Meta's interleaved pairs."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A Meta shard, memory-mapped. weights_only=True refuses any pickle that would build other objects."""
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle holds objects other than tensors, which could run code"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first})") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise CheckpointError(f"{path}: expected a dict of tensor names to tensors, got {type(obj).__name__}")
+    return obj
+
+
+def find_layout(ckpt_dir: Path) -> tuple[str, Path]:
+    """('hf' | 'meta', the folder that holds it). HF files at the top win over Meta's in ``original/``."""
+    if not ckpt_dir.exists():
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: not a directory")
+    if (ckpt_dir / "config.json").exists() and any(ckpt_dir.glob("*.safetensors")):
+        return "hf", ckpt_dir
+    for d in (ckpt_dir, ckpt_dir / "original"):
+        if (d / "params.json").exists():
+            return "meta", d
+    raise CheckpointError(
+        f"{ckpt_dir}: no checkpoint found (expected params.json + consolidated.*.pth, "
+        "or config.json + *.safetensors, or an original/ folder with Meta's files)"
+    )
+
+
+class Checkpoint:
+    """One checkpoint on disk; ``tensor(name)`` yields full weights under Meta's names, one at a time."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike):
+        self.dir = Path(ckpt_dir)
+        self.layout, self.root = find_layout(self.dir)
+        if self.layout == "meta":
+            self._open_meta()
+        else:
+            self._open_hf()
+        self.shapes = expected_shapes(self.args, with_output=not self.args.tie_embeddings)
+
+    # ---- Meta -------------------------------------------------------------------------------------
+    def _open_meta(self) -> None:
+        try:
+            args = from_meta_params(self.root / "params.json")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        files = sorted(self.root.glob("consolidated.*.pth"))
+        if not files:
+            raise CheckpointError(f"{self.root}: no consolidated.*.pth weight files next to params.json")
+        numbers = [int(m.group(1)) if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)) else -1 for f in files]
+        if sorted(numbers) != list(range(len(files))):
+            raise CheckpointError(f"{self.root}: shard files must be consolidated.00.pth .. consolidated.NN.pth")
+        self.files = files
+        self._shards = [_load_pth(f) for f in files]
+        names0 = set(self._shards[0]) - IGNORED
+        for f, shard in zip(files[1:], self._shards[1:], strict=True):
+            if set(shard) - IGNORED != names0:
+                diff = sorted((set(shard) - IGNORED) ^ names0)[:3]
+                raise CheckpointError(f"{f}: shards disagree on tensor names (e.g. {diff}) with {files[0].name}")
+        tied = "output.weight" not in names0
+        self.args = replace(args, tie_embeddings=tied)
+        self._names = names0
+        self._check_names(names0, files[0])
+
+    def _meta_tensor(self, name: str) -> torch.Tensor:
+        split = META_SPLIT_DIM[_kind(name)]
+        parts = [shard[name] for shard in self._shards]
+        if len(parts) == 1:
+            return parts[0]
+        if split is None:
+            for f, p in zip(self.files[1:], parts[1:], strict=True):
+                if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
+                    raise CheckpointError(f"{f}: replicated tensor {name} differs from {self.files[0].name}'s")
+            return parts[0]
+        for f, p in zip(self.files[1:], parts[1:], strict=True):
+            other = [s for d, s in enumerate(p.shape) if d != split]
+            if p.shape != parts[0].shape:
+                raise CheckpointError(
+                    f"{f}: shard of {name} has shape {tuple(p.shape)}, shard 0 has {tuple(parts[0].shape)}"
+                    f" (shards must split dim {split} evenly; other dims {other})"
+                )
+        return torch.cat(parts, dim=split)
+
+    # ---- Hugging Face -----------------------------------------------------------------------------
+    def _open_hf(self) -> None:
+        from safetensors import safe_open
+
+        try:
+            self.args = from_hf_config(self.root / "config.json")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        index = self.root / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = [p.name for p in sorted(self.root.glob("*.safetensors"))]
+            weight_map = None
+        self.files = [self.root / f for f in files]
+        self._handles = {}
+        where: dict[str, str] = {}
+        for f in self.files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: listed in the safetensors index but missing")
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({first})") from None
+            self._handles[f.name] = h
+            for k in h.keys():
+                where[k] = f.name
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if where.get(k) != f:
+                    raise CheckpointError(f"{self.root / f}: index says it holds {k}, but it does not")
+        self._hf_where = {}
+        for hf_name, f in where.items():
+            meta = self._hf_to_meta(hf_name)
+            if meta is not None:
+                self._hf_where[meta] = (hf_name, f)
+        names = set(self._hf_where)
+        if self.args.tie_embeddings:
+            names.discard("output.weight")  # some tied repos still carry a copy of lm_head
+        self._names = names
+        self._check_names(names, self.files[0])
+
+    @staticmethod
+    def _hf_to_meta(name: str) -> str | None:
+        if name == "model.embed_tokens.weight":
+            return "tok_embeddings.weight"
+        if name == "model.norm.weight":
+            return "norm.weight"
+        if name == "lm_head.weight":
+            return "output.weight"
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+        if m and m.group(2) in HF_NAMES:
+            return f"layers.{m.group(1)}.{HF_NAMES[m.group(2)]}.weight"
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        return f"<unknown:{name}>"
+
+    def _hf_tensor(self, name: str) -> torch.Tensor:
+        hf_name, f = self._hf_where[name]
+        try:
+            t = self._handles[f].get_tensor(hf_name)
+        except Exception as e:
+            raise CheckpointError(f"{self.root / f}: cannot read tensor {hf_name} ({e})") from None
+        kind = _kind(name)
+        if kind in ("wq", "wk") and t.ndim == 2:
+            heads = self.args.n_heads if kind == "wq" else self.args.n_kv_heads
+            if t.shape[0] % (2 * heads) == 0:
+                t = unpermute_from_rotate_half(t, heads)
+        return t
+
+    # ---- common -----------------------------------------------------------------------------------
+    def _check_names(self, names: set[str], file: Path) -> None:
+        unknown = sorted(n for n in names if n not in self.shapes_for_check())
+        if unknown:
+            u = unknown[0].replace("<unknown:", "").rstrip(">")
+            raise CheckpointError(f"{file}: unexpected tensor {u!r} for a {self.args.n_layers}-layer Llama config")
+        missing = sorted(n for n in self.shapes_for_check() if n not in names)
+        if missing:
+            raise CheckpointError(f"{file}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+
+    def shapes_for_check(self) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(self.args, with_output=not self.args.tie_embeddings)
+
+    def names(self) -> list[str]:
+        """Every tensor the model needs, in a loading order that keeps each layer's weights together."""
+        return list(self.shapes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The full weight ``name`` (Meta's naming), in its stored dtype, shape-checked."""
+        t = self._meta_tensor(name) if self.layout == "meta" else self._hf_tensor(name)
+        want = self.shapes[name]
+        if tuple(t.shape) != want:
+            raise CheckpointError(
+                f"{self.files[0] if self.layout == 'meta' else self.root}: tensor {name} has shape "
+                f"{tuple(t.shape)}, the config implies {want}"
+            )
+        if not t.is_floating_point():
+            raise CheckpointError(f"{self.root}: tensor {name} has dtype {t.dtype}, expected a floating-point type")
+        return t
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.tensor(name)
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(int(torch.Size(s).numel()) * size for s in self.shapes.values())
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        for d in (self.root, self.dir, self.dir / "original"):
+            if (d / "tokenizer.model").exists():
+                return d / "tokenizer.model"
+        return None
+
+
+# ---- the tiny-checkpoint writer -------------------------------------------------------------------
+
+
+def random_weights(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Random weights for ``args`` under Meta's names, scaled so activations stay O(1) through the layers."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in expected_shapes(args, with_output=not args.tie_embeddings).items():
+        if len(shape) == 1:  # norm weights near 1, but not exactly 1, so a missing multiply is caught
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name == "tok_embeddings.weight":
+            t = torch.randn(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) / shape[1] ** 0.5
+        out[name] = t.to(dtype)
+    return out
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Write into a temporary sibling folder, then rename: a failure leaves nothing half-written."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise CheckpointError(f"{target}: already exists and is not empty; choose a new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_meta_checkpoint(
+    folder: Path, args: ModelArgs, weights: dict[str, torch.Tensor], shards: int, multiple_of: int,
+    ffn_dim_multiplier: float | None, tokenizer_file: Path,
+) -> None:
+    """Meta's layout, split ``shards`` ways along META_SPLIT_DIM (norms replicated)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, t in weights.items():
+        split = META_SPLIT_DIM[_kind(name)]
+        if split is not None and t.shape[split] % shards:
+            raise CheckpointError(f"cannot split {name} {tuple(t.shape)} {shards} ways on dim {split}")
+    for r in range(shards):
+        shard = {}
+        for name, t in weights.items():
+            split = META_SPLIT_DIM[_kind(name)]
+            shard[name] = t if split is None else t.chunk(shards, dim=split)[r].clone()
+        torch.save(shard, folder / f"consolidated.{r:02d}.pth")
+    params = to_meta_params(args, multiple_of, ffn_dim_multiplier)
+    (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
+
+
+def write_hf_checkpoint(folder: Path, args: ModelArgs, weights: dict[str, torch.Tensor], shards: int = 1) -> None:
+    """Hugging Face's layout: wq/wk permuted for rotate-half, HF names, optionally sharded with an index."""
+    from safetensors.torch import save_file
+
+    inverse = {v: k for k, v in HF_NAMES.items()}
+    hf: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        kind = _kind(name)
+        if kind == "wq":
+            t = permute_for_rotate_half(t, args.n_heads)
+        elif kind == "wk":
+            t = permute_for_rotate_half(t, args.n_kv_heads)
+        if name == "tok_embeddings.weight":
+            hf_name = "model.embed_tokens.weight"
+        elif name == "norm.weight":
+            hf_name = "model.norm.weight"
+        elif name == "output.weight":
+            hf_name = "lm_head.weight"
+        else:
+            layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
+            hf_name = f"model.layers.{layer}.{inverse[rest]}.weight"
+        hf[hf_name] = t.contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(to_hf_config(args), indent=2) + "\n")
+    names = list(hf)
+    if shards == 1:
+        save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: hf[n] for n in names[i * per : (i + 1) * per]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in hf.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def tiny_args(
+    dim: int = 128,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    n_kv_heads: int = 1,
+    vocab_size: int = 128256,
+    multiple_of: int = 32,
+    ffn_dim_multiplier: float | None = 1.3,
+    rope_scaling_factor: float | None = 8.0,
+    tie_embeddings: bool = False,
+    rope_theta: float = 500000.0,
+) -> ModelArgs:
+    """A Llama-3-shaped config, small enough for a CPU (defaults: head dim 64, GQA 2, Llama 3.1 RoPE)."""
+    from model.config import _llama3_scaling, ffn_hidden_dim
+
+    scaling = None if rope_scaling_factor is None else _llama3_scaling(rope_scaling_factor)
+    return ModelArgs(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=vocab_size,
+        hidden_dim=ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        tie_embeddings=tie_embeddings,
+        max_position_embeddings=131072 if scaling else 8192,
+    )
+
+
+def make_tiny(
+    target: str | os.PathLike,
+    *,
+    dim: int = 128,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    n_kv_heads: int = 1,
+    multiple_of: int = 32,
+    ffn_dim_multiplier: float | None = 1.3,
+    rope_scaling_factor: float | None = 8.0,
+    tie_embeddings: bool = False,
+    shards: int = 1,
+    hf: bool = False,
+    hf_shards: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write a random Llama-3-shaped checkpoint with the real tokenizer.
+
+    Meta's layout in ``target`` (``shards`` model-parallel files); with ``hf=True``, Hugging Face's layout in
+    ``target`` and Meta's in ``target/original`` (as HF repos ship them), holding the same weights.
+    """
+    from model.tokenizer import default_tokenizer_path
+
+    for what, v in (("dim", dim), ("layers", n_layers), ("heads", n_heads), ("kv-heads", n_kv_heads),
+                    ("shards", shards), ("hf-shards", hf_shards)):
+        if v < 1:
+            raise CheckpointError(f"--{what} must be at least 1, got {v}")
+    if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
+        raise CheckpointError(
+            f"dim {dim}, heads {n_heads}, kv-heads {n_kv_heads}: need dim % heads == 0, heads % kv-heads == 0 "
+            "and an even head dim"
+        )
+    if n_kv_heads % shards:
+        raise CheckpointError(f"--shards {shards} must divide --kv-heads {n_kv_heads} (Meta splits heads across shards)")
+    args = tiny_args(dim, n_layers, n_heads, n_kv_heads, 128256, multiple_of, ffn_dim_multiplier,
+                     rope_scaling_factor, tie_embeddings)
+    weights = random_weights(args, seed, dtype)
+    target = Path(target)
+
+    def write(tmp: Path) -> None:
+        meta_dir = tmp / "original" if hf else tmp
+        write_meta_checkpoint(meta_dir, args, weights, shards, multiple_of, ffn_dim_multiplier,
+                              default_tokenizer_path())
+        if hf:
+            write_hf_checkpoint(tmp, args, weights, hf_shards)
+
+    _write_atomically(target, write)
+    return target

@@ -1,0 +1,367 @@
+"""The Llama-3 driver: token ids in, logits out, one readable file.
+
+    tokens (B, T) ──embedding──▶ x (B, T, dim)                         the residual stream
+    for each of n_layers blocks:
+        h = RMSNorm(x)                                               kernels.rms_norm / add_rms_norm
+        q|k|v = h @ wqkv.T          (B, T, (Hq + 2 Hkv) * hd)        one matrix product for all three
+        q, k = RoPE(q, k, positions); k, v -> KV cache slot          kernels.rope (writes the cache)
+        o = causal attention(q, cache)                               kernels.attention (prefill, T > 1)
+                                                                     kernels.decode_attention (T == 1)
+        x = x + o @ wo.T;  h = RMSNorm(x)                            kernels.add_rms_norm (fused)
+        g|u = h @ w13.T             (B, T, 2 * hidden)               one matrix product for w1 and w3
+        x = x + swiglu(g, u) @ w2.T                                  kernels.swiglu
+    logits = RMSNorm(x) @ output.T  (B, T, vocab)
+
+Every elementwise/attention op goes through ``self.ops``: ``kernels`` (Triton) for backend="triton",
+``kernels.reference`` (plain PyTorch) for backend="torch". Matrix products stay with torch (cuBLAS).
+
+The KV cache is static: one (max_batch, Hkv, max_seq_len, hd) tensor per layer for k and for v,
+allocated once; a token at absolute position p lives in slot p. It is handed to the ops as the
+(B, S, Hkv, hd) view they expect (a transpose, no copy). On CUDA the one-token decode step is
+captured once in a CUDA graph and replayed, since at batch 1 launching ~10 kernels per layer from
+Python would otherwise cost more than the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import reference
+from model.checkpoint import Checkpoint, CheckpointError
+from model.config import ModelArgs
+from model.tokenizer import Tokenizer
+
+
+def select_ops(backend: str, device: torch.device):
+    """The module whose functions run the non-matmul ops: Triton kernels or their PyTorch twins."""
+    if backend == "torch":
+        return reference
+    if backend != "triton":
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if device.type == "cpu":
+        # Without a GPU, Triton kernels run in its interpreter, which @triton.jit picks at import time.
+        if "kernels.rmsnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before the kernels are imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif device.type != "cuda":
+        raise ValueError(f"backend='triton' runs on CUDA (or the CPU through the interpreter), not {device.type}")
+    import kernels
+
+    for name in ("rms_norm", "add_rms_norm", "rope", "attention", "decode_attention", "swiglu"):
+        getattr(kernels, name)  # import each kernel module now, not in the middle of a forward pass
+    return kernels
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv_rows = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv_rows, bias=False)  # wq | wk | wv stacked: read together
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, ops, h, positions, start_pos, inv_freq, k_cache, v_cache):
+        """h (B, T, dim); positions (B, T); start_pos: int for prefill, None for a one-token decode step.
+
+        k_cache, v_cache: (B, S_max, Hkv, hd) views of this layer's cache.
+        """
+        B, T, _ = h.shape
+        Hq, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(h)  # (B, T, (Hq + 2 Hkv) * hd)
+        q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))  # (B, T, Hq, hd), a view
+        k = qkv[..., Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
+        v = qkv[..., (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
+        # Rotate q and k; the rotated k and the v go straight into cache slot positions[b, t].
+        q, _ = ops.rope(q, k, positions, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache)  # (B, T, Hq, hd)
+        if start_pos is None:  # decode: one query per sequence, each sees its own cache length
+            o = ops.decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1)  # (B, Hq, hd)
+        else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
+            o = ops.attention(q, k_cache, v_cache, start_pos=start_pos)  # (B, T, Hq, hd)
+        return self.wo(o.reshape(B, T, Hq * hd))  # (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.hidden = args.hidden_dim
+        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)  # w1 (gate) | w3 (up) stacked
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, ops, h):
+        gu = self.w13(h)  # (B, T, 2 * hidden)
+        return self.w2(ops.swiglu(gu[..., : self.hidden], gu[..., self.hidden :]))  # (B, T, dim)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = nn.Parameter(torch.empty(args.dim))
+        self.attention = Attention(args)
+        self.ffn_norm = nn.Parameter(torch.empty(args.dim))
+        self.feed_forward = FeedForward(args)
+
+
+class Llama(nn.Module):
+    """A Llama-3 model with its tokenizer, ops backend and static KV cache. Build it with ``Llama.load``."""
+
+    def __init__(self, args: ModelArgs, backend: str = "torch", device: torch.device | str = "cpu"):
+        super().__init__()
+        self.args = args
+        self.backend = backend
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = nn.Parameter(torch.empty(args.dim))
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.ops = select_ops(backend, torch.device(device))
+        self.tokenizer: Tokenizer | None = None
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.use_cuda_graph = True
+        self._graphs: dict[int, _DecodeGraph | None] = {}
+
+    # ---- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        ckpt_dir: str | os.PathLike,
+        backend: str = "torch",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_seq_len: int | None = None,
+        max_batch_size: int = 1,
+        progress: bool = False,
+    ) -> Llama:
+        """Load a checkpoint (Meta or Hugging Face layout, detected) tensor by tensor onto ``device``.
+
+        Defaults: CUDA + bf16 when there is a GPU, else CPU + fp32; max_seq_len = the model's context,
+        capped at 8192 to keep the KV cache modest (pass a larger value for long contexts).
+        """
+        device = torch.device(device) if device is not None else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' requested but torch sees no CUDA device")
+        dtype = dtype if dtype is not None else default_dtype(device)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        ckpt = Checkpoint(ckpt_dir)
+        args = ckpt.args
+        max_seq_len = min(args.max_position_embeddings, 8192) if max_seq_len is None else max_seq_len
+        if not 1 <= max_seq_len <= args.max_position_embeddings:
+            raise ValueError(f"max_seq_len must be in [1, {args.max_position_embeddings}] for this model, got {max_seq_len}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+
+        with torch.device("meta"):
+            model = cls(args, backend, device)
+        model.load_state_dict(_fused_state_dict(ckpt, device, dtype, progress), assign=True, strict=True)
+        model.eval().requires_grad_(False)
+        model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
+        model.setup_cache(max_batch_size, max_seq_len)
+        tok_path = ckpt.tokenizer_path
+        model.tokenizer = Tokenizer(tok_path)  # None -> the copy shipped in llama-models
+        model.checkpoint_dir = Path(ckpt_dir)
+        return model
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """(Re)allocate the static KV cache: per layer, k and v of shape (max_batch, Hkv, max_seq_len, hd)."""
+        a, dev, dt = self.args, self.device, self.dtype
+        shape = (max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
+        self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
+        self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self._graphs.clear()
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: everything but the embedding table (one row of it), unless tied."""
+        emb = self.tok_embeddings.weight
+        skipped = 0 if self.output is None else emb.numel() * emb.element_size()
+        return self.weight_bytes() - skipped
+
+    # ---- the forward pass -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) in fp32 for ``tokens`` (B, T) placed at positions start_pos.. of the cache.
+
+        ``start_pos`` is an int (every sequence at the same offset), or for T == 1 a (B,) tensor of
+        per-sequence positions (a batch whose histories differ in length). The T positions are
+        written to the KV cache, so the next call continues from start_pos + T.
+        """
+        tokens, positions, start = self._check_inputs(tokens, start_pos)
+        return self._forward(tokens, positions, start)
+
+    def _forward(self, tokens, positions, start_pos, gather: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T), positions (B, T) on the device. ``gather`` (B,): return only logits at those
+        token indices (B, 1, vocab) — prefill needs just the last prompt token of each sequence."""
+        ops, eps = self.ops, self.args.norm_eps
+        B = tokens.shape[0]
+        x = self.tok_embeddings(tokens)  # (B, T, dim): the residual stream
+        h = ops.rms_norm(x, self.layers[0].attention_norm, eps)
+        for i, layer in enumerate(self.layers):
+            k_cache = self.k_cache[i][:B].transpose(1, 2)  # (B, S_max, Hkv, hd) view
+            v_cache = self.v_cache[i][:B].transpose(1, 2)
+            a = layer.attention(ops, h, positions, start_pos, self.inv_freq, k_cache, v_cache)
+            h, x = ops.add_rms_norm(a, x, layer.ffn_norm, eps)  # x += attention out; h = RMSNorm(x)
+            f = layer.feed_forward(ops, h)
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            h, x = ops.add_rms_norm(f, x, next_norm, eps)  # x += FFN out; h = next block's RMSNorm(x)
+        if gather is not None:
+            h = h[torch.arange(B, device=h.device), gather][:, None]  # (B, 1, dim)
+        out_w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, out_w).float()  # (B, T, vocab)
+
+    def _check_inputs(self, tokens, start_pos):
+        if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an integer tensor of shape (B, T), got {_describe(tokens)}")
+        if tokens.device != self.device:
+            raise ValueError(f"tokens are on {tokens.device}, the model is on {self.device}")
+        B, T = tokens.shape
+        if not 1 <= B <= self.max_batch_size:
+            raise ValueError(f"batch size {B} must be in [1, max_batch_size={self.max_batch_size}]")
+        if T < 1:
+            raise ValueError("tokens must hold at least one position (T >= 1)")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.args.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.args.vocab_size}), got range [{lo}, {hi}]")
+        steps = torch.arange(T, device=self.device)
+        if isinstance(start_pos, int):
+            if start_pos < 0 or start_pos + T > self.max_seq_len:
+                raise ValueError(
+                    f"positions {start_pos}..{start_pos + T - 1} do not fit the KV cache of {self.max_seq_len}"
+                )
+            return tokens.long(), (start_pos + steps).expand(B, T), start_pos
+        if not torch.is_tensor(start_pos) or start_pos.shape != (B,) or start_pos.is_floating_point():
+            raise ValueError(f"start_pos must be an int or an integer tensor of shape ({B},), got {_describe(start_pos)}")
+        if T != 1:
+            raise ValueError("per-sequence start_pos (a tensor) is only supported for one-token decode steps (T == 1)")
+        start_pos = start_pos.to(self.device, torch.long)
+        if int(start_pos.min()) < 0 or int(start_pos.max()) >= self.max_seq_len:
+            raise ValueError(f"start_pos values must be in [0, {self.max_seq_len}), got {start_pos.tolist()}")
+        return tokens.long(), start_pos[:, None], None
+
+    # ---- decode step (CUDA graph on GPUs) ---------------------------------------------------------
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: tokens (B, 1) at positions (B,) (device tensors, trusted). Logits (B, vocab).
+
+        No host synchronisation: on CUDA the step is a replayed CUDA graph over static input buffers.
+        """
+        B = tokens.shape[0]
+        if self.device.type == "cuda" and self.use_cuda_graph:
+            if B not in self._graphs:
+                self._graphs[B] = _DecodeGraph.capture(self, tokens, positions)
+            graph = self._graphs[B]
+            if graph is not None:
+                return graph.replay(tokens, positions)
+        return self._forward(tokens, positions[:, None], None)[:, 0]
+
+    def generate(self, prompts, **kwargs):
+        """Generate text for one prompt or a batch; see ``model.generate.generate`` for the arguments."""
+        from model.generate import generate
+
+        return generate(self, prompts, **kwargs)
+
+
+class _DecodeGraph:
+    """The decode step recorded once as a CUDA graph for a batch size, replayed for every token.
+
+    Inputs are copied into static buffers; the graph reads them, writes the KV cache in place and
+    leaves the logits in a static output buffer.
+    """
+
+    def __init__(self, graph, tokens, positions, logits):
+        self.graph, self.tokens, self.positions, self.logits = graph, tokens, positions, logits
+
+    @classmethod
+    def capture(cls, model: Llama, tokens: torch.Tensor, positions: torch.Tensor) -> _DecodeGraph | None:
+        static_tokens, static_pos = tokens.clone(), positions.clone()
+        try:
+            # Warm up on a side stream (autotuning, lazy init) with the real inputs: writing the same
+            # k/v into the same cache slot twice is harmless.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    model._forward(static_tokens, static_pos[:, None], None)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = model._forward(static_tokens, static_pos[:, None], None)[:, 0]
+            return cls(graph, static_tokens, static_pos, logits)
+        except Exception as e:  # capture is an optimisation: fall back to eager, say so once
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {type(e).__name__}: {e}", stacklevel=3)
+            return None
+
+    def replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+
+
+def _fused_state_dict(ckpt: Checkpoint, device, dtype, progress: bool) -> dict[str, torch.Tensor]:
+    """Stream the checkpoint into our parameter names, fusing wq|wk|wv and w1|w3, cast and moved per tensor."""
+    from tqdm import tqdm
+
+    names = ckpt.names()
+    bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr)
+
+    def get(name: str) -> torch.Tensor:
+        t = ckpt.tensor(name).to(device=device, dtype=dtype)
+        bar.update(1)
+        return t
+
+    args = ckpt.args
+    state: dict[str, torch.Tensor] = {"tok_embeddings.weight": get("tok_embeddings.weight")}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        state[p + "attention_norm"] = get(p + "attention_norm.weight")
+        state[p + "attention.wqkv.weight"] = torch.cat(
+            [get(p + "attention.wq.weight"), get(p + "attention.wk.weight"), get(p + "attention.wv.weight")]
+        )
+        state[p + "attention.wo.weight"] = get(p + "attention.wo.weight")
+        state[p + "ffn_norm"] = get(p + "ffn_norm.weight")
+        state[p + "feed_forward.w13.weight"] = torch.cat(
+            [get(p + "feed_forward.w1.weight"), get(p + "feed_forward.w3.weight")]
+        )
+        state[p + "feed_forward.w2.weight"] = get(p + "feed_forward.w2.weight")
+    state["norm"] = get("norm.weight")
+    if not args.tie_embeddings:
+        state["output.weight"] = get("output.weight")
+    bar.close()
+    return state
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return repr(x)
+
+
+__all__ = ["Llama", "CheckpointError", "select_ops", "default_device", "default_dtype"]

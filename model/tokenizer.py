@@ -1,0 +1,199 @@
+"""Llama-3's tokenizer: tiktoken BPE over 128,000 merges plus 256 special tokens, and Meta's chat format.
+
+Text -> ids: the regex ``PAT_STR`` splits text into words/numbers/punctuation/whitespace runs, and each
+piece is byte-pair encoded with the ranks in ``tokenizer.model`` (one ``base64(token) rank`` per line).
+Special tokens (ids 128000..128255) are never produced from ordinary text unless the caller allows it:
+a user who types "<|eot_id|>" gets the characters, not the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import tiktoken
+
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_RESERVED_SPECIAL_TOKENS = 256
+# Llama 3.1's names for the first special tokens; the rest are <|reserved_special_token_N|>.
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message (tool call follows)
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",
+]
+SPECIAL_TOKENS += [
+    f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(SPECIAL_TOKENS))
+]
+# tiktoken panics on very long runs without a split point; encode in slices (Meta does the same).
+_MAX_CHARS = 400_000
+_MAX_RUN = 25_000
+
+ROLES = ("system", "user", "assistant", "ipython")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or unreadable."""
+
+
+def default_tokenizer_path() -> Path:
+    """The real Llama-3 tokenizer.model shipped inside Meta's ``llama-models`` package."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerError("no tokenizer.model in the checkpoint and the llama-models package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
+    if not path.exists():
+        raise TokenizerError(f"{path}: llama-models is installed but its Llama-3 tokenizer.model is missing")
+    return path
+
+
+def load_bpe_ranks(path: Path) -> dict[bytes, int]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: tokenizer file not found") from None
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{path}: not a tiktoken BPE file (not UTF-8 text)") from None
+    ranks = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise TokenizerError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}") from None
+    if not ranks:
+        raise TokenizerError(f"{path}: tokenizer file is empty")
+    return ranks
+
+
+class Tokenizer:
+    """Llama-3's tokenizer. ``encode(text, bos=True)`` -> ids; ``decode(ids)`` -> text."""
+
+    def __init__(self, model_path: str | Path | None = None):
+        self.path = Path(model_path) if model_path is not None else default_tokenizer_path()
+        ranks = load_bpe_ranks(self.path)
+        n_base = len(ranks)
+        self.special_tokens = {tok: n_base + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(
+            name=self.path.name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+        self.n_words = n_base + len(SPECIAL_TOKENS)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]  # 128000
+        self.eos_id = self.special_tokens["<|end_of_text|>"]  # 128001
+        self.eom_id = self.special_tokens["<|eom_id|>"]  # 128008
+        self.eot_id = self.special_tokens["<|eot_id|>"]  # 128009
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
+
+    def encode(self, s: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
+        """Ids of ``s``. Text that looks like a special token is encoded as plain text unless allow_special."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects str, got {type(s).__name__}")
+        allowed = "all" if allow_special else set()
+        ids: list[int] = [self.bos_id] if bos else []
+        for i in range(0, len(s), _MAX_CHARS):
+            for piece in _split_long_runs(s[i : i + _MAX_CHARS], _MAX_RUN):
+                ids.extend(self.model.encode(piece, allowed_special=allowed, disallowed_special=()))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; invalid UTF-8 (a character cut between tokens) becomes U+FFFD."""
+        return self.model.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.model.decode_single_token_bytes(token_id)
+
+    def piece(self, token_id: int) -> str:
+        """A printable form of one token, for tables (``'Ġthe'``-style spaces kept as is)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _split_long_runs(s: str, max_run: int):
+    """Cut ``s`` so that no run of whitespace or of non-whitespace is longer than ``max_run`` characters."""
+    start, run, in_space = 0, 0, s[:1].isspace()
+    for i, ch in enumerate(s):
+        if ch.isspace() != in_space:
+            run, in_space = 1, ch.isspace()
+        else:
+            run += 1
+            if run > max_run:
+                yield s[start:i]
+                start, run = i, 1
+    yield s[start:]
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text without ever printing half a UTF-8 character.
+
+    A character like "é" or an emoji can be split across two byte-level tokens; decoding each token on
+    its own would print U+FFFD twice. We feed the bytes to an incremental UTF-8 decoder, which holds back
+    an incomplete tail until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        if self.skip_special and token_id >= self.tokenizer.n_words - NUM_RESERVED_SPECIAL_TOKENS:
+            return ""
+        return self._decoder.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class ChatFormat:
+    """Meta's Llama-3 chat format:
+
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
+    <|start_header_id|>user<|end_header_id|>\\n\\n{user}<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n            <- the model continues from here
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+
+    def encode_header(self, role: str) -> list[int]:
+        if role not in ROLES:
+            raise ValueError(f"chat role must be one of {ROLES}, got {role!r}")
+        t = self.tok
+        return [
+            t.special_tokens["<|start_header_id|>"],
+            *t.encode(role),
+            t.special_tokens["<|end_header_id|>"],
+            *t.encode("\n\n"),
+        ]
+
+    def encode_message(self, message: dict[str, str]) -> list[int]:
+        """Header, the content as plain text (special-token strings in it stay text), then <|eot_id|>."""
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"chat message content must be a string, got {type(content).__name__}")
+        return [*self.encode_header(message.get("role", "")), *self.tok.encode(content), self.tok.eot_id]
+
+    def encode_dialog_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """BOS, every message, then the assistant header the model answers after."""
+        ids = [self.tok.bos_id]
+        for m in messages:
+            ids.extend(self.encode_message(m))
+        ids.extend(self.encode_header("assistant"))
+        return ids
