@@ -157,7 +157,12 @@ def decode_attention(
     Returns (B, Hq, D).
     """
     B, Hq, D = q.shape
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Read only the filled part of the cache (a host sync, so not while a CUDA graph is captured).
+        S = int(lengths.max())
+        k_cache, v_cache = k_cache[:, :S], v_cache[:, :S]
+    S_max = k_cache.shape[1]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qf = q.float().reshape(B, Hkv, G, 1, D)

@@ -355,8 +355,13 @@ def _write_atomically(target: Path, write) -> None:
 
 
 def write_meta_checkpoint(
-    folder: Path, args: ModelArgs, weights: dict[str, torch.Tensor], shards: int, multiple_of: int,
-    ffn_dim_multiplier: float | None, tokenizer_file: Path,
+    folder: Path,
+    args: ModelArgs,
+    weights: dict[str, torch.Tensor],
+    shards: int,
+    multiple_of: int,
+    ffn_dim_multiplier: float | None,
+    tokenizer_file: Path,
 ) -> None:
     """Meta's layout, split ``shards`` ways along META_SPLIT_DIM (norms replicated)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -469,8 +474,14 @@ def make_tiny(
     """
     from model.tokenizer import default_tokenizer_path
 
-    for what, v in (("dim", dim), ("layers", n_layers), ("heads", n_heads), ("kv-heads", n_kv_heads),
-                    ("shards", shards), ("hf-shards", hf_shards)):
+    for what, v in (
+        ("dim", dim),
+        ("layers", n_layers),
+        ("heads", n_heads),
+        ("kv-heads", n_kv_heads),
+        ("shards", shards),
+        ("hf-shards", hf_shards),
+    ):
         if v < 1:
             raise CheckpointError(f"--{what} must be at least 1, got {v}")
     if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
@@ -479,16 +490,20 @@ def make_tiny(
             "and an even head dim"
         )
     if n_kv_heads % shards:
-        raise CheckpointError(f"--shards {shards} must divide --kv-heads {n_kv_heads} (Meta splits heads across shards)")
-    args = tiny_args(dim, n_layers, n_heads, n_kv_heads, 128256, multiple_of, ffn_dim_multiplier,
-                     rope_scaling_factor, tie_embeddings)
+        raise CheckpointError(
+            f"--shards {shards} must divide --kv-heads {n_kv_heads} (Meta splits heads across shards)"
+        )
+    args = tiny_args(
+        dim, n_layers, n_heads, n_kv_heads, 128256, multiple_of, ffn_dim_multiplier, rope_scaling_factor, tie_embeddings
+    )
     weights = random_weights(args, seed, dtype)
     target = Path(target)
 
     def write(tmp: Path) -> None:
         meta_dir = tmp / "original" if hf else tmp
-        write_meta_checkpoint(meta_dir, args, weights, shards, multiple_of, ffn_dim_multiplier,
-                              default_tokenizer_path())
+        write_meta_checkpoint(
+            meta_dir, args, weights, shards, multiple_of, ffn_dim_multiplier, default_tokenizer_path()
+        )
         if hf:
             write_hf_checkpoint(tmp, args, weights, hf_shards)
 

@@ -155,7 +155,9 @@ class Llama(nn.Module):
         args = ckpt.args
         max_seq_len = min(args.max_position_embeddings, 8192) if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= args.max_position_embeddings:
-            raise ValueError(f"max_seq_len must be in [1, {args.max_position_embeddings}] for this model, got {max_seq_len}")
+            raise ValueError(
+                f"max_seq_len must be in [1, {args.max_position_embeddings}] for this model, got {max_seq_len}"
+            )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
 
@@ -249,7 +251,9 @@ class Llama(nn.Module):
                 )
             return tokens.long(), (start_pos + steps).expand(B, T), start_pos
         if not torch.is_tensor(start_pos) or start_pos.shape != (B,) or start_pos.is_floating_point():
-            raise ValueError(f"start_pos must be an int or an integer tensor of shape ({B},), got {_describe(start_pos)}")
+            raise ValueError(
+                f"start_pos must be an int or an integer tensor of shape ({B},), got {_describe(start_pos)}"
+            )
         if T != 1:
             raise ValueError("per-sequence start_pos (a tensor) is only supported for one-token decode steps (T == 1)")
         start_pos = start_pos.to(self.device, torch.long)

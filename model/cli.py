@@ -1,0 +1,282 @@
+"""The ``llama3-triton`` command: generate, chat, info, make-tiny.
+
+Errors meant for people are one line on stderr and a non-zero exit; ``--debug`` shows the traceback.
+Without ``--ckpt`` the commands use an embedded default: a tiny random Llama-3-shaped checkpoint that
+the project writes (once, into the user cache folder) with the real Llama-3 tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TINY_SEED = 0
+
+
+class CliError(Exception):
+    """An error with a message for the user; exits 1."""
+
+
+def default_checkpoint() -> Path:
+    """The embedded default: written on first use under $XDG_CACHE_HOME (or ~/.cache)."""
+    from model.checkpoint import make_tiny
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton"
+    path = cache / f"tiny-seed{TINY_SEED}-v1"
+    if not (path / "params.json").exists():
+        print(f"writing the embedded tiny random checkpoint to {path}", file=sys.stderr)
+        make_tiny(path, seed=TINY_SEED)
+    return path
+
+
+def _read_stdin_text() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"stdin is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
+
+
+def _load(args):
+    import torch
+
+    from model.llama import Llama
+
+    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    device = torch.device(args.device) if args.device else None
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if args.backend is None:
+        args.backend = (
+            "triton" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" else "torch"
+        )
+    return Llama.load(
+        ckpt,
+        backend=args.backend,
+        device=device,
+        dtype=dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=1,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def cmd_generate(args) -> int:
+    from model.tokenizer import StreamDecoder
+
+    prompt = _read_stdin_text() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise CliError("the prompt is empty: pass --prompt TEXT (or --prompt - to read stdin)")
+    llm = _load(args)
+    stream = StreamDecoder(llm.tokenizer)
+
+    def on_token(_b: int, t: int) -> None:
+        sys.stdout.write(stream.feed(t))
+        sys.stdout.flush()
+
+    out = llm.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        on_token=on_token,
+    )
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+    n_new = len(out.tokens[0])
+    bytes_per_s = llm.decode_bytes_per_token() * out.decode_tokens_per_second
+    print(
+        f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}] prompt {out.prompt_tokens[0]} tokens, "
+        f"generated {n_new} ({out.stop_reasons[0]}); prefill {out.prefill_seconds * 1e3:.1f} ms; "
+        f"decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from model.tokenizer import ChatFormat, StreamDecoder
+
+    llm = _load(args)
+    fmt = ChatFormat(llm.tokenizer)
+    tok = llm.tokenizer
+    interactive = sys.stdin.isatty()
+    pending: list[int] = [tok.bos_id]  # tokens to feed before the next answer
+    if args.system:
+        pending += fmt.encode_message({"role": "system", "content": args.system})
+    pos = 0  # tokens already in the KV cache
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            break
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CliError("stdin is not valid UTF-8") from None
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        prompt = pending + fmt.encode_message({"role": "user", "content": line}) + fmt.encode_header("assistant")
+        room = llm.max_seq_len - pos - len(prompt)
+        if room < 1:
+            raise CliError(
+                f"the chat history ({pos + len(prompt)} tokens) is longer than the context of {llm.max_seq_len} tokens"
+            )
+        stream = StreamDecoder(tok)
+        if interactive:
+            print("assistant> ", end="", file=sys.stderr, flush=True)
+        out = llm.generate(
+            [prompt],
+            max_new_tokens=min(args.max_new_tokens, room),
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            start_pos=pos,
+            on_token=lambda _b, t: (sys.stdout.write(stream.feed(t)), sys.stdout.flush()),
+        )
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        kept = out.tokens[0]
+        # Every kept token but possibly the last was fed back through the model (the cache holds them).
+        # Stopped on a stop token: all kept tokens are cached. Stopped on length: the last one is not.
+        unfed = kept[-1:] if out.stop_reasons[0] == "max_new_tokens" else []
+        pos += len(prompt) + len(kept) - len(unfed)
+        pending = unfed + [tok.eot_id]
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from model.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(Path(args.ckpt) if args.ckpt else default_checkpoint())
+    a = ckpt.args
+    dtype = getattr(torch, DTYPES[args.dtype or "bf16"])
+    size = torch.empty((), dtype=dtype).element_size()
+    n = a.num_parameters()
+    print(f"checkpoint: {ckpt.dir} ({ckpt.layout} layout, {len(ckpt.files)} weight file(s))")
+    for k, v in a.to_dict().items():
+        print(f"  {k}: {v}")
+    print(f"  head_dim: {a.head_dim}  (GQA: {a.n_rep} query heads per k/v head)")
+    print(f"parameters: {n:,}")
+    print(f"weight bytes ({str(dtype).removeprefix('torch.')}): {n * size:,} ({n * size / 1e9:.3f} GB)")
+    read = n - (0 if a.tie_embeddings else a.vocab_size * a.dim)
+    print(f"weight bytes read per decoded token: {read * size:,} (all but the embedding table, unless tied)")
+    kv = a.kv_cache_bytes_per_token(size)
+    print(f"KV-cache bytes per token: {kv:,} ({kv * 8192 / 2**20:.1f} MiB for 8192 tokens)")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    import torch
+
+    from model.checkpoint import make_tiny
+
+    path = make_tiny(
+        args.dir,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        rope_scaling_factor=None if args.rope_scaling_factor == 0 else args.rope_scaling_factor,
+        tie_embeddings=args.tied,
+        shards=args.shards,
+        hf=args.hf,
+        hf_shards=args.hf_shards,
+        seed=args.seed,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--ckpt", help="checkpoint folder (Meta or Hugging Face layout); default: embedded tiny model")
+    model.add_argument(
+        "--backend", choices=["triton", "torch"], help="kernels to run (default: triton on CUDA, else torch)"
+    )
+    model.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    model.add_argument(
+        "--dtype", choices=list(DTYPES), help="weights/activations dtype (default: bf16 on CUDA, fp32 on CPU)"
+    )
+    model.add_argument("--max-seq-len", type=_positive_int, help="KV-cache length (default: min(model context, 8192))")
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument(
+        "--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)"
+    )
+    sampling.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6)")
+    sampling.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold in (0, 1] (default 0.9)")
+    sampling.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    sampling.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens")
+
+    p = argparse.ArgumentParser(prog="llama3-triton", description="Llama-3 inference with hand-written Triton kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", parents=[common, model, sampling], help="continue a prompt, streaming the text")
+    g.add_argument("--prompt", default="The capital of France is", help='prompt text, or "-" to read it from stdin')
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", parents=[common, model, sampling], help="multi-turn chat in Meta's format (reads stdin)")
+    c.add_argument("--system", help="system prompt")
+    c.set_defaults(func=cmd_chat)
+    i = sub.add_parser("info", parents=[common], help="config, parameter count, weight and KV-cache bytes")
+    i.add_argument("--ckpt", help="checkpoint folder; default: embedded tiny model")
+    i.add_argument("--dtype", choices=list(DTYPES), help="dtype for the byte counts (default bf16)")
+    i.set_defaults(func=cmd_info)
+    t = sub.add_parser("make-tiny", parents=[common], help="write a tiny random Llama-3 checkpoint (Meta layout)")
+    t.add_argument("dir", help="folder to create (must not exist or be empty)")
+    t.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    t.add_argument("--dim", type=int, default=128, help="model width (default 128)")
+    t.add_argument("--heads", type=int, default=2, help="query heads (default 2: head dim 64)")
+    t.add_argument("--kv-heads", type=int, default=1, help="key/value heads (default 1)")
+    t.add_argument("--shards", type=int, default=1, help="Meta model-parallel shards (default 1)")
+    t.add_argument("--hf", action="store_true", help="also write Hugging Face's layout (Meta's goes to DIR/original)")
+    t.add_argument("--hf-shards", type=int, default=1, help="safetensors files for the HF layout (default 1)")
+    t.add_argument("--tied", action="store_true", help="tie the output matrix to the embedding (Llama 3.2 1B/3B)")
+    t.add_argument("--rope-scaling-factor", type=float, default=8.0, help="Llama 3.1 RoPE scaling; 0 = none (3.0)")
+    t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
+    t.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype (default bf16)")
+    t.set_defaults(func=cmd_make_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # one line for people; the traceback with --debug
+        if args.debug:
+            raise
+        if isinstance(e, (CliError, ValueError, OSError, TypeError)):
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
