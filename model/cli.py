@@ -90,7 +90,8 @@ def cmd_generate(args) -> int:
     n_new = len(out.tokens[0])
     bytes_per_s = llm.decode_bytes_per_token() * out.decode_tokens_per_second
     print(
-        f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}] prompt {out.prompt_tokens[0]} tokens, "
+        f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}] "
+        f"prompt {out.prompt_tokens[0]} tokens, "
         f"generated {n_new} ({out.stop_reasons[0]}); prefill {out.prefill_seconds * 1e3:.1f} ms; "
         f"decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s",
         file=sys.stderr,
@@ -140,7 +141,7 @@ def cmd_chat(args) -> int:
             top_k=args.top_k,
             seed=args.seed,
             start_pos=pos,
-            on_token=lambda _b, t: (sys.stdout.write(stream.feed(t)), sys.stdout.flush()),
+            on_token=lambda _b, t, stream=stream: (sys.stdout.write(stream.feed(t)), sys.stdout.flush()),
         )
         sys.stdout.write(stream.flush() + "\n")
         sys.stdout.flush()

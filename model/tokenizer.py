@@ -16,7 +16,10 @@ from pathlib import Path
 
 import tiktoken
 
-PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 NUM_RESERVED_SPECIAL_TOKENS = 256
 # Llama 3.1's names for the first special tokens; the rest are <|reserved_special_token_N|>.
 SPECIAL_TOKENS = [
