@@ -67,8 +67,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_rows, bias=False)  # wq | wk | wv stacked: read together
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, ops, h, positions, start_pos, inv_freq, k_cache, v_cache):
-        """h (B, T, dim); positions (B, T); start_pos: int for prefill, None for a one-token decode step.
+    def forward(self, ops, h, positions, start_pos, lengths, inv_freq, k_cache, v_cache):
+        """h (B, T, dim); positions (B, T); start_pos: int for prefill, None for a one-token decode step,
+        where lengths (B,) = positions + 1 is each sequence's cache length after this token.
 
         k_cache, v_cache: (B, S_max, Hkv, hd) views of this layer's cache.
         """
@@ -81,7 +82,7 @@ class Attention(nn.Module):
         # Rotate q and k; the rotated k and the v go straight into cache slot positions[b, t].
         q, _ = ops.rope(q, k, positions, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache)  # (B, T, Hq, hd)
         if start_pos is None:  # decode: one query per sequence, each sees its own cache length
-            o = ops.decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1)  # (B, Hq, hd)
+            o = ops.decode_attention(q[:, 0], k_cache, v_cache, lengths)  # (B, Hq, hd)
         else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
             o = ops.attention(q, k_cache, v_cache, start_pos=start_pos)  # (B, T, Hq, hd)
         return self.wo(o.reshape(B, T, Hq * hd))  # (B, T, dim)
@@ -215,12 +216,13 @@ class Llama(nn.Module):
         token indices (B, 1, vocab) — prefill needs just the last prompt token of each sequence."""
         ops, eps = self.ops, self.args.norm_eps
         B = tokens.shape[0]
+        lengths = positions[:, 0] + 1 if start_pos is None else None  # decode: cache length per sequence
         x = self.tok_embeddings(tokens)  # (B, T, dim): the residual stream
         h = ops.rms_norm(x, self.layers[0].attention_norm, eps)
         for i, layer in enumerate(self.layers):
             k_cache = self.k_cache[i][:B].transpose(1, 2)  # (B, S_max, Hkv, hd) view
             v_cache = self.v_cache[i][:B].transpose(1, 2)
-            a = layer.attention(ops, h, positions, start_pos, self.inv_freq, k_cache, v_cache)
+            a = layer.attention(ops, h, positions, start_pos, lengths, self.inv_freq, k_cache, v_cache)
             h, x = ops.add_rms_norm(a, x, layer.ffn_norm, eps)  # x += attention out; h = RMSNorm(x)
             f = layer.feed_forward(ops, h)
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm

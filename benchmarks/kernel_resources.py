@@ -1,0 +1,145 @@
+"""Compile every Triton kernel configuration for real GPUs, without one, and read its resources.
+
+Each ``kernels/<op>.py`` lists, in ``compile_variants()``, every configuration its launcher or autotuner
+can pick. This script compiles each for sm_80 (A100) and sm_90 (H100) with Triton's bundled ptxas and
+reads from the cubin, with the bundled ``cuobjdump``: registers per thread, spills to local memory, and
+whether the SASS uses the tensor cores (HMMA; on sm_90 also the warpgroup HGMMA). Dynamic shared memory
+comes from the compiler's metadata (cuobjdump's SHARED column only shows static shared memory).
+
+    python -m benchmarks.kernel_resources            # a table
+    python -m benchmarks.kernel_resources --json F   # and the rows as JSON (the compile gate test reads it)
+
+Run it without TRITON_INTERPRET=1: under the interpreter, @triton.jit functions cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+KERNEL_MODULES = ["kernels.rmsnorm", "kernels.rope", "kernels.swiglu", "kernels.attention", "kernels.decode"]
+ARCHS = [80, 90]
+# Opt-in shared memory per block: A100 163 KB (sm_80), H100 227 KB (sm_90).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TENSOR_CORE_OPS = {80: ("HMMA",), 90: ("HMMA", "HGMMA")}
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def compile_one(module: str, index: int, arch: int) -> dict:
+    """Compile variant ``index`` of ``module`` for sm_``arch``; return its resource row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    v = importlib.import_module(module).compile_variants()[index]
+    row = {"module": module, "name": v["name"], "arch": f"sm_{arch}", "num_warps": v["num_warps"]}
+    row["num_stages"] = v["num_stages"]
+    # A kernel whose source has a matrix product must put it on the tensor cores.
+    row["uses_dot"] = "tl.dot(" in getattr(v["fn"], "src", "")
+    try:
+        src = ASTSource(fn=v["fn"], signature=v["signature"], constexprs=v.get("constexprs", {}))
+        options = {"num_warps": v["num_warps"], "num_stages": v["num_stages"]}
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as e:  # a config that does not compile is exactly what the gate must report
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        return row
+    row["shared_bytes"] = int(compiled.metadata.shared)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
+    if m is None:
+        row["error"] = f"could not parse cuobjdump -res-usage output: {res.strip()[:200]}"
+        return row
+    row["registers"], row["stack_bytes"], row["static_shared_bytes"], row["local_bytes"] = map(int, m.groups())
+    row["tensor_core_ops"] = sorted({op for op in ("HMMA", "HGMMA") if re.search(rf"\b{op}\b", sass)})
+    return row
+
+
+def all_variants() -> list[tuple[str, int]]:
+    out = []
+    for module in KERNEL_MODULES:
+        n = len(importlib.import_module(module).compile_variants())
+        out += [(module, i) for i in range(n)]
+    return out
+
+
+def problems(row: dict) -> list[str]:
+    """Why a compiled configuration fails the gate (empty when it passes)."""
+    if "error" in row:
+        return [f"does not compile: {row['error']}"]
+    arch = int(row["arch"].removeprefix("sm_"))
+    out = []
+    if row["local_bytes"] or row["stack_bytes"]:
+        out.append(f"spills: {row['local_bytes']} B local memory, {row['stack_bytes']} B stack per thread")
+    if row["shared_bytes"] > SHARED_LIMIT[arch]:
+        out.append(f"shared memory {row['shared_bytes']} B exceeds the {SHARED_LIMIT[arch]} B limit of {row['arch']}")
+    if row["uses_dot"] and not set(row["tensor_core_ops"]) & set(TENSOR_CORE_OPS[arch]):
+        out.append(f"no tensor-core instruction ({'/'.join(TENSOR_CORE_OPS[arch])}) in the SASS")
+    return out
+
+
+def _job(args):
+    return compile_one(*args)
+
+
+def run(jobs: int = 2) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    tasks = [(m, i, a) for m, i in all_variants() for a in ARCHS]
+    if jobs <= 1:
+        return [compile_one(*t) for t in tasks]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_job, tasks))
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| kernel | config | arch | warps | stages | regs | shared B | spills B | tensor cores | gate |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        bad = problems(r)
+        if "error" in r:
+            lines.append(f"| {r['module']} | {r['name']} | {r['arch']} | | | | | | | FAIL: {bad[0]} |")
+            continue
+        lines.append(
+            f"| {r['module'].removeprefix('kernels.')} | {r['name']} | {r['arch']} "
+            f"| {r['num_warps']} | {r['num_stages']} "
+            f"| {r['registers']} | {r['shared_bytes']} | {r['local_bytes']} | {','.join(r['tensor_core_ops']) or '-'} "
+            f"| {'ok' if not bad else 'FAIL: ' + '; '.join(bad)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    a = p.parse_args(argv)
+    rows = run(a.jobs)
+    print(table(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    failed = sum(bool(problems(r)) for r in rows)
+    print(f"\n{len(rows)} compiled configurations, {failed} failing the gate", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

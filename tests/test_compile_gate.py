@@ -1,0 +1,61 @@
+"""The compile gate: every kernel configuration compiles for sm_80 and sm_90 with Triton's bundled ptxas
+(no GPU needed), without spills, within shared memory, and the attention kernels use tensor cores.
+
+The interpreter forgives what the GPU compiler does not (layouts, register pressure, shared memory), so
+this is the CPU's check that the code a GPU would run is sound. The compiles run in a subprocess
+without TRITON_INTERPRET, since this test process may be interpreting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.kernel_resources import ARCHS, KERNEL_MODULES, problems
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("gate") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_resources", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=1500,
+    )
+    assert out.exists(), f"kernel_resources did not run:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    print(p.stdout)  # the resource table, shown with pytest -s
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_has_variants_for_every_arch(rows):
+    seen = {(r["module"], r["arch"]) for r in rows}
+    for module in KERNEL_MODULES:
+        for arch in ARCHS:
+            assert (module, f"sm_{arch}") in seen, f"{module} has no compiled configuration for sm_{arch}"
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_compiles_without_spills_within_shared_memory(rows, module):
+    mine = [r for r in rows if r["module"] == module]
+    assert mine
+    failures = [f"{r['name']} {r['arch']}: {'; '.join(problems(r))}" for r in mine if problems(r)]
+    assert not failures, "\n".join(failures)
+
+
+def test_attention_kernels_use_tensor_cores(rows):
+    """The prefill and decode attention kernels hold matrix products: they must run on HMMA/HGMMA."""
+    for module in ("kernels.attention", "kernels.decode"):
+        dot_rows = [r for r in rows if r["module"] == module and r.get("uses_dot")]
+        assert dot_rows, f"{module}: no configuration with a tl.dot"
+        for r in dot_rows:
+            assert r.get("tensor_core_ops"), f"{module} {r['name']} {r['arch']}: no tensor-core instruction in SASS"
