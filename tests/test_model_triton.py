@@ -1,0 +1,136 @@
+"""End to end on the Triton backend: the same greedy tokens and logits as the torch backend, and a small,
+counted number of kernel launches per decode step.
+
+On a CPU the kernels run in Triton's interpreter (slow), so the models are tiny and the prompts short.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.checkpoint import make_tiny
+from model.llama import Llama
+from tests.tolerances import INTERPRET, TOLERANCES
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+VARIANTS = {
+    "gqa1-unscaled": dict(dim=128, n_heads=2, n_kv_heads=2, rope_scaling_factor=None),
+    "gqa4-scaled": dict(dim=256, n_heads=4, n_kv_heads=1, rope_scaling_factor=8.0),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    path = make_tiny(
+        tmp_path_factory.mktemp("e2e") / request.param, seed=7, dtype=torch.float32, **VARIANTS[request.param]
+    )
+    kw = dict(device=DEVICE, dtype=torch.float32, max_seq_len=64, max_batch_size=3)
+    return Llama.load(path, backend="torch", **kw), Llama.load(path, backend="triton", **kw)
+
+
+def test_prefill_and_decode_logits_agree(pair):
+    ref, tri = pair
+    tokens = torch.randint(0, 128000, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    tol = TOLERANCES[torch.float32]
+    # Logits are matrix products of the final hidden state with a 128k x dim matrix: compare with a
+    # tolerance scaled by the logits' size, not their absolute value.
+    scale = 1 + ref.forward(tokens, 0).abs().max().item()
+    for m in (ref, tri):
+        m.forward(tokens[:, :6], 0)
+    a = ref.forward(tokens[:, 6:7], 6), ref.forward(tokens[:, 7:8], 7)
+    b = tri.forward(tokens[:, 6:7], 6), tri.forward(tokens[:, 7:8], 7)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(y, x, atol=tol["atol"] * scale * 10, rtol=tol["rtol"] * 10)
+    full_ref = ref.forward(tokens, 0)
+    full_tri = tri.forward(tokens, 0)
+    torch.testing.assert_close(full_tri, full_ref, atol=tol["atol"] * scale * 10, rtol=tol["rtol"] * 10)
+
+
+def test_same_greedy_tokens_for_a_ragged_batch(pair):
+    ref, tri = pair
+    prompts = ["The capital of France is", "Hi", "One two three four five six"]
+    a = ref.generate(prompts, max_new_tokens=4, temperature=0)
+    b = tri.generate(prompts, max_new_tokens=4, temperature=0)
+    assert a.tokens == b.tokens
+
+
+class _CountAten(TorchDispatchMode):
+    """Counts aten ops that launch a kernel on a GPU (views and metadata-only ops excluded)."""
+
+    FREE = {
+        "view",
+        "_unsafe_view",
+        "transpose",
+        "slice",
+        "select",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "t",
+        "as_strided",
+        "alias",
+        "detach",
+        "unflatten",
+        "permute",
+        "reshape",
+        "lift_fresh",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "clone_free",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.paused = False  # set while the interpreter runs a Triton kernel (it uses torch ops itself)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if not self.paused and name not in self.FREE:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts interpreter launches; on a GPU the decode step is a CUDA graph")
+def test_kernel_launches_per_decode_step(pair, monkeypatch):
+    """Per layer: 4 matrix products (wqkv, wo, w13, w2) + rope + decode attention (2: splits, reduction)
+    + 2 fused add_rms_norm + swiglu = 10 launches. Plus, per step: embedding, the first RMSNorm, the cache
+    lengths, the output product and its fp32 cast."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _, tri = pair
+    launches: list[str] = []
+    original = InterpretedFunction.run
+
+    aten = _CountAten()
+
+    def counting_run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        aten.paused = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            aten.paused = False
+
+    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    tri.forward(torch.tensor([[1, 2, 3]]), 0)
+    launches.clear()
+    with aten:
+        tri.decode_step(torch.tensor([[4]]), torch.tensor([3]))
+    n_layers = tri.args.n_layers
+    # The launchers' range checks on positions/lengths (a min/max and a host read) are skipped while a
+    # CUDA graph is captured, so the replayed decode step on a GPU does not contain them.
+    checks = {"aminmax", "item", "stack", "resolve_conj", "resolve_neg", "_local_scalar_dense"}
+    ops = [o for o in aten.ops if o not in checks]
+    matmuls = [o for o in ops if o in ("linear", "mm", "addmm", "matmul")]
+    assert len(matmuls) == 4 * n_layers + 1, ops  # wqkv, wo, w13, w2 per layer + the output projection
+    others = sorted(o for o in ops if o not in matmuls)
+    assert others == ["add", "embedding", "to"], ops  # cache lengths, embedding lookup, fp32 logits: once per step
+    # Triton: the first RMSNorm, then per layer rope, decode attention (split pass + reduction), 2 add_rms_norm,
+    # swiglu. So a decode step is 10 launches per layer plus 5.
+    assert len(launches) == 1 + 6 * n_layers, launches
