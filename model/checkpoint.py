@@ -161,12 +161,14 @@ class Checkpoint:
             args = from_meta_params(self.root / "params.json")
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        files = sorted(self.root.glob("consolidated.*.pth"))
+        files = list(self.root.glob("consolidated.*.pth"))
         if not files:
             raise CheckpointError(f"{self.root}: no consolidated.*.pth weight files next to params.json")
         numbers = [int(m.group(1)) if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)) else -1 for f in files]
         if sorted(numbers) != list(range(len(files))):
             raise CheckpointError(f"{self.root}: shard files must be consolidated.00.pth .. consolidated.NN.pth")
+        # Shards are concatenated in rank order: sort by the number, not the name ("10" sorts before "2").
+        files = [f for _, f in sorted(zip(numbers, files, strict=True))]
         self.files = files
         self._shards = [_load_pth(f) for f in files]
         names0 = set(self._shards[0]) - IGNORED
@@ -210,9 +212,18 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
-                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                weight_map = None
+            # An explicit check, not an assert: asserts vanish under `python -O`.
+            if not (
+                isinstance(weight_map, dict)
+                and weight_map
+                and all(isinstance(v, str) and v.endswith(".safetensors") for v in weight_map.values())
+            ):
+                raise CheckpointError(
+                    f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' of tensor name"
+                    " -> .safetensors file name)"
+                )
             files = sorted(set(weight_map.values()))
         else:
             files = [p.name for p in sorted(self.root.glob("*.safetensors"))]
@@ -278,7 +289,10 @@ class Checkpoint:
     def _check_names(self, names: set[str], file: Path) -> None:
         unknown = sorted(n for n in names if n not in self.shapes_for_check())
         if unknown:
-            u = unknown[0].replace("<unknown:", "").rstrip(">")
+            u = unknown[0]
+            if self.layout == "hf":  # name the tensor as it is spelled in the file that holds it
+                u, f = self._hf_where[u]
+                file = self.root / f
             raise CheckpointError(f"{file}: unexpected tensor {u!r} for a {self.args.n_layers}-layer Llama config")
         missing = sorted(n for n in self.shapes_for_check() if n not in names)
         if missing:

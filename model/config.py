@@ -178,7 +178,7 @@ def from_hf_config(path: Path) -> ModelArgs:
     if not isinstance(rope, dict):
         raise ConfigError(f"{path}: rope_scaling must be an object, got {rope!r}")
     theta = rope.get("rope_theta", c.get("rope_theta", 500000.0))
-    if not isinstance(theta, (int, float)) or not theta > 0:
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not (theta > 0 and math.isfinite(theta)):
         raise ConfigError(f"{path}: rope_theta must be a positive number, got {theta!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":

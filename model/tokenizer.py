@@ -68,6 +68,8 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
         raise TokenizerError(f"{path}: tokenizer file not found") from None
     except UnicodeDecodeError:
         raise TokenizerError(f"{path}: not a tiktoken BPE file (not UTF-8 text)") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror or e})") from None
     ranks = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -79,6 +81,14 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
             raise TokenizerError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}") from None
     if not ranks:
         raise TokenizerError(f"{path}: tokenizer file is empty")
+    # Byte-level BPE needs every single byte as a token; without one, tiktoken panics (a BaseException that
+    # escapes `except Exception`) on the first text that contains that byte.
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(
+            f"{path}: not a byte-level BPE file: {len(missing)} of the 256 single bytes have no rank"
+            f" (e.g. {bytes([missing[0]])!r})"
+        )
     return ranks
 
 
@@ -174,8 +184,10 @@ class ChatFormat:
         self.tok = tokenizer
 
     def encode_header(self, role: str) -> list[int]:
+        if role == "tool":  # Meta's name for the role whose header reads "ipython"
+            role = "ipython"
         if role not in ROLES:
-            raise ValueError(f"chat role must be one of {ROLES}, got {role!r}")
+            raise ValueError(f"chat role must be one of {ROLES} (or 'tool'), got {role!r}")
         t = self.tok
         return [
             t.special_tokens["<|start_header_id|>"],
