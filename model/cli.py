@@ -154,6 +154,16 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from model.explain import DEFAULT_PROMPT, explain
+
+    prompt = DEFAULT_PROMPT if args.prompt is None else _read_stdin_text() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise CliError("the prompt is empty: pass --prompt TEXT (or --prompt - to read stdin)")
+    explain(_load(args), prompt, layer=args.layer, head=args.head, top_k=args.top_k, out_dir=args.out)
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -239,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", parents=[common, model, sampling], help="multi-turn chat in Meta's format (reads stdin)")
     c.add_argument("--system", help="system prompt")
     c.set_defaults(func=cmd_chat)
+    e = sub.add_parser("explain", parents=[common, model], help="walk a prompt through the model, step by step")
+    e.add_argument("--prompt", help='prompt text, or "-" for stdin (default: the ultimate question)')
+    e.add_argument("--layer", type=int, default=0, help="the layer shown in detail (default 0)")
+    e.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
+    e.add_argument("--top-k", type=_positive_int, default=10, help="next-token candidates listed (default 10)")
+    e.add_argument("--out", help="folder for explain.html (self-contained) and its PNGs (needs matplotlib)")
+    e.set_defaults(func=cmd_explain)
     i = sub.add_parser("info", parents=[common], help="config, parameter count, weight and KV-cache bytes")
     i.add_argument("--ckpt", help="checkpoint folder; default: embedded tiny model")
     i.add_argument("--dtype", choices=list(DTYPES), help="dtype for the byte counts (default bf16)")

@@ -1,0 +1,548 @@
+"""Explain one forward pass: how a prompt becomes the next token, step by step.
+
+``explain(llm, prompt)`` (the ``llama3-triton explain`` command) recomputes the model's forward pass for
+one sequence, outside the model, with the model's own weights, and says at each step what it computes,
+the shapes, and which kernel ran it:
+
+    1 text -> token ids            2 embeddings [T, dim]          3 RMSNorm
+    4-7 the chosen layer in detail: q/k/v per head, RoPE, attention (scores, mask, softmax), SwiGLU
+    8 every layer in turn          9 final norm, logits, the top-k next tokens, the chosen one
+
+Every op the driver hands to ``llm.ops`` runs twice: through the model's backend (the Triton kernels, or
+their PyTorch twins for backend="torch") -- that result is carried forward, so the walk *is* the model's
+computation -- and through ``kernels.reference`` on the same inputs in fp32; the largest |difference| is
+reported beside the kernel's source file and line. At the end the walk's logits are compared with
+``llm.forward`` on the same tokens. Matrix products are plain torch, as in the driver.
+
+The report (``out_dir``) is one self-contained HTML page plus the PNGs it shows. The PNGs are embedded as
+base64 data URIs and the style sheet is inline, so viewing the page loads nothing, from the network or
+from disk. Kernel names link to their source as ``file://`` URLs of the installed files: a link a reader
+may follow, never something the page loads. (A relative link such as ../kernels/rope.py breaks as soon
+as the page is moved; the file URL at least names the exact file, and the text beside it names it too.)
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import html
+import inspect
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from kernels import reference
+
+DEFAULT_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
+_ROOT = Path(reference.__file__).resolve().parent.parent  # the folder holding kernels/ and model/
+
+
+@dataclass
+class Check:
+    """One op run by the model's backend and by ``kernels.reference`` on the same inputs."""
+
+    op: str  # "rms_norm", "rope", ...
+    layer: int | None
+    source: str  # where the backend's function is defined: "kernels/rope.py:176"
+    url: str  # file:// URL of that file
+    ref_source: str  # where its reference twin is defined: "kernels/reference.py:92"
+    max_diff: float  # max |backend output - reference output| over every output element
+    actual: tuple[torch.Tensor, ...] = field(repr=False)
+    expected: tuple[torch.Tensor, ...] = field(repr=False)  # fp32
+
+
+@dataclass
+class Step:
+    number: int
+    title: str
+    lines: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)  # PNG names, keys of Explanation.figures
+
+
+@dataclass
+class Explanation:
+    tokens: list[int]
+    steps: list[Step]
+    logits: torch.Tensor  # (T, vocab) fp32: the walk's
+    model_logits_diff: float  # max |walk logits - llm.forward(tokens, 0)|
+    top_ids: list[int]
+    top_probs: list[float]
+    chosen: int  # the greedy next token
+    layer_norms: list[tuple[float, float]]  # (mean over tokens, last token) of |x|: embeddings, then each layer
+    figures: dict[str, bytes] = field(default_factory=dict, repr=False)
+    html_path: Path | None = None
+
+    @property
+    def checks(self) -> list[Check]:
+        return [c for s in self.steps for c in s.checks]
+
+
+@functools.cache
+def _where(fn) -> tuple[str, str]:
+    """("kernels/rope.py:176", "file:///.../kernels/rope.py") for a function; (its name, "") if it has no source."""
+    try:
+        path = Path(inspect.getsourcefile(fn)).resolve()
+        line = inspect.getsourcelines(fn)[1]
+    except (TypeError, OSError):  # a builtin, or code with no file (a REPL lambda)
+        return getattr(fn, "__qualname__", repr(fn)), ""
+    shown = path.relative_to(_ROOT) if path.is_relative_to(_ROOT) else path
+    return f"{shown}:{line}", path.as_uri()
+
+
+def _fp32(v):
+    return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+
+
+def _vals(t: torch.Tensor, n: int = 4) -> str:
+    t = t.flatten().float()
+    more = ", ..." if t.numel() > n else ""
+    return "[" + ", ".join(f"{v:+.4f}" for v in t[:n].tolist()) + more + "]"
+
+
+def _axis(piece: str) -> str:
+    """A token's text for a plot axis: spaces and newlines made visible."""
+    return piece.replace("\n", "\\n").replace(" ", "\u2423")
+
+
+class _Walk:
+    """Collects the steps, prints each line as it comes, and runs every op twice (backend and reference)."""
+
+    def __init__(self, llm, out: TextIO):
+        self.llm, self.out = llm, out
+        self.steps: list[Step] = []
+        self.quiet: list[Check] = []  # ops of the layers not shown in detail; they go to step 8
+        self.plot: dict = {}  # data the figures are drawn from
+
+    def step(self, title: str) -> Step:
+        s = Step(len(self.steps) + 1, title)
+        self.steps.append(s)
+        print(f"\n[{s.number}] {title}", file=self.out)
+        return s
+
+    def say(self, s: Step, line: str) -> None:
+        s.lines.append(line)
+        print("    " + line, file=self.out)
+
+    def op(self, name: str, *args, step: Step | None = None, layer: int | None = None, **kwargs):
+        fn = getattr(self.llm.ops, name)
+        got = fn(*args, **kwargs)  # the model's backend: its result is what the walk carries on with
+        ref_fn = getattr(reference, name)
+        ref = ref_fn(*map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
+        got_t, ref_t = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
+        pairs = [(g, r) for g, r in zip(got_t, ref_t, strict=True) if g is not None]
+        diff = max(float((g.float() - r.float()).abs().max()) for g, r in pairs)
+        (source, url), (ref_source, _) = _where(fn), _where(ref_fn)
+        c = Check(name, layer, source, url, ref_source, diff, tuple(g for g, _ in pairs), tuple(r for _, r in pairs))
+        if step is None:
+            self.quiet.append(c)
+        else:
+            step.checks.append(c)
+            print(f"    -> {name} ran in {source}; max |diff| vs {ref_source}: {diff:.2e}", file=self.out)
+        return got
+
+
+def _next_norm(llm, i: int) -> torch.Tensor:
+    """The RMSNorm weight fused into the add after layer i's FFN: the next layer's, or the final norm."""
+    return llm.layers[i + 1].attention_norm if i + 1 < len(llm.layers) else llm.norm
+
+
+def _split_qkv(qkv: torch.Tensor, a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1, T, (Hq + 2 Hkv) hd) -> q (1, T, Hq, hd), k and v (1, T, Hkv, hd): views, as in the driver."""
+    Hq, Hkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
+    q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))
+    k = qkv[..., Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))
+    v = qkv[..., (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))
+    return q, k, v
+
+
+def _block(w: _Walk, i: int, x, h, positions):
+    """One transformer block as model/llama.py runs it, without commentary. Returns (x, h).
+
+    The one difference: the rotated k and the v go straight to attention here, where the driver writes
+    them to its KV cache and attends over the cache (the same numbers: slot p holds position p)."""
+    llm, a = w.llm, w.llm.args
+    blk = llm.layers[i]
+    q, k, v = _split_qkv(blk.attention.wqkv(h), a)
+    q, k = w.op("rope", q, k, positions, llm.inv_freq, layer=i)
+    o = w.op("attention", q, k, v, start_pos=0, layer=i)
+    h, x = w.op("add_rms_norm", blk.attention.wo(o.flatten(2)), x, blk.ffn_norm, a.norm_eps, layer=i)
+    gu = blk.feed_forward.w13(h)
+    act = w.op("swiglu", gu[..., : a.hidden_dim], gu[..., a.hidden_dim :], layer=i)
+    h, x = w.op("add_rms_norm", blk.feed_forward.w2(act), x, _next_norm(llm, i), a.norm_eps, layer=i)
+    return x, h
+
+
+def _explain_block(w: _Walk, i: int, x, h, positions, head: int, labels: list[str]):
+    """The same block as ``_block``, step by step for one head (steps 4 to 7). Returns (x, h)."""
+    llm, a = w.llm, w.llm.args
+    blk = llm.layers[i]
+    Hq, Hkv, hd, G, dim = a.n_heads, a.n_kv_heads, a.head_dim, a.n_rep, a.dim
+    T, kvh, last = x.shape[1], head // G, f"token {x.shape[1] - 1} {labels[-1]!r}"
+
+    s = w.step(f"Layer {i}: q, k and v, per head")
+    src = "the RMSNorm of the embeddings (step 3)" if i == 0 else f"RMSNorm(x after layer {i - 1}), fused with the add"
+    w.say(s, f"input h [T={T}, dim={dim}]: {src}")
+    wqkv = blk.attention.wqkv.weight  # ((Hq + 2 Hkv) hd, dim): wq | wk | wv stacked by rows
+    wq = wqkv[: Hq * hd].view(Hq, hd, dim)
+    wk = wqkv[Hq * hd : (Hq + Hkv) * hd].view(Hkv, hd, dim)
+    wv = wqkv[(Hq + Hkv) * hd :].view(Hkv, hd, dim)
+    w.say(s, f"wqkv [{wqkv.shape[0]}, {dim}] = wq | wk | wv stacked by rows; viewed per head [heads, head_dim, dim]:")
+    w.say(s, f"  wq {list(wq.shape)}, wk {list(wk.shape)}, wv {list(wv.shape)} (a head's rows are contiguous)")
+    groups = [f"q heads {g * G}..{g * G + G - 1} -> k/v head {g}" for g in range(Hkv)]
+    w.say(s, f"GQA, {G} query heads per k/v head: " + "; ".join(groups[:4]) + ("; ..." if Hkv > 4 else ""))
+    q, k, v = _split_qkv(blk.attention.wqkv(h), a)  # one matmul for every head: (1, T, Hq + 2 Hkv, hd) in 3 views
+    w.say(s, f"h @ wqkv.T -> [T, {wqkv.shape[0]}] -> q [T, {Hq}, {hd}], k [T, {Hkv}, {hd}], v [T, {Hkv}, {hd}]")
+    own = h[0] @ wq[head].T  # the chosen head from its own slice of the weight: the same numbers
+    d = float((own - q[0, :, head]).abs().max())
+    w.say(s, f"head {head}: q = h @ wq[{head}].T [T, {hd}] (= the slice of the fused product, max |diff| {d:.1e})")
+    w.say(s, f"  it reads k/v head {kvh}: k = h @ wk[{kvh}].T, v = h @ wv[{kvh}].T, each [T, {hd}]")
+    w.say(s, f"  {last}: q {_vals(q[0, -1, head])}  k {_vals(k[0, -1, kvh])}  v {_vals(v[0, -1, kvh])}")
+
+    s = w.step(f"Layer {i}: rotary position embedding (RoPE)")
+    inv, plain = llm.inv_freq, reference.rope_inv_freq(hd, a.rope_theta).to(llm.inv_freq.device)
+    w.say(s, f"pair j = (x[2j], x[2j+1]) of every head turns by angle p * theta_j at position p, j < {hd // 2}")
+    w.say(s, f"theta_j = {a.rope_theta:g}^(-2j/{hd}): {float(inv[0]):.3g} .. {float(inv[-1]):.3g} rad/token")
+    if a.rope_scaling:
+        f = float(a.rope_scaling["factor"])
+        kept, divided = torch.isclose(inv, plain), torch.isclose(inv, plain / f)
+        n_kept, n_div, n_blend = int(kept.sum()), int(divided.sum()), int((~kept & ~divided).sum())
+        w.say(s, f"Llama 3.1/3.2 scaling (factor {f:g}): {n_kept} high frequencies kept, {n_div} low ones divided")
+        w.say(s, f"  by {f:g}, {n_blend} blended between (long wavelengths stretched for a longer context)")
+    else:
+        w.say(s, "no frequency scaling in this checkpoint (Llama 3.0)")
+    w.say(s, f"wavelengths 2pi/theta_j: {2 * math.pi / float(inv[0]):.3g} .. {2 * math.pi / float(inv[-1]):.3g} tokens")
+    q_rot, k_rot = w.op("rope", q, k, positions, inv, step=s, layer=i)
+    for name, before, after in (("q", q[0, -1, head], q_rot[0, -1, head]), ("k", k[0, -1, kvh], k_rot[0, -1, kvh])):
+        n0, n1 = float(before.float().norm()), float(after.float().norm())
+        w.say(s, f"{name}, {last}: {_vals(before)} -> {_vals(after)}; |{name}| {n0:.4f} -> {n1:.4f}")
+    w.say(s, "(a rotation keeps lengths; q.k then depends on the positions only through their difference)")
+    w.plot["rope"] = (inv.cpu(), plain.cpu(), q[0, -1, head].float().cpu(), T, head)
+
+    s = w.step(f"Layer {i}: causal attention")
+    qh, kh, vh = q_rot[0, :, head].float(), k_rot[0, :, kvh].float(), v[0, :, kvh].float()  # (T, hd) each
+    scores = qh @ kh.T / math.sqrt(hd)  # (T, T): row t = query token t, column s = key token s
+    future = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)  # key s after query t
+    masked = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(masked, dim=-1)
+    out_h = probs @ vh  # (T, hd)
+    w.say(s, f"head {head}: scores = q k^T / sqrt({hd}) -> [T, T]; row t: query t against every key")
+    w.say(s, f"causal mask: token t sees tokens 0..t; the {T * (T - 1) // 2} scores above the diagonal -> -inf")
+    p3, j3 = probs[-1].topk(min(3, T))
+    seen = ", ".join(f"{labels[j]!r}@{j} {p:.2f}" for p, j in zip(p3.tolist(), j3.tolist(), strict=True))
+    w.say(s, f"softmax of each row -> weights summing to 1; the last token attends most to {seen}")
+    w.say(s, f"head output = weights @ v -> [T, {hd}]")
+    o = w.op("attention", q_rot, k_rot, v, start_pos=0, step=s, layer=i)  # (1, T, Hq, hd)
+    d = float((o[0, :, head].float() - out_h).abs().max())
+    w.say(s, f"all heads in one call: attention(q, k, v) -> [T, {Hq}, {hd}]; its head {head} vs the above: {d:.1e}")
+    attn = blk.attention.wo(o.flatten(2))  # (1, T, dim)
+    w.say(s, f"output projection: the heads side by side [T, {Hq * hd}] @ wo.T -> [T, {dim}]")
+    n0 = float(x[0].float().norm(dim=-1).mean())
+    h, x = w.op("add_rms_norm", attn, x, blk.ffn_norm, a.norm_eps, step=s, layer=i)
+    n1 = float(x[0].float().norm(dim=-1).mean())
+    w.say(s, f"residual: x = x + that (mean |x| {n0:.3f} -> {n1:.3f}); fused with the FFN's norm: h = RMSNorm(x)")
+    w.plot["scores"] = (scores.cpu(), masked.cpu(), probs.cpu(), i, head)
+
+    s = w.step(f"Layer {i}: SwiGLU feed-forward")
+    hid = a.hidden_dim
+    gu = blk.feed_forward.w13(h)  # (1, T, 2 hidden): gate = h @ w1.T | up = h @ w3.T
+    w.say(s, f"h @ w13.T -> [T, {2 * hid}]: gate (w1) | up (w3) side by side, one matmul")
+    off = float((gu[..., :hid] < 0).float().mean())
+    w.say(s, f"swiglu = silu(gate) * up -> [T, {hid}]; silu(g) = g sigmoid(g), ~0 for g << 0 ({off:.0%} of gates < 0)")
+    act = w.op("swiglu", gu[..., :hid], gu[..., hid:], step=s, layer=i)  # (1, T, hidden)
+    f = blk.feed_forward.w2(act)
+    w.say(s, f"down projection: @ w2.T -> [T, {dim}]")
+    n0 = n1
+    h, x = w.op("add_rms_norm", f, x, _next_norm(llm, i), a.norm_eps, step=s, layer=i)
+    n1 = float(x[0].float().norm(dim=-1).mean())
+    nxt = f"layer {i + 1}'s attention_norm" if i + 1 < a.n_layers else "the final norm"
+    w.say(s, f"residual: x = x + that (mean |x| {n0:.3f} -> {n1:.3f}); fused with the next norm ({nxt})")
+    return x, h
+
+
+@torch.inference_mode()
+def explain(
+    llm,
+    prompt: str = DEFAULT_PROMPT,
+    *,
+    layer: int = 0,
+    head: int = 0,
+    top_k: int = 10,
+    out_dir: str | Path | None = None,
+    file: TextIO | None = None,
+) -> Explanation:
+    """Walk ``prompt`` through ``llm`` (a loaded ``model.Llama``), printing each step to ``file`` (stdout).
+
+    ``layer``/``head``: the layer and query head shown in detail. ``out_dir``: write explain.html and the PNGs.
+    """
+    a, tok = llm.args, llm.tokenizer
+    if not prompt:
+        raise ValueError("the prompt is empty: pass some text to explain")
+    if not 0 <= layer < a.n_layers:
+        raise ValueError(f"layer {layer} is out of range: this model has {a.n_layers} layers (0..{a.n_layers - 1})")
+    if not 0 <= head < a.n_heads:
+        raise ValueError(f"head {head} is out of range: this model has {a.n_heads} query heads (0..{a.n_heads - 1})")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    ids = tok.encode(prompt, bos=True)
+    T = len(ids)
+    if T > llm.max_seq_len:
+        raise ValueError(f"the prompt is {T} tokens, longer than the model's max_seq_len of {llm.max_seq_len}")
+    if out_dir is not None:
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise ValueError(f"{out_dir}: exists and is not a folder (the report goes into a folder)")
+        _matplotlib()  # fail now, not after the walk, if it is missing
+    w = _Walk(llm, file or sys.stdout)
+    labels = [tok.piece(i) for i in ids]  # each token's text
+    tokens = torch.tensor([ids], device=llm.device)  # (1, T): a batch of one sequence
+    positions = torch.arange(T, device=llm.device)[None]  # (1, T): token t sits at position t
+
+    s = w.step("Text to tokens, and the model")
+    w.say(s, f"prompt {prompt!r}: Llama-3's tiktoken BPE (model/tokenizer.py) -> {T} ids, BOS first")
+    w.say(s, "  pos      id  piece")
+    for p, (i, piece) in enumerate(zip(ids[:48], labels[:48], strict=True)):
+        w.say(s, f"  {p:3d}  {i:6d}  {piece!r}")
+    if T > 48:
+        w.say(s, f"  ... {T - 48} more")
+    w.say(s, f"model: dim {a.dim}, {a.n_layers} layers, FFN hidden {a.hidden_dim}, vocab {a.vocab_size}")
+    w.say(s, f"  {a.n_heads} query heads, {a.n_kv_heads} k/v heads (GQA {a.n_rep}), head dim {a.head_dim}")
+    scaling = f"factor {a.rope_scaling['factor']:g} (Llama 3.1/3.2)" if a.rope_scaling else "none (Llama 3.0)"
+    w.say(s, f"  RoPE theta {a.rope_theta:g}, scaling {scaling}; norm eps {a.norm_eps:g}")
+    w.say(s, f"  output matrix: {'tied to the embedding (Llama 3.2 1B/3B)' if a.tie_embeddings else 'its own'}")
+    ops = "the Triton kernels" if llm.backend == "triton" else "kernels.reference, the PyTorch twins"
+    w.say(s, f"run: {str(llm.dtype).removeprefix('torch.')} on {llm.device}, backend {llm.backend!r} ({ops})")
+    if llm.backend == "torch":
+        w.say(s, "  (the torch backend runs the reference ops themselves: the differences below show only the")
+        w.say(s, "  rounding of the dtype against fp32; --backend triton puts the Triton kernels to the test)")
+
+    s = w.step("Token embeddings")
+    x = llm.tok_embeddings(tokens)  # (1, T, dim): the residual stream starts here
+    w.say(s, f"x = tok_embeddings.weight[ids]: rows of the [{a.vocab_size}, {a.dim}] table -> x [T={T}, dim={a.dim}]")
+    w.say(s, f"x[0] ({labels[0]!r}) = {_vals(x[0, 0])}; a gather, no kernel (torch.nn.Embedding)")
+    w.say(s, "x is the residual stream: every layer reads it and adds its result to it")
+
+    s = w.step("RMSNorm of the embeddings")
+    rms = x[0].float().pow(2).mean(-1).sqrt()
+    w.say(s, f"h = x / sqrt(mean(x^2) + {a.norm_eps:g}) * attention_norm of layer 0 -> h [T={T}, dim={a.dim}]")
+    w.say(s, f"rms of each token's x: {_vals(rms)} -> 1 after the division; the weight then scales each channel")
+    h = w.op("rms_norm", x, llm.layers[0].attention_norm, a.norm_eps, step=s)  # (1, T, dim)
+
+    out_w = llm.tok_embeddings.weight if llm.output is None else llm.output.weight
+
+    def lens(x: torch.Tensor) -> tuple[float, float, int, float]:
+        """|x| (mean over tokens, last token) and the top guess if the model stopped here (the "logit lens")."""
+        hl = reference.rms_norm(x[0, -1].float(), llm.norm.float(), a.norm_eps)
+        p = torch.softmax(hl @ out_w.float().T, -1)
+        n = x[0].float().norm(dim=-1)
+        return float(n.mean()), float(n[-1]), int(p.argmax()), float(p.max())
+
+    summary = [lens(x)]
+    for i in range(a.n_layers):
+        if i == layer:
+            x, h = _explain_block(w, i, x, h, positions, head, labels)
+        else:
+            x, h = _block(w, i, x, h, positions)
+        summary.append(lens(x))
+
+    s = w.step("Every layer in turn: the residual stream")
+    s.checks.extend(w.quiet)
+    w.say(s, "layer   mean |x|   last |x|   top guess for the next token (final norm + output on the last token)")
+    for j, (mean, lst, guess, p) in enumerate(summary):
+        name = "emb" if j == 0 else f"{j - 1:3d}"
+        w.say(s, f"{name:>5}  {mean:9.3f}  {lst:9.3f}   {tok.piece(guess)!r} (id {guess}, p {p:.4f})")
+    by_op: dict[str, float] = {}
+    for c in (c for st in w.steps for c in st.checks):
+        by_op[c.op] = max(by_op.get(c.op, 0.0), c.max_diff)
+    w.say(s, "kernels over all layers, max |diff| vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in by_op.items()))
+
+    s = w.step("Final norm, logits, the next token")
+    logits = torch.nn.functional.linear(h, out_w).float()[0]  # (T, vocab), exactly as the driver computes them
+    w.say(s, f"h = RMSNorm(x) with the final norm weight (fused into the last add_rms_norm) [T={T}, dim={a.dim}]")
+    tied = "tok_embeddings.weight (tied)" if llm.output is None else "output.weight"
+    w.say(s, f"logits = h @ {tied}.T -> [T={T}, vocab={a.vocab_size}]; row t predicts token t+1")
+    probs = torch.softmax(logits[-1], -1)
+    top = probs.topk(min(top_k, a.vocab_size))
+    top_ids, top_probs = top.indices.tolist(), top.values.tolist()
+    w.say(s, f"top {len(top_ids)} of softmax(logits[{T - 1}]):")
+    for r, (i, p) in enumerate(zip(top_ids, top_probs, strict=True), 1):
+        w.say(s, f"  {r:2d}. {tok.piece(i)!r:<20} id {i:6d}  p {p:.4f}  logit {float(logits[-1, i]):+.3f}")
+    chosen = top_ids[0]
+    w.say(s, f"chosen (greedy, temperature 0): {tok.piece(chosen)!r} (id {chosen})")
+    model_logits = llm.forward(tokens, 0)[0]  # the driver's own forward pass, KV cache and all
+    model_diff = float((model_logits - logits).abs().max())
+    w.say(s, f"llm.forward(tokens, 0) gives the same logits: max |diff| {model_diff:.2e}")
+
+    ex = Explanation(ids, w.steps, logits, model_diff, top_ids, top_probs, chosen, [m[:2] for m in summary])
+    if out_dir is not None:
+        with warnings.catch_warnings():  # token text in a script DejaVu Sans lacks: boxes, not a warning each
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            ex.figures = _figures(w.plot, labels, summary, tok, top_ids, top_probs)
+        for st, names in ((5, ["rope.png"]), (6, ["scores.png", "scores_masked.png", "attention.png"])):
+            w.steps[st - 1].figures = names
+        w.steps[7].figures, w.steps[8].figures = ["layer_norms.png"], ["topk.png"]
+        ex.html_path = _write_report(Path(out_dir), ex, llm, prompt, layer, head)
+        print(f"\nwrote {ex.html_path} and {len(ex.figures)} PNGs beside it", file=w.out)
+    return ex
+
+
+# ---- the report -------------------------------------------------------------------------------------
+
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("the HTML report needs matplotlib: pip install matplotlib") from None
+    return Figure, FigureCanvasAgg
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _matplotlib()[1](fig).print_png(buf)  # Agg, no pyplot: no global state, no display needed
+    return buf.getvalue()
+
+
+def _figures(plot: dict, labels, summary, tok, top_ids, top_probs) -> dict[str, bytes]:
+    Figure = _matplotlib()[0]
+    T, figs = len(labels), {}
+    axis = [_axis(lab) for lab in labels]
+    scores, masked, probs, layer, head = plot["scores"]
+    for name, m, what, cmap in (
+        ("scores.png", scores, "q k^T / sqrt(d), before masking", "RdBu_r"),
+        ("scores_masked.png", masked, "after the causal mask (blank: -inf)", "RdBu_r"),
+        ("attention.png", probs, "after softmax: attention weights", "viridis"),
+    ):
+        size = 2.5 + 0.32 * T
+        fig = Figure(figsize=(size + 1.2, size))
+        ax = fig.add_subplot()
+        vmax = float(scores.abs().max()) if cmap == "RdBu_r" else None
+        im = ax.imshow(m.numpy(), cmap=cmap, vmin=-vmax if vmax else 0, vmax=vmax)
+        ax.set_xticks(range(T), axis, rotation=90, fontsize=8)
+        ax.set_yticks(range(T), axis, fontsize=8)
+        ax.set_xlabel("key token")
+        ax.set_ylabel("query token")
+        ax.set_title(f"layer {layer}, head {head}: {what}", fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.tight_layout()
+        figs[name] = _png(fig)
+
+    inv, plain, q_last, T, head = plot["rope"]
+    half = inv.numel()
+    pairs = sorted({round(x) for x in torch.linspace(0, half - 1, 5).tolist()})
+    fig = Figure(figsize=(15, 3.4))
+    pos = torch.arange(T, dtype=torch.float32)
+    for n, j in enumerate(pairs):
+        ax = fig.add_subplot(1, len(pairs) + 1, n + 1)
+        t = torch.linspace(0, 2 * math.pi, 200)
+        ax.plot(t.cos(), t.sin(), color="0.85", lw=1)
+        ang = pos * inv[j]  # e^{i p theta_j}: where position p turns pair j
+        ax.scatter(ang.cos(), ang.sin(), c=pos, cmap="viridis", s=18, zorder=3)
+        z = complex(float(q_last[2 * j]), float(q_last[2 * j + 1]))
+        z = z / abs(z) if abs(z) else 0j
+        r = complex(math.cos(float(ang[-1])), math.sin(float(ang[-1]))) * z  # that pair after rotation
+        for c, col in ((z, "0.5"), (r, "crimson")):
+            ax.annotate("", (c.real, c.imag), (0, 0), arrowprops={"arrowstyle": "->", "color": col})
+        ax.set_aspect("equal")
+        ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), xticks=[], yticks=[])
+        ax.set_title(f"pair {j}: theta {float(inv[j]):.2g}\nwavelength {2 * math.pi / float(inv[j]):.3g}", fontsize=8)
+    ax = fig.add_subplot(1, len(pairs) + 1, len(pairs) + 1)
+    ax.semilogy(plain.numpy(), label="unscaled", color="0.6")
+    ax.semilogy(inv.numpy(), label="this checkpoint", color="crimson", ls="--")
+    ax.set(xlabel="pair j", ylabel="theta_j (rad/token)")
+    ax.legend(fontsize=7)
+    fig.suptitle(
+        f"RoPE: e^(i p theta_j) for positions p = 0..{T - 1} (colour: p); arrows: head {head}'s query pair of "
+        "the last token before (grey) and after (red) rotation",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    figs["rope.png"] = _png(fig)
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    xs = range(len(summary))
+    ax.plot(xs, [m[0] for m in summary], marker="o", label="mean over tokens")
+    ax.plot(xs, [m[1] for m in summary], marker="s", label="last token")
+    ax.set_xticks(list(xs), ["emb"] + [str(j) for j in range(len(summary) - 1)])
+    ax.set(xlabel="after layer", ylabel="|x| (L2 norm)", title="The residual stream's norm, layer by layer")
+    ax.legend()
+    fig.tight_layout()
+    figs["layer_norms.png"] = _png(fig)
+
+    fig = Figure(figsize=(6, 0.8 + 0.32 * len(top_ids)))
+    ax = fig.add_subplot()
+    names = [f"{_axis(tok.piece(i))} ({i})" for i in top_ids]
+    ax.barh(range(len(top_ids)), top_probs, color=["crimson"] + ["steelblue"] * (len(top_ids) - 1))
+    ax.set_yticks(range(len(top_ids)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.locator_params(axis="x", nbins=4)
+    ax.set(xlabel="probability", title="Top next tokens (red: chosen)")
+    fig.tight_layout()
+    figs["topk.png"] = _png(fig)
+    return figs
+
+
+_CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:13px}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:.2em .6em;font-size:13px;text-align:left}img{max-width:100%}
+figure{margin:1em 0}figcaption{font-size:13px;color:#555}"""
+
+
+def _write_report(out_dir: Path, ex: Explanation, llm, prompt: str, layer: int, head: int) -> Path:
+    """explain.html (self-contained: PNGs as data URIs, inline CSS) and the PNGs, all in ``out_dir``."""
+    esc = html.escape
+    body = [
+        f"<h1>How a prompt becomes the next token</h1><p>Prompt <code>{esc(repr(prompt))}</code>; checkpoint "
+        f"<code>{esc(str(getattr(llm, 'checkpoint_dir', '?')))}</code>; backend <b>{esc(llm.backend)}</b>, "
+        f"{esc(str(llm.dtype).removeprefix('torch.'))} on {esc(str(llm.device))}; layer {layer}, head {head} in "
+        "detail. Each step names the kernel that ran it (a link to its source file) and its largest "
+        "difference from the plain-PyTorch reference on these very tensors.</p><ol>"
+        + "".join(f'<li><a href="#step-{s.number}">{esc(s.title)}</a></li>' for s in ex.steps)
+        + "</ol>"
+    ]
+    for s in ex.steps:
+        body.append(f'<section id="step-{s.number}"><h2>{s.number}. {esc(s.title)}</h2>')
+        body.append("<pre>" + esc("\n".join(s.lines)) + "</pre>")
+        if s.checks:
+            rows: dict[str, list[Check]] = {}
+            for c in s.checks:
+                rows.setdefault(c.op, []).append(c)
+            body.append("<table><tr><th>op</th><th>ran in</th><th>calls</th><th>max |diff| vs reference</th></tr>")
+            for op, cs in rows.items():
+                c = cs[0]
+                link = f"<code>{esc(c.source)}</code>"
+                link = f'<a href="{esc(c.url)}">{link}</a>' if c.url else link
+                body.append(
+                    f"<tr><td><code>{esc(op)}</code></td><td>{link}</td><td>{len(cs)}</td>"
+                    f"<td>{max(x.max_diff for x in cs):.2e} "
+                    f"(vs <code>{esc(c.ref_source)}</code>)</td></tr>"
+                )
+            body.append("</table>")
+        for name in s.figures:
+            data = base64.b64encode(ex.figures[name]).decode("ascii")
+            body.append(
+                f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{esc(name)}</figcaption></figure>"
+            )
+        body.append("</section>")
+    page = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>llama3-triton explain</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, png in ex.figures.items():
+        (out_dir / name).write_bytes(png)
+    path = out_dir / "explain.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+__all__ = ["DEFAULT_PROMPT", "Check", "Explanation", "Step", "explain"]
