@@ -144,16 +144,29 @@ def find_layout(ckpt_dir: Path) -> tuple[str, Path]:
 
 
 class Checkpoint:
-    """One checkpoint on disk; ``tensor(name)`` yields full weights under Meta's names, one at a time."""
+    """One checkpoint on disk; ``tensor(name)`` yields full weights under Meta's names, one at a time.
 
-    def __init__(self, ckpt_dir: str | os.PathLike):
+    With ``part=(rank, world)`` it yields only that tensor-parallel rank's slice of each weight (split as
+    META_SPLIT_DIM says; norms whole), reading only the files, and within them only the bytes, it needs:
+    Meta shards whose range overlaps the rank's are memory-mapped and narrowed, HF tensors are read
+    with safetensors' ``get_slice``. With as many ranks as Meta shards, rank r opens consolidated.r.pth alone.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, part: tuple[int, int] | None = None):
         self.dir = Path(ckpt_dir)
+        self.part = part
         self.layout, self.root = find_layout(self.dir)
         if self.layout == "meta":
             self._open_meta()
         else:
             self._open_hf()
         self.shapes = expected_shapes(self.args, with_output=not self.args.tie_embeddings)
+        if part is not None:
+            rank, world = part
+            check_tensor_parallel(self.args, world, self.dir)
+            if not 0 <= rank < world:
+                raise CheckpointError(f"tensor-parallel rank {rank} is outside [0, {world})")
+            self.shapes = {n: _part_shape(n, s, world) for n, s in self.shapes.items()}
 
     # ---- Meta -------------------------------------------------------------------------------------
     def _open_meta(self) -> None:
@@ -170,7 +183,14 @@ class Checkpoint:
         # Shards are concatenated in rank order: sort by the number, not the name ("10" sorts before "2").
         files = [f for _, f in sorted(zip(numbers, files, strict=True))]
         self.files = files
-        self._shards = [_load_pth(f) for f in files]
+        self.n_shards = len(files)
+        if self.part is None:
+            self.shard_ids = list(range(len(files)))
+        else:  # only the shards whose slice of every split dim overlaps this rank's slice
+            r, n, s = self.part[0], self.part[1], len(files)
+            self.shard_ids = [i for i in range(s) if i * n < (r + 1) * s and (i + 1) * n > r * s]
+        self._shards = [_load_pth(files[i]) for i in self.shard_ids]
+        files = [files[i] for i in self.shard_ids]
         names0 = set(self._shards[0]) - IGNORED
         for f, shard in zip(files[1:], self._shards[1:], strict=True):
             if set(shard) - IGNORED != names0:
@@ -182,6 +202,8 @@ class Checkpoint:
         self._check_names(names0, files[0])
 
     def _meta_tensor(self, name: str) -> torch.Tensor:
+        if self.part is not None:
+            return self._meta_part(name)
         split = META_SPLIT_DIM[_kind(name)]
         parts = [shard[name] for shard in self._shards]
         if len(parts) == 1:
@@ -199,6 +221,27 @@ class Checkpoint:
                     f" (shards must split dim {split} evenly; other dims {other})"
                 )
         return torch.cat(parts, dim=split)
+
+    def _meta_part(self, name: str) -> torch.Tensor:
+        """This rank's slice of ``name`` from the (few) shards that hold it."""
+        split = META_SPLIT_DIM[_kind(name)]
+        full = expected_shapes(self.args, with_output=not self.args.tie_embeddings)[name]
+        if split is None:
+            return self._shards[0][name]  # replicated: every shard holds all of it
+        rank, world = self.part
+        length, per_shard = full[split], full[split] // self.n_shards
+        lo, hi = rank * length // world, (rank + 1) * length // world
+        pieces = []
+        for i, shard in zip(self.shard_ids, self._shards, strict=True):
+            t = shard[name]
+            want = tuple(per_shard if d == split else s for d, s in enumerate(full))
+            if tuple(t.shape) != want:
+                raise CheckpointError(
+                    f"{self.files[i]}: shard of {name} has shape {tuple(t.shape)}, the config implies {want}"
+                )
+            a, b = max(lo, i * per_shard), min(hi, (i + 1) * per_shard)
+            pieces.append(t.narrow(split, a - i * per_shard, b - a))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=split)
 
     # ---- Hugging Face -----------------------------------------------------------------------------
     def _open_hf(self) -> None:
@@ -274,13 +317,28 @@ class Checkpoint:
 
     def _hf_tensor(self, name: str) -> torch.Tensor:
         hf_name, f = self._hf_where[name]
+        kind = _kind(name)
+        split = META_SPLIT_DIM[kind]
+        world = 1
         try:
-            t = self._handles[f].get_tensor(hf_name)
+            if self.part is None or split is None:
+                t = self._handles[f].get_tensor(hf_name)
+            else:  # read only this rank's rows (or columns) from the file
+                rank, world = self.part
+                sl = self._handles[f].get_slice(hf_name)
+                shape = sl.get_shape()
+                if len(shape) != 2:
+                    raise CheckpointError(f"{self.root / f}: tensor {hf_name} has shape {shape}, expected 2-d")
+                length = shape[split]
+                lo, hi = rank * length // world, (rank + 1) * length // world
+                t = sl[lo:hi] if split == 0 else sl[:, lo:hi]
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{self.root / f}: cannot read tensor {hf_name} ({e})") from None
-        kind = _kind(name)
         if kind in ("wq", "wk") and t.ndim == 2:
-            heads = self.args.n_heads if kind == "wq" else self.args.n_kv_heads
+            # HF's permutation is within each head, and a rank's rows are whole heads: undo it per local head.
+            heads = (self.args.n_heads if kind == "wq" else self.args.n_kv_heads) // world
             if t.shape[0] % (2 * heads) == 0:
                 t = unpermute_from_rotate_half(t, heads)
         return t
@@ -332,6 +390,25 @@ class Checkpoint:
             if (d / "tokenizer.model").exists():
                 return d / "tokenizer.model"
         return None
+
+
+def check_tensor_parallel(args: ModelArgs, world: int, where: object = "model") -> None:
+    """Tensor parallelism over ``world`` ranks splits k/v heads, FFN columns and the vocabulary evenly."""
+    if world < 1:
+        raise CheckpointError(f"tensor-parallel size must be at least 1, got {world}")
+    if args.n_kv_heads % world:
+        raise CheckpointError(
+            f"{where}: tensor-parallel size {world} must divide the {args.n_kv_heads} key/value heads "
+            f"(use one of {[n for n in range(1, args.n_kv_heads + 1) if args.n_kv_heads % n == 0]})"
+        )
+    for what, n in (("FFN width", args.hidden_dim), ("vocabulary", args.vocab_size)):
+        if n % world:
+            raise CheckpointError(f"{where}: tensor-parallel size {world} must divide the {what} {n}")
+
+
+def _part_shape(name: str, shape: tuple[int, ...], world: int) -> tuple[int, ...]:
+    split = META_SPLIT_DIM[_kind(name)]
+    return shape if split is None else tuple(s // world if d == split else s for d, s in enumerate(shape))
 
 
 # ---- the tiny-checkpoint writer -------------------------------------------------------------------

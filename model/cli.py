@@ -40,6 +40,23 @@ def _read_stdin_text() -> str:
         raise CliError(f"stdin is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
 
 
+def _on_rank0(tp, read):
+    """Run ``read()`` on rank 0 only (stdin belongs to rank 0 under torchrun) and give every rank its result;
+    an error there becomes the same CliError on every rank instead of leaving the others waiting."""
+    if not tp.enabled:
+        return read()
+    box = None
+    if tp.rank == 0:
+        try:
+            box = ("ok", read())
+        except CliError as e:
+            box = ("error", str(e))
+    box = tp.broadcast_object(box)
+    if box[0] == "error":
+        raise CliError(box[1])
+    return box[1]
+
+
 def _load(args):
     import torch
 
@@ -64,13 +81,17 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
+    from model import distributed
     from model.tokenizer import StreamDecoder
 
-    prompt = _read_stdin_text() if args.prompt == "-" else args.prompt
+    tp = distributed.init_from_env()  # a no-op unless launched by torchrun with several processes
+    prompt = _on_rank0(tp, _read_stdin_text) if args.prompt == "-" else args.prompt
     if not prompt:
         raise CliError("the prompt is empty: pass --prompt TEXT (or --prompt - to read stdin)")
     llm = _load(args)
     stream = StreamDecoder(llm.tokenizer)
+    if tp.rank != 0:  # under tensor parallelism every rank computes; rank 0 alone prints
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
     def on_token(_b: int, t: int) -> None:
         sys.stdout.write(stream.feed(t))
@@ -89,23 +110,30 @@ def cmd_generate(args) -> int:
     sys.stdout.flush()
     n_new = len(out.tokens[0])
     bytes_per_s = llm.decode_bytes_per_token() * out.decode_tokens_per_second
+    if tp.rank != 0:
+        return 0
+    tp_note = f", tensor-parallel over {tp.world} ranks (bytes per rank)" if tp.enabled else ""
     print(
         f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}] "
         f"prompt {out.prompt_tokens[0]} tokens, "
         f"generated {n_new} ({out.stop_reasons[0]}); prefill {out.prefill_seconds * 1e3:.1f} ms; "
-        f"decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s",
+        f"decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s{tp_note}",
         file=sys.stderr,
     )
     return 0
 
 
 def cmd_chat(args) -> int:
+    from model import distributed
     from model.tokenizer import ChatFormat, StreamDecoder
 
+    tp = distributed.init_from_env()
     llm = _load(args)
     fmt = ChatFormat(llm.tokenizer)
     tok = llm.tokenizer
-    interactive = sys.stdin.isatty()
+    if tp.rank != 0:  # rank 0 reads stdin and prints; the others follow its lines
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    interactive = sys.stdin.isatty() and tp.rank == 0
     pending: list[int] = [tok.bos_id]  # tokens to feed before the next answer
     if args.system:
         pending += fmt.encode_message({"role": "system", "content": args.system})
@@ -113,13 +141,9 @@ def cmd_chat(args) -> int:
     while True:
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)
-        raw = sys.stdin.buffer.readline()
-        if not raw:
+        line = _on_rank0(tp, _read_stdin_line)
+        if line is None:
             break
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise CliError("stdin is not valid UTF-8") from None
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -154,6 +178,17 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _read_stdin_line() -> str | None:
+    """The next line of stdin, stripped; None at end of input."""
+    raw = sys.stdin.buffer.readline()
+    if not raw:
+        return None
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CliError("stdin is not valid UTF-8") from None
+
+
 def cmd_explain(args) -> int:
     from model.explain import DEFAULT_PROMPT, explain
 
@@ -184,6 +219,17 @@ def cmd_info(args) -> int:
     print(f"weight bytes read per decoded token: {read * size:,} (all but the embedding table, unless tied)")
     kv = a.kv_cache_bytes_per_token(size)
     print(f"KV-cache bytes per token: {kv:,} ({kv * 8192 / 2**20:.1f} MiB for 8192 tokens)")
+    if args.tp > 1:
+        from model.checkpoint import _part_shape, check_tensor_parallel, expected_shapes
+
+        check_tensor_parallel(a, args.tp, ckpt.dir)
+        shapes = expected_shapes(a, with_output=not a.tie_embeddings)
+        per_rank = sum(torch.Size(_part_shape(k, s, args.tp)).numel() for k, s in shapes.items()) * size
+        emb = a.vocab_size // args.tp * a.dim * size
+        print(f"tensor parallel over {args.tp} ranks:")
+        print(f"  weight bytes per rank: {per_rank:,} ({per_rank / 1e9:.3f} GB; norms replicated, the rest split)")
+        print(f"  weight bytes read per decoded token per rank: {per_rank - (0 if a.tie_embeddings else emb):,}")
+        print(f"  KV-cache bytes per token per rank: {kv // args.tp:,}")
     return 0
 
 
@@ -259,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", parents=[common], help="config, parameter count, weight and KV-cache bytes")
     i.add_argument("--ckpt", help="checkpoint folder; default: embedded tiny model")
     i.add_argument("--dtype", choices=list(DTYPES), help="dtype for the byte counts (default bf16)")
+    i.add_argument("--tp", type=_positive_int, default=1, help="also show per-rank bytes for N-way tensor parallel")
     i.set_defaults(func=cmd_info)
     t = sub.add_parser("make-tiny", parents=[common], help="write a tiny random Llama-3 checkpoint (Meta layout)")
     t.add_argument("dir", help="folder to create (must not exist or be empty)")
@@ -274,7 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
     t.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype (default bf16)")
     t.set_defaults(func=cmd_make_tiny)
+    from benchmarks.runner import add_arguments as add_bench_arguments  # argparse only: imports no torch
+
+    b = sub.add_parser("bench", parents=[common], help="benchmark the kernels and the model (python -m benchmarks)")
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.runner import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,11 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line for people; the traceback with --debug
         if args.debug:
             raise
-        if isinstance(e, (CliError, ValueError, OSError, TypeError)):
-            print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        if isinstance(e, (CliError, ValueError, OSError, TypeError, RuntimeError)):
+            print(f"{rank}error: {e}", file=sys.stderr)
         else:
-            print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+            print(f"{rank}error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

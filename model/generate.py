@@ -136,7 +136,8 @@ def generate(
         logits = model._forward(
             padded, (start_pos + torch.arange(longest, device=device)).expand(B, longest), start_pos, gather=lengths - 1
         )[:, 0]
-        next_tok = sample(logits, params, generator)  # (B,)
+        # Under tensor parallelism every rank holds the same logits, but rank 0's sample is the answer.
+        next_tok = model.tp.broadcast(sample(logits, params, generator))  # (B,)
         sync(device)
         t1 = time.perf_counter()
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
@@ -162,7 +163,7 @@ def generate(
             logits = model.decode_step(next_tok[:, None], positions)
             positions = positions + 1
             # A finished sequence keeps decoding (its tokens are discarded): the batch stays static.
-            next_tok = sample(logits, params, generator)
+            next_tok = model.tp.broadcast(sample(logits, params, generator))
         sync(device)
         t2 = time.perf_counter()
 

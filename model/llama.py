@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import reference
+from model import distributed
 from model.checkpoint import Checkpoint, CheckpointError
 from model.config import ModelArgs
+from model.distributed import TensorParallel
 from model.tokenizer import Tokenizer
 
 
@@ -60,12 +62,15 @@ def select_ops(backend: str, device: torch.device):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        qkv_rows = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        # Under tensor parallelism each rank holds n_heads / world query heads and their k/v heads.
+        self.tp = tp
+        self.n_heads, self.n_kv_heads = args.n_heads // tp.world, args.n_kv_heads // tp.world
+        self.head_dim = args.head_dim
+        qkv_rows = (self.n_heads + 2 * self.n_kv_heads) * args.head_dim
         self.wqkv = nn.Linear(args.dim, qkv_rows, bias=False)  # wq | wk | wv stacked: read together
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, ops, h, positions, start_pos, lengths, inv_freq, k_cache, v_cache):
         """h (B, T, dim); positions (B, T); start_pos: int for prefill, None for a one-token decode step,
@@ -85,41 +90,51 @@ class Attention(nn.Module):
             o = ops.decode_attention(q[:, 0], k_cache, v_cache, lengths)  # (B, Hq, hd)
         else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
             o = ops.attention(q, k_cache, v_cache, start_pos=start_pos)  # (B, T, Hq, hd)
-        return self.wo(o.reshape(B, T, Hq * hd))  # (B, T, dim)
+        return self.tp.all_reduce(self.wo(o.reshape(B, T, Hq * hd)))  # (B, T, dim); TP: sum the ranks' parts
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel):
         super().__init__()
-        self.hidden = args.hidden_dim
-        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)  # w1 (gate) | w3 (up) stacked
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.tp = tp
+        self.hidden = args.hidden_dim // tp.world  # this rank's FFN columns
+        self.w13 = nn.Linear(args.dim, 2 * self.hidden, bias=False)  # w1 (gate) | w3 (up) stacked
+        self.w2 = nn.Linear(self.hidden, args.dim, bias=False)
 
     def forward(self, ops, h):
         gu = self.w13(h)  # (B, T, 2 * hidden)
-        return self.w2(ops.swiglu(gu[..., : self.hidden], gu[..., self.hidden :]))  # (B, T, dim)
+        out = self.w2(ops.swiglu(gu[..., : self.hidden], gu[..., self.hidden :]))  # (B, T, dim)
+        return self.tp.all_reduce(out)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel):
         super().__init__()
         self.attention_norm = nn.Parameter(torch.empty(args.dim))
-        self.attention = Attention(args)
+        self.attention = Attention(args, tp)
         self.ffn_norm = nn.Parameter(torch.empty(args.dim))
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(args, tp)
 
 
 class Llama(nn.Module):
     """A Llama-3 model with its tokenizer, ops backend and static KV cache. Build it with ``Llama.load``."""
 
-    def __init__(self, args: ModelArgs, backend: str = "torch", device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        args: ModelArgs,
+        backend: str = "torch",
+        device: torch.device | str = "cpu",
+        tp: TensorParallel | None = None,
+    ):
         super().__init__()
         self.args = args
         self.backend = backend
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.tp = tp = tp or TensorParallel()
+        self.vocab_local = args.vocab_size // tp.world  # TP: each rank holds a slice of the vocabulary
+        self.tok_embeddings = nn.Embedding(self.vocab_local, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, tp) for _ in range(args.n_layers))
         self.norm = nn.Parameter(torch.empty(args.dim))
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, self.vocab_local, bias=False)
         self.ops = select_ops(backend, torch.device(device))
         self.tokenizer: Tokenizer | None = None
         self.max_batch_size = 0
@@ -140,19 +155,39 @@ class Llama(nn.Module):
         max_seq_len: int | None = None,
         max_batch_size: int = 1,
         progress: bool = False,
+        tp: TensorParallel | None = None,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face layout, detected) tensor by tensor onto ``device``.
 
         Defaults: CUDA + bf16 when there is a GPU, else CPU + fp32; max_seq_len = the model's context,
         capped at 8192 to keep the KV cache modest (pass a larger value for long contexts).
+
+        Inside an initialised torch.distributed process group (torchrun), each rank loads only its
+        tensor-parallel slice of the weights; ``tp`` overrides the group read from torch.distributed.
         """
-        device = torch.device(device) if device is not None else default_device()
+        tp = tp or distributed.current()
+        if not tp.enabled:
+            return cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp)
+        model, error = None, None
+        try:
+            model = cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp)
+        except Exception as e:  # every rank must learn that one failed, or the others hang in a collective
+            error = e
+        tp.agree(error)
+        return model
+
+    @classmethod
+    def _load(cls, ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp) -> Llama:
+        device = torch.device(device) if device is not None else distributed.default_device(tp)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but torch sees no CUDA device")
         dtype = dtype if dtype is not None else default_dtype(device)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        ckpt = Checkpoint(ckpt_dir)
+        # Pick (and import) the kernels first: @triton.jit reads TRITON_INTERPRET at import time, and the
+        # meta-device model construction below would otherwise import triton.language un-interpreted.
+        select_ops(backend, device)
+        ckpt = Checkpoint(ckpt_dir, part=(tp.rank, tp.world) if tp.enabled else None)
         args = ckpt.args
         max_seq_len = min(args.max_position_embeddings, 8192) if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= args.max_position_embeddings:
@@ -163,7 +198,7 @@ class Llama(nn.Module):
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
 
         with torch.device("meta"):
-            model = cls(args, backend, device)
+            model = cls(args, backend, device, tp)
         model.load_state_dict(_fused_state_dict(ckpt, device, dtype, progress), assign=True, strict=True)
         model.eval().requires_grad_(False)
         model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
@@ -174,9 +209,10 @@ class Llama(nn.Module):
         return model
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
-        """(Re)allocate the static KV cache: per layer, k and v of shape (max_batch, Hkv, max_seq_len, hd)."""
+        """(Re)allocate the static KV cache: per layer, k and v of shape (max_batch, Hkv, max_seq_len, hd)
+        (Hkv: this rank's k/v heads under tensor parallelism)."""
         a, dev, dt = self.args, self.device, self.dtype
-        shape = (max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
+        shape = (max_batch_size, a.n_kv_heads // self.tp.world, max_seq_len, a.head_dim)
         self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
         self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -217,7 +253,7 @@ class Llama(nn.Module):
         ops, eps = self.ops, self.args.norm_eps
         B = tokens.shape[0]
         lengths = positions[:, 0] + 1 if start_pos is None else None  # decode: cache length per sequence
-        x = self.tok_embeddings(tokens)  # (B, T, dim): the residual stream
+        x = self._embed(tokens)  # (B, T, dim): the residual stream
         h = ops.rms_norm(x, self.layers[0].attention_norm, eps)
         for i, layer in enumerate(self.layers):
             k_cache = self.k_cache[i][:B].transpose(1, 2)  # (B, S_max, Hkv, hd) view
@@ -230,7 +266,16 @@ class Llama(nn.Module):
         if gather is not None:
             h = h[torch.arange(B, device=h.device), gather][:, None]  # (B, 1, dim)
         out_w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, out_w).float()  # (B, T, vocab)
+        return self.tp.all_gather_last(F.linear(h, out_w).float())  # (B, T, vocab); TP: gather the slices
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.tp.enabled:
+            return self.tok_embeddings(tokens)
+        # Vocabulary-parallel lookup: rows outside this rank's slice contribute zeros; the sum has them all.
+        local = tokens - self.tp.rank * self.vocab_local
+        inside = (local >= 0) & (local < self.vocab_local)
+        x = self.tok_embeddings(local.clamp(0, self.vocab_local - 1)) * inside[..., None]
+        return self.tp.all_reduce(x)
 
     def _check_inputs(self, tokens, start_pos):
         if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
