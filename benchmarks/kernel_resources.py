@@ -52,7 +52,17 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     half = any(t in ("*fp16", "*bf16") for t in v["signature"].values())
     row["uses_dot"] = half and "tl.dot(" in getattr(v["fn"], "src", "")
     try:
-        src = ASTSource(fn=v["fn"], signature=v["signature"], constexprs=v.get("constexprs", {}))
+        # At launch Triton marks pointers aligned to 16 bytes (every torch allocation, and the views the
+        # driver passes) and integers divisible by 16 as such, which is what enables 16-byte vector loads.
+        # Compile the same: pointers, and strides (multiples of the head dim at every Llama shape).
+        names = list(v["signature"])
+        attrs = {
+            (names.index(n),): [["tt.divisibility", 16]]
+            for n, t in v["signature"].items()
+            if t.startswith("*") or (t in ("i32", "i64") and "stride" in n.lower())
+        }
+        attrs.update(v.get("attrs", {}))
+        src = ASTSource(fn=v["fn"], signature=v["signature"], constexprs=v.get("constexprs", {}), attrs=attrs)
         options = {"num_warps": v["num_warps"], "num_stages": v["num_stages"]}
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # a config that does not compile is exactly what the gate must report
