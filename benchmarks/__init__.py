@@ -1,0 +1,22 @@
+"""Benchmarks: how close each kernel, and the whole decode loop, come to the device's limits.
+
+    python -m benchmarks                 # everything: ceilings, kernels, end to end, CPU decode
+    python -m benchmarks --quick         # the sweep `make gpu-check` runs inside its 10-minute call
+    python -m benchmarks --only kernels --kernel attention
+    python -m benchmarks.rmsnorm         # one kernel's benchmark (same flags)
+    llama3-triton bench ...              # the same runner from the console script
+
+Every run first measures the ceilings of the device it runs on (``common.measure_ceilings``: a large
+device-to-device copy for bandwidth, a large bf16 matrix product for FLOP/s) and reports each figure as a
+fraction of them, beside the peers timed in the same run (torch eager, ``torch.compile``, SDPA's flash
+backend, the model's torch backend). Results land in ``benchmarks/results/<device>-<date>/``:
+``results.json`` (every figure with its unit, the device, the library versions), ``results.md`` (the
+tables) and ``plots/*.png``. Without a GPU the runner does a smoke run on tiny shapes through Triton's
+interpreter, so CI exercises the code; its figures are not GPU performance and it says so.
+
+Modules: ``common`` (context, timing, ceilings), one per kernel (``rmsnorm``, ``rope``, ``swiglu``,
+``attention``, ``decode``), ``e2e`` (decode/prefill tokens/s of whole models), ``cpu`` (CPU decode against
+Hugging Face transformers), ``report`` (JSON, Markdown, plots, the goals), ``runner`` (the command line),
+``gpu_check.sh`` (tests + benchmarks in one call on a lent GPU), and ``kernel_resources`` (the AOT
+compile gate's register/spill report). Nothing runs at import.
+"""

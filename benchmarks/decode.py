@@ -1,0 +1,77 @@
+"""Split-KV decode attention (one new query per sequence) against the reference, its compile, and SDPA flash.
+
+Decode attention is memory-bound: each step reads the whole K and V cache up to each sequence's length.
+Bytes it must move, for B sequences of length L:
+    reads  k and v cache   2 B L Hkv hd elements    q  B Hq hd elements    lengths  B int64
+    writes o               B Hq hd elements
+At 8k context for Llama-3 8B (8 kv heads, hd 128, bf16) that is 32 MiB per sequence: under L2's 50 MB
+on an H100, which is why the timer flushes L2 before every call. Shapes: 8B (32 q heads) and 70B (64),
+8 kv heads, head dim 128, B = 1 and 8, L from 128 to 16k; the caches are the model's (B, S, Hkv, hd) views
+of (B, Hkv, S, hd) storage, every sequence full to L.
+
+    python -m benchmarks.decode [runner flags]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks.attention import Sdpa
+from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
+
+
+def cases(ctx: Context) -> list[Case]:
+    batches, contexts = ctx.sizes("decode_batch"), ctx.sizes("context")
+    out = []
+    for model, shape in ctx.model_shapes().items():
+        for B in batches:
+            # Quick mode: batch 1 over every context, the larger batch at the goal's 8k only.
+            lens = contexts if (B == batches[0] or not ctx.quick) else [L for L in contexts if L == 8192]
+            out += [_case(ctx, model, shape, B, L) for L in lens]
+    return out
+
+
+def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
+    import torch
+
+    Hq, Hkv, hd = s["n_heads"], s["n_kv_heads"], s["head_dim"]
+    es = element_size(ctx.dtype)
+
+    def setup() -> dict:
+        import kernels
+        from kernels import reference
+
+        k_store = randn((B, Hkv, L, hd), ctx, seed=L)
+        v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
+        k_cache, v_cache = k_store.transpose(1, 2), v_store.transpose(1, 2)  # (B, L, Hkv, hd) views
+        q = randn((B, Hq, hd), ctx, seed=L + 2)
+        lengths = torch.full((B,), L, dtype=torch.long, device=ctx.device)
+
+        def call(op):
+            return lambda: op(q, k_cache, v_cache, lengths)
+
+        impls: dict = {"torch_eager": call(reference.decode_attention), "triton": call(kernels.decode_attention)}
+        impls["sdpa_flash"] = Sdpa(q[:, :, None, :], k_store, v_store, causal=False, out_view=lambda o: o[:, :, 0])
+        impls["torch_compile"] = (
+            call(compiled(reference.decode_attention, ctx)) if ctx.compile_peers else Skip("--no-compile")
+        )
+        return impls
+
+    return Case(
+        kernel="decode_attention",
+        model=model,
+        label=f"B={B} L={L}",
+        size=L,
+        size_name="context",
+        shape={"B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "head_dim": hd, "dtype": str(ctx.dtype).removeprefix("torch.")},
+        bytes=(2 * B * L * Hkv * hd + 2 * B * Hq * hd) * es + 8 * B,
+        flops=4 * B * Hq * hd * L,
+        bound="memory",
+        setup=setup,
+    )
+
+
+if __name__ == "__main__":
+    from benchmarks.runner import main
+
+    sys.exit(main(["--only", "kernels", "--kernel", "decode_attention", *sys.argv[1:]]))

@@ -1,0 +1,487 @@
+"""Writing a run's results: results.json (every figure), results.md (the tables), plots/*.png, and the goals.
+
+The JSON is the record; the Markdown and the plots are views of it, so they can be re-made from a
+results.json alone: ``python -m benchmarks.report benchmarks/results/<run>/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import fmt_time
+
+ELEMENTWISE = ("rms_norm", "add_rms_norm", "rope", "swiglu")
+KERNEL_ORDER = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention")
+IMPL_ORDER = ("triton", "sdpa_flash", "torch_compile", "torch_eager", "torch", "triton_eager", "torch_backend")
+
+
+def _impls(names) -> list[str]:
+    return sorted(names, key=lambda n: (IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER), n))
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:.0%}"
+
+
+# ---- the goals ----------------------------------------------------------------------------------------
+
+
+def _kernel_records(results: dict, kernel: str) -> list[dict]:
+    return [r for r in results.get("kernels", []) if r.get("kernel") == kernel]
+
+
+def _ok(r: dict | None) -> bool:
+    return bool(r) and "median_ms" in r
+
+
+def evaluate_goals(results: dict) -> list[dict]:
+    """The project's benchmark goals (issue 4), judged on this run's figures. Smoke runs judge nothing."""
+    goals: list[dict] = []
+    smoke = results.get("smoke", False)
+
+    def add(goal: str, measured: list[str], passed: list[bool]) -> None:
+        if smoke:
+            status = "not judged (smoke run)"
+        elif not passed:
+            status = "not measured"
+        else:
+            status = "met" if all(passed) else "missed"
+        goals.append({"goal": goal, "measured": "; ".join(measured) or "-", "status": status})
+
+    # 1. 8B decode at batch 1, >= 85% of the bandwidth floor (weights + KV cache read per step).
+    measured, passed = [], []
+    for m in results.get("e2e", {}).get("models", []):
+        if m.get("model") != "8B":
+            continue
+        for row in m.get("decode", []):
+            if row.get("impl") == "triton" and row.get("batch") == 1 and "fraction_of_floor" in row:
+                measured.append(f"L={row['context']}: {row['fraction_of_floor']:.0%}")
+                passed.append(row["fraction_of_floor"] >= 0.85)
+    add("8B decode, batch 1: >= 85% of the measured bandwidth floor", measured, passed)
+
+    # 2. RMSNorm, RoPE, SwiGLU at prefill-sized rows (T >= 4096, bandwidth-bound): >= 85% of the copy
+    #    bandwidth, and faster than torch.compile of the reference.
+    measured, passed = [], []
+    for kernel in ELEMENTWISE:
+        for rec in _kernel_records(results, kernel):
+            tr, tc = rec["results"].get("triton"), rec["results"].get("torch_compile")
+            if rec.get("size", 0) < 4096 or not _ok(tr) or "fraction_of_ceiling" not in tr:
+                continue
+            frac = tr["fraction_of_ceiling"]
+            text = f"{kernel} {rec['model']} {rec['label']}: {frac:.0%}"
+            ok = frac >= 0.85
+            if _ok(tc):
+                speedup = tc["median_ms"] / tr["median_ms"]
+                text += f", {speedup:.2f}x torch.compile"
+                ok = ok and speedup > 1.0
+            measured.append(text)
+            passed.append(ok)
+    add("RMSNorm, RoPE, SwiGLU at T >= 4096: >= 85% of copy bandwidth and ahead of torch.compile", measured, passed)
+
+    # 3. Prefill attention at 4k-16k at or above SDPA's flash backend.
+    measured, passed = [], []
+    for rec in _kernel_records(results, "attention"):
+        tr, sd = rec["results"].get("triton"), rec["results"].get("sdpa_flash")
+        if 4096 <= rec.get("size", 0) <= 16384 and _ok(tr) and _ok(sd):
+            ratio = sd["median_ms"] / tr["median_ms"]
+            measured.append(f"{rec['model']} {rec['label']}: {ratio:.2f}x SDPA flash")
+            passed.append(ratio >= 1.0)
+    add("prefill attention at 4k-16k: at or above SDPA's flash backend", measured, passed)
+
+    # 4. Decode attention at 8k context: KV cache read at >= 80% of the copy bandwidth.
+    measured, passed = [], []
+    for rec in _kernel_records(results, "decode_attention"):
+        tr = rec["results"].get("triton")
+        if rec.get("size") == 8192 and _ok(tr) and "fraction_of_ceiling" in tr:
+            measured.append(f"{rec['model']} {rec['label']}: {tr['fraction_of_ceiling']:.0%}")
+            passed.append(tr["fraction_of_ceiling"] >= 0.80)
+    add("decode attention at 8k context: >= 80% of copy bandwidth", measured, passed)
+    return goals
+
+
+# ---- Markdown ----------------------------------------------------------------------------------------
+
+
+def _cell(r: dict | None, bound: str) -> str:
+    if not r:
+        return "-"
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    if "error" in r:
+        return f"error: {r['error'][:120]}"
+    key, unit, digits = ("gbps", "GB/s", 0) if bound == "memory" else ("tflops", "TFLOP/s", 1)
+    rate = f" · {r[key]:.{digits}f} {unit}" if key in r else ""
+    frac = f" ({r['fraction_of_ceiling']:.0%})" if "fraction_of_ceiling" in r else ""
+    spread = f" [{fmt_time(r['p20_ms'])}-{fmt_time(r['p80_ms'])}]" if "p20_ms" in r and "p80_ms" in r else ""
+    return f"{fmt_time(r['median_ms'])}{spread}{rate}{frac}"
+
+
+def render_markdown(results: dict) -> str:
+    dev, ver = results.get("device", {}), results.get("versions", {})
+    lines = [f"# Benchmarks: {dev.get('name', '?')} ({results.get('mode', '?')} run, {results.get('date', '?')})", ""]
+    if results.get("banner"):
+        lines += [f"> **{results['banner']}**", ""]
+    lines.append(f"- command: `{results.get('command', '')}`")
+    if dev.get("type") == "cuda":
+        lines.append(
+            f"- device: {dev.get('name')}, compute capability {dev.get('compute_capability')}, "
+            f"{dev.get('multiprocessors')} SMs, {_bytes(dev.get('memory_bytes') or 0)}, driver {dev.get('driver')}"
+        )
+    else:
+        lines.append(f"- device: {dev.get('name')} ({dev.get('cpu_count')} CPUs, {dev.get('torch_threads')} threads)")
+    lines.append(
+        f"- versions: torch {ver.get('torch')}, triton {ver.get('triton')}, CUDA {ver.get('cuda')}, "
+        f"Python {ver.get('python')}, transformers {ver.get('transformers')}"
+    )
+    lines.append(f"- timing: {results.get('timing', '')}")
+    if results.get("wall_s") is not None:
+        lines.append(f"- wall time of the run: {results['wall_s']:.0f} s")
+    lines.append("")
+
+    goals = results.get("goals") or []
+    if goals:
+        lines += ["## Goals", "", "| goal | measured | status |", "|---|---|---|"]
+        lines += [f"| {g['goal']} | {g['measured']} | {g['status']} |" for g in goals]
+        lines.append("")
+
+    c = results.get("ceilings") or {}
+    if c:
+        lines += ["## Ceilings (measured in this run)", "", "| ceiling | measured | how |", "|---|---|---|"]
+        cp, mm = c.get("copy", {}), c.get("matmul", {})
+        if "gbps" in cp:
+            lines.append(
+                f"| copy bandwidth | {cp['gbps']:.0f} GB/s | dst.copy_(src) of {_bytes(cp['bytes_per_copy'])}, "
+                f"bytes read + written over the median {fmt_time(cp['median_ms'])} |"
+            )
+        elif cp:
+            lines.append(f"| copy bandwidth | error | {cp.get('error')} |")
+        if "tflops" in mm:
+            n = mm["shape"][0]
+            lines.append(
+                f"| {mm['dtype']} matrix product | {mm['tflops']:.1f} TFLOP/s | {n}x{n}x{n} random, "
+                f"2 n^3 FLOPs over the median {fmt_time(mm['median_ms'])} |"
+            )
+        elif mm:
+            lines.append(f"| matrix product | error | {mm.get('error')} |")
+        lines.append("")
+
+    kernels = results.get("kernels") or []
+    if kernels:
+        lines += [
+            "## Kernels",
+            "",
+            "Each cell: median time [20th-80th percentile] · GB/s (memory-bound ops) or TFLOP/s (prefill "
+            "attention) · fraction of the ceiling above. Bytes: what the op must move (inputs read once, "
+            "outputs written once).",
+            "",
+        ]
+        for kernel in [k for k in KERNEL_ORDER if any(r["kernel"] == k for r in kernels)]:
+            recs = [r for r in kernels if r["kernel"] == kernel]
+            impls = _impls({n for r in recs for n in r.get("results", {})})
+            bound = recs[0]["bound"]
+            what = "memory-bound: GB/s against the copy ceiling" if bound == "memory" else "TFLOP/s against matmul"
+            lines += [f"### {kernel} ({what})", ""]
+            lines.append("| model | size | bytes | " + " | ".join(impls) + " |")
+            lines.append("|---|---|---|" + "---|" * len(impls))
+            for r in recs:
+                if "skipped" in r or "error" in r:
+                    cells = [r.get("skipped") or r.get("error")] + [""] * (len(impls) - 1)
+                else:
+                    cells = [_cell(r["results"].get(n), bound) for n in impls]
+                lines.append(f"| {r['model']} | {r['label']} | {_bytes(r['bytes'])} | " + " | ".join(cells) + " |")
+            lines.append("")
+
+    e2e = (results.get("e2e") or {}).get("models", [])
+    if e2e:
+        lines += [
+            "## End to end",
+            "",
+            "Decode: tokens/s = batch / median step time (fraction of the floor). Floor: batch x copy "
+            "bandwidth / bytes a step must read (the weights it reads + the KV cache up to the context); "
+            "'all weights' divides by every weight byte instead.",
+            "",
+        ]
+        for m in e2e:
+            if "skipped" in m or "error" in m:
+                lines += [f"### {m['model']}: {m.get('skipped') or m.get('error')}", ""]
+                continue
+            head = (
+                f"### {m['model']}: {m['params'] / 1e9:.2f} B parameters, {_bytes(m['weight_bytes'])} of "
+                f"{m['dtype']} weights, {_bytes(m['decode_weight_bytes_per_token'])} read per step"
+            )
+            if "peak_memory_bytes" in m:
+                head += f", peak GPU memory {_bytes(m['peak_memory_bytes'])}"
+            lines += [head + f"; written in {m['write_s']:.1f} s, loaded in {m['load_s']:.1f} s", ""]
+            rows = m.get("decode", [])
+            impls = _impls({r["impl"] for r in rows})
+            lines.append("| batch | context | floor tokens/s | floor (all weights) | " + " | ".join(impls) + " |")
+            lines.append("|---|---|---|---|" + "---|" * len(impls))
+            for B, L in sorted({(r["batch"], r["context"]) for r in rows}):
+                by = {r["impl"]: r for r in rows if r["batch"] == B and r["context"] == L}
+                any_row = next(iter(by.values()))
+                cells = []
+                for n in impls:
+                    r = by.get(n)
+                    if r is None:
+                        cells.append("-")
+                    elif "tokens_per_s" in r:
+                        cells.append(f"{r['tokens_per_s']:.1f} ({_pct(r.get('fraction_of_floor'))})")
+                    else:
+                        cells.append(
+                            f"{'skipped' if 'skipped' in r else 'error'}: {r.get('skipped') or r.get('error')}"
+                        )
+                floor = any_row.get("floor_tokens_per_s")
+                floor_all = any_row.get("floor_tokens_per_s_all_weights")
+                f1 = f"{floor:.1f}" if floor else "-"
+                f2 = f"{floor_all:.1f}" if floor_all else "-"
+                lines.append(f"| {B} | {L} | {f1} | {f2} | " + " | ".join(cells) + " |")
+            if m.get("decode_compile_skipped"):
+                lines.append(f"\ntorch_compile: not run for this model ({m['decode_compile_skipped']}).")
+            lines.append("")
+            pre = m.get("prefill", [])
+            if pre:
+                lines += ["| prefill | prompt | tokens/s | TFLOP/s (of matmul ceiling) | median [p20-p80] |"]
+                lines += ["|---|---|---|---|---|"]
+                for r in pre:
+                    if "tokens_per_s" in r:
+                        spread = f"{fmt_time(r['median_ms'])} [{fmt_time(r['p20_ms'])}-{fmt_time(r['p80_ms'])}]"
+                        lines.append(
+                            f"| {r['impl']} | {r['prompt_tokens']} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} "
+                            f"({_pct(r.get('fraction_of_ceiling'))}) | {spread} |"
+                        )
+                    else:
+                        lines.append(
+                            f"| {r['impl']} | {r['prompt_tokens']} | {r.get('skipped') or r.get('error')} | | |"
+                        )
+                if "prefill_logits_max_abs_diff_triton_vs_torch" in m:
+                    diff = m["prefill_logits_max_abs_diff_triton_vs_torch"]
+                    lines.append(f"\nLast-token logits, triton vs torch backend: max |diff| {diff:.3g}.")
+                lines.append("")
+
+    cpu = results.get("cpu")
+    if cpu:
+        lines += ["## CPU decode: torch backend vs Hugging Face transformers", ""]
+        if "skipped" in cpu or "error" in cpu:
+            lines += [f"{cpu.get('skipped') or cpu.get('error')}", ""]
+        else:
+            lines.append(
+                f"{cpu['model']}-shaped random weights, fp32, {cpu['threads']} threads, prompt {cpu['prompt_tokens']} "
+                f"tokens, {cpu['new_tokens']} new; {cpu['method']}."
+            )
+            lines += ["", "| implementation | decode tokens/s | ms per token |", "|---|---|---|"]
+            for n, r in cpu["results"].items():
+                if "tokens_per_s" in r:
+                    lines.append(f"| {n} | {r['tokens_per_s']:.2f} | {r['per_token_ms']:.1f} |")
+                else:
+                    lines.append(f"| {n} | error: {r.get('error')} | |")
+            if "speedup_vs_transformers" in cpu:
+                lines.append(f"\nSpeed-up over transformers: {cpu['speedup_vs_transformers']:.2f}x.")
+            if "same_greedy_tokens" in cpu:
+                lines.append(
+                    f"Greedy tokens identical for the first {cpu['same_greedy_tokens']} of {cpu['new_tokens']}."
+                )
+            lines.append("")
+
+    problems = list_problems(results)
+    if problems:
+        lines += ["## Errors and skips", ""] + [f"- {p}" for p in problems] + [""]
+    if results.get("banner"):
+        lines += [f"> **{results['banner']}**", ""]
+    return "\n".join(lines)
+
+
+def list_problems(results: dict) -> list[str]:
+    """Every error and skip in the run, one line each."""
+    out = [f"section {e['section']}: {e['error']}" for e in results.get("errors", [])]
+    for r in results.get("kernels", []):
+        where = f"{r['kernel']} {r['model']} {r['label']}"
+        if "error" in r or "skipped" in r:
+            out.append(f"{where}: {r.get('error') or r.get('skipped')}")
+        for n, x in r.get("results", {}).items():
+            if "error" in x:
+                out.append(f"{where} {n}: error: {x['error']}")
+            elif "skipped" in x:
+                out.append(f"{where} {n}: skipped: {x['skipped']}")
+            if "note" in x:
+                out.append(f"{where} {n}: note: {x['note']}")
+    for m in (results.get("e2e") or {}).get("models", []):
+        if "error" in m or "skipped" in m:
+            out.append(f"e2e {m['model']}: {m.get('error') or m.get('skipped')}")
+        for r in m.get("decode", []) + m.get("prefill", []):
+            what = f"e2e {m['model']} {r['impl']} batch {r['batch']}"
+            if "error" in r or "skipped" in r:
+                out.append(f"{what}: {r.get('error') or r.get('skipped')}")
+    cpu = results.get("cpu") or {}
+    if "error" in cpu or "skipped" in cpu:
+        out.append(f"cpu: {cpu.get('error') or cpu.get('skipped')}")
+    for n, r in cpu.get("results", {}).items():
+        if "error" in r:
+            out.append(f"cpu {n}: error: {r['error']}")
+    return out
+
+
+# ---- plots -------------------------------------------------------------------------------------------
+
+
+_STYLES = ("-", ":", "--", "-.")
+
+
+def _color(impl: str) -> str:
+    """One colour per implementation, the same in every plot."""
+    i = IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER) + sum(map(ord, impl))
+    return f"C{i % 10}"
+
+
+def write_plots(results: dict, folder: Path) -> list[str]:
+    """One PNG per kernel (rate against size, one panel per model shape, the ceiling drawn) and one for decode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    ceilings = results.get("ceilings") or {}
+    banner = results.get("banner")
+    kernels = results.get("kernels") or []
+    for kernel in [k for k in KERNEL_ORDER if any(r["kernel"] == k for r in kernels)]:
+        recs = [r for r in kernels if r["kernel"] == kernel and r.get("results")]
+        if not recs:
+            continue
+        bound = recs[0]["bound"]
+        key, unit = ("gbps", "GB/s") if bound == "memory" else ("tflops", "TFLOP/s")
+        ceiling = ceilings.get("copy_gbps") if bound == "memory" else ceilings.get("matmul_tflops")
+        models = list(dict.fromkeys(r["model"] for r in recs))
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+        for ax, model in zip(axes[0], models, strict=True):
+            mrecs = [r for r in recs if r["model"] == model]
+            batches = sorted({r["shape"].get("B", 1) for r in mrecs})
+            series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+            for r in mrecs:
+                for impl, x in r["results"].items():
+                    if key in x:
+                        series.setdefault((impl, r["shape"].get("B", 1)), []).append((r["size"], x[key]))
+            for impl, B in sorted(series, key=lambda k: (_impls([k[0]]), k[1])):
+                pts = sorted(series[(impl, B)])
+                label = impl if len(batches) == 1 else f"{impl} B={B}"
+                style = _STYLES[batches.index(B) % len(_STYLES)]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=_color(impl), marker="o", label=label)
+            if ceiling:
+                what = "copy" if bound == "memory" else "matmul"
+                ax.axhline(
+                    ceiling, color="black", linestyle="--", linewidth=1, label=f"{what} ceiling {ceiling:.0f} {unit}"
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(recs[0]["size_name"])
+            ax.set_ylabel(unit)
+            ax.set_title(f"{kernel}, {model} shapes")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        title = f"{kernel} on {results.get('device', {}).get('name', '?')}"
+        fig.suptitle(title + (f"\n{banner}" if banner else ""), fontsize=10)
+        fig.tight_layout()
+        path = folder / f"{kernel}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+
+    e2e = [m for m in (results.get("e2e") or {}).get("models", []) if m.get("decode")]
+    if e2e:
+        fig, axes = plt.subplots(1, len(e2e), figsize=(6 * len(e2e), 4.2), squeeze=False)
+        for ax, m in zip(axes[0], e2e, strict=True):
+            rows = [r for r in m["decode"] if "tokens_per_s" in r]
+            for j, B in enumerate(sorted({r["batch"] for r in m["decode"]})):
+                style = _STYLES[j % len(_STYLES)]
+                for impl in _impls({r["impl"] for r in rows if r["batch"] == B}):
+                    pts = sorted(
+                        (r["context"], r["tokens_per_s"]) for r in rows if r["batch"] == B and r["impl"] == impl
+                    )
+                    x, y = [p[0] for p in pts], [p[1] for p in pts]
+                    ax.plot(x, y, style, color=_color(impl), marker="o", label=f"{impl} B={B}")
+                floor = sorted(
+                    {
+                        (r["context"], r["floor_tokens_per_s"])
+                        for r in m["decode"]
+                        if r["batch"] == B and "floor_tokens_per_s" in r
+                    }
+                )
+                if floor:
+                    x, y = [p[0] for p in floor], [p[1] for p in floor]
+                    ax.plot(x, y, style, color="black", marker="_", markersize=14, linewidth=1, label=f"floor B={B}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context (tokens in the KV cache)")
+            ax.set_ylabel("decode tokens/s")
+            ax.set_title(f"{m['model']} decode")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle("end-to-end decode" + (f"\n{banner}" if banner else ""), fontsize=10)
+        fig.tight_layout()
+        path = folder / "e2e_decode.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+# ---- files -------------------------------------------------------------------------------------------
+
+
+def _clean(x: Any) -> Any:
+    """JSON has no NaN or inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_results(results: dict, out: Path, plots: bool = True) -> None:
+    """results.json and results.md (always), plots/*.png (when asked; a plotting failure is recorded)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["goals"] = evaluate_goals(results)
+    if plots:
+        try:
+            results["plots"] = [str(Path(p).relative_to(out)) for p in write_plots(results, out / "plots")]
+        except Exception as e:  # matplotlib missing or broken: the numbers matter more than the pictures
+            from benchmarks.common import describe
+
+            results["plots"] = {"error": describe(e)}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(_clean(results), indent=1) + "\n")
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(render_markdown(results) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-make results.md and the plots from a results.json."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    p.add_argument("results_json", type=Path, help="a results.json written by the runner")
+    args = p.parse_args(argv)
+    try:
+        results = json.loads(args.results_json.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: {args.results_json}: {e}", file=sys.stderr)
+        return 1
+    write_results(results, args.results_json.parent)
+    print(f"wrote {args.results_json.parent / 'results.md'} and its plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

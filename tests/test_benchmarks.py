@@ -1,0 +1,244 @@
+"""The benchmark runner, and CPU-side micro-benchmarks driven by pytest-benchmark.
+
+Figures come from benchmarks, never from timed tests: the runner tests check that its smoke mode runs end
+to end and writes what it promises (files, keys, units, the banner, every kernel exercised for real); the
+pytest-benchmark tests time CPU-side work (tokenizer, loader, sampling) and assert only that it was done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import CPU_BANNER, Case, Context, Skip, run_case
+from benchmarks.report import evaluate_goals, render_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = {"rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention"}
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run of the whole runner (every section), in a fresh process as a user would start it."""
+    out = tmp_path_factory.mktemp("bench") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--no-progress", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"runner failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc, out, json.loads((out / "results.json").read_text())
+
+
+def test_smoke_run_writes_json_markdown_and_plots(smoke):
+    proc, out, results = smoke
+    assert (out / "results.md").read_text().startswith("# Benchmarks: ")
+    if find_spec("matplotlib") is not None:
+        names = {p.name for p in (out / "plots").glob("*.png")}
+        assert {f"{k}.png" for k in KERNELS} | {"e2e_decode.png"} <= names
+        assert sorted(results["plots"]) == sorted(f"plots/{n}" for n in names)
+    assert str(out / "results.json") in proc.stdout  # the summary says where the files are
+
+
+def test_smoke_json_has_the_expected_keys(smoke):
+    _, _, r = smoke
+    for key in ("device", "versions", "ceilings", "kernels", "e2e", "cpu", "goals", "units", "settings", "timing"):
+        assert key in r, key
+    assert r["smoke"] is True and r["mode"] == "smoke" and r["errors"] == []
+    assert r["device"]["name"] and r["device"]["type"] == ("cuda" if CUDA else "cpu")
+    assert {"python", "torch", "triton", "cuda"} <= set(r["versions"])
+    assert r["ceilings"]["copy_gbps"] > 0 and r["ceilings"]["matmul_tflops"] > 0
+    assert {"median_ms", "p20_ms", "p80_ms", "gbps", "fraction_of_ceiling"} <= set(r["units"])
+    assert {rec["kernel"] for rec in r["kernels"]} == KERNELS
+    for rec in r["kernels"]:
+        assert rec["bytes"] > 0 and rec["bound"] in ("memory", "compute"), rec
+        peers = {"torch_eager", "triton", "torch_compile"} | (
+            {"sdpa_flash"} if rec["kernel"] in ("attention", "decode_attention") else set()
+        )
+        assert set(rec["results"]) == peers, rec
+    [model] = r["e2e"]["models"]
+    assert model["model"] == "tiny" and model["weight_bytes"] > model["decode_weight_bytes_per_token"] > 0
+    impls = {row["impl"] for row in model["decode"]}
+    assert {"triton", "torch", "torch_compile"} <= impls
+    for row in model["decode"]:
+        assert row["tokens_per_s"] > 0 and row["floor_tokens_per_s"] > 0 and 0 < row["fraction_of_floor"], row
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert {row["impl"] for row in model["prefill"]} == {"triton", "torch"}
+    assert all(row["tokens_per_s"] > 0 and row["tflops"] > 0 for row in model["prefill"])
+    cpu = r["cpu"]
+    assert cpu["results"]["torch_backend"]["tokens_per_s"] > 0 and cpu["results"]["transformers"]["tokens_per_s"] > 0
+    assert cpu["speedup_vs_transformers"] > 0
+    assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 4
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU banner is only written by runs without a GPU")
+def test_cpu_smoke_run_says_its_figures_are_not_gpu_performance(smoke):
+    proc, out, r = smoke
+    assert CPU_BANNER == "CPU smoke run: these figures are not GPU performance"
+    assert r["banner"] == CPU_BANNER
+    assert CPU_BANNER in (out / "results.md").read_text()
+    assert CPU_BANNER in proc.stdout and CPU_BANNER in proc.stderr
+    assert r["device"]["triton_interpret"] is True
+
+
+def test_smoke_run_exercises_every_kernel_for_real(smoke):
+    """Each Triton kernel ran (a placeholder that raises NotImplementedError is the only excuse) and agreed
+    with torch eager; torch eager itself always ran."""
+    _, _, r = smoke
+    # Differences relative to the output's scale: bf16 on a GPU (a couple of units in the last place, more for
+    # attention's bf16 probabilities), fp32 in the interpreter.
+    rel = 3e-2 if CUDA else 1e-5
+    for rec in r["kernels"]:
+        res = rec["results"]
+        assert "median_ms" in res["torch_eager"], rec
+        tr = res["triton"]
+        if "error" in tr:
+            assert tr["error"].startswith("NotImplementedError"), rec
+            continue
+        assert tr["median_ms"] > 0, rec
+        assert tr["max_abs_diff_vs_torch_eager"] <= rel * max(1.0, res["torch_eager"]["max_abs_output"]), rec
+        for peer in ("torch_compile", "sdpa_flash"):
+            if peer in res:
+                assert "median_ms" in res[peer], (peer, rec)
+    model = r["e2e"]["models"][0]
+    assert model["prefill_logits_max_abs_diff_triton_vs_torch"] <= rel * max(1.0, model["prefill_logits_max_abs"])
+
+
+def test_a_failing_implementation_is_recorded_not_raised():
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, smoke=True, ceilings={"copy_gbps": 10.0})
+    ctx.cpu_min_reps, ctx.cpu_min_seconds = 2, 0.0
+    x = torch.randn(4, 8)
+
+    def placeholder():
+        raise NotImplementedError("kernels.swiglu is not written yet")
+
+    case = Case(
+        kernel="swiglu",
+        model="tiny",
+        label="T=4",
+        size=4,
+        size_name="tokens",
+        shape={},
+        bytes=3 * x.numel() * 4,
+        flops=0,
+        bound="memory",
+        setup=lambda: {"torch_eager": lambda: x * 2, "triton": placeholder, "torch_compile": Skip("--no-compile")},
+    )
+    rec = run_case(case, ctx)
+    assert rec["results"]["triton"] == {"error": "NotImplementedError: kernels.swiglu is not written yet"}
+    assert rec["results"]["torch_compile"] == {"skipped": "--no-compile"}
+    eager = rec["results"]["torch_eager"]
+    assert eager["median_ms"] > 0 and eager["gbps"] > 0 and eager["fraction_of_ceiling"] == eager["gbps"] / 10.0
+    failing = Case(**{**case.__dict__, "setup": lambda: (_ for _ in ()).throw(MemoryError("no room"))})
+    assert run_case(failing, ctx)["error"] == "setting up the inputs failed: MemoryError: no room"
+
+
+def test_goals_are_judged_from_the_figures():
+    def kernel(name, size, triton, peer_name, peer):
+        return {
+            "kernel": name,
+            "model": "8B",
+            "label": f"T={size}",
+            "size": size,
+            "bytes": 1 << 20,
+            "bound": "compute" if name == "attention" else "memory",
+            "results": {"triton": triton, peer_name: peer},
+        }
+
+    results = {
+        "smoke": False,
+        "kernels": [
+            kernel(
+                "rms_norm", 16384, {"median_ms": 1.0, "fraction_of_ceiling": 0.9}, "torch_compile", {"median_ms": 1.2}
+            ),
+            kernel(
+                "swiglu", 16384, {"median_ms": 1.0, "fraction_of_ceiling": 0.7}, "torch_compile", {"median_ms": 2.0}
+            ),
+            kernel("rms_norm", 1, {"median_ms": 1.0, "fraction_of_ceiling": 0.01}, "torch_compile", {"median_ms": 1}),
+            kernel("attention", 8192, {"median_ms": 1.0}, "sdpa_flash", {"median_ms": 1.1}),
+        ],
+        "e2e": {
+            "models": [
+                {"model": "8B", "decode": [{"impl": "triton", "batch": 1, "context": 128, "fraction_of_floor": 0.9}]}
+            ]
+        },
+    }
+    status = {g["goal"].split(":")[0]: g["status"] for g in evaluate_goals(results)}
+    assert status == {
+        "8B decode, batch 1": "met",
+        "RMSNorm, RoPE, SwiGLU at T >= 4096": "missed",  # swiglu at 70% of the copy bandwidth
+        "prefill attention at 4k-16k": "met",
+        "decode attention at 8k context": "not measured",
+    }
+    assert "swiglu 8B T=16384: 70%, 2.00x torch.compile" in evaluate_goals(results)[1]["measured"]
+    md = render_markdown({**results, "e2e": {}, "goals": evaluate_goals(results)})
+    assert "| RMSNorm, RoPE, SwiGLU at T >= 4096: >= 85% of copy bandwidth and ahead of torch.compile |" in md
+    assert "| 8B | T=16384 | 1.0 MiB | 1.00 ms (70%) | 2.00 ms |" in md  # memory-bound: never a TFLOP/s figure
+
+
+def test_cli_has_a_bench_subcommand():
+    from model.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--smoke", "--only", "kernels", "--kernel", "rope", "--debug"])
+    assert args.func.__name__ == "cmd_bench"
+    assert args.smoke and args.only == ["kernels"] and args.kernel == ["rope"] and args.debug
+
+
+# ---- CPU micro-benchmarks (pytest-benchmark) ---------------------------------------------------------------
+
+TEXT = (
+    "The llama (Lama glama) is a domesticated South American camelid, widely used as a meat and pack animal "
+    "by Andean cultures since the pre-Columbian era. Llamas are social animals: «ils vivent en troupeau», "
+    "und sie kommunizieren mit Summen. 羊驼是一种家养的南美骆驼科动物。 def f(x): return x ** 2  # 12345\n"
+)
+
+
+def test_tokenizer_throughput(benchmark):
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    text = TEXT * 12  # ~4 KB
+    ids = benchmark(tok.encode, text)
+    benchmark.extra_info["bytes"] = len(text.encode())
+    assert len(ids) > 500 and tok.decode(ids) == text
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from model.checkpoint import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("bench-ckpt") / "tiny", seed=5)
+
+
+def test_loading_a_tiny_checkpoint(benchmark, tiny_ckpt):
+    from model.llama import Llama
+
+    model = benchmark.pedantic(
+        Llama.load,
+        args=(tiny_ckpt,),
+        kwargs={"backend": "torch", "device": "cpu", "dtype": torch.float32, "max_seq_len": 64},
+        rounds=3,
+        iterations=1,
+    )
+    assert model.args.dim == 128 and model.dtype == torch.float32 and model.tokenizer is not None
+
+
+def test_sampling_top_p_over_the_llama3_vocabulary(benchmark):
+    from model.generate import SamplingParams, sample
+
+    logits = torch.randn(1, 128256, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(temperature=0.6, top_p=0.9)
+    gen = torch.Generator().manual_seed(1)
+    token = benchmark(sample, logits, params, gen)
+    assert token.shape == (1,) and 0 <= int(token) < 128256
