@@ -61,7 +61,8 @@ def compile_one(module: str, index: int, arch: int) -> dict:
             for n, t in v["signature"].items()
             if t.startswith("*") or (t in ("i32", "i64") and "stride" in n.lower())
         }
-        attrs.update(v.get("attrs", {}))
+        if "attrs" in v:  # a variant that says which arguments are specialised knows best
+            attrs = v["attrs"]
         src = ASTSource(fn=v["fn"], signature=v["signature"], constexprs=v.get("constexprs", {}), attrs=attrs)
         options = {"num_warps": v["num_warps"], "num_stages": v["num_stages"]}
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -83,11 +84,13 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     return row
 
 
-def all_variants() -> list[tuple[str, int]]:
+def all_variants() -> list[tuple[str, int, list[int]]]:
+    """(module, index, archs): a variant may name the archs its launcher picks it for (an autotune config
+    pruned on sm_80, say); the others are compiled for every arch in ARCHS."""
     out = []
     for module in KERNEL_MODULES:
-        n = len(importlib.import_module(module).compile_variants())
-        out += [(module, i) for i in range(n)]
+        variants = importlib.import_module(module).compile_variants()
+        out += [(module, i, list(v.get("archs", ARCHS))) for i, v in enumerate(variants)]
     return out
 
 
@@ -113,7 +116,7 @@ def _job(args):
 def run(jobs: int = 2) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    tasks = [(m, i, a) for m, i in all_variants() for a in ARCHS]
+    tasks = [(m, i, a) for m, i, archs in all_variants() for a in archs]
     if jobs <= 1:
         return [compile_one(*t) for t in tasks]
     with ProcessPoolExecutor(jobs) as pool:

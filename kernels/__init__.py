@@ -32,6 +32,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
 __all__ = [
     "reference",
     "rms_norm",

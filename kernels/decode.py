@@ -1,5 +1,351 @@
-"""Placeholder until the kernel lands (being written in this session)."""
+"""Split-KV decode attention ("flash-decoding"): one new query token per sequence against its KV cache.
+
+The maths. Sequence b has lengths[b] = L cached keys (the new token's own key already written at L - 1).
+For query head h, reading kv head h // G (G = Hq // Hkv):
+
+    out[b, h] = sum_{j < L} softmax_j(scale * q[b, h] . k[b, j]) * v[b, j]
+
+Why split. With one query row per head there is little parallelism: B * Hkv programs (8 for Llama-3-8B at
+batch 1) cannot keep 132 SMs busy streaming the cache. So the L keys are cut into ``num_splits`` ranges and
+each (b, kv head, split) gets its own program (stage 1), which runs an online softmax over its range (see
+kernels/attention.py for that recurrence) and writes two things per query head: its normalised partial
+output o_s = sum_{j in s} exp(x_j - lse_s) v_j and the log-sum-exp of its scores lse_s = log sum_{j in s}
+exp(x_j). Stage 2 merges the splits exactly, because softmax over the union is a weighted mean of the
+per-split softmaxes, each weighted by its share of the total mass:
+
+    LSE = log sum_s exp(lse_s)            out = sum_s exp(lse_s - LSE) * o_s
+
+(computed with max-subtraction, in log2 units as the kernels use exp2). A split with no keys (past L) has
+lse_s = -inf and weight 0. The split ranges adapt to each sequence's own length (chunk = L / num_splits,
+rounded up to whole key blocks), so ragged batches keep every split busy.
+
+GQA: the G query heads that share a kv head are one program's M tile (G rows padded to 16, the smallest
+tensor-core tile), so each K/V block is read from memory once for all G heads, never repeated.
+
+CUDA graphs: num_splits comes from S_max, B, Hkv and the SM count — never from the values in ``lengths`` —
+so the launch is identical on every step and can be captured; the host check of ``lengths`` is skipped
+while the stream is capturing, and the kernel clamps every length to S_max so it never reads past the cache
+(a length < 1, which only an unchecked captured call can pass, reads nothing and yields NaN: 0 / 0).
+
+Shapes: q (B, Hq, D); k_cache, v_cache (B, S_max, Hkv, D) views with any strides (last dim contiguous);
+lengths (B,) int32/int64 in [1, S_max]. D 64 or 128; fp16, bf16, fp32.
+
+Bytes and floor. Each step must read the live cache, 2 * Hkv * D * sum_b L_b elements, and does only
+4 * Hq * D * sum_b L_b FLOPs: G FLOPs per byte at fp16, so it is memory-bound and the floor is bytes /
+bandwidth. Llama-3-8B (Hkv=8, D=128, bf16) at 8192 tokens: 4 KiB per token per layer, 32 MiB per layer,
+1 GiB for the 32 layers -> 10 us per layer, 0.32 ms per generated token at an H100 SXM's 3.35 TB/s, per
+sequence in the batch. The split workspace adds 2 * B * Hq * num_splits * (D + 1) * 4 bytes (written, then
+read once) — 1 MiB for one Llama-3-8B sequence at 32 splits, small next to its 32 MiB of cache per layer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_attention", "compile_variants"]
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_G = 16  # query rows per program: G <= 16 heads, padded to the smallest tensor-core M tile
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) outweighs its keys
+CPU_SM_COUNT = 4  # stands in for the SM count under the interpreter, so several splits are exercised
 
 
-def decode_attention(*args, **kwargs):
-    raise NotImplementedError("kernels.decode_attention is not written yet")
+# Not specialised on the sizes nor on where ``lengths`` sits (one scalar load), only on the alignment of the
+# tensors and strides: one binary per dtype, head dim and lengths dtype, exactly the ones the gate checks.
+@triton.jit(do_not_specialize=["S_max", "G", "num_splits"], do_not_specialize_on_alignment=["Lengths"])
+def _decode_split_kernel(
+    Q,  # (B, Hq, D) one query per sequence
+    K,  # (B, S_max, Hkv, D) key cache
+    V,  # (B, S_max, Hkv, D) value cache
+    Lengths,  # (B,) int32/int64 valid keys per sequence
+    O_part,  # (B, Hq, num_splits, D) fp32 workspace: normalised partial outputs
+    Lse,  # (B, Hq, num_splits) fp32 workspace: log2-sum-exp2 of each split's scaled scores
+    stride_qb,  # q strides: batch, head (the last dim is contiguous)
+    stride_qh,
+    stride_kb,  # k strides: batch, position, head
+    stride_ks,
+    stride_kh,
+    stride_vb,  # v strides: batch, position, head
+    stride_vs,
+    stride_vh,
+    S_max,  # cache capacity: lengths are clamped to it
+    G,  # query heads per kv head
+    num_splits,  # key ranges per sequence (grid axis 2)
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,  # D: 64 or 128
+    BLOCK_G: tl.constexpr,  # query-head rows of the tile (>= G, >= 16)
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    DOT_FP32: tl.constexpr,  # interpreter + bf16 only: the interpreter computes bf16 dots on raw bits
+):
+    b = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.minimum(tl.load(Lengths + b), S_max).to(tl.int32)  # clamp: never read past the cache
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N  # whole key blocks per split
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)  # start >= end: an empty split (its keys are past the length)
+
+    b64 = b.to(tl.int64)  # int64: b * stride_b and start * stride_s can pass 2^31 on a large cache
+    g = tl.arange(0, BLOCK_G)
+    row_ok = g < G
+    head = h_kv * G + g
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    start64 = start.to(tl.int64)
+    k_base = K + b64 * stride_kb + start64 * stride_ks + h_kv * stride_kh  # scalar: key `start` of this head
+    v_base = V + b64 * stride_vb + start64 * stride_vs + h_kv * stride_vh
+    k_rows = offs_n[:, None] * stride_ks  # loop-invariant offsets; only the scalar bases move
+    v_rows = offs_n[:, None] * stride_vs
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scaled scores (log2 units)
+    l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)  # running sum of exp2(score - m_i) * v
+    # One loop, the key bound masked on every block: this kernel waits on memory, and a compare per key
+    # costs nothing next to the 16-byte vector loads, which a per-row mask does not break up.
+    for n in range(start, end, BLOCK_N):
+        key_ok = n + offs_n < end
+        k = tl.load(k_base + k_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_G, BLOCK_N) fp32
+        s = tl.where(key_ok[None, :], s, float("-inf"))  # each block has >= 1 valid key: m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + v_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+        k_base += BLOCK_N * stride_ks
+        v_base += BLOCK_N * stride_vs
+
+    # An empty split has l_i = 0: it writes o = 0 and lse = -inf (weight 0 in stage 2), never 0/0 = NaN.
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+    row = (b64 * G * tl.num_programs(1) + head) * num_splits + split  # (b, head, split) in the workspace
+    tl.store(O_part + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+    tl.store(Lse + row, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["Hq", "num_splits"])
+def _decode_combine_kernel(
+    O_part,  # (B, Hq, num_splits, D) fp32 normalised partial outputs
+    Lse,  # (B, Hq, num_splits) fp32 log2-sum-exp2 per split (-inf: empty split)
+    Out,  # (B, Hq, D) output
+    stride_ob,  # out strides: batch, head
+    stride_oh,
+    Hq,  # query heads
+    num_splits,  # splits written by stage 1
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+):
+    pid = tl.program_id(0)  # one (b, head) per program
+    b = pid // Hq
+    h = pid % Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < num_splits
+    base = pid.to(tl.int64) * num_splits
+    lse = tl.load(Lse + base + offs_s, mask=s_ok, other=float("-inf"))
+    o = tl.load(O_part + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    lse_max = tl.max(lse, 0)  # split 0 always holds key 0 (length >= 1), so this is finite
+    w = tl.exp2(lse - lse_max)  # each split's share of the softmax mass, up to the common factor
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+
+
+def _stage1_config(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages): 64-key blocks, 3 in flight. fp32 (tests only; FMA, not tensor cores)
+    takes 32-key blocks and 8 warps: with 4 warps its D = 128 variant spilled on sm_90 (compile gate)."""
+    return (32, 8, 3) if dtype == torch.float32 else (64, 4, 3)
+
+
+def _combine_warps(head_dim: int) -> int:
+    """Stage 2 moves num_splits * D fp32 per program: 2 warps cover D = 64 with 1 element a thread."""
+    return 4 if head_dim == 128 else 2
+
+
+def _default_num_splits(batch: int, h_kv: int, s_max: int, device: torch.device) -> int:
+    """Enough programs for ~4 per SM, but no split shorter than MIN_KEYS_PER_SPLIT keys of capacity.
+
+    Uses only shapes and the device, never the lengths, so it needs no host sync (CUDA-graph safe).
+    """
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = CPU_SM_COUNT
+    want = triton.cdiv(4 * sms, batch * h_kv)
+    return max(1, min(want, triton.cdiv(s_max, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def _check(name: str, t, ndim: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (same as q), got {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype} (same as q), got {t.dtype}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
+
+
+def _aligned_strides(name: str, t: torch.Tensor, dims: int) -> tuple[int, ...]:
+    """The first ``dims`` strides of t for the kernel, after checking the alignment Triton specialises on.
+
+    Triton compiles one binary per alignment pattern of its pointer and integer arguments; with a 16-byte
+    aligned base and strides divisible by 16 elements the loads become 16-byte vectors, and those are the
+    binaries the compile gate checks (the unaligned fallback spilled). Every KV-cache, qkv or fresh tensor
+    qualifies. Dims of size 1 are never stepped along, so their stride is passed as 0 whatever it is.
+    """
+    strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims], strict=True))
+    if t.data_ptr() % 16 or any(s % 16 for s in strides):
+        raise ValueError(
+            f"{name}: expected a 16-byte aligned base and strides that are multiples of 16 elements, got "
+            f"address {t.data_ptr():#x}, strides {t.stride()} (pass a copy: {name}.clone())"
+        )
+    return strides
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of q (B, Hq, D) over keys 0 .. lengths[b]-1 of k_cache/v_cache (B, S_max, Hkv, D).
+
+    Returns (B, Hq, D) in q's dtype, written into ``out`` when given. ``num_splits`` (1..64) overrides the
+    split count derived from the shapes and the SM count. Safe to capture in a CUDA graph.
+    """
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q: expected a 3-d tensor (B, Hq, D), got {getattr(q, 'shape', type(q).__name__)}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpret):
+        raise ValueError(f"q: expected a CUDA tensor (or CPU with TRITON_INTERPRET=1), got device {q.device}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
+    _check("q", q, 3, q.dtype, q.device)
+    B, Hq, D = q.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(f"q: head dim must be 64 or 128, got {D}")
+    _check("k_cache", k_cache, 4, q.dtype, q.device)
+    _check("v_cache", v_cache, 4, q.dtype, q.device)
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if B < 1 or S_max < 1 or tuple(k_cache.shape) != (B, S_max, Hkv, D):
+        raise ValueError(f"k_cache: expected shape (B={B}, S_max, Hkv, D={D}), got {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"v_cache: expected shape {tuple(k_cache.shape)} (as k_cache), got {tuple(v_cache.shape)}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"k_cache: kv heads ({Hkv}) must divide the query heads ({Hq})")
+    if Hq // Hkv > BLOCK_G:
+        raise ValueError(f"q: at most {BLOCK_G} query heads per kv head are supported, got {Hq // Hkv}")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths: expected an int32 or int64 tensor, got {getattr(lengths, 'dtype', type(lengths))}")
+    if tuple(lengths.shape) != (B,) or lengths.device != q.device:
+        got = f"{tuple(lengths.shape)} on {lengths.device}"
+        raise ValueError(f"lengths: expected shape ({B},) on {q.device}, got {got}")
+    if num_splits is None:
+        num_splits = _default_num_splits(B, Hkv, S_max, q.device)
+    elif not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    else:
+        _check("out", out, 3, q.dtype, q.device)
+        if tuple(out.shape) != (B, Hq, D):
+            raise ValueError(f"out: expected shape {(B, Hq, D)}, got {tuple(out.shape)}")
+
+    q_strides = _aligned_strides("q", q, 2)
+    k_strides = _aligned_strides("k_cache", k_cache, 3)
+    v_strides = _aligned_strides("v_cache", v_cache, 3)
+    out_strides = _aligned_strides("out", out, 2)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:  # the one host sync, last; skipped under CUDA-graph capture (the kernel clamps to S_max)
+        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
+        if lo < 1 or hi > S_max:
+            raise ValueError(f"lengths: expected values in [1, S_max={S_max}], got min {lo}, max {hi}")
+    qk_scale = (D**-0.5 if scale is None else float(scale)) * LOG2E
+    o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    block_n, num_warps, num_stages = _stage1_config(q.dtype)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, lengths, o_part, lse,
+        *q_strides, *k_strides, *v_strides,
+        S_max, Hq // Hkv, num_splits, qk_scale,
+        HEAD_DIM=D, BLOCK_G=BLOCK_G, BLOCK_N=block_n, DOT_FP32=interpret and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    _decode_combine_kernel[(B * Hq,)](
+        o_part, lse, out, *out_strides, Hq, num_splits,
+        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=_combine_warps(D),
+    )  # fmt: skip
+    return out
+
+
+def _variant(name: str, fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """One compile-gate entry: every run-time argument typed, pointers and strides marked 16-byte aligned."""
+    names = list(fn.arg_names)
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    aligned = [i for i, n in enumerate(names) if (sig[n].startswith("*") and n != "Lengths") or "stride" in n]
+    return {
+        "name": name,
+        "fn": fn,
+        "signature": sig,
+        "constexprs": constexprs,
+        "attrs": {(i,): [["tt.divisibility", 16]] for i in aligned},
+        "archs": [80, 90],
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+
+
+def compile_variants() -> list[dict]:
+    """Every kernel configuration the launcher can pick on a GPU, for the AOT compile gate.
+
+    Stage 1: dtype x head dim x lengths dtype (its block config is fixed per dtype). Stage 2: dtype x head
+    dim x BLOCK_S (powers of two up to MAX_SPLITS). ``attrs`` holds the 16-byte alignment of pointers and
+    strides that Triton specialises on at run time (pass it to ``ASTSource``); ``archs`` the targets.
+    ``DOT_FP32=True`` is left out: only the interpreter picks it.
+    """
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    variants = []
+    for dtype in DTYPES:
+        name = str(dtype).split(".")[-1]
+        for d in HEAD_DIMS:
+            block_n, num_warps, num_stages = _stage1_config(dtype)
+            for len_ty in ("*i32", "*i64"):
+                types = {"Q": ptr[dtype], "K": ptr[dtype], "V": ptr[dtype], "Lengths": len_ty}
+                types.update(O_part="*fp32", Lse="*fp32", qk_scale="fp32")
+                cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False}
+                tag = f"decode_split_{name}_d{d}_n{block_n}_len{len_ty[1:]}"
+                variants.append(_variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages))
+            block_s = 1
+            while block_s <= MAX_SPLITS:
+                types = {"O_part": "*fp32", "Lse": "*fp32", "Out": ptr[dtype]}
+                cx = {"HEAD_DIM": d, "BLOCK_S": block_s}
+                tag = f"decode_combine_{name}_d{d}_s{block_s}"
+                variants.append(_variant(tag, _decode_combine_kernel, types, cx, _combine_warps(d), 3))
+                block_s *= 2
+    return variants
