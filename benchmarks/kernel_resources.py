@@ -47,10 +47,6 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     v = importlib.import_module(module).compile_variants()[index]
     row = {"module": module, "name": v["name"], "arch": f"sm_{arch}", "num_warps": v["num_warps"]}
     row["num_stages"] = v["num_stages"]
-    # A kernel whose source has a matrix product on fp16/bf16 data must put it on the tensor cores (fp32
-    # variants, kept for tests, use input_precision="ieee" on purpose: exact FMA, no TF32).
-    half = any(t in ("*fp16", "*bf16") for t in v["signature"].values())
-    row["uses_dot"] = half and "tl.dot(" in getattr(v["fn"], "src", "")
     try:
         # At launch Triton marks pointers aligned to 16 bytes (every torch allocation, and the views the
         # driver passes) and integers divisible by 16 as such, which is what enables 16-byte vector loads.
@@ -70,6 +66,10 @@ def compile_one(module: str, index: int, arch: int) -> dict:
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         return row
     row["shared_bytes"] = int(compiled.metadata.shared)
+    # A kernel with a matrix product (tt.dot in its Triton IR, helpers inlined) on fp16/bf16 data must put
+    # it on the tensor cores (fp32 variants, kept for tests, use input_precision="ieee": exact FMA, no TF32).
+    half = any(t in ("*fp16", "*bf16") for t in v["signature"].values())
+    row["uses_dot"] = half and "tt.dot" in compiled.asm["ttir"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
