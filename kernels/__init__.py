@@ -7,6 +7,8 @@ to run the kernels in Triton's interpreter (the ``@triton.jit`` decorator reads 
 """
 
 import importlib
+import sys
+import types
 from typing import Any
 
 # Public name -> the module that defines it. Imported on first use (PEP 562), so that
@@ -22,6 +24,24 @@ _EXPORTS = {
     "swiglu": "kernels.swiglu",
     "reference": "kernels.reference",
 }
+
+
+class _KernelsPackage(types.ModuleType):
+    """``kernels.rope`` is the function, though ``kernels/rope.py`` is also a module named ``kernels.rope``.
+
+    Importing a submodule binds it as an attribute of its package, which would shadow the function of
+    the same name (``kernels.attention`` would become the module once anything ran
+    ``from kernels.attention import ...``). This package class keeps the function there instead; the
+    modules stay reachable through ``sys.modules`` / ``importlib.import_module("kernels.attention")``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__ and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage
 
 
 def __getattr__(name: str) -> Any:
