@@ -293,6 +293,11 @@ def render_markdown(results: dict) -> str:
                 )
             lines.append("")
 
+    if results.get("tp"):
+        from benchmarks.tp import markdown as tp_markdown
+
+        lines += tp_markdown(results["tp"])
+
     problems = list_problems(results)
     if problems:
         lines += ["## Errors and skips", ""] + [f"- {p}" for p in problems] + [""]
@@ -328,6 +333,12 @@ def list_problems(results: dict) -> list[str]:
     for n, r in cpu.get("results", {}).items():
         if "error" in r:
             out.append(f"cpu {n}: error: {r['error']}")
+    tp = results.get("tp") or {}
+    if tp and not tp.get("measured"):
+        out.append(f"tp: {tp.get('note') or tp.get('error')}")
+    for r in tp.get("rows", []):
+        if "error" in r or "skipped" in r:
+            out.append(f"tp {r['tp']}: {r.get('error') or r.get('skipped')}")
     return out
 
 

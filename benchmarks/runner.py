@@ -41,13 +41,13 @@ from benchmarks.common import (
     run_cases,
 )
 
-SECTIONS = ("kernels", "e2e", "cpu")
+SECTIONS = ("kernels", "e2e", "cpu", "tp")
 KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention")
 MODEL_CHOICES = ("1B", "3B", "8B")
 # 8B first: it carries the headline goal, so a tight time budget drops a smaller model rather than it.
 DEFAULT_MODELS = ("8B", "1B", "3B")
 # Shares of the remaining time budget a section may use when it starts (only with --time-budget).
-SECTION_SHARE = {"kernels": 0.40, "e2e": 0.45, "cpu": 0.15}
+SECTION_SHARE = {"kernels": 0.35, "e2e": 0.40, "cpu": 0.10, "tp": 0.15}
 
 
 def _models(text: str) -> list[str]:
@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--only",
         choices=SECTIONS,
         action="append",
-        help="run only this section (repeatable; default: all of kernels, e2e, cpu)",
+        help="run only this section (repeatable; default: all of kernels, e2e, cpu, tp; tp needs 2+ GPUs)",
     )
     p.add_argument(
         "--kernel", choices=KERNELS, action="append", help="with the kernels section: only this kernel (repeatable)"
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     smoke = prepare_environment(args.smoke)  # before any kernel module is imported
     import torch
 
-    from benchmarks import cpu, e2e
+    from benchmarks import cpu, e2e, tp
     from benchmarks.report import list_problems, write_results
 
     cuda = torch.cuda.is_available()
@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         "kernels": [],
         "e2e": {},
         "cpu": {},
+        "tp": {},
         "errors": [],
     }
     if banner:
@@ -237,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
                     results["kernels"] = run_kernels(ctx, args.kernel or list(KERNELS))
                 elif section == "e2e":
                     results["e2e"] = e2e.run(ctx, models)
+                elif section == "tp":
+                    results["tp"] = tp.run(ctx, models)
                 else:
                     results["cpu"] = cpu.run(ctx)
             except Exception as e:

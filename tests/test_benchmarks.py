@@ -52,7 +52,7 @@ def test_smoke_run_writes_json_markdown_and_plots(smoke):
 
 
 def test_smoke_json_has_the_expected_keys(smoke):
-    _, _, r = smoke
+    _, out, r = smoke
     for key in ("device", "versions", "ceilings", "kernels", "e2e", "cpu", "goals", "units", "settings", "timing"):
         assert key in r, key
     assert r["smoke"] is True and r["mode"] == "smoke" and r["errors"] == []
@@ -80,6 +80,15 @@ def test_smoke_json_has_the_expected_keys(smoke):
     assert cpu["results"]["torch_backend"]["tokens_per_s"] > 0 and cpu["results"]["transformers"]["tokens_per_s"] > 0
     assert cpu["speedup_vs_transformers"] > 0
     assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 4
+    tp = r["tp"]
+    if CUDA and torch.cuda.device_count() < 2:
+        assert tp == {"measured": False, "note": tp["note"]} and "needs at least 2 GPUs" in tp["note"]
+    else:  # gloo on the CPU (smoke) or several GPUs: every TP size ran and has a floor
+        assert [row["tp"] for row in tp["rows"]][:2] == [1, 2]
+        for row in tp["rows"]:
+            assert row["tokens_per_s"] > 0 and row["floor_tokens_per_s"] > 0, row
+        assert tp["rows"][1]["weight_bytes_per_rank"] < 0.51 * tp["rows"][0]["weight_bytes_per_rank"]
+    assert "## Tensor-parallel decode" in (out / "results.md").read_text()
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU banner is only written by runs without a GPU")
