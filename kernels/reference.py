@@ -88,13 +88,15 @@ def rope(
     k_cache: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     v_cache: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotary position embedding of q (B, T, Hq, D) and k (B, T, Hkv, D) at ``positions`` (B, T).
 
     The angle of pair i at position p is p * inv_freq[i], computed in fp32. Returns new tensors
     ``(q_rot, k_rot)`` in the input dtype. With ``k_cache`` (and ``v``/``v_cache``), shapes
     (B, S_max, Hkv, D), the rotated k (and v as is) are written to slot ``positions[b, t]`` of the
-    caches instead, and ``(q_rot, None)`` is returned.
+    caches instead, and ``(q_rot, None)`` is returned. (``check_values`` is accepted for parity with the
+    kernel; indexing checks the slots here.)
     """
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)  # (B, T, D/2)
     cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
@@ -149,12 +151,13 @@ def decode_attention(
     lengths: torch.Tensor,
     *,
     scale: float | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """One new query per sequence against its KV cache.
 
     q: (B, Hq, D); k_cache, v_cache: (B, S_max, Hkv, D); lengths: (B,) ints in [1, S_max]. Sequence b
     attends to its keys 0 .. lengths[b]-1 (the new token's own key already written at lengths[b]-1).
-    Returns (B, Hq, D).
+    Returns (B, Hq, D). (``check_values`` is accepted for parity with the kernel.)
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]

@@ -185,12 +185,15 @@ def rope(
     v_cache: torch.Tensor | None = None,
     out_q: torch.Tensor | None = None,
     out_k: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q (B, T, Hq, D) and k (B, T, Hkv, D) at ``positions`` (B, T) in one launch.
 
     Returns ``(q_rot, k_rot)``, or ``(q_rot, None)`` with ``k_cache`` (B, S_max, Hkv, D): then the rotated
     k, and v if ``v``/``v_cache`` are given, are written to slot ``positions[b, t]`` of the caches.
     ``out_q``/``out_k`` receive the results if given (``out_q=q`` rotates in place).
+    ``check_values=False`` skips the host check of the positions (a device sync) for a caller that has
+    validated them already, like the model driver once per step; the kernel's mask still guards the cache.
     """
     _check("q", q)
     if q.dim() != 4 or q.shape[2] < 1 or q.shape[-1] < 2 or q.shape[-1] % 2:
@@ -237,7 +240,7 @@ def rope(
         v_src = k if v is None else v
         # Host check of the slots (a device sync), skipped while a CUDA graph is being captured (syncs are
         # forbidden there): the kernel's mask still drops any write outside [0, S_max).
-        if not _capturing(positions) and positions.numel() > 0:
+        if check_values and not _capturing(positions) and positions.numel() > 0:
             lo, hi = torch.stack(positions.aminmax()).tolist()  # one sync for both
             if lo < 0 or hi >= S_max:
                 raise ValueError(f"positions: expected cache slots in [0, S_max={S_max}), got values in [{lo}, {hi}]")

@@ -85,9 +85,11 @@ class Attention(nn.Module):
         k = qkv[..., Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
         v = qkv[..., (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
         # Rotate q and k; the rotated k and the v go straight into cache slot positions[b, t].
-        q, _ = ops.rope(q, k, positions, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache)  # (B, T, Hq, hd)
+        # Positions were validated once per step (forward's input checks, or generate's own bookkeeping),
+        # so the ops skip their per-layer host check: no device sync inside the layer loop.
+        q, _ = ops.rope(q, k, positions, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache, check_values=False)
         if start_pos is None:  # decode: one query per sequence, each sees its own cache length
-            o = ops.decode_attention(q[:, 0], k_cache, v_cache, lengths)  # (B, Hq, hd)
+            o = ops.decode_attention(q[:, 0], k_cache, v_cache, lengths, check_values=False)  # (B, Hq, hd)
         else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
             o = ops.attention(q, k_cache, v_cache, start_pos=start_pos)  # (B, T, Hq, hd)
         return self.tp.all_reduce(self.wo(o.reshape(B, T, Hq * hd)))  # (B, T, dim); TP: sum the ranks' parts

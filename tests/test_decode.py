@@ -223,3 +223,14 @@ def test_compile_variants_are_well_formed():
         assert v["archs"] and set(v["archs"]) <= {80, 90}, v["name"]
     block_s = {v["constexprs"]["BLOCK_S"] for v in variants if "BLOCK_S" in v["constexprs"]}
     assert max(block_s) >= MAX_SPLITS and 1 in block_s
+
+
+def test_unchecked_lengths_are_clamped_to_the_cache():
+    """check_values=False skips the host check (the driver validated the lengths); a length past S_max must
+    still read only the cache: the kernel clamps it, giving attention over all S_max keys."""
+    q, k, v, _ = _inputs(2, 4, 2, 64, 40, torch.float32, seed=3)
+    lengths = torch.tensor([40, 1000], device=DEVICE)
+    out = decode_attention(q, k, v, lengths, check_values=False)
+    assert_close(out, _expected(q, k, v, torch.tensor([40, 40], device=DEVICE)), torch.float32)
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q, k, v, lengths)

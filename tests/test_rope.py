@@ -148,17 +148,21 @@ def test_cache_k_only(device):
     _check_cache(k_cache, k_ref, pos, torch.bfloat16, "k_cache")
 
 
-def test_in_kernel_slot_mask(monkeypatch, device):
-    """While a CUDA graph is captured the host check is skipped: the kernel itself must drop writes to slots
-    outside [0, S_max). The caches are views of larger poisoned buffers; nothing outside them may change."""
-    monkeypatch.setattr(rope_mod, "_capturing", lambda positions: True)
+@pytest.mark.parametrize("skip", ["graph-capture", "check_values=False"])
+def test_in_kernel_slot_mask(monkeypatch, device, skip):
+    """While a CUDA graph is captured, or when the caller says it validated the positions, the host check is
+    skipped: the kernel itself must drop writes to slots outside [0, S_max). The caches are views of larger
+    poisoned buffers; nothing outside them may change."""
+    if skip == "graph-capture":
+        monkeypatch.setattr(rope_mod, "_capturing", lambda positions: True)
     B, T, Hq, Hkv, D, S_max = 2, 3, 2, 2, 64, 8
     q, k, v = _fused_qkv(B, T, Hq, Hkv, D, torch.float32, device, seed=11)
     pos = torch.tensor([[5, 6, 7], [7, 8, 9]], device=device)  # 8 and 9 are past the end
     inv_freq = _inv_freq(D, device)
     k_big = torch.full((B, S_max + 4, Hkv, D), float("nan"), device=device)
     v_big = torch.full((B, S_max + 4, Hkv, D), float("nan"), device=device)
-    rope(q, k, pos, inv_freq, k_cache=k_big[:, :S_max], v=v, v_cache=v_big[:, :S_max])
+    kw = {"check_values": False} if skip == "check_values=False" else {}
+    rope(q, k, pos, inv_freq, k_cache=k_big[:, :S_max], v=v, v_cache=v_big[:, :S_max], **kw)
     assert torch.isnan(k_big[:, S_max:]).all() and torch.isnan(v_big[:, S_max:]).all(), "wrote past S_max"
     _, k_ref = ref.rope(q, k, pos, inv_freq)
     for b in range(B):
