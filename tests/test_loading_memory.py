@@ -1,0 +1,50 @@
+"""Loading streams tensor by tensor: host memory at its peak stays near one copy of the checkpoint.
+
+Measured in a fresh process from the kernel's own accounting: /proc/self/clear_refs resets the peak
+resident set (VmHWM) after the imports, so the peak covers Llama.load alone.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import make_tiny
+
+CHILD = r"""
+import sys, torch
+from model.llama import Llama
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM to the current RSS
+llm = Llama.load(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]), max_seq_len=16)
+print(status("VmHWM") - base, llm.weight_bytes())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_peak_host_memory_near_one_copy(tmp_path, layout):
+    # ~620 MB in bf16: two 128256 x 1024 vocabulary matrices and 4 layers.
+    ckpt = make_tiny(tmp_path / "big", dim=1024, n_layers=4, n_heads=16, n_kv_heads=4, hf=layout == "hf", seed=1)
+    files = list(ckpt.glob("*.safetensors")) if layout == "hf" else list(ckpt.glob("consolidated.*.pth"))
+    ckpt_bytes = sum(f.stat().st_size for f in files)
+    assert ckpt_bytes > 500e6
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(ckpt), "bfloat16"], capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    peak, weights = map(int, p.stdout.split())
+    assert weights == pytest.approx(ckpt_bytes, rel=0.01)
+    # Measured here: about 0.56x the checkpoint (the vocabulary matrices stay memory-mapped, the fused
+    # wq|wk|wv and w1|w3 are built layer by layer). A loader that torch.loads the state dict and then builds
+    # the model peaked at 2.6x on the same checkpoint.
+    assert peak < 1.1 * ckpt_bytes, f"peak {peak / 1e6:.0f} MB while loading a {ckpt_bytes / 1e6:.0f} MB checkpoint"
