@@ -160,3 +160,42 @@ def test_default_checkpoint_is_written_once(tmp_path, capsys, monkeypatch):
     assert rc == 0 and "writing the embedded tiny random checkpoint" in err
     rc, out, err = run(["generate", "--max-new-tokens", "2", "--seed", "0"], capsys, monkeypatch)
     assert rc == 0 and "writing" not in err
+
+
+class _RunsCode:
+    """A pickle payload that would create a file if unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code-running pickle", "bad params.json", "wrong shape"])
+def test_bad_checkpoints_one_line_and_exit_1(ckpt, tmp_path, capsys, monkeypatch, damage):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    shard = bad / "consolidated.00.pth"
+    marker = tmp_path / "PWNED"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        match = "consolidated.00.pth: not a readable PyTorch checkpoint"
+    elif damage == "code-running pickle":
+        torch.save({"tok_embeddings.weight": _RunsCode(marker)}, shard)
+        match = "refused to load"
+    elif damage == "bad params.json":
+        (bad / "params.json").write_text('{"dim": "wide", "n_layers": 2}')
+        match = "params.json: field 'dim' must be int"
+    else:
+        sd = torch.load(shard, weights_only=True)
+        sd["layers.1.attention.wo.weight"] = sd["layers.1.attention.wo.weight"][:, :-1].clone()
+        torch.save(sd, shard)
+        match = "layers.1.attention.wo.weight"
+    rc, out, err = run(["generate", "--ckpt", str(bad), "--max-new-tokens", "1"], capsys, monkeypatch)
+    assert rc == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    assert not marker.exists(), "the pickle ran code"
