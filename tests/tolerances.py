@@ -4,6 +4,11 @@ A kernel's output (in the input dtype) is compared with the reference computed i
 inputs. The fp32 row allows for a different summation order; fp16 and bf16 rows allow a few units in
 the last place of the output dtype (fp16: 2^-11 = 4.9e-4 relative, bf16: 2^-8 = 3.9e-3 relative)
 plus the rounding of intermediates that flash attention keeps in the input dtype (P before P@V).
+
+Measured in Triton 3.9's interpreter (CPU): an fp32 -> bf16 cast truncates instead of rounding to nearest
+even (its "rtne" mode too), so interpreted bf16 outputs can sit one unit in the last place low; the bf16
+row covers that, and on a GPU the cast rounds. bf16 tl.dot operands are upcast to fp32 when interpreting
+(the attention kernels' DOT_FP32 flag), since the interpreter computes bf16 products on raw bit patterns.
 """
 
 from __future__ import annotations
