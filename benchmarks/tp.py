@@ -122,6 +122,11 @@ def worker(a: argparse.Namespace) -> int:
             "fraction_of_floor": (B / step_s) / floor,
         }
         Path(a.out).write_text(json.dumps(row))
+    if tp.enabled:
+        # Leave together: a rank that exits while its peer still holds the gloo connection can make the
+        # peer abort (SIGABRT, seen intermittently in CI-like runs).
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

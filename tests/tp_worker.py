@@ -33,5 +33,6 @@ def run_rank(rank: int, world: int, init_file: str, ckpt: str, out_dir: str, bac
             "kv_heads_local": llm.k_cache[0].shape[1],
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together (see benchmarks/tp.py)
     finally:
         dist.destroy_process_group()
