@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -154,7 +155,17 @@ def _launch(n: int, ckpt: Path, out: Path, batch: int, context: int, steps: int,
         "--steps",
         str(steps),
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    # A session of its own, so that a timeout can end torchrun and every worker it started (they hold GPUs).
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"tp": n, "error": f"timed out after {timeout:.0f} s"}
+    p = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if p.returncode != 0 or not out.exists():
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
         return {"tp": n, "error": f"torchrun exited {p.returncode}: {' | '.join(tail)}"}

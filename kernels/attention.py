@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._strides import aligned_strides
+
 __all__ = ["attention", "compile_variants"]
 
 LOG2E = 1.4426950408889634
@@ -273,23 +275,6 @@ def _check_4d(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.d
         raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
 
 
-def _aligned_strides(name: str, t: torch.Tensor, dims: int) -> tuple[int, ...]:
-    """The first ``dims`` strides of t for the kernel, after checking the alignment Triton specialises on.
-
-    Triton compiles one binary per alignment pattern of its pointer and integer arguments; with a 16-byte
-    aligned base and strides divisible by 16 elements the loads become 16-byte vectors, and those are the
-    binaries the compile gate checks (the unaligned fallback spilled). Every KV-cache, qkv or fresh tensor
-    qualifies. Dims of size 1 are never stepped along, so their stride is passed as 0 whatever it is.
-    """
-    strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims], strict=True))
-    if t.data_ptr() % 16 or any(s % 16 for s in strides):
-        raise ValueError(
-            f"{name}: expected a 16-byte aligned base and strides that are multiples of 16 elements, got "
-            f"address {t.data_ptr():#x}, strides {t.stride()} (pass a copy: {name}.clone())"
-        )
-    return strides
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -339,7 +324,7 @@ def attention(
     else:
         _check_4d("out", out, (B, T, Hq, D), q.dtype, q.device)
 
-    strides = [_aligned_strides(name, t, 3) for name, t in (("q", q), ("k", k), ("v", v), ("out", out))]
+    strides = [aligned_strides(name, t, 3) for name, t in (("q", q), ("k", k), ("v", v), ("out", out))]
     strides = [s for st in strides for s in st]
     G = Hq // Hkv
     qk_scale = (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E

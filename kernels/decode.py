@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._strides import aligned_strides
+
 __all__ = ["decode_attention", "compile_variants"]
 
 LOG2E = 1.4426950408889634
@@ -205,23 +207,6 @@ def _check(name: str, t, ndim: int, dtype: torch.dtype, device: torch.device) ->
         raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
 
 
-def _aligned_strides(name: str, t: torch.Tensor, dims: int) -> tuple[int, ...]:
-    """The first ``dims`` strides of t for the kernel, after checking the alignment Triton specialises on.
-
-    Triton compiles one binary per alignment pattern of its pointer and integer arguments; with a 16-byte
-    aligned base and strides divisible by 16 elements the loads become 16-byte vectors, and those are the
-    binaries the compile gate checks (the unaligned fallback spilled). Every KV-cache, qkv or fresh tensor
-    qualifies. Dims of size 1 are never stepped along, so their stride is passed as 0 whatever it is.
-    """
-    strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims], strict=True))
-    if t.data_ptr() % 16 or any(s % 16 for s in strides):
-        raise ValueError(
-            f"{name}: expected a 16-byte aligned base and strides that are multiples of 16 elements, got "
-            f"address {t.data_ptr():#x}, strides {t.stride()} (pass a copy: {name}.clone())"
-        )
-    return strides
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -280,10 +265,10 @@ def decode_attention(
         if tuple(out.shape) != (B, Hq, D):
             raise ValueError(f"out: expected shape {(B, Hq, D)}, got {tuple(out.shape)}")
 
-    q_strides = _aligned_strides("q", q, 2)
-    k_strides = _aligned_strides("k_cache", k_cache, 3)
-    v_strides = _aligned_strides("v_cache", v_cache, 3)
-    out_strides = _aligned_strides("out", out, 2)
+    q_strides = aligned_strides("q", q, 2)
+    k_strides = aligned_strides("k_cache", k_cache, 3)
+    v_strides = aligned_strides("v_cache", v_cache, 3)
+    out_strides = aligned_strides("out", out, 2)
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if (
         check_values and not capturing

@@ -60,10 +60,13 @@ def _on_rank0(tp, read):
 def _load(args):
     import torch
 
+    from model import distributed
     from model.llama import Llama
 
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
     device = torch.device(args.device) if args.device else None
+    if device is not None and device.index is not None and distributed.current().enabled:
+        raise CliError(f"--device {args.device}: under torchrun each rank uses GPU LOCAL_RANK; pass --device cuda")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     if args.backend is None:
         args.backend = (
@@ -94,8 +97,11 @@ def cmd_generate(args) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
     def on_token(_b: int, t: int) -> None:
-        sys.stdout.write(stream.feed(t))
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(stream.feed(t))
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader left (| head): finish quietly; under TP the other ranks need us
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
     out = llm.generate(
         prompt,
@@ -106,8 +112,11 @@ def cmd_generate(args) -> int:
         seed=args.seed,
         on_token=on_token,
     )
-    sys.stdout.write(stream.flush() + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     n_new = len(out.tokens[0])
     bytes_per_s = llm.decode_bytes_per_token() * out.decode_tokens_per_second
     if tp.rank != 0:
@@ -117,7 +126,8 @@ def cmd_generate(args) -> int:
         f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}] "
         f"prompt {out.prompt_tokens[0]} tokens, "
         f"generated {n_new} ({out.stop_reasons[0]}); prefill {out.prefill_seconds * 1e3:.1f} ms; "
-        f"decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s{tp_note}",
+        f"first decode step {out.first_decode_seconds * 1e3:.1f} ms (compiles kernels, captures the CUDA graph); "
+        f"then decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s{tp_note}",
         file=sys.stderr,
     )
     return 0

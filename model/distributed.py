@@ -44,6 +44,10 @@ class TensorParallel:
         """Concatenate every rank's ``x`` along the last dim (the vocabulary slices of the logits)."""
         if self.world == 1:
             return x
+        if dist.get_backend() == "nccl":  # one preallocated buffer: the simplest thing to capture in a CUDA graph
+            out = torch.empty((self.world, *x.shape), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x.contiguous())
+            return out.movedim(0, -2).flatten(-2)  # (..., world, n) -> (..., world * n)
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)

@@ -59,15 +59,19 @@ class GenerationOutput:
     tokens: list[list[int]]  # new tokens per prompt, without the stop token
     stop_reasons: list[str]  # "stop_token" or "max_new_tokens"
     prompt_tokens: list[int]  # prompt length per sequence
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
+    prefill_seconds: float = 0.0  # includes any one-time kernel compilation / autotuning of the prefill
+    first_decode_seconds: float = 0.0  # the first decode step: kernel compilation and CUDA-graph capture
+    decode_seconds: float = 0.0  # every later decode step: the steady state
+    decode_steps: int = 0  # steps timed in decode_seconds (the first step is not among them)
     extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_second(self) -> float:
-        """Decode steps per second (each step makes one token for every sequence in the batch)."""
-        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        """Steady-state decode steps per second (each step makes one token for every sequence in the batch);
+        the first step, which pays for compilation and graph capture, is timed apart."""
+        return (
+            self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else float("nan")
+        )
 
 
 def generate(
@@ -108,6 +112,8 @@ def generate(
     B, longest = len(ids), max(len(p) for p in ids)
     if B > model.max_batch_size:
         raise ValueError(f"{B} prompts but the model was loaded with max_batch_size={model.max_batch_size}")
+    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        raise ValueError(f"start_pos must be an integer >= 0, got {start_pos!r}")
     if start_pos and B != 1:
         raise ValueError("start_pos (continuing from the KV cache) needs exactly one prompt")
     if start_pos + longest > model.max_seq_len:
@@ -125,7 +131,10 @@ def generate(
     generator = None
     if params.temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        if seed is None:
+            generator.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
+        else:
+            generator.manual_seed(seed)
 
     lengths = torch.tensor([len(p) for p in ids], device=device)
     padded = torch.tensor([p + [tok.pad_id] * (longest - len(p)) for p in ids], device=device)
@@ -139,13 +148,18 @@ def generate(
         # Under tensor parallelism every rank holds the same logits, but rank 0's sample is the answer.
         next_tok = model.tp.broadcast(sample(logits, params, generator))  # (B,)
         sync(device)
-        t1 = time.perf_counter()
+        t1 = t_first = time.perf_counter()
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         positions = start_pos + lengths  # where each sequence's next token goes
         produced = 0
         stop_set = set(stops.tolist())
         streamed_done = [False] * B
+        # How often to ask the device whether every sequence is done (a host sync): every step when
+        # streaming, else every SYNC_EVERY steps. Under tensor parallelism every rank must make the same
+        # choice (a rank that leaves the loop early would strand the others in a collective), so rank 0's is used.
+        streaming = model.tp.broadcast_object(on_token is not None)
+        check_every = 1 if streaming else SYNC_EVERY
         for step in range(max_new_tokens):
             out[:, step] = next_tok
             done |= torch.isin(next_tok, stops)
@@ -158,10 +172,13 @@ def generate(
                             on_token(b, t)
             if produced == max_new_tokens:
                 break
-            if (on_token is not None or step % SYNC_EVERY == SYNC_EVERY - 1) and bool(done.all()):
+            if step % check_every == check_every - 1 and bool(done.all()):
                 break
             logits = model.decode_step(next_tok[:, None], positions)
             positions = positions + 1
+            if step == 0:  # the first step compiles kernels / captures the CUDA graph: time it apart
+                sync(device)
+                t_first = time.perf_counter()
             # A finished sequence keeps decoding (its tokens are discarded): the batch stays static.
             next_tok = model.tp.broadcast(sample(logits, params, generator))
         sync(device)
@@ -180,8 +197,9 @@ def generate(
         stop_reasons=reasons,
         prompt_tokens=[len(p) for p in ids],
         prefill_seconds=t1 - t0,
-        decode_seconds=t2 - t1,
-        decode_steps=produced - 1,
+        first_decode_seconds=t_first - t1,
+        decode_seconds=t2 - t_first,
+        decode_steps=max(produced - 2, 0),
     )
 
 

@@ -293,10 +293,13 @@ class Llama(nn.Module):
         if lo < 0 or hi >= self.args.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.args.vocab_size}), got range [{lo}, {hi}]")
         steps = torch.arange(T, device=self.device)
+        if isinstance(start_pos, bool):
+            raise ValueError(f"start_pos must be an int or an integer tensor, got {start_pos!r}")
         if isinstance(start_pos, int):
             if start_pos < 0 or start_pos + T > self.max_seq_len:
                 raise ValueError(
-                    f"positions {start_pos}..{start_pos + T - 1} do not fit the KV cache of {self.max_seq_len}"
+                    f"start_pos={start_pos}: positions {start_pos}..{start_pos + T - 1} do not fit the KV cache of "
+                    f"{self.max_seq_len}"
                 )
             return tokens.long(), (start_pos + steps).expand(B, T), start_pos
         if not torch.is_tensor(start_pos) or start_pos.shape != (B,) or start_pos.is_floating_point():
@@ -320,7 +323,13 @@ class Llama(nn.Module):
         B = tokens.shape[0]
         if self.device.type == "cuda" and self.use_cuda_graph:
             if B not in self._graphs:
-                self._graphs[B] = _DecodeGraph.capture(self, tokens, positions)
+                graph = _DecodeGraph.capture(self, tokens, positions)
+                if self.tp.enabled:  # every rank replays a graph, or every rank runs eagerly: the collectives match
+                    ok = torch.tensor([int(graph is not None)], device=self.device)
+                    self.tp.all_reduce(ok)
+                    if int(ok) != self.tp.world:
+                        graph = None
+                self._graphs[B] = graph
             graph = self._graphs[B]
             if graph is not None:
                 return graph.replay(tokens, positions)

@@ -74,6 +74,8 @@ def test_smoke_json_has_the_expected_keys(smoke):
     for row in model["decode"]:
         assert row["tokens_per_s"] > 0 and row["floor_tokens_per_s"] > 0 and 0 < row["fraction_of_floor"], row
         assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        if CUDA and "cuda_graph" in row:  # a row timed with the graph on must have replayed one, not fallen back
+            assert row["cuda_graph"] is True, row
     assert {row["impl"] for row in model["prefill"]} == {"triton", "torch"}
     assert all(row["tokens_per_s"] > 0 and row["tflops"] > 0 for row in model["prefill"])
     cpu = r["cpu"]
@@ -112,9 +114,7 @@ def test_smoke_run_exercises_every_kernel_for_real(smoke):
         res = rec["results"]
         assert "median_ms" in res["torch_eager"], rec
         tr = res["triton"]
-        if "error" in tr:
-            assert tr["error"].startswith("NotImplementedError"), rec
-            continue
+        assert "error" not in tr, rec
         assert tr["median_ms"] > 0, rec
         assert tr["max_abs_diff_vs_torch_eager"] <= rel * max(1.0, res["torch_eager"]["max_abs_output"]), rec
         for peer in ("torch_compile", "sdpa_flash"):

@@ -210,3 +210,26 @@ def test_bad_load_arguments(ckpts):
         Llama.load(path, device="cpu", dtype=torch.int8)
     with pytest.raises(ValueError, match="max_batch_size"):
         Llama.load(path, device="cpu", max_batch_size=0)
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(tiny):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    tiny.generate("hello", max_new_tokens=2, temperature=1.0, seed=None)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("bad", [-3, True, 2.0])
+def test_bad_start_pos(tiny, bad):
+    with pytest.raises(ValueError, match="start_pos"):
+        tiny.generate("hello", max_new_tokens=1, start_pos=bad)
+    if not isinstance(bad, float):
+        with pytest.raises(ValueError, match="start_pos"):
+            tiny.forward(torch.tensor([[1]]), bad)
+
+
+def test_first_decode_step_is_timed_apart(tiny):
+    out = tiny.generate("hello", max_new_tokens=6, temperature=0)
+    assert out.decode_steps == 4 and out.first_decode_seconds > 0 and out.decode_seconds > 0
+    assert out.decode_tokens_per_second == pytest.approx(4 / out.decode_seconds)

@@ -43,6 +43,14 @@ def single(ckpts):
     }
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _spawn(world: int, ckpt: Path, tmp_path: Path, backend: str = "torch") -> list[dict]:
     init = tmp_path / "rendezvous"
     mp.spawn(run_rank, args=(world, str(init), str(ckpt), str(tmp_path), backend), nprocs=world, join=True)
@@ -54,6 +62,9 @@ def test_tensor_parallel_matches_one_process(ckpts, single, tmp_path, shards, wo
     results = _spawn(world, ckpts[shards], tmp_path)
     for r, res in enumerate(results):
         assert res["greedy"] == single["greedy"], f"rank {r}"
+        assert res["unseeded"] == results[0]["unseeded"], f"rank {r} sampled its own tokens"
+        hi = single["greedy"][1]
+        assert res["streamed"] == [hi[: hi.index(hi[1])]], f"rank {r}"  # cut at the stop token, on every rank
         assert res["sampled"] == single["sampled"], f"rank {r}"  # rank 0's sample, broadcast to all
         torch.testing.assert_close(res["logits"], single["logits"], **TOLERANCES[torch.float32])
         assert res["kv_heads_local"] == 4 // world
@@ -119,7 +130,7 @@ def test_a_rank_that_fails_to_load_stops_the_whole_run(ckpts, tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29517",
+        str(_free_port()),
         "-m",
         "model.cli",
         "generate",
@@ -143,7 +154,7 @@ def test_torchrun_cli_generate(ckpts, single):
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29518",
+        str(_free_port()),
         "-m",
         "model.cli",
         "generate",

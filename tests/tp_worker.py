@@ -25,10 +25,25 @@ def run_rank(rank: int, world: int, init_file: str, ckpt: str, out_dir: str, bac
         logits = llm.forward(tokens, 0)
         greedy = llm.generate(["The capital of France is", "Hi"], max_new_tokens=4, temperature=0)
         sampled = llm.generate("Once", max_new_tokens=4, temperature=1.0, top_p=1.0, seed=11)
+        # Unseeded: each rank's generator gets its own random seed, so the ranks agree only through the
+        # broadcast of rank 0's tokens.
+        unseeded = llm.generate("Once", max_new_tokens=8, temperature=1.0, top_p=1.0, seed=None)
+        # Only rank 0 streams (a callback changes how often the loop checks for the end): every rank must
+        # still leave the loop at the same step, or the others would wait in a collective until the timeout.
+        stop = greedy.tokens[1][1]
+        streamed = llm.generate(
+            "Hi",
+            max_new_tokens=12,
+            temperature=0,
+            stop_tokens=[stop],
+            on_token=(lambda b, t: None) if rank == 0 else None,
+        )
         result = {
             "logits": logits,
             "greedy": greedy.tokens,
             "sampled": sampled.tokens,
+            "unseeded": unseeded.tokens,
+            "streamed": streamed.tokens,
             "weight_bytes": llm.weight_bytes(),
             "kv_heads_local": llm.k_cache[0].shape[1],
         }
