@@ -351,6 +351,9 @@ def _capture(fn: Callable[[], Any]):
     return graph
 
 
+MIN_SAMPLES = 10  # timed calls per figure at the least (long calls would otherwise get one or two)
+
+
 def time_call(fn: Callable[[], Any], ctx: Context, graph: bool = True) -> tuple[dict, Any]:
     """Time ``fn`` (no arguments). Returns ({median_ms, p20_ms, p80_ms, method[, note]}, fn's first output)."""
     import numpy as np
@@ -370,7 +373,15 @@ def time_call(fn: Callable[[], Any], ctx: Context, graph: bool = True) -> tuple[
                 g = None
                 note = f"CUDA graph capture failed ({describe(e)}); plain calls timed"
                 torch.cuda.synchronize()
-        med, p20, p80 = do_bench(call, warmup=ctx.warmup_ms, rep=ctx.rep_ms, quantiles=list(QUANTILES))
+        # do_bench runs rep / (its estimate of one call) calls: for a 50 ms prefill that is one or two, and
+        # percentiles of two samples mean nothing. Time a call first and ask for at least MIN_SAMPLES.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        rep = max(ctx.rep_ms, MIN_SAMPLES * start.elapsed_time(end))
+        med, p20, p80 = do_bench(call, warmup=ctx.warmup_ms, rep=rep, quantiles=list(QUANTILES))
         del g
         timing = {"median_ms": float(med), "p20_ms": float(p20), "p80_ms": float(p80), "method": method}
         if note:

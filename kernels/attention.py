@@ -50,8 +50,8 @@ On a GPU the tile shape is autotuned over a short pruned list; under ``TRITON_IN
 
 from __future__ import annotations
 
+import inspect
 import math
-import os
 
 import torch
 import triton
@@ -252,6 +252,10 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return [c for c in fit if c.kwargs["BLOCK_M"] <= max(rows, smallest)]
 
 
+# Autotuning costs a compile and ~0.13 s of benchmarking per surviving config, paid inside the first prefill
+# of each (rows, keys) bucket; cache_results keeps the winners on disk (Triton's cache dir) so that later
+# processes, a CLI's next run say, do not pay it again. Older Tritons without the option tune per process.
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _attention_autotuned = triton.autotune(
     configs=[
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -259,6 +263,7 @@ _attention_autotuned = triton.autotune(
     ],
     key=["ROWS_BUCKET", "KV_BUCKET", "HEAD_DIM"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune},
+    **_CACHE_RESULTS,
 )(_attention_kernel)
 
 
@@ -275,6 +280,11 @@ def _check_4d(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.d
         raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
 
 
+def _interpreting() -> bool:
+    """Interpreted or compiled was decided when @triton.jit ran (at import): ask the kernel, not the environment."""
+    return not isinstance(_attention_kernel, triton.runtime.JITFunction)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -289,7 +299,7 @@ def attention(
     Returns (B, T, Hq, D) in q's dtype, written into ``out`` when given (any strides, last dim contiguous).
     Query head h reads kv head h // (Hq // Hkv); k/v are never repeated. ``scale`` defaults to 1/sqrt(D).
     """
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = _interpreting()
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q: expected a 4-d tensor (B, T, Hq, D), got {getattr(q, 'shape', type(q).__name__)}")
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpret):

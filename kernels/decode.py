@@ -40,8 +40,8 @@ read once) — 1 MiB for one Llama-3-8B sequence at 32 splits, small next to its
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import torch
 import triton
@@ -183,13 +183,19 @@ def _combine_warps(head_dim: int) -> int:
     return 4 if head_dim == 128 else 2
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of GPU ``index`` (asked once: eager decode calls this per layer per token)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _default_num_splits(batch: int, h_kv: int, s_max: int, device: torch.device) -> int:
     """Enough programs for ~4 per SM, but no split shorter than MIN_KEYS_PER_SPLIT keys of capacity.
 
     Uses only shapes and the device, never the lengths, so it needs no host sync (CUDA-graph safe).
     """
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = CPU_SM_COUNT
     want = triton.cdiv(4 * sms, batch * h_kv)
@@ -205,6 +211,11 @@ def _check(name: str, t, ndim: int, dtype: torch.dtype, device: torch.device) ->
         raise ValueError(f"{name}: expected dtype {dtype} (same as q), got {t.dtype}")
     if t.stride(-1) != 1:
         raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
+
+
+def _interpreting() -> bool:
+    """Interpreted or compiled was decided when @triton.jit ran (at import): ask the kernel, not the environment."""
+    return not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
 
 
 def decode_attention(
@@ -225,7 +236,7 @@ def decode_attention(
     ``check_values=False`` skips the host check of ``lengths`` (a device sync) for a caller that has
     validated them; the kernel still clamps every length to S_max.
     """
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = _interpreting()
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q: expected a 3-d tensor (B, Hq, D), got {getattr(q, 'shape', type(q).__name__)}")
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpret):

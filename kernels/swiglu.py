@@ -114,19 +114,25 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = N
 
 
 def compile_variants() -> list[dict]:
-    """The one config, in each dtype: BLOCK and num_warps do not depend on F (8192 .. 28672 for Llama-3)."""
+    """The one config, in each dtype: BLOCK and num_warps do not depend on F (8192 .. 28672 for Llama-3).
+
+    Each twice: with F divisible by 16, as every Llama-3 width is (Triton specialises on it at launch and
+    emits 16-byte loads), and with an odd F (the scalar path).
+    """
     variants = []
     for dt in ("fp32", "fp16", "bf16"):
-        sig = {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
-        sig |= {"stride_gate": "i32", "stride_up": "i32", "stride_out": "i32", "F": "i32", "BLOCK": "constexpr"}
-        variants.append(
-            {
-                "name": f"swiglu_{dt}",
-                "fn": _swiglu_kernel,
-                "signature": sig,
-                "constexprs": {"BLOCK": _BLOCK},
-                "num_warps": _NUM_WARPS,
-                "num_stages": 1,
-            }
-        )
+        for divisible in (True, False):
+            sig = {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
+            sig |= {"stride_gate": "i32", "stride_up": "i32", "stride_out": "i32", "F": "i32", "BLOCK": "constexpr"}
+            variants.append(
+                {
+                    "name": f"swiglu_{dt}_{'F16k' if divisible else 'Fodd'}",
+                    "fn": _swiglu_kernel,
+                    "signature": sig,
+                    "constexprs": {"BLOCK": _BLOCK},
+                    "num_warps": _NUM_WARPS,
+                    "num_stages": 1,
+                    "divisible": ["F"] if divisible else [],
+                }
+            )
     return variants
