@@ -34,7 +34,7 @@ from pathlib import Path
 TP_SIZES = (1, 2, 4, 8)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -140,7 +140,7 @@ def _launch(n: int, ckpt: Path, out: Path, batch: int, context: int, steps: int,
         "--nproc-per-node",
         str(n),
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "benchmarks.tp",
         "--worker",

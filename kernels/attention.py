@@ -57,8 +57,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._strides import aligned_strides
-
 __all__ = ["attention", "compile_variants"]
 
 LOG2E = 1.4426950408889634
@@ -267,17 +265,48 @@ _attention_autotuned = triton.autotune(
 )(_attention_kernel)
 
 
-def _check_4d(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+# Launcher-side checks, shared with kernels/decode.py (the split-KV variant of this kernel).
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    ndim: int | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> None:
+    """ValueError naming ``name`` unless t is a tensor of ``dtype`` on ``device`` (q's) with a contiguous last
+    dim, and of ``ndim`` dims / exactly ``shape`` where given."""
+    if not isinstance(t, torch.Tensor) or (ndim is not None and t.dim() != ndim):
+        want = "a torch.Tensor" if ndim is None else f"a {ndim}-d tensor"
+        raise ValueError(f"{name}: expected {want}, got {getattr(t, 'shape', type(t).__name__)}")
     if t.device != device:
         raise ValueError(f"{name}: expected device {device} (same as q), got {t.device}")
     if t.dtype != dtype:
         raise ValueError(f"{name}: expected dtype {dtype} (same as q), got {t.dtype}")
-    if tuple(t.shape) != shape:
+    if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     if t.stride(-1) != 1:
         raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
+
+
+def aligned_strides(name: str, t: torch.Tensor, dims: int) -> tuple[int, ...]:
+    """The first ``dims`` strides of t for the kernel, after checking the alignment Triton specialises on.
+
+    Triton compiles one binary per alignment pattern of its pointer and integer arguments; with a 16-byte
+    aligned base and strides divisible by 16 elements the loads become 16-byte vectors, and those are the
+    binaries the compile gate checks (the unaligned fallback spilled). Every KV-cache, qkv or fresh tensor
+    qualifies. Dims of size 1 are never stepped along, so their stride is passed as 0 whatever it is.
+    """
+    strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims], strict=True))
+    if t.data_ptr() % 16 or any(s % 16 for s in strides):
+        raise ValueError(
+            f"{name}: expected a 16-byte aligned base and strides that are multiples of 16 elements, got "
+            f"address {t.data_ptr():#x}, strides {t.stride()} (pass a copy: {name}.clone())"
+        )
+    return strides
 
 
 def _interpreting() -> bool:
@@ -317,8 +346,8 @@ def attention(
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-d tensor (B, S, Hkv, D), got {getattr(t, 'shape', type(t))}")
     S, Hkv = k.shape[1], k.shape[2]
-    _check_4d("k", k, (B, S, Hkv, D), q.dtype, q.device)
-    _check_4d("v", v, (B, S, Hkv, D), q.dtype, q.device)
+    check_tensor("k", k, q.dtype, q.device, shape=(B, S, Hkv, D))
+    check_tensor("v", v, q.dtype, q.device, shape=(B, S, Hkv, D))
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"k: kv heads ({Hkv}) must divide the query heads ({Hq})")
     if B * Hkv > 65535:  # grid axis 1, which CUDA caps at 65535
@@ -332,7 +361,7 @@ def attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
-        _check_4d("out", out, (B, T, Hq, D), q.dtype, q.device)
+        check_tensor("out", out, q.dtype, q.device, shape=(B, T, Hq, D))
 
     strides = [aligned_strides(name, t, 3) for name, t in (("q", q), ("k", k), ("v", v), ("out", out))]
     strides = [s for st in strides for s in st]

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._strides import aligned_strides
+from kernels.attention import aligned_strides, check_tensor
 
 __all__ = ["decode_attention", "compile_variants"]
 
@@ -202,17 +202,6 @@ def _default_num_splits(batch: int, h_kv: int, s_max: int, device: torch.device)
     return max(1, min(want, triton.cdiv(s_max, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-def _check(name: str, t, ndim: int, dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (same as q), got {t.device}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {dtype} (same as q), got {t.dtype}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
-
-
 def _interpreting() -> bool:
     """Interpreted or compiled was decided when @triton.jit ran (at import): ask the kernel, not the environment."""
     return not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
@@ -243,12 +232,12 @@ def decode_attention(
         raise ValueError(f"q: expected a CUDA tensor (or CPU with TRITON_INTERPRET=1), got device {q.device}")
     if q.dtype not in DTYPES:
         raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
-    _check("q", q, 3, q.dtype, q.device)
+    check_tensor("q", q, q.dtype, q.device, ndim=3)
     B, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"q: head dim must be 64 or 128, got {D}")
-    _check("k_cache", k_cache, 4, q.dtype, q.device)
-    _check("v_cache", v_cache, 4, q.dtype, q.device)
+    check_tensor("k_cache", k_cache, q.dtype, q.device, ndim=4)
+    check_tensor("v_cache", v_cache, q.dtype, q.device, ndim=4)
     S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
     if B < 1 or S_max < 1 or tuple(k_cache.shape) != (B, S_max, Hkv, D):
         raise ValueError(f"k_cache: expected shape (B={B}, S_max, Hkv, D={D}), got {tuple(k_cache.shape)}")
@@ -272,7 +261,7 @@ def decode_attention(
     if out is None:
         out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     else:
-        _check("out", out, 3, q.dtype, q.device)
+        check_tensor("out", out, q.dtype, q.device, ndim=3)
         if tuple(out.shape) != (B, Hq, D):
             raise ValueError(f"out: expected shape {(B, Hq, D)}, got {tuple(out.shape)}")
 

@@ -122,11 +122,12 @@ def cmd_generate(args) -> int:
     if tp.rank != 0:
         return 0
     tp_note = f", tensor-parallel over {tp.world} ranks (bytes per rank)" if tp.enabled else ""
+    first_note = " (compiles kernels, captures the CUDA graph)" if llm.device.type == "cuda" else ""
     print(
         f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}] "
         f"prompt {out.prompt_tokens[0]} tokens, "
         f"generated {n_new} ({out.stop_reasons[0]}); prefill {out.prefill_seconds * 1e3:.1f} ms; "
-        f"first decode step {out.first_decode_seconds * 1e3:.1f} ms (compiles kernels, captures the CUDA graph); "
+        f"first decode step {out.first_decode_seconds * 1e3:.1f} ms{first_note}; "
         f"then decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s{tp_note}",
         file=sys.stderr,
     )

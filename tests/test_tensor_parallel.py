@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.tp import free_port
 from model.checkpoint import Checkpoint, CheckpointError, make_tiny
 from model.llama import Llama
 from tests.tolerances import TOLERANCES
@@ -43,12 +44,13 @@ def single(ckpts):
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _torchrun(*cli_args: str, timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m model.cli ARGS`` on a free port, compiled-kernel env as a user has it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_extra
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    return subprocess.run(
+        [*cmd, "-m", "model.cli", *cli_args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _spawn(world: int, ckpt: Path, tmp_path: Path, backend: str = "torch") -> list[dict]:
@@ -121,42 +123,14 @@ def test_a_rank_that_fails_to_load_stops_the_whole_run(ckpts, tmp_path):
     shutil.copytree(ckpts[2], bad)
     shard = bad / "consolidated.01.pth"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["LLAMA3_TRITON_TP_TIMEOUT"] = "60"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "model.cli",
-        "generate",
-        "--ckpt",
-        str(bad),
-        "--max-new-tokens",
-        "2",
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    p = _torchrun("generate", "--ckpt", str(bad), "--max-new-tokens", "2", LLAMA3_TRITON_TP_TIMEOUT="60")
     assert p.returncode != 0
     assert "consolidated.01.pth: not a readable PyTorch checkpoint" in p.stderr
     assert "tensor-parallel rank 1 failed" in p.stderr
 
 
 def test_torchrun_cli_generate(ckpts, single):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "model.cli",
+    p = _torchrun(
         "generate",
         "--ckpt",
         str(ckpts[2]),
@@ -166,8 +140,7 @@ def test_torchrun_cli_generate(ckpts, single):
         "4",
         "--temperature",
         "0",
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     tok = Llama.load(ckpts[1], device="cpu", dtype=torch.float32, max_seq_len=48).tokenizer
     assert p.stdout == tok.decode(single["greedy"][0]) + "\n"  # printed once, by rank 0
