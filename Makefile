@@ -1,11 +1,16 @@
 PYTHON ?= python3
 
-.PHONY: gpu-check bench bench-quick bench-smoke
+.PHONY: gpu-check gpu-check-prepare bench bench-quick bench-smoke
 
-# On a machine with a GPU, in one go (fits the device tool's 10-minute command): device info, the test
-# suite with compiled kernels, then the quick benchmark sweep; logs and results also go to $OUT if set.
+# On a machine with a GPU, in at most 7 minutes: device facts, the tests that need the GPU with compiled
+# kernels, then the quick benchmark sweep (8B decode first) and a one-screen summary. With OUT=<folder>
+# every file goes there as soon as it is written. See benchmarks/README.md.
 gpu-check:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+
+# On a machine that reaches PyPI: the wheels a GPU machine without network needs, into .whl/ (llama-models).
+gpu-check-prepare:
+	bash benchmarks/prepare_gpu_check.sh
 
 # The full sweep: every size and peer, 1B/3B/8B end to end (~15-25 minutes on an H100).
 bench:

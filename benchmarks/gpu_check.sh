@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# The GPU check: what a session with a lent GPU runs in one call (`make gpu-check`).
+# The GPU check (`make gpu-check`): on a machine with a CUDA GPU, in one command of at most
+# GPU_CHECK_BUDGET_S seconds (default 420), each stage useful even if a later one is cut short:
 #
-#   1. device information: nvidia-smi, the library versions, which needed packages import;
-#   2. the whole test suite on the GPU, compiled (TRITON_INTERPRET unset); its exit status is recorded
-#      and the check goes on;
-#   3. the benchmark runner, --quick, into benchmarks/results/<device>-<date>/.
+#   1. device facts: nvidia-smi, library versions, whether what the tests need is there      device.txt
+#   2. the tests that need the GPU, kernels compiled (the triton backend end to end and its
+#      CUDA-graph decode first, then decode and prefill attention with the autotuner, rope,
+#      rmsnorm, swiglu), at most PYTEST_BUDGET_S (default 150 s); CPU-only test modules
+#      (checkpoints, CLI, config, tokenizer, compile gate, explain) are left to CI           pytest.log
+#   3. `python -m benchmarks --quick` with the end-to-end section first (the 8B batch-1
+#      decode goal, then 1B), then the kernels, in what time is left                          bench.log
+#   4. a one-screen summary: each goal, its figure, the ceilings measured in the same run      summary.txt
 #
-# With $OUT set (the device tool's output folder) the logs go there, and the results are copied there at
-# the end: device.txt, pytest.log, bench.log, results.json, results.md, plots.tar.gz (six files: the tool
-# brings back at most eight). Without $OUT the logs go into the results folder.
-#
-# The device tool stops a command after 10 minutes, so everything here fits GPU_CHECK_BUDGET_S (default
-# 540 s): the suite gets at most PYTEST_BUDGET_S (default 240 s), the benchmarks what is left, with the
-# runner's own --time-budget a minute short of that (it records what it had no time for as skipped) and
-# a SIGINT as a backstop (the runner then writes its partial results). Wheels carried in .whl/ (see the
-# device notes; e.g. llama-models, whose tokenizer.model the end-to-end benchmarks need) are installed
-# first. Exit status: 0 when the tests and the benchmarks both succeeded, else 1.
+# With $OUT set (a folder whose files are collected, such as the device tool's) every file is written there
+# as it is produced, the benchmark results included ($OUT/results/results.json and results.md, rewritten after
+# each section), so a run stopped at any point keeps what it had; plots are left out (too many files; remake
+# them with `python -m benchmarks.report results.json`). Without $OUT everything goes to
+# benchmarks/results/<device>-<date>/. Wheels in .whl/ (see benchmarks/prepare_gpu_check.sh) are installed
+# first, into /tmp, for an image that lacks them. Exit status: 0 when the tests and the benchmarks both
+# succeeded, else 1.
 set -u -o pipefail
 
 start=$(date +%s)
-budget=${GPU_CHECK_BUDGET_S:-540}
-pytest_budget=${PYTEST_BUDGET_S:-240}
+budget=${GPU_CHECK_BUDGET_S:-420}
+pytest_budget=${PYTEST_BUDGET_S:-150}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root" || exit 1
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 unset TRITON_INTERPRET
+
+# The tests that need a GPU, most important first (pytest runs the files in this order).
+GPU_TESTS=(tests/test_model_triton.py tests/test_decode.py tests/test_attention.py tests/test_rope.py
+    tests/test_rmsnorm.py tests/test_swiglu.py)
+
+elapsed() { echo $(($(date +%s) - start)); }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -33,18 +41,24 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 
-results=$("$PY" -c '
+if [[ -n "${OUT:-}" ]]; then
+    logs=$OUT
+    results=$OUT/results
+else
+    results=$("$PY" -c '
 import torch
 from benchmarks.common import Context, default_out_dir
 cuda = torch.cuda.is_available()
 print(default_out_dir(Context(device=torch.device("cuda" if cuda else "cpu"), dtype=torch.bfloat16, smoke=not cuda)))
 ' 2>/dev/null) || results="$root/benchmarks/results/gpu-check-$(date +%F)"
-logs=${OUT:-$results}
+    logs=$results
+fi
 mkdir -p "$logs" "$results"
 
 {
-    echo "== gpu-check $(date -u +%FT%TZ) in $root; results -> $results"
-    nvidia-smi || echo "nvidia-smi failed"
+    echo "== gpu-check $(date -u +%FT%TZ) in $root (budget ${budget} s); results -> $results"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
+        || echo "nvidia-smi failed"
     "$PY" - <<'PYEOF'
 import importlib, platform
 import torch, triton
@@ -52,37 +66,46 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print("cuda available:", torch.cuda.is_available())
 if torch.cuda.is_available():
     print(torch.cuda.get_device_properties(0))
-for name in ("llama_models", "tiktoken", "safetensors", "tqdm", "transformers", "matplotlib", "pytest_benchmark"):
+for name in ("numpy", "tiktoken", "safetensors", "tqdm", "transformers", "hypothesis", "matplotlib"):
     try:
-        importlib.import_module(name)
-        print(f"{name}: ok")
+        m = importlib.import_module(name)
+        print(f"{name}: {getattr(m, '__version__', 'ok')}")
     except Exception as e:
         print(f"{name}: MISSING ({type(e).__name__}: {e})")
+try:  # what the tests and the end-to-end benchmarks read from llama-models: its tokenizer file, not the package
+    from model.tokenizer import default_tokenizer_path
+    print(f"Llama-3 tokenizer.model: {default_tokenizer_path()}")
+except Exception as e:
+    print(f"Llama-3 tokenizer.model: MISSING ({e}); run benchmarks/prepare_gpu_check.sh and carry .whl/")
 PYEOF
 } 2>&1 | tee "$logs/device.txt"
 
-echo "== pytest on the GPU, compiled kernels (at most ${pytest_budget} s)"
-timeout --signal=INT --kill-after=15 "$pytest_budget" "$PY" -m pytest -q -p no:cacheprovider 2>&1 | tee "$logs/pytest.log"
+echo "== pytest on the GPU, compiled kernels: ${GPU_TESTS[*]} (at most ${pytest_budget} s)" | tee "$logs/pytest.log"
+timeout --signal=INT --kill-after=15 "$pytest_budget" \
+    "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15 "${GPU_TESTS[@]}" 2>&1 | tee -a "$logs/pytest.log"
 pytest_rc=${PIPESTATUS[0]}
-echo "pytest exit status: $pytest_rc$( ((pytest_rc == 124)) && echo ' (stopped at its time budget)')" | tee -a "$logs/pytest.log"
+echo "pytest exit status: $pytest_rc$( ((pytest_rc == 124 || pytest_rc == 2)) && echo ' (stopped at its time budget or interrupted)') after $(elapsed) s" \
+    | tee -a "$logs/pytest.log"
 
-left=$((budget - ($(date +%s) - start)))
+left=$((budget - $(elapsed)))
 bench_rc=1
-if ((left > 120)); then
-    echo "== benchmarks --quick (${left} s left) -> $results"
-    timeout --signal=INT --kill-after=20 $((left - 15)) \
-        "$PY" -m benchmarks --quick --no-progress --out "$results" --time-budget $((left - 75)) 2>&1 | tee "$logs/bench.log"
+if ((left > 90)); then
+    echo "== benchmarks --quick, e2e first (${left} s left) -> $results" | tee "$logs/bench.log"
+    timeout --signal=INT --kill-after=20 $((left - 20)) \
+        "$PY" -m benchmarks --quick --only e2e --only kernels --models 8B,1B --no-plots --no-progress \
+        --out "$results" --time-budget $((left - 60)) 2>&1 | tee -a "$logs/bench.log"
     bench_rc=${PIPESTATUS[0]}
 else
     echo "== benchmarks skipped: only ${left} s left of the ${budget} s budget" | tee "$logs/bench.log"
 fi
 
-if [[ -n "${OUT:-}" && "$OUT" != "$results" ]]; then
-    for f in results.json results.md; do
-        [[ -f "$results/$f" ]] && cp "$results/$f" "$OUT/"
-    done
-    [[ -d "$results/plots" ]] && tar -czf "$OUT/plots.tar.gz" -C "$results" plots
-fi
-
-echo "== gpu-check done in $(($(date +%s) - start)) s: pytest exit $pytest_rc, benchmarks exit $bench_rc; results in $results"
+{
+    echo "== gpu-check summary after $(elapsed) s of ${budget}: pytest exit $pytest_rc, benchmarks exit $bench_rc"
+    grep -E "^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s" "$logs/pytest.log" | tail -1
+    if [[ -f "$results/results.json" ]]; then
+        "$PY" -m benchmarks.report --summary "$results/results.json"
+    else
+        echo "no benchmark results were written"
+    fi
+} 2>&1 | tee "$logs/summary.txt"
 ((pytest_rc == 0 && bench_rc == 0))

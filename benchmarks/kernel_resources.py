@@ -82,6 +82,9 @@ def compile_one(module: str, index: int, arch: int) -> dict:
         return row
     row["registers"], row["stack_bytes"], row["static_shared_bytes"], row["local_bytes"] = map(int, m.groups())
     row["tensor_core_ops"] = sorted({op for op in ("HMMA", "HGMMA") if re.search(rf"\b{op}\b", sass)})
+    # Local memory can be used without a spill (a stack array that libdevice's sin/cos slow path keeps, say):
+    # count the SASS instructions that touch it, as well as the frame and spill sizes cuobjdump reports.
+    row["local_memory_ops"] = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))
     return row
 
 
@@ -101,8 +104,11 @@ def problems(row: dict) -> list[str]:
         return [f"does not compile: {row['error']}"]
     arch = int(row["arch"].removeprefix("sm_"))
     out = []
-    if row["local_bytes"] or row["stack_bytes"]:
-        out.append(f"spills: {row['local_bytes']} B local memory, {row['stack_bytes']} B stack per thread")
+    if row["local_bytes"] or row["stack_bytes"] or row.get("local_memory_ops"):
+        out.append(
+            f"local memory: {row['local_bytes']} B spilled, {row['stack_bytes']} B stack frame per thread, "
+            f"{row.get('local_memory_ops', 0)} STL/LDL instructions"
+        )
     if row["shared_bytes"] > SHARED_LIMIT[arch]:
         out.append(f"shared memory {row['shared_bytes']} B exceeds the {SHARED_LIMIT[arch]} B limit of {row['arch']}")
     if row["uses_dot"] and not set(row["tensor_core_ops"]) & set(TENSOR_CORE_OPS[arch]):
@@ -126,18 +132,19 @@ def run(jobs: int = 2) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| kernel | config | arch | warps | stages | regs | shared B | spills B | tensor cores | gate |",
-        "|" + "---|" * 10,
+        "| kernel | config | arch | warps | stages | regs | shared B | spills B | stack B | tensor cores | gate |",
+        "|" + "---|" * 11,
     ]
     for r in rows:
         bad = problems(r)
         if "error" in r:
-            lines.append(f"| {r['module']} | {r['name']} | {r['arch']} | | | | | | | FAIL: {bad[0]} |")
+            lines.append(f"| {r['module']} | {r['name']} | {r['arch']} | | | | | | | | FAIL: {bad[0]} |")
             continue
         lines.append(
             f"| {r['module'].removeprefix('kernels.')} | {r['name']} | {r['arch']} "
             f"| {r['num_warps']} | {r['num_stages']} "
-            f"| {r['registers']} | {r['shared_bytes']} | {r['local_bytes']} | {','.join(r['tensor_core_ops']) or '-'} "
+            f"| {r['registers']} | {r['shared_bytes']} | {r['local_bytes']} | {r['stack_bytes']} "
+            f"| {','.join(r['tensor_core_ops']) or '-'} "
             f"| {'ok' if not bad else 'FAIL: ' + '; '.join(bad)} |"
         )
     return "\n".join(lines)

@@ -477,18 +477,58 @@ def write_results(results: dict, out: Path, plots: bool = True) -> None:
     (out / "results.md").write_text(render_markdown(results) + "\n")
 
 
+def summary_text(results: dict, out: Path, problems: list[str]) -> str:
+    """One screen: the device and its ceilings measured in the run, each goal with its figures, the
+    end-to-end decode headline with its floor, and where the files are. Works on a partial results.json."""
+    lines = [""]
+    if results.get("banner"):
+        lines.append(f"*** {results['banner']} ***")
+    c = results.get("ceilings", {})
+    wall = f"   ({results['wall_s']:.0f} s)" if "wall_s" in results else "   (partial run)"
+    lines.append(
+        f"device: {results.get('device', {}).get('name')}   ceilings measured in this run: copy "
+        f"{c.get('copy_gbps', float('nan')):.0f} GB/s, bf16 matmul {c.get('matmul_tflops', float('nan')):.1f} TFLOP/s"
+        + wall
+    )
+    for g in results.get("goals") or evaluate_goals(results):
+        lines.append(f"  [{g['status']}] {g['goal']}: {g['measured'][:200]}")
+    for m in results.get("e2e", {}).get("models", []):
+        for r in m.get("decode", []):
+            if r.get("impl") == "triton" and "tokens_per_s" in r:
+                frac = f" ({r['fraction_of_floor']:.0%} of floor)" if "fraction_of_floor" in r else ""
+                lines.append(
+                    f"  e2e {m['model']} decode B={r['batch']} L={r['context']}: {r['tokens_per_s']:.1f} tokens/s{frac}"
+                )
+    cpu = results.get("cpu") or {}
+    if "speedup_vs_transformers" in cpu:
+        lines.append(f"  cpu decode ({cpu['model']}): {cpu['speedup_vs_transformers']:.2f}x transformers")
+    kernel_errors = sum(
+        1 for r in results.get("kernels", []) for x in r.get("results", {}).values() if "error" in x
+    ) + sum(1 for r in results.get("kernels", []) if "error" in r)
+    lines.append(f"  {len(problems)} errors/skips recorded ({kernel_errors} kernel errors); see results.md")
+    plots = f", {out / 'plots'}" if isinstance(results.get("plots"), list) else ""
+    lines.append(f"results: {out / 'results.json'}, {out / 'results.md'}{plots}")
+    if results.get("banner"):
+        lines.append(f"*** {results['banner']} ***")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Re-make results.md and the plots from a results.json."""
+    """Re-make results.md and the plots from a results.json (or, with --summary, print its one-screen summary)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
     p.add_argument("results_json", type=Path, help="a results.json written by the runner")
+    p.add_argument("--summary", action="store_true", help="only print the one-screen summary; write nothing")
     args = p.parse_args(argv)
     try:
         results = json.loads(args.results_json.read_text())
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: {args.results_json}: {e}", file=sys.stderr)
         return 1
+    if args.summary:
+        print(summary_text(results, args.results_json.parent, list_problems(results)))
+        return 0
     write_results(results, args.results_json.parent)
     print(f"wrote {args.results_json.parent / 'results.md'} and its plots")
     return 0

@@ -3,7 +3,7 @@
 The model hands rope three strided views of one fused q|k|v product (B, T, (Hq + 2 Hkv) * hd) and the
 (B, S, Hkv, hd) views of its KV cache; the op rotates q and k, returns q_rot and writes the rotated k and
 the v into cache slot ``positions[b, t]``. Bytes it must move:
-    reads  q, k, v                     T (Hq + 2 Hkv) hd elements, positions (T int64), inv_freq (hd/2 fp32)
+    reads  q, k, v                     T (Hq + 2 Hkv) hd elements, positions (T int64), T cos/sin table rows (hd fp32)
     writes q_rot, k and v cache slots  T (Hq + 2 Hkv) hd elements
 Shapes: Llama-3 8B (32 q heads) and 70B (64), 8 kv heads, head dim 128, Llama 3.1 RoPE scaling; T from 1
 (a decode step) to 16k.
@@ -30,7 +30,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
 
     B, Hq, Hkv, hd = 1, s["n_heads"], s["n_kv_heads"], s["head_dim"]
     es = element_size(ctx.dtype)
-    n_bytes = 2 * B * T * (Hq + 2 * Hkv) * hd * es + B * T * 8 + (hd // 2) * 4
+    n_bytes = 2 * B * T * (Hq + 2 * Hkv) * hd * es + B * T * 8 + B * T * hd * 4
 
     def setup() -> dict:
         import kernels
@@ -44,10 +44,10 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
         k_cache = torch.zeros(B, Hkv, T, hd, device=ctx.device, dtype=ctx.dtype).transpose(1, 2)
         v_cache = torch.zeros(B, Hkv, T, hd, device=ctx.device, dtype=ctx.dtype).transpose(1, 2)
         positions = torch.arange(T, device=ctx.device).expand(B, T)
-        inv_freq = reference.rope_inv_freq(hd, 500000.0, SCALING).to(ctx.device)
+        cos_sin = reference.rope_table(reference.rope_inv_freq(hd, 500000.0, SCALING).to(ctx.device), T)
 
         def call(op):
-            return lambda: op(q, k, positions, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache)
+            return lambda: op(q, k, positions, cos_sin, k_cache=k_cache, v=v, v_cache=v_cache)
 
         impls: dict = {"torch_eager": call(reference.rope), "triton": call(kernels.rope)}
         impls["torch_compile"] = call(compiled(reference.rope, ctx)) if ctx.compile_peers else Skip("--no-compile")

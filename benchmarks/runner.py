@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--only",
         choices=SECTIONS,
         action="append",
-        help="run only this section (repeatable; default: all of kernels, e2e, cpu, tp; tp needs 2+ GPUs)",
+        help="run only this section (repeatable, run in the order given; default: all of kernels, e2e, cpu, tp; "
+        "tp needs 2+ GPUs)",
     )
     p.add_argument(
         "--kernel", choices=KERNELS, action="append", help="with the kernels section: only this kernel (repeatable)"
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         ctx.cpu_min_reps, ctx.cpu_min_seconds = 2, 0.05
         ctx.warmup_ms, ctx.rep_ms = 5, 20
     deadline = None if args.time_budget is None else started + args.time_budget
-    sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
+    # --only's order is the run's order (make gpu-check puts e2e, the headline decode goal, first).
+    sections = list(dict.fromkeys(args.only)) if args.only else list(SECTIONS)
     models = ["tiny"] if smoke else (args.models or list(DEFAULT_MODELS))
     out = args.out or default_out_dir(ctx)
     device, versions = environment_info(ctx)
@@ -282,35 +284,9 @@ def run_kernels(ctx: Context, names: list[str]) -> list[dict]:
 
 def print_summary(results: dict, out: Path, problems: list[str]) -> None:
     """The short table printed last: ceilings, goals, end-to-end headline, where the files are."""
-    lines = [""]
-    if results.get("banner"):
-        lines.append(f"*** {results['banner']} ***")
-    c = results.get("ceilings", {})
-    lines.append(
-        f"device: {results['device'].get('name')}   copy {c.get('copy_gbps', float('nan')):.0f} GB/s   "
-        f"matmul {c.get('matmul_tflops', float('nan')):.1f} TFLOP/s   ({results['wall_s']:.0f} s)"
-    )
-    for g in results.get("goals", []):
-        lines.append(f"  [{g['status']}] {g['goal']}: {g['measured'][:200]}")
-    for m in results.get("e2e", {}).get("models", []):
-        for r in m.get("decode", []):
-            if r.get("impl") == "triton" and "tokens_per_s" in r:
-                frac = f" ({r['fraction_of_floor']:.0%} of floor)" if "fraction_of_floor" in r else ""
-                lines.append(
-                    f"  e2e {m['model']} decode B={r['batch']} L={r['context']}: {r['tokens_per_s']:.1f} tokens/s{frac}"
-                )
-    cpu = results.get("cpu") or {}
-    if "speedup_vs_transformers" in cpu:
-        lines.append(f"  cpu decode ({cpu['model']}): {cpu['speedup_vs_transformers']:.2f}x transformers")
-    kernel_errors = sum(
-        1 for r in results.get("kernels", []) for x in r.get("results", {}).values() if "error" in x
-    ) + sum(1 for r in results.get("kernels", []) if "error" in r)
-    lines.append(f"  {len(problems)} errors/skips recorded ({kernel_errors} kernel errors); see results.md")
-    plots = f", {out / 'plots'}" if isinstance(results.get("plots"), list) else ""
-    lines.append(f"results: {out / 'results.json'}, {out / 'results.md'}{plots}")
-    if results.get("banner"):
-        lines.append(f"*** {results['banner']} ***")
-    print("\n".join(lines), flush=True)
+    from benchmarks.report import summary_text
+
+    print(summary_text(results, out, problems), flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import interpreting
+
 __all__ = ["attention", "compile_variants"]
 
 LOG2E = 1.4426950408889634
@@ -311,7 +313,7 @@ def aligned_strides(name: str, t: torch.Tensor, dims: int) -> tuple[int, ...]:
 
 def _interpreting() -> bool:
     """Interpreted or compiled was decided when @triton.jit ran (at import): ask the kernel, not the environment."""
-    return not isinstance(_attention_kernel, triton.runtime.JITFunction)
+    return interpreting(_attention_kernel)
 
 
 def attention(

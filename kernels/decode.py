@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import interpreting
 from kernels.attention import aligned_strides, check_tensor
 
 __all__ = ["decode_attention", "compile_variants"]
@@ -204,7 +205,7 @@ def _default_num_splits(batch: int, h_kv: int, s_max: int, device: torch.device)
 
 def _interpreting() -> bool:
     """Interpreted or compiled was decided when @triton.jit ran (at import): ask the kernel, not the environment."""
-    return not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
+    return interpreting(_decode_split_kernel)
 
 
 def decode_attention(

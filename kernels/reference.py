@@ -20,6 +20,7 @@ __all__ = [
     "rms_norm",
     "add_rms_norm",
     "rope_inv_freq",
+    "rope_table",
     "rope",
     "attention",
     "decode_attention",
@@ -71,6 +72,20 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     return torch.where(in_band, blended, new_freqs)
 
 
+def rope_table(inv_freq: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """The (n_positions, D) fp32 table the rope ops read: row p = [cos(p f_0) .. cos(p f_{D/2-1}) | sin(...)].
+
+    ``inv_freq`` (D/2,) from ``rope_inv_freq`` holds the frequencies as the model defines them (fp32, like Meta's
+    and Hugging Face's code); each angle p * f_i and its cosine and sine are computed in fp64 and rounded once,
+    so the table is exact to fp32 at every position. (Computing the angle in fp32, as Meta's code does, is off
+    by up to 4e-3 rad at p = 131072.) Built once per model, on the device of ``inv_freq``: 4 * D bytes a position.
+    """
+    if n_positions < 1:
+        raise ValueError(f"n_positions: expected at least 1, got {n_positions}")
+    angles = torch.arange(n_positions, dtype=torch.float64, device=inv_freq.device)[:, None] * inv_freq.double()
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).float().contiguous()  # (S, D)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate Meta's interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by angles (B, T, 1, D/2)."""
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
@@ -83,7 +98,7 @@ def rope(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
-    inv_freq: torch.Tensor,
+    cos_sin: torch.Tensor,
     *,
     k_cache: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
@@ -92,14 +107,16 @@ def rope(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotary position embedding of q (B, T, Hq, D) and k (B, T, Hkv, D) at ``positions`` (B, T).
 
-    The angle of pair i at position p is p * inv_freq[i], computed in fp32. Returns new tensors
+    The cosine and sine of pair i at position p are ``cos_sin[p, i]`` and ``cos_sin[p, D/2 + i]`` (the table
+    from ``rope_table``). Returns new tensors
     ``(q_rot, k_rot)`` in the input dtype. With ``k_cache`` (and ``v``/``v_cache``), shapes
     (B, S_max, Hkv, D), the rotated k (and v as is) are written to slot ``positions[b, t]`` of the
     caches instead, and ``(q_rot, None)`` is returned. (``check_values`` is accepted for parity with the
     kernel; indexing checks the slots here.)
     """
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)  # (B, T, D/2)
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    rows = cos_sin.to(positions.device, torch.float32)[positions.long()]  # (B, T, D)
+    cos, sin = rows.chunk(2, dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
     q_rot = _rotate(q, cos, sin).to(q.dtype)
     k_rot = _rotate(k, cos, sin).to(k.dtype)
     if k_cache is None:

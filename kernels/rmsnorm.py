@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import interpreting
+
 
 @triton.jit
 def _load_h(
@@ -108,7 +110,7 @@ def _rms_norm_kernel(
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ONE_PASS = 16384  # longest row held in registers (the largest Llama-3 model dim, 405B)
 _LOOP_BLOCK = 8192  # chunk width for longer rows
-_INTERPRET = not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1 at import
+_INTERPRET = interpreting(_rms_norm_kernel)  # TRITON_INTERPRET=1 at import
 
 
 def _config(D: int) -> tuple[int, bool, int]:

@@ -1,23 +1,32 @@
 """Rotary position embedding (RoPE) of q and k, optionally writing k (and v) straight into the KV cache.
 
 Maths (Meta's layout: interleaved pairs). For a token at absolute position p and pair i of a head,
-with theta_i = inv_freq[i] (Llama 3.1/3.2 frequency scaling already folded into the table):
+with theta_i = inv_freq[i] (Llama 3.1/3.2 frequency scaling already folded in):
 
-    a = float32(p) * theta_i,   c = cos(a), s = sin(a)      (fp32; precise sin/cos, not .approx)
+    a = p * theta_i,   c = cos(a), s = sin(a)
     (x[2i], x[2i+1]) -> (x[2i] c - x[2i+1] s,  x[2i] s + x[2i+1] c)
+
+The kernel computes no sine: (c, s) come from a table, ``rope_table(inv_freq, S)`` in ``kernels.reference``,
+row p = [cos(p theta_0) .. cos(p theta_{D/2-1}) | sin(p theta_0) .. sin(p theta_{D/2-1})], fp32, computed
+once per model in fp64. Two reasons. Exactness: an fp32 angle p * theta_i is rounded to 24 bits, so at
+p = 131072 (Llama 3.1's context) the fastest pair's angle of about 1.3e5 rad is off by up to 4e-3 rad; the
+table's entries are the fp64 values rounded once. Speed: precise sin/cos of such angles take libdevice's
+slow path (Payne-Hanek reduction), which keeps a 28-byte array in local memory in every configuration
+(seen with triton 3.6). The table costs D * 4 bytes read per token (512 B at D = 128, 2% of the bytes below)
+and D * 4 bytes of device memory per position of context.
 
 Shapes: q (B, T, Hq, D), k and v (B, T, Hkv, D), any strides with the last dim contiguous (so they may
 be slices of one fused qkv projection output); positions (B, T), int32 or int64, different per
-sequence; inv_freq (D/2,) fp32. With k_cache / v_cache (B, S_max, Hkv, D), the rotated k and the
+sequence; cos_sin (S, D) fp32, S > every position. With k_cache / v_cache (B, S_max, Hkv, D), the rotated k and the
 unrotated v go to slot positions[b, t] of the caches in the same launch, instead of to new tensors.
 
 Grid: one program per (token, block of BLOCK_H heads); the q head blocks come first along axis 1,
-then the k head blocks (whose programs also copy v). Each program computes its D/2 (cos, sin) once
+then the k head blocks (whose programs also copy v). Each program loads its D/2 (cos, sin) once
 and applies them to all its heads. Head rows are loaded whole (contiguous 16-byte vectors), then
 viewed as (D/2, 2) pairs and split into the even and odd elements: no strided loads.
 
-Work: 6 FLOPs per pair and D/2 sin/cos per program; the floor is memory. Bytes per token:
-read (Hq + 2 Hkv) D and write the same (q_rot, k and v into the cache). Llama-3 8B (Hq 32, Hkv 8,
+Work: 6 FLOPs per pair; the floor is memory. Bytes per token: read (Hq + 2 Hkv) D and write the same
+(q_rot, k and v into the cache), plus the D fp32 of the token's table row. Llama-3 8B (Hq 32, Hkv 8,
 D 128, bf16) on an H100 SXM (3.35 TB/s):
     decode, B = 1:       24 KiB -> 7 ns; launch latency (~3 us) is the cost, and doing the cache
                          writes here saves the two copy launches of an unfused step (per layer);
@@ -29,6 +38,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels._launch import interpreting
 
 
 @triton.jit
@@ -63,7 +74,7 @@ def _rope_kernel(
     k_ptr,  # (B, T, Hkv, D) keys
     v_ptr,  # (B, T, Hkv, D) values, copied to v_cache (HAS_V only)
     pos_ptr,  # (B, T) absolute positions, int32 or int64
-    inv_freq_ptr,  # (D/2,) fp32 rotation frequencies
+    cs_ptr,  # (N_ROWS, 2 * HALF) fp32 table: row p = cos(p * theta) | sin(p * theta)
     q_out_ptr,  # (B, T, Hq, D) rotated queries
     k_out_ptr,  # rotated keys: (B, T, Hkv, D), or k_cache (B, S_max, Hkv, D) when HAS_CACHE
     v_out_ptr,  # v_cache (B, S_max, Hkv, D) (HAS_V only)
@@ -71,6 +82,7 @@ def _rope_kernel(
     HQ,  # query heads
     HKV,  # key/value heads
     S_MAX,  # cache slots per sequence (HAS_CACHE only)
+    N_ROWS,  # rows (positions) of the cos/sin table
     stride_qb,  # batch stride of q
     stride_qt,  # token stride of q
     stride_qh,  # head stride of q
@@ -104,11 +116,12 @@ def _rope_kernel(
     n_q_blocks = tl.cdiv(HQ, BLOCK_H)
 
     pos = tl.load(pos_ptr + b * stride_pb + t * stride_pt).to(tl.int64)
+    # The launcher checks 0 <= pos < N_ROWS; the clamp keeps an unchecked position (CUDA graph capture) from
+    # reading outside the table.
+    row = tl.minimum(tl.maximum(pos, 0), N_ROWS - 1) * (2 * HALF)
     i = tl.arange(0, BLOCK_HALF)
-    theta = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
-    angle = pos.to(tl.float32) * theta  # fp32, as the reference: exact for positions < 2^24
-    cos = tl.cos(angle)  # precise libdevice sin/cos: angles reach 1e5 rad at 128K context
-    sin = tl.sin(angle)
+    cos = tl.load(cs_ptr + row + i, mask=i < HALF, other=0.0)
+    sin = tl.load(cs_ptr + row + HALF + i, mask=i < HALF, other=0.0)
 
     if blk < n_q_blocks:
         heads = blk * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -137,7 +150,7 @@ def _rope_kernel(
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRET = not isinstance(_rope_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1 at import
+_INTERPRET = interpreting(_rope_kernel)  # TRITON_INTERPRET=1 at import
 
 
 def _capturing(positions: torch.Tensor) -> bool:
@@ -178,7 +191,7 @@ def rope(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
-    inv_freq: torch.Tensor,
+    cos_sin: torch.Tensor,
     *,
     k_cache: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
@@ -187,7 +200,8 @@ def rope(
     out_k: torch.Tensor | None = None,
     check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rotate q (B, T, Hq, D) and k (B, T, Hkv, D) at ``positions`` (B, T) in one launch.
+    """Rotate q (B, T, Hq, D) and k (B, T, Hkv, D) at ``positions`` (B, T) in one launch, with the cosines and
+    sines of ``cos_sin`` (S, D), the table from ``kernels.reference.rope_table``.
 
     Returns ``(q_rot, k_rot)``, or ``(q_rot, None)`` with ``k_cache`` (B, S_max, Hkv, D): then the rotated
     k, and v if ``v``/``v_cache`` are given, are written to slot ``positions[b, t]`` of the caches.
@@ -208,12 +222,19 @@ def rope(
     if positions.device != q.device or tuple(positions.shape) != (B, T):
         got = f"{tuple(positions.shape)} on {positions.device}"
         raise ValueError(f"positions: expected shape ({B}, {T}) on {q.device}, got {got}")
-    if not isinstance(inv_freq, torch.Tensor) or inv_freq.dtype != torch.float32 or inv_freq.shape != (D // 2,):
-        got = f"{getattr(inv_freq, 'dtype', type(inv_freq).__name__)} {tuple(getattr(inv_freq, 'shape', ()))}"
-        raise ValueError(f"inv_freq: expected a float32 ({D // 2},) tensor from rope_inv_freq, got {got}")
-    if inv_freq.device != q.device or inv_freq.stride() != (1,):
-        got = f"strides {inv_freq.stride()} on {inv_freq.device}"
-        raise ValueError(f"inv_freq: expected a contiguous tensor on {q.device}, got {got}")
+    if (
+        not isinstance(cos_sin, torch.Tensor)
+        or cos_sin.dtype != torch.float32
+        or cos_sin.dim() != 2
+        or cos_sin.shape[0] < 1
+        or cos_sin.shape[1] != D
+    ):
+        got = f"{getattr(cos_sin, 'dtype', type(cos_sin).__name__)} {tuple(getattr(cos_sin, 'shape', ()))}"
+        raise ValueError(f"cos_sin: expected a float32 (S, {D}) table from rope_table, got {got}")
+    if cos_sin.device != q.device or not cos_sin.is_contiguous():
+        got = f"strides {cos_sin.stride()} on {cos_sin.device}"
+        raise ValueError(f"cos_sin: expected a contiguous tensor on {q.device}, got {got}")
+    n_rows = cos_sin.shape[0]
     out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out_q is None else out_q
     _check("out_q", out_q, q, q.shape)
 
@@ -238,20 +259,23 @@ def rope(
         dst_k = k_cache
         dst_v = k_cache if v_cache is None else v_cache
         v_src = k if v is None else v
-        # Host check of the slots (a device sync), skipped while a CUDA graph is being captured (syncs are
-        # forbidden there): the kernel's mask still drops any write outside [0, S_max).
-        if check_values and not _capturing(positions) and positions.numel() > 0:
-            lo, hi = torch.stack(positions.aminmax()).tolist()  # one sync for both
-            if lo < 0 or hi >= S_max:
-                raise ValueError(f"positions: expected cache slots in [0, S_max={S_max}), got values in [{lo}, {hi}]")
+    # Host check of the positions (a device sync), skipped while a CUDA graph is being captured (syncs are
+    # forbidden there): the kernel's mask still drops any cache write outside [0, S_max), and its clamp keeps
+    # table reads inside the table.
+    if check_values and not _capturing(positions) and positions.numel() > 0:
+        lo, hi = torch.stack(positions.aminmax()).tolist()  # one sync for both
+        if k_cache is not None and (lo < 0 or hi >= S_max):
+            raise ValueError(f"positions: expected cache slots in [0, S_max={S_max}), got values in [{lo}, {hi}]")
+        if lo < 0 or hi >= n_rows:
+            raise ValueError(f"positions: expected values in [0, {n_rows}) (the rows of cos_sin), got [{lo}, {hi}]")
 
     if B * T == 0:
         return out_q, None if k_cache is not None else out_k
     block_half, block_h, num_warps = _config(D, Hq)
     grid = (B * T, triton.cdiv(Hq, block_h) + triton.cdiv(Hkv, block_h))
     _rope_kernel[grid](
-        q, k, v_src, positions, inv_freq, out_q, dst_k, dst_v,
-        T, Hq, Hkv, S_max,
+        q, k, v_src, positions, cos_sin, out_q, dst_k, dst_v,
+        T, Hq, Hkv, S_max, n_rows,
         *q.stride()[:3], *k.stride()[:3], *v_src.stride()[:3], *positions.stride(),
         *out_q.stride()[:3], *dst_k.stride()[:3], *dst_v.stride()[:3],
         HALF=D // 2, BLOCK_HALF=block_half, BLOCK_H=block_h,
@@ -271,8 +295,8 @@ def compile_variants() -> list[dict]:
                 block_half, block_h, num_warps = _config(D, Hq)
                 for has_cache, has_v in ((False, False), (True, False), (True, True)):
                     sig = {p: f"*{dt}" for p in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr")}
-                    sig |= {"pos_ptr": f"*{pos_dt}", "inv_freq_ptr": "*fp32"}
-                    sig |= {n: "i32" for n in ("T", "HQ", "HKV", "S_MAX", *strides)}
+                    sig |= {"pos_ptr": f"*{pos_dt}", "cs_ptr": "*fp32"}
+                    sig |= {n: "i32" for n in ("T", "HQ", "HKV", "S_MAX", "N_ROWS", *strides)}
                     cx = {"HALF": D // 2, "BLOCK_HALF": block_half, "BLOCK_H": block_h}
                     cx |= {"HAS_CACHE": has_cache, "HAS_V": has_v}
                     sig |= {n: "constexpr" for n in cx}

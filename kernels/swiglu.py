@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import interpreting
+
 
 @triton.jit
 def _swiglu_kernel(
@@ -53,7 +55,7 @@ def _swiglu_kernel(
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK = 1024
 _NUM_WARPS = 4
-_INTERPRET = not isinstance(_swiglu_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1 at import
+_INTERPRET = interpreting(_swiglu_kernel)  # TRITON_INTERPRET=1 at import
 
 
 def _rows(name: str, t: object, like: torch.Tensor | None, written: bool = False) -> torch.Tensor:

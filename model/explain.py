@@ -169,7 +169,7 @@ def _block(w: _Walk, i: int, x, h, positions):
     llm, a = w.llm, w.llm.args
     blk = llm.layers[i]
     q, k, v = _split_qkv(blk.attention.wqkv(h), a)
-    q, k = w.op("rope", q, k, positions, llm.inv_freq, layer=i)
+    q, k = w.op("rope", q, k, positions, llm.rope_cos_sin, layer=i)
     o = w.op("attention", q, k, v, start_pos=0, layer=i)
     h, x = w.op("add_rms_norm", blk.attention.wo(o.flatten(2)), x, blk.ffn_norm, a.norm_eps, layer=i)
     gu = blk.feed_forward.w13(h)
@@ -217,7 +217,7 @@ def _explain_block(w: _Walk, i: int, x, h, positions, head: int, labels: list[st
     else:
         w.say(s, "no frequency scaling in this checkpoint (Llama 3.0)")
     w.say(s, f"wavelengths 2pi/theta_j: {2 * math.pi / float(inv[0]):.3g} .. {2 * math.pi / float(inv[-1]):.3g} tokens")
-    q_rot, k_rot = w.op("rope", q, k, positions, inv, step=s, layer=i)
+    q_rot, k_rot = w.op("rope", q, k, positions, llm.rope_cos_sin, step=s, layer=i)
     for name, before, after in (("q", q[0, -1, head], q_rot[0, -1, head]), ("k", k[0, -1, kvh], k_rot[0, -1, kvh])):
         n0, n1 = float(before.float().norm()), float(after.float().norm())
         w.say(s, f"{name}, {last}: {_vals(before)} -> {_vals(after)}; |{name}| {n0:.4f} -> {n1:.4f}")

@@ -72,7 +72,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_rows, bias=False)  # wq | wk | wv stacked: read together
         self.wo = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, ops, h, positions, start_pos, lengths, inv_freq, k_cache, v_cache):
+    def forward(self, ops, h, positions, start_pos, lengths, cos_sin, k_cache, v_cache):
         """h (B, T, dim); positions (B, T); start_pos: int for prefill, None for a one-token decode step,
         where lengths (B,) = positions + 1 is each sequence's cache length after this token.
 
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         # Rotate q and k; the rotated k and the v go straight into cache slot positions[b, t].
         # Positions were validated once per step (forward's input checks, or generate's own bookkeeping),
         # so the ops skip their per-layer host check: no device sync inside the layer loop.
-        q, _ = ops.rope(q, k, positions, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache, check_values=False)
+        q, _ = ops.rope(q, k, positions, cos_sin, k_cache=k_cache, v=v, v_cache=v_cache, check_values=False)
         if start_pos is None:  # decode: one query per sequence, each sees its own cache length
             o = ops.decode_attention(q[:, 0], k_cache, v_cache, lengths, check_values=False)  # (B, Hq, hd)
         else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
@@ -217,6 +217,8 @@ class Llama(nn.Module):
         shape = (max_batch_size, a.n_kv_heads // self.tp.world, max_seq_len, a.head_dim)
         self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
         self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
+        # RoPE's cos/sin of every position the cache can hold, exact (fp64, rounded once): 4 * hd bytes a position.
+        self.rope_cos_sin = reference.rope_table(self.inv_freq, max_seq_len)  # (max_seq_len, hd) fp32
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._graphs.clear()
 
@@ -260,7 +262,7 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             k_cache = self.k_cache[i][:B].transpose(1, 2)  # (B, S_max, Hkv, hd) view
             v_cache = self.v_cache[i][:B].transpose(1, 2)
-            a = layer.attention(ops, h, positions, start_pos, lengths, self.inv_freq, k_cache, v_cache)
+            a = layer.attention(ops, h, positions, start_pos, lengths, self.rope_cos_sin, k_cache, v_cache)
             h, x = ops.add_rms_norm(a, x, layer.ffn_norm, eps)  # x += attention out; h = RMSNorm(x)
             f = layer.feed_forward(ops, h)
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm

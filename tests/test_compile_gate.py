@@ -59,3 +59,13 @@ def test_attention_kernels_use_tensor_cores(rows):
         assert dot_rows, f"{module}: no configuration with a tl.dot"
         for r in dot_rows:
             assert r.get("tensor_core_ops"), f"{module} {r['name']} {r['arch']}: no tensor-core instruction in SASS"
+
+
+def test_gate_rejects_local_memory_of_any_kind():
+    """A stack frame or STL/LDL instructions fail the gate even with no spill (libdevice's sin/cos slow path
+    keeps an array in local memory that way); a clean row passes."""
+    clean = {"arch": "sm_90", "local_bytes": 0, "stack_bytes": 0, "local_memory_ops": 0, "shared_bytes": 0}
+    clean |= {"uses_dot": False, "tensor_core_ops": []}
+    assert problems(clean) == []
+    for bad in ({"stack_bytes": 32}, {"local_memory_ops": 4}, {"local_bytes": 8}):
+        assert any("local memory" in p for p in problems(clean | bad)), bad

@@ -24,8 +24,9 @@ LLAMA31_SCALING = {
 }
 
 
-def _inv_freq(D, device):
-    return ref.rope_inv_freq(D, 500000.0, LLAMA31_SCALING).to(device)
+def _table(D, device, theta=500000.0, scaling=LLAMA31_SCALING, n_positions=8192):
+    """The (n_positions, D) cos/sin table of Llama 3.1's scaled frequencies (or ``theta`` unscaled)."""
+    return ref.rope_table(ref.rope_inv_freq(D, theta, scaling).to(device), n_positions)
 
 
 def _fused_qkv(B, T, Hq, Hkv, D, dtype, device, seed):
@@ -56,34 +57,63 @@ def test_rope(shape, dtype, device):
     B, T, Hq, Hkv, D = shape
     q, k, _ = _fused_qkv(B, T, Hq, Hkv, D, dtype, device, seed=1)
     pos = _positions(B, T, 5000, device, seed=2)
-    inv_freq = _inv_freq(D, device)
+    cs = _table(D, device)
     out_q, out_k = poisoned_like(q), poisoned_like(k)
-    q_rot, k_rot = rope(q, k, pos, inv_freq, out_q=out_q, out_k=out_k)
+    q_rot, k_rot = rope(q, k, pos, cs, out_q=out_q, out_k=out_k)
     assert q_rot is out_q and k_rot is out_k
-    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, inv_freq)
+    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, cs)
     assert_close(q_rot, q_ref, dtype, "q_rot")
     assert_close(k_rot, k_ref, dtype, "k_rot")
 
 
+def _rotate_fp64(x, pos, inv_freq):
+    """Meta's interleaved-pair rotation computed from scratch in fp64: angle p * f_i, no table."""
+    angles = pos.double()[..., None, None] * inv_freq.double()  # (B, T, 1, D/2)
+    x0, x1 = x.double().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = angles.cos(), angles.sin()
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+
+
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
 def test_allocating_path_and_long_context(pos_dtype, device):
-    """Without out=, new tensors; positions near 128K (angles ~1e5 rad: the sin/cos range reduction matters)."""
-    q, k, _ = _fused_qkv(2, 3, 4, 2, 128, torch.float32, device, seed=3)
-    pos = _positions(2, 3, 131000, device, pos_dtype, seed=4)
-    inv_freq = _inv_freq(128, device)
-    q_rot, k_rot = rope(q, k, pos, inv_freq)
+    """Without out=, new tensors; at positions up to Llama 3.1's 131071, with its scaled frequencies, the result
+    equals the rotation computed in fp64 from scratch to fp32 tolerance. Angles reach 1.3e5 rad there: an fp32
+    angle p * f (what Meta's code computes) is off by up to 4e-3 rad, which this tolerance rejects."""
+    D, n = 128, 131072
+    inv_freq = ref.rope_inv_freq(D, 500000.0, LLAMA31_SCALING).to(device)
+    cs = ref.rope_table(inv_freq, n)
+    q, k, _ = _fused_qkv(2, 4, 4, 2, D, torch.float32, device, seed=3)
+    pos = torch.tensor([[0, 1, 8191, 8192], [65535, 100003, 131070, 131071]], device=device, dtype=pos_dtype)
+    q_rot, k_rot = rope(q, k, pos, cs)
     assert q_rot.is_contiguous() and k_rot.is_contiguous()
-    q_ref, k_ref = ref.rope(q, k, pos, inv_freq)
-    assert_close(q_rot, q_ref, torch.float32, "q_rot")
-    assert_close(k_rot, k_ref, torch.float32, "k_rot")
+    assert_close(q_rot, _rotate_fp64(q, pos, inv_freq), torch.float32, "q_rot vs fp64")
+    assert_close(k_rot, _rotate_fp64(k, pos, inv_freq), torch.float32, "k_rot vs fp64")
+    # The check has teeth: angles computed in fp32, as before the table, fail it at these positions.
+    fp32_angles = pos.float()[..., None] * inv_freq
+    fp32_table = torch.zeros(n, D, device=device)
+    fp32_table[pos.long()] = torch.cat((fp32_angles.cos(), fp32_angles.sin()), dim=-1)
+    with pytest.raises(AssertionError):
+        assert_close(ref.rope(q, k, pos, fp32_table)[0], _rotate_fp64(q, pos, inv_freq), torch.float32, "fp32 angles")
+
+
+def test_table_is_exact_in_fp64(device):
+    """Every row of the table is cos/sin of p * f computed in fp64 and rounded once."""
+    inv_freq = ref.rope_inv_freq(64, 500000.0, LLAMA31_SCALING).to(device)
+    cs = ref.rope_table(inv_freq, 131072)
+    assert cs.shape == (131072, 64) and cs.dtype == torch.float32 and cs.is_contiguous()
+    rows = torch.tensor([0, 1, 4097, 131071], device=device)
+    angles = rows.double()[:, None] * inv_freq.double()
+    assert torch.equal(cs[rows], torch.cat((angles.cos(), angles.sin()), dim=-1).float())
+    with pytest.raises(ValueError, match="n_positions"):
+        ref.rope_table(inv_freq, 0)
 
 
 def test_in_place(device):
     q, k, _ = _fused_qkv(2, 4, 4, 1, 64, torch.float16, device, seed=5)
     pos = _positions(2, 4, 100, device, seed=6)
-    inv_freq = _inv_freq(64, device)
-    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, inv_freq)
-    q_rot, k_rot = rope(q, k, pos, inv_freq, out_q=q, out_k=k)
+    cs = _table(64, device)
+    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, cs)
+    q_rot, k_rot = rope(q, k, pos, cs, out_q=q, out_k=k)
     assert q_rot is q and k_rot is k
     assert_close(q, q_ref, torch.float16, "q in place")
     assert_close(k, k_ref, torch.float16, "k in place")
@@ -124,12 +154,12 @@ def test_cache_write(shape, layout, dtype, device):
         v = torch.randn(B, T, Hkv, D, device=device).to(dtype)
     S_max = 40
     pos = _positions(B, T, S_max - T, device, torch.int32, seed=8)
-    inv_freq = _inv_freq(D, device)
+    cs = _table(D, device)
     k_cache, v_cache = _caches(B, S_max, Hkv, D, dtype, device, layout)
     out_q = poisoned_like(q)
-    q_rot, none = rope(q, k, pos, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache, out_q=out_q)
+    q_rot, none = rope(q, k, pos, cs, k_cache=k_cache, v=v, v_cache=v_cache, out_q=out_q)
     assert none is None and q_rot is out_q
-    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, inv_freq)
+    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, cs)
     assert_close(q_rot, q_ref, dtype, "q_rot")
     _check_cache(k_cache, k_ref, pos, dtype, "k_cache")
     _check_cache(v_cache, v, pos, dtype, "v_cache", exact=True)
@@ -139,11 +169,11 @@ def test_cache_k_only(device):
     """k_cache without v: only k is written."""
     q, k, _ = _fused_qkv(2, 3, 4, 2, 64, torch.bfloat16, device, seed=9)
     pos = _positions(2, 3, 10, device, seed=10)
-    inv_freq = _inv_freq(64, device)
+    cs = _table(64, device)
     k_cache = torch.full((2, 16, 2, 64), float("nan"), device=device, dtype=torch.bfloat16)
-    q_rot, none = rope(q, k, pos, inv_freq, k_cache=k_cache)
+    q_rot, none = rope(q, k, pos, cs, k_cache=k_cache)
     assert none is None
-    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, inv_freq)
+    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, cs)
     assert_close(q_rot, q_ref, torch.bfloat16, "q_rot")
     _check_cache(k_cache, k_ref, pos, torch.bfloat16, "k_cache")
 
@@ -158,13 +188,13 @@ def test_in_kernel_slot_mask(monkeypatch, device, skip):
     B, T, Hq, Hkv, D, S_max = 2, 3, 2, 2, 64, 8
     q, k, v = _fused_qkv(B, T, Hq, Hkv, D, torch.float32, device, seed=11)
     pos = torch.tensor([[5, 6, 7], [7, 8, 9]], device=device)  # 8 and 9 are past the end
-    inv_freq = _inv_freq(D, device)
+    cs = _table(D, device)
     k_big = torch.full((B, S_max + 4, Hkv, D), float("nan"), device=device)
     v_big = torch.full((B, S_max + 4, Hkv, D), float("nan"), device=device)
     kw = {"check_values": False} if skip == "check_values=False" else {}
-    rope(q, k, pos, inv_freq, k_cache=k_big[:, :S_max], v=v, v_cache=v_big[:, :S_max], **kw)
+    rope(q, k, pos, cs, k_cache=k_big[:, :S_max], v=v, v_cache=v_big[:, :S_max], **kw)
     assert torch.isnan(k_big[:, S_max:]).all() and torch.isnan(v_big[:, S_max:]).all(), "wrote past S_max"
-    _, k_ref = ref.rope(q, k, pos, inv_freq)
+    _, k_ref = ref.rope(q, k, pos, cs)
     for b in range(B):
         for t in range(T):
             p = int(pos[b, t])
@@ -197,15 +227,15 @@ def test_property(B, T, Hkv, group, D, dtype, cache, fused, start_max, seed):
     if not fused:  # separate contiguous tensors: q, k and v strides all differ from one another
         q, k, v = (t.contiguous() for t in (q, k, v))
     pos = _positions(B, T, start_max, device, seed=seed)
-    inv_freq = ref.rope_inv_freq(D, 10000.0).to(device)
-    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, inv_freq)
+    cs = _table(D, device, 10000.0, None, start_max + T)
+    q_ref, k_ref = ref.rope(q.float(), k.float(), pos, cs)
     if cache:
         k_cache, v_cache = _caches(B, start_max + T, Hkv, D, dtype, device, cache)
-        q_rot, _ = rope(q, k, pos, inv_freq, k_cache=k_cache, v=v, v_cache=v_cache, out_q=poisoned_like(q))
+        q_rot, _ = rope(q, k, pos, cs, k_cache=k_cache, v=v, v_cache=v_cache, out_q=poisoned_like(q))
         _check_cache(k_cache, k_ref, pos, dtype, "k_cache")
         _check_cache(v_cache, v, pos, dtype, "v_cache", exact=True)
     else:
-        q_rot, k_rot = rope(q, k, pos, inv_freq, out_q=poisoned_like(q), out_k=poisoned_like(k))
+        q_rot, k_rot = rope(q, k, pos, cs, out_q=poisoned_like(q), out_k=poisoned_like(k))
         assert_close(k_rot, k_ref, dtype, "k_rot")
     assert_close(q_rot, q_ref, dtype, "q_rot")
 
@@ -218,7 +248,7 @@ def _bad_cases(device):
     q = torch.randn(B, T, Hq, D, device=device)
     k = torch.randn(B, T, Hkv, D, device=device)
     pos = torch.arange(T, device=device).expand(B, T)
-    f = ref.rope_inv_freq(D, 10000.0).to(device)
+    f = _table(D, device, 10000.0, None, S + 8)  # more rows than cache slots
     kc = torch.zeros(B, S, Hkv, D, device=device)
     meta = torch.empty(B, T, Hq, D, device="meta")
     return [
@@ -235,9 +265,14 @@ def _bad_cases(device):
         ("positions dtype", lambda: rope(q, k, pos.float(), f), "positions: expected an int32 or int64"),
         ("positions shape", lambda: rope(q, k, pos[:, :2], f), r"positions: expected shape \(2, 3\)"),
         ("positions device", lambda: rope(q, k, pos.to("meta"), f), "positions: expected shape"),
-        ("inv_freq dtype", lambda: rope(q, k, pos, f.double()), "inv_freq: expected a float32"),
-        ("inv_freq shape", lambda: rope(q, k, pos, f[:-1]), r"inv_freq: expected a float32 \(4,\)"),
-        ("inv_freq stride", lambda: rope(q, k, pos, torch.randn(8, device=device)[::2]), "inv_freq: expected a cont"),
+        ("cos_sin type", lambda: rope(q, k, pos, None), "cos_sin: expected a float32"),
+        ("cos_sin dtype", lambda: rope(q, k, pos, f.double()), "cos_sin: expected a float32"),
+        ("cos_sin width", lambda: rope(q, k, pos, f[:, :-2]), r"cos_sin: expected a float32 \(S, 8\)"),
+        ("cos_sin dims", lambda: rope(q, k, pos, f[0]), r"cos_sin: expected a float32 \(S, 8\)"),
+        ("cos_sin empty", lambda: rope(q, k, pos, f[:0]), r"cos_sin: expected a float32 \(S, 8\)"),
+        ("cos_sin stride", lambda: rope(q, k, pos, f[::2]), "cos_sin: expected a contiguous"),
+        ("cos_sin device", lambda: rope(q, k, pos, f.to("meta")), "cos_sin: expected a contiguous tensor on"),
+        ("positions >= rows", lambda: rope(q, k, pos, f[:2]), r"positions: expected values in \[0, 2\)"),
         ("out_q shape", lambda: rope(q, k, pos, f, out_q=k), "out_q: expected shape"),
         ("out_q dtype", lambda: rope(q, k, pos, f, out_q=q.half()), "out_q: expected dtype"),
         ("out_k shape", lambda: rope(q, k, pos, f, out_k=q), "out_k: expected shape"),
@@ -270,5 +305,5 @@ def test_bad_call_writes_nothing(device):
     out_q = poisoned_like(q)
     pos = torch.tensor([[3, 4]], device=device)
     with pytest.raises(ValueError, match="positions: expected cache slots"):
-        rope(q, k, pos, ref.rope_inv_freq(8, 10000.0).to(device), k_cache=k_cache, v=v, v_cache=v_cache, out_q=out_q)
+        rope(q, k, pos, _table(8, device, 10000.0, None), k_cache=k_cache, v=v, v_cache=v_cache, out_q=out_q)
     assert torch.isnan(out_q).all() and torch.isnan(k_cache).all() and torch.isnan(v_cache).all()

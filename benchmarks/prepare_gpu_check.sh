@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prepare what a GPU machine without network access needs for `make gpu-check`: wheels of the packages its
+# image lacks, in .whl/ (git-ignored), for CPython 3.12 on manylinux x86-64 (override with WHEEL_PYTHON /
+# WHEEL_PLATFORMS). Run it on a machine that reaches PyPI, then copy the repository with .whl/ to the GPU
+# machine; gpu_check.sh installs .whl/*.whl into /tmp/site before anything else.
+#
+# What is fetched, and why only this:
+#   llama-models (no dependencies; about 6.6 MB): the tests and the end-to-end benchmarks read the real Llama-3
+#     tokenizer.model file it ships. Nothing of it is imported by the GPU tests, so its own dependencies
+#     (pydantic, and the rest) are not needed; the tests that compare with Meta's ChatFormat, which needs
+#     pydantic, are CPU-only and skip with the reason where pydantic is missing.
+# Everything else the GPU tests import (torch, triton, numpy, tiktoken, safetensors, tqdm, hypothesis,
+# transformers, matplotlib, pytest) is expected on a CUDA machine set up for PyTorch; device.txt says which
+# are missing.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+py=${WHEEL_PYTHON:-3.12}
+platforms=${WHEEL_PLATFORMS:-"manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64"}
+plat_args=()
+for p in $platforms; do plat_args+=(--platform "$p"); done
+
+mkdir -p .whl  # ignored by .gitignore
+rm -f .whl/*.whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
+    "${plat_args[@]}" -d .whl "llama-models>=0.1"
+du -ch .whl/*.whl
+echo "ready: carry .whl/ to the GPU machine and run 'make gpu-check' there (with OUT=<folder> to collect the files)"
