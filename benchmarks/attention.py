@@ -67,8 +67,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
     es = element_size(ctx.dtype)
 
     def setup() -> dict:
-        import kernels
-        from kernels import reference
+        from kernels import reference, triton_ops
 
         qkv = randn((B, T, (Hq + 2 * Hkv) * hd), ctx, seed=T)
         q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))  # (B, T, Hq, hd), a view as in the model
@@ -82,7 +81,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
         too_big = need > 0.8 * available_bytes(ctx)
         skip_ref = Skip(f"the reference needs ~{need / 2**30:.0f} GiB for fp32 score matrices") if too_big else None
         impls["torch_eager"] = skip_ref or (lambda: reference.attention(q, k, v))
-        impls["triton"] = lambda: kernels.attention(q, k, v)
+        impls["triton"] = lambda: triton_ops.attention(q, k, v)
         impls["sdpa_flash"] = Sdpa(q_sdpa, k_store, v_store, causal=True, out_view=lambda o: o.transpose(1, 2))
         if not ctx.compile_peers:
             impls["torch_compile"] = Skip("--no-compile")

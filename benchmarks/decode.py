@@ -38,8 +38,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
     es = element_size(ctx.dtype)
 
     def setup() -> dict:
-        import kernels
-        from kernels import reference
+        from kernels import reference, triton_ops
 
         k_store = randn((B, Hkv, L, hd), ctx, seed=L)
         v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
@@ -50,7 +49,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
         def call(op):
             return lambda: op(q, k_cache, v_cache, lengths)
 
-        impls: dict = {"torch_eager": call(reference.decode_attention), "triton": call(kernels.decode_attention)}
+        impls: dict = {"torch_eager": call(reference.decode_attention), "triton": call(triton_ops.decode_attention)}
         impls["sdpa_flash"] = Sdpa(q[:, :, None, :], k_store, v_store, causal=False, out_view=lambda o: o[:, :, 0])
         impls["torch_compile"] = (
             call(compiled(reference.decode_attention, ctx)) if ctx.compile_peers else Skip("--no-compile")

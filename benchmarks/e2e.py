@@ -160,18 +160,9 @@ def prefill_flops(args, T: int) -> int:
     return args.n_layers * per_layer + 2 * args.dim * args.vocab_size
 
 
-def reference_ops():
-    from kernels import reference
-
-    return reference
-
-
-def _use(model, ops, graph: bool) -> None:
-    """Switch the loaded model's backend in place: a backend is the ops module the driver calls."""
-    model.ops = ops
-    model.backend = "torch" if ops is reference_ops() else "triton"
-    model.use_cuda_graph = graph
-    model._graphs.clear()  # captured graphs hold the previous backend's kernels
+def _use(model, backend: str, graph: bool) -> None:
+    """Switch the loaded model's backend and graph capture in place (the weights and the cache stay)."""
+    model.use(backend=backend, cuda_graph=graph)
     free_memory()
 
 
@@ -200,8 +191,7 @@ def run(ctx: Context, models: list[str]) -> dict:
 def bench_model(ctx: Context, name: str, compile_here: bool) -> dict:
     import torch
 
-    from kernels import reference
-    from model.llama import Llama, select_ops
+    from model.llama import Llama
 
     batches, contexts, prefill_len = points(ctx)
     args = model_args(name)
@@ -240,15 +230,14 @@ def bench_model(ctx: Context, name: str, compile_here: bool) -> dict:
     for t in [*model.k_cache, *model.v_cache]:
         t.normal_()  # attention's cost depends on the lengths, not the values; but never time zeros
 
-    triton_ops, torch_ops = select_ops("triton", ctx.device), reference
-    peers = [("triton", triton_ops, True), ("torch", torch_ops, True)]
+    peers = [("triton", "triton", True), ("torch", "torch", True)]
     if ctx.cuda:  # on a CPU there is no graph, so these would repeat the two above
-        peers.append(("torch_eager", torch_ops, False))
+        peers.append(("torch_eager", "torch", False))
         if not ctx.quick and not ctx.smoke:
-            peers.append(("triton_eager", triton_ops, False))
+            peers.append(("triton_eager", "triton", False))
     rec["decode"] = []
-    for impl, ops, graph in peers:
-        _use(model, ops, graph)
+    for impl, backend, graph in peers:
+        _use(model, backend, graph)
         for B in batches:
             for L in contexts:
                 rec["decode"].append(_decode_point(ctx, model, args, impl, B, L, es))
@@ -262,8 +251,8 @@ def bench_model(ctx: Context, name: str, compile_here: bool) -> dict:
 
     rec["prefill"] = []
     outputs = {}
-    for impl, ops in (("triton", triton_ops), ("torch", torch_ops)):
-        _use(model, ops, False)
+    for impl in ("triton", "torch"):
+        _use(model, impl, False)
         row, out = _prefill_point(ctx, model, args, impl, prefill_len)
         rec["prefill"].append(row)
         if out is not None:
@@ -301,7 +290,7 @@ def _decode_point(ctx: Context, model, args, impl: str, B: int, L: int, es: int)
     tokens = torch.randint(0, args.vocab_size, (B, 1), device=ctx.device)
     positions = torch.full((B,), L, dtype=torch.long, device=ctx.device)
     try:
-        timing, _ = time_call(lambda: model.decode_step(tokens, positions), ctx, graph=False)
+        timing, _ = time_call(lambda: model.decode(tokens, positions), ctx, graph=False)
     except Exception as e:
         if ctx.debug:
             traceback.print_exc()
@@ -309,7 +298,7 @@ def _decode_point(ctx: Context, model, args, impl: str, B: int, L: int, es: int)
         ctx.log(f"e2e decode {impl} B={B} L={L}: error: {row['error']}")
         return row
     if ctx.cuda and model.use_cuda_graph:  # the driver falls back to eager (with a warning) if capture fails
-        row["cuda_graph"] = model._graphs.get(B) is not None
+        row["cuda_graph"] = model.has_decode_graph(B)
     _finish_decode_row(ctx, row, timing)
     return row
 
@@ -331,9 +320,7 @@ def _compiled_points(ctx: Context, model, args, pts: list[tuple[int, int]], es: 
     import torch
     import torch._dynamo
 
-    from kernels import reference
-
-    _use(model, reference, False)
+    _use(model, "torch", False)
     for t in [*model.k_cache, *model.v_cache]:
         try:
             torch._dynamo.mark_static_address(t)
@@ -341,7 +328,7 @@ def _compiled_points(ctx: Context, model, args, pts: list[tuple[int, int]], es: 
             break
 
     def step(tokens, positions):
-        return model._forward(tokens, positions[:, None], None)[:, 0]
+        return model.decode(tokens, positions)  # eager: the model's own graph capture is off
 
     kw: dict[str, Any] = {"fullgraph": False, "dynamic": False, "backend": ctx.compile_backend}
     if ctx.compile_backend == "inductor" and ctx.cuda:
@@ -404,12 +391,11 @@ def _prefill_point(ctx: Context, model, args, impl: str, T: int) -> tuple[dict, 
         return row, None
     # The same prompt for every implementation (their logits are compared).
     tokens = torch.randint(0, args.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)).to(ctx.device)
-    positions = torch.arange(T, device=ctx.device)[None]
     last = torch.tensor([T - 1], device=ctx.device)
 
     @torch.inference_mode()
     def prefill():
-        return model._forward(tokens, positions, 0, gather=last)  # (1, 1, vocab): logits of the last token
+        return model.prefill(tokens, 0, last=last, check=False)  # (1, 1, vocab): logits of the last token
 
     try:
         timing, out = time_call(prefill, ctx, graph=False)

@@ -49,17 +49,9 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     row["num_stages"] = v["num_stages"]
     try:
         # At launch Triton marks pointers aligned to 16 bytes (every torch allocation, and the views the
-        # driver passes) and integers divisible by 16 as such, which is what enables 16-byte vector loads.
-        # Compile the same: pointers, strides (multiples of the head dim at every Llama shape), and the sizes a
-        # variant lists in "divisible" (a row length of 4096, say, where the launcher sees one).
-        names = list(v["signature"])
-        attrs = {
-            (names.index(n),): [["tt.divisibility", 16]]
-            for n, t in v["signature"].items()
-            if t.startswith("*") or (t in ("i32", "i64") and "stride" in n.lower()) or n in v.get("divisible", ())
-        }
-        if "attrs" in v:  # a variant that says which arguments are specialised knows best
-            attrs = v["attrs"]
+        # driver passes) and integers divisible by 16 as such, which is what enables 16-byte vector loads;
+        # each variant's "attrs" (kernels/_launch.variant) says which, so the gate compiles what runs.
+        attrs = v["attrs"]
         src = ASTSource(fn=v["fn"], signature=v["signature"], constexprs=v.get("constexprs", {}), attrs=attrs)
         options = {"num_warps": v["num_warps"], "num_stages": v["num_stages"]}
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -33,8 +33,7 @@ def _case(ctx: Context, kernel: str, model: str, D: int, T: int) -> Case:
     n_bytes = ((2 if kernel == "rms_norm" else 4) * T * D + D) * es
 
     def setup() -> dict:
-        import kernels
-        from kernels import reference
+        from kernels import reference, triton_ops
 
         x = randn((1, T, D), ctx, seed=T)
         w = randn((D,), ctx, seed=1, scale=0.1) + 1.0  # near 1, not 1: a missing multiply shows
@@ -42,7 +41,7 @@ def _case(ctx: Context, kernel: str, model: str, D: int, T: int) -> Case:
             args: tuple = (x, w, EPS)
         else:
             args = (x, randn((1, T, D), ctx, seed=T + 1), w, EPS)
-        ref_op, op = getattr(reference, kernel), getattr(kernels, kernel)
+        ref_op, op = getattr(reference, kernel), getattr(triton_ops, kernel)
         impls: dict = {"torch_eager": lambda: ref_op(*args), "triton": lambda: op(*args)}
         if ctx.compile_peers:
             c = compiled(ref_op, ctx)

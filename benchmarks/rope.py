@@ -33,8 +33,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
     n_bytes = 2 * B * T * (Hq + 2 * Hkv) * hd * es + B * T * 8 + B * T * hd * 4
 
     def setup() -> dict:
-        import kernels
-        from kernels import reference
+        from kernels import reference, triton_ops
 
         qkv = randn((B, T, (Hq + 2 * Hkv) * hd), ctx, seed=T)
         q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))  # (B, T, Hq, hd) views, as in the model
@@ -49,7 +48,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
         def call(op):
             return lambda: op(q, k, positions, cos_sin, k_cache=k_cache, v=v, v_cache=v_cache)
 
-        impls: dict = {"torch_eager": call(reference.rope), "triton": call(kernels.rope)}
+        impls: dict = {"torch_eager": call(reference.rope), "triton": call(triton_ops.rope)}
         impls["torch_compile"] = call(compiled(reference.rope, ctx)) if ctx.compile_peers else Skip("--no-compile")
         return impls
 

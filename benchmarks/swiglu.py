@@ -26,12 +26,11 @@ def _case(ctx: Context, model: str, F: int, T: int) -> Case:
     n_bytes = 3 * T * F * element_size(ctx.dtype)
 
     def setup() -> dict:
-        import kernels
-        from kernels import reference
+        from kernels import reference, triton_ops
 
         gu = randn((1, T, 2 * F), ctx, seed=T)
         gate, up = gu[..., :F], gu[..., F:]
-        impls: dict = {"torch_eager": lambda: reference.swiglu(gate, up), "triton": lambda: kernels.swiglu(gate, up)}
+        impls: dict = {"torch_eager": lambda: reference.swiglu(gate, up), "triton": lambda: triton_ops.swiglu(gate, up)}
         if ctx.compile_peers:
             c = compiled(reference.swiglu, ctx)
             impls["torch_compile"] = lambda: c(gate, up)

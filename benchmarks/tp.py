@@ -86,20 +86,19 @@ def worker(a: argparse.Namespace) -> int:
     B, L = a.batch, a.context
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, llm.args.vocab_size, (B, L), generator=gen).to(device)
-    positions = torch.arange(L, device=device).expand(B, L)
     with torch.inference_mode():
-        llm._forward(tokens, positions, 0, gather=torch.full((B,), L - 1, device=device))  # fill the cache
+        llm.prefill(tokens, 0, last=torch.full((B,), L - 1, device=device), check=False)  # fill the cache
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)
     pos = torch.full((B,), L, dtype=torch.long, device=device)
     for _ in range(3):  # warm-up; on CUDA the first call captures the graph
-        llm.decode_step(tok, pos)
+        llm.decode(tok, pos)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     if tp.enabled:
         dist.barrier()
     t0 = time.perf_counter()
     for _ in range(a.steps):
-        llm.decode_step(tok, pos)  # the same slot each step: a constant cache length L + 1
+        llm.decode(tok, pos)  # the same slot each step: a constant cache length L + 1
     sync()
     step_s = (time.perf_counter() - t0) / a.steps
     if tp.rank == 0:
@@ -113,7 +112,7 @@ def worker(a: argparse.Namespace) -> int:
             "context": L,
             "backend": backend,
             "dtype": str(dtype).removeprefix("torch."),
-            "cuda_graph": bool(device.type == "cuda" and llm._graphs.get(B) is not None),
+            "cuda_graph": bool(device.type == "cuda" and llm.has_decode_graph(B)),
             "step_ms": step_s * 1e3,
             "tokens_per_s": B / step_s,
             "weight_bytes_per_rank": weight_bytes,

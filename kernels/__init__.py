@@ -1,67 +1,79 @@
-"""Hand-written Triton kernels for the hot spots of a Llama-3 forward pass.
+"""Hand-written Triton kernels for the hot spots of a Llama-3 forward pass, and their PyTorch twins.
 
-Each op lives in its own file with a docstring that explains the maths, the bytes it moves and the
-floor that follows; ``kernels.reference`` holds the plain-PyTorch twin of each, with the same
-signature. On a machine without a GPU, set ``TRITON_INTERPRET=1`` *before* importing this package
-to run the kernels in Triton's interpreter (the ``@triton.jit`` decorator reads it at import time).
+Two backends implement the same ops, the ``Ops`` protocol below, which is all the model driver calls:
+
+    kernels.triton_ops   the Triton kernels, one file each: rmsnorm.py, rope.py, attention.py (prefill),
+                         decode.py (split-KV decode), swiglu.py; _launch.py holds what their launchers share
+    kernels.reference    the same functions in plain PyTorch: the definitions the kernels are tested against,
+                         and the backend that runs anywhere
+
+Choosing one is one line: ``ops = kernels.reference`` or ``from kernels import triton_ops as ops``.
+
+``import kernels`` imports neither. Importing a kernel file runs ``@triton.jit``, which reads
+``TRITON_INTERPRET`` at that moment; on a machine without a GPU, set ``TRITON_INTERPRET=1`` before the first
+``import kernels.triton_ops`` (or of any kernel file) to run the kernels in Triton's interpreter.
 """
 
-import importlib
-import sys
-import types
-from typing import Any
+from __future__ import annotations
 
-# Public name -> the module that defines it. Imported on first use (PEP 562), so that
-# ``import kernels.reference`` (the torch backend) never compiles or interprets a Triton kernel, and so
-# that TRITON_INTERPRET can still be set after ``import kernels`` but before the first kernel is used.
-_EXPORTS = {
-    "rms_norm": "kernels.rmsnorm",
-    "add_rms_norm": "kernels.rmsnorm",
-    "rope": "kernels.rope",
-    "rope_inv_freq": "kernels.reference",
-    "rope_table": "kernels.reference",
-    "attention": "kernels.attention",
-    "decode_attention": "kernels.decode",
-    "swiglu": "kernels.swiglu",
-    "reference": "kernels.reference",
-}
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Ops"]
 
 
-class _KernelsPackage(types.ModuleType):
-    """``kernels.rope`` is the function, though ``kernels/rope.py`` is also a module named ``kernels.rope``.
+class Ops(Protocol):
+    """The ops the model driver calls on its backend, one per kernel (matrix products stay with torch).
 
-    Importing a submodule binds it as an attribute of its package, which would shadow the function of
-    the same name (``kernels.attention`` would become the module once anything ran
-    ``from kernels.attention import ...``). This package class keeps the function there instead; the
-    modules stay reachable through ``sys.modules`` / ``importlib.import_module("kernels.attention")``.
+    Shapes (Meta's): activations (B, T, heads, head_dim); the KV cache as a (B, S_max, Hkv, head_dim) view.
+    Each backend module defines these functions with these parameters (and may take more keywords).
     """
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__ and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+        """x / sqrt(mean(x^2) + eps) * weight over the last dim."""
+        ...
 
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = residual + x; returns (rms_norm(h), h)."""
+        ...
 
-sys.modules[__name__].__class__ = _KernelsPackage
+    def rope_write_cache(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """Returns q rotated by RoPE at ``positions``; writes k rotated, and v, into the caches at those slots."""
+        ...
 
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_pos: int = 0, scale: float | None = None
+    ) -> torch.Tensor:
+        """Causal attention of q (B, T, Hq, D) at positions start_pos.. over k, v (B, S, Hkv, D)."""
+        ...
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    value = module if name == "reference" else getattr(module, name)
-    globals()[name] = value
-    return value
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """Attention of one query per sequence, q (B, Hq, D), over keys 0 .. lengths[b] - 1 of the caches."""
+        ...
 
-
-__all__ = [
-    "reference",
-    "rms_norm",
-    "add_rms_norm",
-    "rope",
-    "rope_inv_freq",
-    "rope_table",
-    "attention",
-    "decode_attention",
-    "swiglu",
-]
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up."""
+        ...

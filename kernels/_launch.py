@@ -1,5 +1,6 @@
-"""What every kernel launcher shares: whether the kernels run in Triton's interpreter, and a fix that lets
-the interpreter of older Triton releases run them with current numpy.
+"""What every kernel launcher shares, so that each kernel file reads as its kernel: whether the kernels run in
+Triton's interpreter, the argument checks (one wording for every op), the alignment Triton specialises on,
+and the compile gate's description of a configuration.
 
 Interpreted or compiled is decided once, when ``@triton.jit`` runs (at the kernel module's import, from
 ``TRITON_INTERPRET``): ask the kernel object, not the environment, which may have changed since.
@@ -7,19 +8,149 @@ Interpreted or compiled is decided once, when ``@triton.jit`` runs (at the kerne
 Triton 3.6/3.7's interpreter converts a loop bound such as ``tl.cdiv(N, BLOCK)`` to a Python int with
 ``int(array)`` on a one-element 1-d numpy array; numpy 2.4 made that a ``TypeError`` ("only 0-dimensional
 arrays can be converted to Python scalars"), so every kernel with a ``range(...)`` loop fails there. Triton
-3.8 fixed it upstream by squeezing the array first; ``_fix_interpreter_index`` applies the same one-line
-fix to the older releases, and only to them (the GPU machine's image pairs triton 3.6 with numpy 2.5).
-Compiled kernels never reach this code.
+3.8 fixed it upstream by squeezing the array first; ``_fix_interpreter_index`` applies the same one-line fix
+to the older releases, and only to them (the GPU machine's image pairs triton 3.6 with numpy 2.5). It runs
+when this module is first imported, before any kernel can be launched; compiled kernels never reach it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import triton
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ARCHS = (80, 90)  # the compile gate's targets: A100 (sm_80) and H100/H200 (sm_90)
 
 
 def interpreting(kernel: object) -> bool:
     """True when ``kernel`` (a ``@triton.jit`` function) runs in Triton's interpreter rather than compiled."""
     return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream: no host syncs allowed."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# ---- argument checks: each failure a ValueError that names the argument and says what it expected ----------
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    like: torch.Tensor | None = None,
+    like_name: str = "q",
+    interpret: bool = False,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    ndim: int | None = None,
+    shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``t`` as a tensor the kernels can read, else a ValueError naming ``name``.
+
+    Without ``like``: a dtype from ``dtypes`` on a CUDA device (or on the CPU when ``interpret``, the kernel
+    running in Triton's interpreter). With ``like``: the device and dtype of ``like`` (the op's first input,
+    called ``like_name``). Then ``ndim`` dims and exactly ``shape`` where given, and a contiguous last dim.
+    """
+    if not isinstance(t, torch.Tensor) or (ndim is not None and t.dim() != ndim):
+        want = "a torch.Tensor" if ndim is None else f"a {ndim}-d tensor"
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected {want}, got {got}")
+    if like is None:
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(f"{name}: expected dtype {names}, got {t.dtype}")
+        if not (t.is_cuda or (t.device.type == "cpu" and interpret)):
+            raise ValueError(f"{name}: expected a CUDA tensor (or a CPU one under TRITON_INTERPRET=1), got {t.device}")
+    else:
+        if t.device != like.device:
+            raise ValueError(f"{name}: expected a tensor on {like.device} (the device of {like_name}), got {t.device}")
+        if t.dtype != like.dtype:
+            raise ValueError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
+    return t
+
+
+def rows(name: str, t: torch.Tensor, *, written: bool = False) -> torch.Tensor:
+    """``t`` (..., D), last dim contiguous, viewed as (R, D) rows without a copy; ``written`` rows must not overlap."""
+    D = t.shape[-1]
+    try:
+        r = t.view(-1, D)
+    except RuntimeError:
+        raise ValueError(
+            f"{name}: expected leading dims that flatten to one row stride, got strides {t.stride()}"
+        ) from None
+    if written and r.shape[0] > 1 and r.stride(0) < D:
+        raise ValueError(f"{name}: output rows overlap (row stride {r.stride(0)} < {D})")
+    return r
+
+
+def aligned_strides(name: str, t: torch.Tensor, dims: int) -> tuple[int, ...]:
+    """The first ``dims`` strides of t for the kernel, after checking the alignment Triton specialises on.
+
+    Triton compiles one binary per alignment pattern of its pointer and integer arguments; with a 16-byte
+    aligned base and strides divisible by 16 elements the loads become 16-byte vectors, and those are the
+    binaries the compile gate checks (the unaligned fallback spilled). Every KV-cache, qkv or fresh tensor
+    qualifies. Dims of size 1 are never stepped along, so their stride is passed as 0 whatever it is.
+    """
+    strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims], strict=True))
+    if t.data_ptr() % 16 or any(s % 16 for s in strides):
+        raise ValueError(
+            f"{name}: expected a 16-byte aligned base and strides that are multiples of 16 elements, got "
+            f"address {t.data_ptr():#x}, strides {t.stride()} (pass a copy: {name}.clone())"
+        )
+    return strides
+
+
+# ---- the compile gate's description of one configuration --------------------------------------------------
+
+
+def variant(
+    name: str,
+    fn: object,
+    types: dict[str, str],
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int,
+    *,
+    archs: Sequence[int] = ARCHS,
+    divisible: Sequence[str] = (),
+    unaligned: Sequence[str] = (),
+) -> dict:
+    """One entry of a kernel file's ``compile_variants()``: what ``benchmarks/kernel_resources.py`` compiles.
+
+    ``types`` gives the Triton type of the pointer and float arguments ("*bf16", "fp32"); every other run-time
+    argument is an "i32". ``attrs`` marks what Triton specialises at launch on every realistic call: pointers
+    16-byte aligned (but those in ``unaligned``), strides and the sizes in ``divisible`` divisible by 16.
+    ``archs`` are the compute capabilities the launcher may pick the configuration on.
+    """
+    names = list(fn.arg_names)
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    aligned = [
+        i
+        for i, n in enumerate(names)
+        if (sig[n].startswith("*") and n not in unaligned)
+        or ("stride" in n.lower() and sig[n] == "i32")
+        or n in divisible
+    ]
+    return {
+        "name": name,
+        "fn": fn,
+        "signature": sig,
+        "constexprs": constexprs,
+        "attrs": {(i,): [["tt.divisibility", 16]] for i in aligned},
+        "archs": list(archs),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+
+
+# ---- triton < 3.8's interpreter with numpy >= 2.4 ------------------------------------------------------------
 
 
 def _needs_index_fix() -> bool:

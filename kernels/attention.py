@@ -57,13 +57,34 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import interpreting
+from kernels._launch import aligned_strides, check_tensor, interpreting, variant
 
 __all__ = ["attention", "compile_variants"]
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def online_softmax_step(
+    acc,  # (M, D) fp32 running unnormalised output
+    l_i,  # (M,) fp32 running softmax denominator
+    m_i,  # (M,) fp32 running maximum of the scores (log2 units)
+    s,  # (M, N) fp32 scores of a new key block, scaled to log2 units, -inf where masked
+    v,  # (N, D) the block's values (fp16/bf16 for the tensor cores; fp32 in tests)
+):
+    """The flash recurrence, one key block at a time (module docstring): returns the new (acc, l_i, m_i).
+
+    Shared by this prefill kernel and the split-KV decode kernel (kernels/decode.py). Each row must have seen
+    at least one unmasked key by its first block, so m_new is finite and no row computes exp2(-inf - -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # P goes into the tensor-core product in v's dtype (fp16/bf16), accumulating in fp32.
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -92,28 +113,18 @@ def _attend_blocks(
         key_pos = start_n + offs_n
         if MASKED:
             k = tl.load(k_base + k_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
+            v = tl.load(v_base + v_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
         else:
             k = tl.load(k_base + k_rows + cols)
+            v = tl.load(v_base + v_rows + cols)
         if DOT_FP32:
             k = k.to(tl.float32)
+            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N) fp32
         if MASKED:
             s = tl.where(key_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        # Every row sees key 0 in the first block it visits, so m_new is finite and no row ever computes
-        # exp2(-inf - -inf) = NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_base + v_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
-        else:
-            v = tl.load(v_base + v_rows + cols)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-        # P goes into the tensor-core product in v's dtype (fp16/bf16), accumulating in fp32.
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        m_i = m_new
+        # Every row sees key 0 in the first block it visits, so the recurrence's max is finite.
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v)
         # Advance the 64-bit scalar base (never position * stride in int32, which can pass 2^31 at 128k
         # context). A scalar plus loop-invariant (BLOCK_N, 1) and (1, D) offsets, not a (BLOCK_N, D) tile of
         # 64-bit pointers carried through the loop: that tile spilled on sm_90 at 128 x 128, D = 128.
@@ -267,53 +278,7 @@ _attention_autotuned = triton.autotune(
 )(_attention_kernel)
 
 
-# Launcher-side checks, shared with kernels/decode.py (the split-KV variant of this kernel).
-
-
-def check_tensor(
-    name: str,
-    t: object,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    ndim: int | None = None,
-    shape: tuple[int, ...] | None = None,
-) -> None:
-    """ValueError naming ``name`` unless t is a tensor of ``dtype`` on ``device`` (q's) with a contiguous last
-    dim, and of ``ndim`` dims / exactly ``shape`` where given."""
-    if not isinstance(t, torch.Tensor) or (ndim is not None and t.dim() != ndim):
-        want = "a torch.Tensor" if ndim is None else f"a {ndim}-d tensor"
-        raise ValueError(f"{name}: expected {want}, got {getattr(t, 'shape', type(t).__name__)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (same as q), got {t.device}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {dtype} (same as q), got {t.dtype}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
-
-
-def aligned_strides(name: str, t: torch.Tensor, dims: int) -> tuple[int, ...]:
-    """The first ``dims`` strides of t for the kernel, after checking the alignment Triton specialises on.
-
-    Triton compiles one binary per alignment pattern of its pointer and integer arguments; with a 16-byte
-    aligned base and strides divisible by 16 elements the loads become 16-byte vectors, and those are the
-    binaries the compile gate checks (the unaligned fallback spilled). Every KV-cache, qkv or fresh tensor
-    qualifies. Dims of size 1 are never stepped along, so their stride is passed as 0 whatever it is.
-    """
-    strides = tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims], strict=True))
-    if t.data_ptr() % 16 or any(s % 16 for s in strides):
-        raise ValueError(
-            f"{name}: expected a 16-byte aligned base and strides that are multiples of 16 elements, got "
-            f"address {t.data_ptr():#x}, strides {t.stride()} (pass a copy: {name}.clone())"
-        )
-    return strides
-
-
-def _interpreting() -> bool:
-    """Interpreted or compiled was decided when @triton.jit ran (at import): ask the kernel, not the environment."""
-    return interpreting(_attention_kernel)
+_INTERPRET = interpreting(_attention_kernel)
 
 
 def attention(
@@ -330,26 +295,17 @@ def attention(
     Returns (B, T, Hq, D) in q's dtype, written into ``out`` when given (any strides, last dim contiguous).
     Query head h reads kv head h // (Hq // Hkv); k/v are never repeated. ``scale`` defaults to 1/sqrt(D).
     """
-    interpret = _interpreting()
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q: expected a 4-d tensor (B, T, Hq, D), got {getattr(q, 'shape', type(q).__name__)}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpret):
-        raise ValueError(f"q: expected a CUDA tensor (or CPU with TRITON_INTERPRET=1), got device {q.device}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
+    interpret = _INTERPRET
+    check_tensor("q", q, interpret=interpret, ndim=4)  # (B, T, Hq, D)
     B, T, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"q: head dim must be 64 or 128, got {D}")
     if T < 1 or B < 1:
         raise ValueError(f"q: expected B >= 1 and T >= 1, got shape {tuple(q.shape)}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q: expected a contiguous last dim (stride 1), got strides {q.stride()}")
-    for name, t in (("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-d tensor (B, S, Hkv, D), got {getattr(t, 'shape', type(t))}")
+    check_tensor("k", k, like=q, ndim=4)  # (B, S, Hkv, D)
     S, Hkv = k.shape[1], k.shape[2]
-    check_tensor("k", k, q.dtype, q.device, shape=(B, S, Hkv, D))
-    check_tensor("v", v, q.dtype, q.device, shape=(B, S, Hkv, D))
+    check_tensor("k", k, like=q, shape=(B, S, Hkv, D))
+    check_tensor("v", v, like=q, ndim=4, shape=(B, S, Hkv, D))
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"k: kv heads ({Hkv}) must divide the query heads ({Hq})")
     if B * Hkv > 65535:  # grid axis 1, which CUDA caps at 65535
@@ -363,7 +319,7 @@ def attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
-        check_tensor("out", out, q.dtype, q.device, shape=(B, T, Hq, D))
+        check_tensor("out", out, like=q, shape=(B, T, Hq, D))
 
     strides = [aligned_strides(name, t, 3) for name, t in (("q", q), ("k", k), ("v", v), ("out", out))]
     strides = [s for st in strides for s in st]
@@ -391,16 +347,11 @@ def attention(
 
 
 def compile_variants() -> list[dict]:
-    """Every (config, dtype, head dim) the GPU autotuner can run, for the AOT compile gate.
-
-    Each dict also carries ``archs`` (the compute capabilities _allowed admits it on, with sm_80's 163 KB
-    and sm_90's 227 KB of shared memory) and ``attrs`` (the 16-byte alignment of pointers and strides that
-    Triton specialises on at run time; pass it to ``ASTSource``). ``DOT_FP32=True`` is left out: only the
-    interpreter picks it.
-    """
+    """Every (config, dtype, head dim) the GPU autotuner can run, for the AOT compile gate, each for the
+    compute capabilities _allowed admits it on (sm_80's 163 KB and sm_90's 227 KB of shared memory).
+    ``DOT_FP32=True`` is left out: only the interpreter picks it."""
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     smem = {80: 163 * 1024, 90: 227 * 1024}
-    names = list(_attention_kernel.arg_names)
     variants = []
     for cfg in _HALF_CONFIGS + _FP32_CONFIGS:
         m, n, w, s = cfg
@@ -409,28 +360,8 @@ def compile_variants() -> list[dict]:
                 archs = [a for a in (80, 90) if _allowed(cfg, d, dtype, a, smem[a])]
                 if not archs:
                     continue
-                constexprs = {"HEAD_DIM": d, "BLOCK_M": m, "BLOCK_N": n, "DOT_FP32": False}
-                sig = {}
-                for name in names:
-                    if name in constexprs:
-                        sig[name] = "constexpr"
-                    elif name in ("Q", "K", "V", "Out"):
-                        sig[name] = ptr[dtype]
-                    else:
-                        sig[name] = "fp32" if name == "qk_scale" else "i32"
-                # Run-time specialisation on every realistic call: 16-byte aligned base pointers and strides
-                # divisible by 16 elements (multiples of D). Without it the loads are not vectorised.
-                aligned = [i for i, name in enumerate(names) if name in ("Q", "K", "V", "Out") or "stride" in name]
-                variants.append(
-                    {
-                        "name": f"attention_{str(dtype).split('.')[-1]}_d{d}_m{m}_n{n}_w{w}_s{s}",
-                        "fn": _attention_kernel,
-                        "signature": sig,
-                        "constexprs": constexprs,
-                        "attrs": {(i,): [["tt.divisibility", 16]] for i in aligned},
-                        "archs": archs,
-                        "num_warps": w,
-                        "num_stages": s,
-                    }
-                )
+                types = {x: ptr[dtype] for x in ("Q", "K", "V", "Out")} | {"qk_scale": "fp32"}
+                cx = {"HEAD_DIM": d, "BLOCK_M": m, "BLOCK_N": n, "DOT_FP32": False}
+                name = f"attention_{str(dtype).split('.')[-1]}_d{d}_m{m}_n{n}_w{w}_s{s}"
+                variants.append(variant(name, _attention_kernel, types, cx, w, s, archs=archs))
     return variants

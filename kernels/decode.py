@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import interpreting
-from kernels.attention import aligned_strides, check_tensor
+from kernels._launch import aligned_strides, capturing, check_tensor, interpreting, variant
+from kernels.attention import online_softmax_step
 
 __all__ = ["decode_attention", "compile_variants"]
 
@@ -119,19 +119,13 @@ def _decode_split_kernel(
     for n in range(start, end, BLOCK_N):
         key_ok = n + offs_n < end
         k = tl.load(k_base + k_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_G, BLOCK_N) fp32
-        s = tl.where(key_ok[None, :], s, float("-inf"))  # each block has >= 1 valid key: m_new is finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + v_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
+            k = k.to(tl.float32)
             v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        m_i = m_new
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_G, BLOCK_N) fp32
+        s = tl.where(key_ok[None, :], s, float("-inf"))  # each block has >= 1 valid key: the max is finite
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v)  # the recurrence prefill uses, shared
         k_base += BLOCK_N * stride_ks
         v_base += BLOCK_N * stride_vs
 
@@ -203,9 +197,7 @@ def _default_num_splits(batch: int, h_kv: int, s_max: int, device: torch.device)
     return max(1, min(want, triton.cdiv(s_max, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-def _interpreting() -> bool:
-    """Interpreted or compiled was decided when @triton.jit ran (at import): ask the kernel, not the environment."""
-    return interpreting(_decode_split_kernel)
+_INTERPRET = interpreting(_decode_split_kernel)
 
 
 def decode_attention(
@@ -226,19 +218,13 @@ def decode_attention(
     ``check_values=False`` skips the host check of ``lengths`` (a device sync) for a caller that has
     validated them; the kernel still clamps every length to S_max.
     """
-    interpret = _interpreting()
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"q: expected a 3-d tensor (B, Hq, D), got {getattr(q, 'shape', type(q).__name__)}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpret):
-        raise ValueError(f"q: expected a CUDA tensor (or CPU with TRITON_INTERPRET=1), got device {q.device}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
-    check_tensor("q", q, q.dtype, q.device, ndim=3)
+    interpret = _INTERPRET
+    check_tensor("q", q, interpret=interpret, ndim=3)  # (B, Hq, D)
     B, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"q: head dim must be 64 or 128, got {D}")
-    check_tensor("k_cache", k_cache, q.dtype, q.device, ndim=4)
-    check_tensor("v_cache", v_cache, q.dtype, q.device, ndim=4)
+    check_tensor("k_cache", k_cache, like=q, ndim=4)  # (B, S_max, Hkv, D)
+    check_tensor("v_cache", v_cache, like=q, ndim=4)
     S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
     if B < 1 or S_max < 1 or tuple(k_cache.shape) != (B, S_max, Hkv, D):
         raise ValueError(f"k_cache: expected shape (B={B}, S_max, Hkv, D={D}), got {tuple(k_cache.shape)}")
@@ -262,18 +248,13 @@ def decode_attention(
     if out is None:
         out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     else:
-        check_tensor("out", out, q.dtype, q.device, ndim=3)
-        if tuple(out.shape) != (B, Hq, D):
-            raise ValueError(f"out: expected shape {(B, Hq, D)}, got {tuple(out.shape)}")
+        check_tensor("out", out, like=q, ndim=3, shape=(B, Hq, D))
 
     q_strides = aligned_strides("q", q, 2)
     k_strides = aligned_strides("k_cache", k_cache, 3)
     v_strides = aligned_strides("v_cache", v_cache, 3)
     out_strides = aligned_strides("out", out, 2)
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if (
-        check_values and not capturing
-    ):  # the one host sync, last; skipped under CUDA-graph capture (the kernel clamps to S_max)
+    if check_values and not capturing(q):  # the one host sync, last; skipped under capture (the kernel clamps)
         lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
         if lo < 1 or hi > S_max:
             raise ValueError(f"lengths: expected values in [1, S_max={S_max}], got min {lo}, max {hi}")
@@ -295,23 +276,6 @@ def decode_attention(
     return out
 
 
-def _variant(name: str, fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    """One compile-gate entry: every run-time argument typed, pointers and strides marked 16-byte aligned."""
-    names = list(fn.arg_names)
-    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    aligned = [i for i, n in enumerate(names) if (sig[n].startswith("*") and n != "Lengths") or "stride" in n]
-    return {
-        "name": name,
-        "fn": fn,
-        "signature": sig,
-        "constexprs": constexprs,
-        "attrs": {(i,): [["tt.divisibility", 16]] for i in aligned},
-        "archs": [80, 90],
-        "num_warps": num_warps,
-        "num_stages": num_stages,
-    }
-
-
 def compile_variants() -> list[dict]:
     """Every kernel configuration the launcher can pick on a GPU, for the AOT compile gate.
 
@@ -331,12 +295,13 @@ def compile_variants() -> list[dict]:
                 types.update(O_part="*fp32", Lse="*fp32", qk_scale="fp32")
                 cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False}
                 tag = f"decode_split_{name}_d{d}_n{block_n}_len{len_ty[1:]}"
-                variants.append(_variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages))
+                variant_ = variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=["Lengths"])
+                variants.append(variant_)
             block_s = 1
             while block_s <= MAX_SPLITS:
                 types = {"O_part": "*fp32", "Lse": "*fp32", "Out": ptr[dtype]}
                 cx = {"HEAD_DIM": d, "BLOCK_S": block_s}
                 tag = f"decode_combine_{name}_d{d}_s{block_s}"
-                variants.append(_variant(tag, _decode_combine_kernel, types, cx, _combine_warps(d), 3))
+                variants.append(variant(tag, _decode_combine_kernel, types, cx, _combine_warps(d), 3))
                 block_s *= 2
     return variants

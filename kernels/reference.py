@@ -22,6 +22,7 @@ __all__ = [
     "rope_inv_freq",
     "rope_table",
     "rope",
+    "rope_write_cache",
     "attention",
     "decode_attention",
     "swiglu",
@@ -126,6 +127,23 @@ def rope(
     if v_cache is not None:
         v_cache[b_idx, positions.long()] = v.to(v_cache.dtype)
     return q_rot, None
+
+
+def rope_write_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """RoPE of q and k, and the KV-cache write: returns q rotated; the rotated k and v as they are go to slot
+    ``positions[b, t]`` of k_cache and v_cache (B, S_max, Hkv, D). What the model runs per layer."""
+    q_rot, _ = rope(q, k, positions, cos_sin, k_cache=k_cache, v=v, v_cache=v_cache)
+    return q_rot
 
 
 def attention(

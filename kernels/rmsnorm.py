@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import interpreting
+from kernels._launch import check_tensor, interpreting, rows, variant
 
 
 @triton.jit
@@ -107,10 +107,9 @@ def _rms_norm_kernel(
             tl.store(out_row + start + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ONE_PASS = 16384  # longest row held in registers (the largest Llama-3 model dim, 405B)
 _LOOP_BLOCK = 8192  # chunk width for longer rows
-_INTERPRET = interpreting(_rms_norm_kernel)  # TRITON_INTERPRET=1 at import
+_INTERPRET = interpreting(_rms_norm_kernel)
 
 
 def _config(D: int) -> tuple[int, bool, int]:
@@ -121,58 +120,27 @@ def _config(D: int) -> tuple[int, bool, int]:
     return _LOOP_BLOCK, False, _LOOP_BLOCK // 512
 
 
-def _check_tensor(name: str, t: object, device: torch.device | None = None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
-    if device is None and not (t.is_cuda or (t.device.type == "cpu" and _INTERPRET)):
-        raise ValueError(f"{name}: expected a CUDA tensor (or a CPU one under TRITON_INTERPRET=1), got {t.device}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the device of x), got {t.device}")
-    return t
-
-
-def _rows(name: str, t: torch.Tensor, like: torch.Tensor, written: bool = False) -> torch.Tensor:
-    """t checked against ``like`` (shape, dtype, device) and viewed as (R, D) rows without a copy."""
-    _check_tensor(name, t, like.device)
-    if t.shape != like.shape:
-        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, got {tuple(t.shape)}")
-    if t.dtype != like.dtype:
-        raise ValueError(f"{name}: expected dtype {like.dtype} (the dtype of x), got {t.dtype}")
-    D = t.shape[-1]
-    if D > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
-    try:
-        rows = t.view(-1, D)
-    except RuntimeError:
-        raise ValueError(
-            f"{name}: expected leading dims that flatten to one row stride, got strides {t.stride()}"
-        ) from None
-    if written and rows.shape[0] > 1 and rows.stride(0) < D:
-        raise ValueError(f"{name}: output rows overlap (row stride {rows.stride(0)} < {D})")
-    return rows
-
-
 def _launch(x, residual, weight, eps, out, residual_out, fused: bool) -> None:
-    _check_tensor("x", x)
+    check_tensor("x", x, interpret=_INTERPRET)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x: expected shape (..., D) with D >= 1, got {tuple(x.shape)}")
     D = x.shape[-1]
-    x2 = _rows("x", x, x)
-    _check_tensor("weight", weight, x.device)
-    if weight.shape != (D,) or weight.dtype != x.dtype or weight.stride() != (1,):
-        raise ValueError(
-            f"weight: expected a contiguous ({D},) tensor of {x.dtype}, "
-            f"got shape {tuple(weight.shape)}, {weight.dtype}, strides {weight.stride()}"
-        )
+    check_tensor("weight", weight, like=x, like_name="x")
+    if weight.shape != (D,) or weight.stride() != (1,):
+        raise ValueError(f"weight: expected a contiguous ({D},) tensor, got shape {tuple(weight.shape)}, "
+                         f"strides {weight.stride()}")  # fmt: skip
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
-    out2 = _rows("out", out, x, written=True)
-    r2 = _rows("residual", residual, x) if fused else x2  # unused unless fused
-    h2 = _rows("residual_out", residual_out, x, written=True) if fused else out2
-    if fused and out2.numel() > 0 and out2.data_ptr() == h2.data_ptr():
-        raise ValueError("residual_out: must not be the same memory as out (both are written)")
+    x2 = rows("x", x)
+    out2 = rows("out", check_tensor("out", out, like=x, like_name="x", shape=x.shape), written=True)
+    if fused:
+        r2 = rows("residual", check_tensor("residual", residual, like=x, like_name="x", shape=x.shape))
+        h = check_tensor("residual_out", residual_out, like=x, like_name="x", shape=x.shape)
+        h2 = rows("residual_out", h, written=True)
+        if out2.numel() > 0 and out2.data_ptr() == h2.data_ptr():
+            raise ValueError("residual_out: must not be the same memory as out (both are written)")
+    else:
+        r2, h2 = x2, out2  # unused by the kernel
     if x2.shape[0] == 0:
         return
     block, one_pass, num_warps = _config(D)
@@ -222,24 +190,14 @@ def add_rms_norm(
 def compile_variants() -> list[dict]:
     """Every (dtype, BLOCK, ONE_PASS, HAS_RESIDUAL) the launcher picks for D in 2048 .. 16384 and beyond."""
     variants = []
-    blocks = [(D, *_config(D)) for D in (2048, 4096, 8192, 16384, 16384 + 1)]
     for dt in ("fp32", "fp16", "bf16"):
-        for D, block, one_pass, num_warps in blocks:
+        types = {n: f"*{dt}" for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "h_ptr")} | {"eps": "fp32"}
+        for D in (2048, 4096, 8192, 16384, 16384 + 1):
+            block, one_pass, num_warps = _config(D)
             for has_res in (False, True):
-                sig = {"x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
-                sig |= {"h_ptr": f"*{dt}", "stride_x": "i32", "stride_res": "i32", "stride_out": "i32"}
-                sig |= {"stride_h": "i32", "D": "i32", "eps": "fp32"}
-                sig |= {"BLOCK": "constexpr", "ONE_PASS": "constexpr", "HAS_RESIDUAL": "constexpr"}
-                variants.append(
-                    {
-                        "name": f"rms_norm_{dt}_D{D}_{'add' if has_res else 'plain'}",
-                        "fn": _rms_norm_kernel,
-                        "signature": sig,
-                        "constexprs": {"BLOCK": block, "ONE_PASS": one_pass, "HAS_RESIDUAL": has_res},
-                        "num_warps": num_warps,
-                        "num_stages": 1,
-                        # Triton specialises D % 16 == 0 at launch (vector loads): compile what runs.
-                        "divisible": ["D"] if D % 16 == 0 else [],
-                    }
-                )
+                cx = {"BLOCK": block, "ONE_PASS": one_pass, "HAS_RESIDUAL": has_res}
+                name = f"rms_norm_{dt}_D{D}_{'add' if has_res else 'plain'}"
+                # Triton specialises D % 16 == 0 at launch (vector loads): compile what runs.
+                divisible = ["D"] if D % 16 == 0 else []
+                variants.append(variant(name, _rms_norm_kernel, types, cx, num_warps, 1, divisible=divisible))
     return variants

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import interpreting
+from kernels._launch import capturing, check_tensor, interpreting, variant
 
 
 @triton.jit
@@ -149,13 +149,7 @@ def _rope_kernel(
             tl.store(v_dst, tl.load(v_src, mask=mask), mask=mask)  # a bit-exact copy, no conversion
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRET = interpreting(_rope_kernel)  # TRITON_INTERPRET=1 at import
-
-
-def _capturing(positions: torch.Tensor) -> bool:
-    """True while a CUDA graph is being captured on the current stream (no host syncs allowed)."""
-    return positions.is_cuda and torch.cuda.is_current_stream_capturing()
+_INTERPRET = interpreting(_rope_kernel)
 
 
 def _config(D: int, Hq: int) -> tuple[int, int, int]:
@@ -163,28 +157,6 @@ def _config(D: int, Hq: int) -> tuple[int, int, int]:
     block_half = triton.next_power_of_2(D // 2)
     block_h = min(max(1, 512 // block_half), triton.next_power_of_2(Hq))
     return block_half, block_h, max(1, min(4, 2 * block_half * block_h // 256))
-
-
-def _check(name: str, t: object, like: torch.Tensor | None = None, shape: tuple | None = None) -> torch.Tensor:
-    """A float tensor on a usable device (or of the dtype and device of ``like``), of ``shape``, with a
-    contiguous last dim."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if like is None:
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
-        if not (t.is_cuda or (t.device.type == "cpu" and _INTERPRET)):
-            raise ValueError(f"{name}: expected a CUDA tensor (or a CPU one under TRITON_INTERPRET=1), got {t.device}")
-    else:
-        if t.device != like.device:
-            raise ValueError(f"{name}: expected a tensor on {like.device} (the device of q), got {t.device}")
-        if t.dtype != like.dtype:
-            raise ValueError(f"{name}: expected dtype {like.dtype} (the dtype of q), got {t.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
-    return t
 
 
 def rope(
@@ -209,11 +181,11 @@ def rope(
     ``check_values=False`` skips the host check of the positions (a device sync) for a caller that has
     validated them already, like the model driver once per step; the kernel's mask still guards the cache.
     """
-    _check("q", q)
+    check_tensor("q", q, interpret=_INTERPRET)
     if q.dim() != 4 or q.shape[2] < 1 or q.shape[-1] < 2 or q.shape[-1] % 2:
         raise ValueError(f"q: expected shape (B, T, Hq >= 1, D) with an even D, got {tuple(q.shape)}")
     B, T, Hq, D = q.shape
-    _check("k", k, q)
+    check_tensor("k", k, like=q)
     if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (B, T, D) or k.shape[2] < 1:
         raise ValueError(f"k: expected shape (B={B}, T={T}, Hkv, D={D}), got {tuple(k.shape)}")
     Hkv = k.shape[2]
@@ -236,33 +208,33 @@ def rope(
         raise ValueError(f"cos_sin: expected a contiguous tensor on {q.device}, got {got}")
     n_rows = cos_sin.shape[0]
     out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out_q is None else out_q
-    _check("out_q", out_q, q, q.shape)
+    check_tensor("out_q", out_q, like=q, shape=q.shape)
 
     if k_cache is None:
         if v is not None or v_cache is not None:
             raise ValueError("v, v_cache: only used with k_cache (v is copied into v_cache); pass k_cache too")
         out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device) if out_k is None else out_k
-        _check("out_k", out_k, q, k.shape)
+        check_tensor("out_k", out_k, like=q, shape=k.shape)
         dst_k, dst_v, v_src, S_max = out_k, out_k, k, 0  # v slots unused
     else:
         if out_k is not None:
             raise ValueError("out_k: not used with k_cache (the rotated k goes into k_cache); pass one of them")
-        _check("k_cache", k_cache, q)
+        check_tensor("k_cache", k_cache, like=q)
         if k_cache.dim() != 4 or (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]) != (B, Hkv, D):
             raise ValueError(f"k_cache: expected shape (B={B}, S_max, Hkv={Hkv}, D={D}), got {tuple(k_cache.shape)}")
         S_max = k_cache.shape[1]
         if (v is None) != (v_cache is None):
             raise ValueError(f"{'v_cache' if v_cache is None else 'v'}: v and v_cache go together; got only one")
         if v is not None:
-            _check("v", v, q, k.shape)
-            _check("v_cache", v_cache, q, k_cache.shape)
+            check_tensor("v", v, like=q, shape=k.shape)
+            check_tensor("v_cache", v_cache, like=q, shape=k_cache.shape)
         dst_k = k_cache
         dst_v = k_cache if v_cache is None else v_cache
         v_src = k if v is None else v
     # Host check of the positions (a device sync), skipped while a CUDA graph is being captured (syncs are
     # forbidden there): the kernel's mask still drops any cache write outside [0, S_max), and its clamp keeps
     # table reads inside the table.
-    if check_values and not _capturing(positions) and positions.numel() > 0:
+    if check_values and not capturing(positions) and positions.numel() > 0:
         lo, hi = torch.stack(positions.aminmax()).tolist()  # one sync for both
         if k_cache is not None and (lo < 0 or hi >= S_max):
             raise ValueError(f"positions: expected cache slots in [0, S_max={S_max}), got values in [{lo}, {hi}]")
@@ -285,30 +257,38 @@ def rope(
     return out_q, (None if k_cache is not None else out_k)
 
 
+def rope_write_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    out_q: torch.Tensor | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """RoPE of q and k, and the KV-cache write, in one launch: returns q rotated; the rotated k and v as they are
+    go to slot ``positions[b, t]`` of k_cache and v_cache (B, S_max, Hkv, D). What the model runs per layer."""
+    q_rot, _ = rope(
+        q, k, positions, cos_sin, k_cache=k_cache, v=v, v_cache=v_cache, out_q=out_q, check_values=check_values
+    )
+    return q_rot
+
+
 def compile_variants() -> list[dict]:
     """Every config the launcher picks for Llama-3 (head dim 64 with 32 q heads, 128 with 24..128)."""
-    strides = [f"stride_{x}{d}" for x in ("q", "k", "v", "oq", "ok", "ov") for d in "bth"] + ["stride_pb", "stride_pt"]
     variants = []
     for dt in ("fp32", "fp16", "bf16"):
         for pos_dt in ("i32", "i64"):
+            types = {p: f"*{dt}" for p in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr")}
+            types |= {"pos_ptr": f"*{pos_dt}", "cs_ptr": "*fp32"}
             for D, Hq in ((64, 32), (128, 32)):
                 block_half, block_h, num_warps = _config(D, Hq)
                 for has_cache, has_v in ((False, False), (True, False), (True, True)):
-                    sig = {p: f"*{dt}" for p in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr")}
-                    sig |= {"pos_ptr": f"*{pos_dt}", "cs_ptr": "*fp32"}
-                    sig |= {n: "i32" for n in ("T", "HQ", "HKV", "S_MAX", "N_ROWS", *strides)}
                     cx = {"HALF": D // 2, "BLOCK_HALF": block_half, "BLOCK_H": block_h}
                     cx |= {"HAS_CACHE": has_cache, "HAS_V": has_v}
-                    sig |= {n: "constexpr" for n in cx}
                     mode = "cache_kv" if has_v else "cache_k" if has_cache else "out"
-                    variants.append(
-                        {
-                            "name": f"rope_{dt}_{pos_dt}_D{D}_{mode}",
-                            "fn": _rope_kernel,
-                            "signature": sig,
-                            "constexprs": cx,
-                            "num_warps": num_warps,
-                            "num_stages": 1,
-                        }
-                    )
+                    variants.append(variant(f"rope_{dt}_{pos_dt}_D{D}_{mode}", _rope_kernel, types, cx, num_warps, 1))
     return variants

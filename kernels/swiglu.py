@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import interpreting
+from kernels._launch import check_tensor, interpreting, rows, variant
 
 
 @triton.jit
@@ -52,42 +52,9 @@ def _swiglu_kernel(
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK = 1024
 _NUM_WARPS = 4
-_INTERPRET = interpreting(_swiglu_kernel)  # TRITON_INTERPRET=1 at import
-
-
-def _rows(name: str, t: object, like: torch.Tensor | None, written: bool = False) -> torch.Tensor:
-    """t checked (against ``like``: shape, dtype, device) and viewed as (R, F) rows without a copy."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if like is None:
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
-        if not (t.is_cuda or (t.device.type == "cpu" and _INTERPRET)):
-            raise ValueError(f"{name}: expected a CUDA tensor (or a CPU one under TRITON_INTERPRET=1), got {t.device}")
-        if t.dim() == 0 or t.shape[-1] == 0:
-            raise ValueError(f"{name}: expected shape (..., F) with F >= 1, got {tuple(t.shape)}")
-    else:
-        if t.device != like.device:
-            raise ValueError(f"{name}: expected a tensor on {like.device} (the device of gate), got {t.device}")
-        if t.dtype != like.dtype:
-            raise ValueError(f"{name}: expected dtype {like.dtype} (the dtype of gate), got {t.dtype}")
-        if t.shape != like.shape:
-            raise ValueError(f"{name}: expected shape {tuple(like.shape)} (the shape of gate), got {tuple(t.shape)}")
-    F = t.shape[-1]
-    if F > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
-    try:
-        rows = t.view(-1, F)
-    except RuntimeError:
-        raise ValueError(
-            f"{name}: expected leading dims that flatten to one row stride, got strides {t.stride()}"
-        ) from None
-    if written and rows.shape[0] > 1 and rows.stride(0) < F:
-        raise ValueError(f"{name}: output rows overlap (row stride {rows.stride(0)} < {F})")
-    return rows
+_INTERPRET = interpreting(_swiglu_kernel)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,11 +63,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = N
     gate and up may be strided views (e.g. the halves of a fused (..., 2F) product); ``out`` (shaped like
     gate, last dim contiguous; may be gate or up itself) receives the result if given.
     """
-    g2 = _rows("gate", gate, None)
-    u2 = _rows("up", up, gate)
+    check_tensor("gate", gate, interpret=_INTERPRET)
+    if gate.dim() == 0 or gate.shape[-1] == 0:
+        raise ValueError(f"gate: expected shape (..., F) with F >= 1, got {tuple(gate.shape)}")
+    check_tensor("up", up, like=gate, like_name="gate", shape=gate.shape)
     if out is None:
         out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    o2 = _rows("out", out, gate, written=True)
+    check_tensor("out", out, like=gate, like_name="gate", shape=gate.shape)
+    g2, u2, o2 = rows("gate", gate), rows("up", up), rows("out", out, written=True)
     R, F = g2.shape
     if R == 0:
         return out
@@ -123,18 +93,9 @@ def compile_variants() -> list[dict]:
     """
     variants = []
     for dt in ("fp32", "fp16", "bf16"):
+        types = {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
         for divisible in (True, False):
-            sig = {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
-            sig |= {"stride_gate": "i32", "stride_up": "i32", "stride_out": "i32", "F": "i32", "BLOCK": "constexpr"}
-            variants.append(
-                {
-                    "name": f"swiglu_{dt}_{'F16k' if divisible else 'Fodd'}",
-                    "fn": _swiglu_kernel,
-                    "signature": sig,
-                    "constexprs": {"BLOCK": _BLOCK},
-                    "num_warps": _NUM_WARPS,
-                    "num_stages": 1,
-                    "divisible": ["F"] if divisible else [],
-                }
-            )
+            name = f"swiglu_{dt}_{'F16k' if divisible else 'Fodd'}"
+            cx = {"BLOCK": _BLOCK}
+            variants.append(variant(name, _swiglu_kernel, types, cx, _NUM_WARPS, 1, divisible=["F"] * divisible))
     return variants

@@ -142,9 +142,7 @@ def generate(
     sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        logits = model._forward(
-            padded, (start_pos + torch.arange(longest, device=device)).expand(B, longest), start_pos, gather=lengths - 1
-        )[:, 0]
+        logits = model.prefill(padded, start_pos, last=lengths - 1, check=False)[:, 0]  # (B, vocab)
         # Under tensor parallelism every rank holds the same logits, but rank 0's sample is the answer.
         next_tok = model.tp.broadcast(sample(logits, params, generator))  # (B,)
         sync(device)
@@ -174,7 +172,7 @@ def generate(
                 break
             if step % check_every == check_every - 1 and bool(done.all()):
                 break
-            logits = model.decode_step(next_tok[:, None], positions)
+            logits = model.decode(next_tok[:, None], positions)
             positions = positions + 1
             if step == 0:  # the first step compiles kernels / captures the CUDA graph: time it apart
                 sync(device)

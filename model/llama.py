@@ -1,19 +1,24 @@
 """The Llama-3 driver: token ids in, logits out, one readable file.
 
     tokens (B, T) ──embedding──▶ x (B, T, dim)                         the residual stream
-    for each of n_layers blocks:
-        h = RMSNorm(x)                                               kernels.rms_norm / add_rms_norm
+    for each of n_layers blocks (TransformerBlock.forward):
+        h = RMSNorm(x)                                               ops.rms_norm / add_rms_norm
         q|k|v = h @ wqkv.T          (B, T, (Hq + 2 Hkv) * hd)        one matrix product for all three
-        q, k = RoPE(q, k, positions); k, v -> KV cache slot          kernels.rope (writes the cache)
-        o = causal attention(q, cache)                               kernels.attention (prefill, T > 1)
-                                                                     kernels.decode_attention (T == 1)
-        x = x + o @ wo.T;  h = RMSNorm(x)                            kernels.add_rms_norm (fused)
+        q = RoPE(q); RoPE(k), v -> KV cache slots                    ops.rope_write_cache
+        o = causal attention(q, cache)                               ops.attention (prefill)
+                                                                     ops.decode_attention (decode)
+        x = x + o @ wo.T;  h = RMSNorm(x)                            ops.add_rms_norm (fused)
         g|u = h @ w13.T             (B, T, 2 * hidden)               one matrix product for w1 and w3
-        x = x + swiglu(g, u) @ w2.T                                  kernels.swiglu
+        x = x + swiglu(g, u) @ w2.T                                  ops.swiglu
     logits = RMSNorm(x) @ output.T  (B, T, vocab)
 
-Every elementwise/attention op goes through ``self.ops``: ``kernels`` (Triton) for backend="triton",
-``kernels.reference`` (plain PyTorch) for backend="torch". Matrix products stay with torch (cuBLAS).
+Every elementwise/attention op goes through ``self.ops``, a backend of the ``kernels.Ops`` contract:
+``kernels.triton_ops`` (the Triton kernels) for backend="triton", ``kernels.reference`` (plain PyTorch) for
+backend="torch". Matrix products stay with torch (cuBLAS).
+
+The public steps: ``prefill(tokens, start_pos)`` runs a prompt (or a chunk of one) and fills the cache;
+``decode(tokens, positions)`` runs one new token per sequence; ``forward`` checks its inputs and does either;
+``use(backend=..., cuda_graph=...)`` switches the ops or the graph capture in place.
 
 The KV cache is static: one (max_batch, Hkv, max_seq_len, hd) tensor per layer for k and for v,
 allocated once; a token at absolute position p lives in slot p. It is handed to the ops as the
@@ -27,13 +32,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import reference
+from kernels import Ops, reference
 from model import distributed
 from model.checkpoint import Checkpoint, CheckpointError
 from model.config import ModelArgs
@@ -41,8 +47,8 @@ from model.distributed import TensorParallel
 from model.tokenizer import Tokenizer
 
 
-def select_ops(backend: str, device: torch.device):
-    """The module whose functions run the non-matmul ops: Triton kernels or their PyTorch twins."""
+def select_ops(backend: str, device: torch.device) -> Ops:
+    """The backend whose functions run the non-matmul ops: the Triton kernels or their PyTorch twins."""
     if backend == "torch":
         return reference
     if backend != "triton":
@@ -54,11 +60,21 @@ def select_ops(backend: str, device: torch.device):
         os.environ["TRITON_INTERPRET"] = "1"
     elif device.type != "cuda":
         raise ValueError(f"backend='triton' runs on CUDA (or the CPU through the interpreter), not {device.type}")
-    import kernels
+    from kernels import triton_ops  # imports every kernel file now, not in the middle of a forward pass
 
-    for name in ("rms_norm", "add_rms_norm", "rope", "attention", "decode_attention", "swiglu"):
-        getattr(kernels, name)  # import each kernel module now, not in the middle of a forward pass
-    return kernels
+    return triton_ops
+
+
+@dataclass
+class Step:
+    """What every block of one forward pass shares."""
+
+    ops: Ops  # the backend
+    positions: torch.Tensor  # (B, T) absolute position of each token = its KV-cache slot
+    start_pos: int | None  # prefill: position of token 0, the same for every sequence; None: a decode step
+    lengths: torch.Tensor | None  # decode: (B,) cache length of each sequence once this token is in
+    cos_sin: torch.Tensor  # (max_seq_len, hd) RoPE table
+    eps: float  # RMSNorm epsilon
 
 
 class Attention(nn.Module):
@@ -72,26 +88,24 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_rows, bias=False)  # wq | wk | wv stacked: read together
         self.wo = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, ops, h, positions, start_pos, lengths, cos_sin, k_cache, v_cache):
-        """h (B, T, dim); positions (B, T); start_pos: int for prefill, None for a one-token decode step,
-        where lengths (B,) = positions + 1 is each sequence's cache length after this token.
-
-        k_cache, v_cache: (B, S_max, Hkv, hd) views of this layer's cache.
-        """
+    def forward(self, h: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """h (B, T, dim) -> attention output (B, T, dim); k_cache, v_cache: (B, S_max, Hkv, hd) views of this
+        layer's cache, into which this step's keys and values are written."""
         B, T, _ = h.shape
         Hq, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(h)  # (B, T, (Hq + 2 Hkv) * hd)
         q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))  # (B, T, Hq, hd), a view
         k = qkv[..., Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
         v = qkv[..., (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
-        # Rotate q and k; the rotated k and the v go straight into cache slot positions[b, t].
+        # Rotate q and k; the rotated k and the v go into cache slot positions[b, t] in the same launch.
         # Positions were validated once per step (forward's input checks, or generate's own bookkeeping),
         # so the ops skip their per-layer host check: no device sync inside the layer loop.
-        q, _ = ops.rope(q, k, positions, cos_sin, k_cache=k_cache, v=v, v_cache=v_cache, check_values=False)
-        if start_pos is None:  # decode: one query per sequence, each sees its own cache length
-            o = ops.decode_attention(q[:, 0], k_cache, v_cache, lengths, check_values=False)  # (B, Hq, hd)
+        ops = step.ops
+        q = ops.rope_write_cache(q, k, v, step.positions, step.cos_sin, k_cache, v_cache, check_values=False)
+        if step.start_pos is None:  # decode: one query per sequence, each sees its own cache length
+            o = ops.decode_attention(q[:, 0], k_cache, v_cache, step.lengths, check_values=False)  # (B, Hq, hd)
         else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
-            o = ops.attention(q, k_cache, v_cache, start_pos=start_pos)  # (B, T, Hq, hd)
+            o = ops.attention(q, k_cache, v_cache, start_pos=step.start_pos)  # (B, T, Hq, hd)
         return self.tp.all_reduce(self.wo(o.reshape(B, T, Hq * hd)))  # (B, T, dim); TP: sum the ranks' parts
 
 
@@ -103,9 +117,9 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * self.hidden, bias=False)  # w1 (gate) | w3 (up) stacked
         self.w2 = nn.Linear(self.hidden, args.dim, bias=False)
 
-    def forward(self, ops, h):
+    def forward(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         gu = self.w13(h)  # (B, T, 2 * hidden)
-        out = self.w2(ops.swiglu(gu[..., : self.hidden], gu[..., self.hidden :]))  # (B, T, dim)
+        out = self.w2(step.ops.swiglu(gu[..., : self.hidden], gu[..., self.hidden :]))  # (B, T, dim)
         return self.tp.all_reduce(out)
 
 
@@ -116,6 +130,25 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args, tp)
         self.ffn_norm = nn.Parameter(torch.empty(args.dim))
         self.feed_forward = FeedForward(args, tp)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        step: Step,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        next_norm: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream (B, T, dim); h = RMSNorm(x) with this block's attention_norm (computed by the
+        previous block, fused into its residual add). Returns (x, h) after the block, h normalised with
+        ``next_norm`` (the next block's attention_norm, or the final norm)."""
+        ops, eps = step.ops, step.eps
+        a = self.attention(h, step, k_cache, v_cache)
+        h, x = ops.add_rms_norm(a, x, self.ffn_norm, eps)  # x += attention out; h = RMSNorm(x)
+        f = self.feed_forward(h, step)
+        h, x = ops.add_rms_norm(f, x, next_norm, eps)  # x += FFN out; h = next block's RMSNorm(x)
+        return x, h
 
 
 class Llama(nn.Module):
@@ -239,6 +272,21 @@ class Llama(nn.Module):
         skipped = 0 if self.output is None else emb.numel() * emb.element_size()
         return self.weight_bytes() - skipped
 
+    # ---- switching backend and graph capture --------------------------------------------------------
+    def use(self, backend: str | None = None, cuda_graph: bool | None = None) -> None:
+        """Switch the ops backend ("triton" or "torch") and/or the CUDA-graph decode step, in place: the weights
+        and the KV cache stay. Captured graphs are dropped (they hold the previous backend's kernels)."""
+        if backend is not None:
+            self.ops = select_ops(backend, self.device)
+            self.backend = backend
+        if cuda_graph is not None:
+            self.use_cuda_graph = bool(cuda_graph)
+        self._graphs.clear()
+
+    def has_decode_graph(self, batch: int) -> bool:
+        """Whether decode steps of this batch size replay a captured CUDA graph (False: eager, or not yet run)."""
+        return self._graphs.get(batch) is not None
+
     # ---- the forward pass -------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
@@ -246,27 +294,45 @@ class Llama(nn.Module):
 
         ``start_pos`` is an int (every sequence at the same offset), or for T == 1 a (B,) tensor of
         per-sequence positions (a batch whose histories differ in length). The T positions are
-        written to the KV cache, so the next call continues from start_pos + T.
+        written to the KV cache, so the next call continues from start_pos + T. Inputs are checked.
         """
         tokens, positions, start = self._check_inputs(tokens, start_pos)
-        return self._forward(tokens, positions, start)
+        return self._run(tokens, positions, start)
 
-    def _forward(self, tokens, positions, start_pos, gather: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T), positions (B, T) on the device. ``gather`` (B,): return only logits at those
-        token indices (B, 1, vocab) — prefill needs just the last prompt token of each sequence."""
-        ops, eps = self.ops, self.args.norm_eps
+    @torch.inference_mode()
+    def prefill(
+        self, tokens: torch.Tensor, start_pos: int = 0, last: torch.Tensor | None = None, check: bool = True
+    ) -> torch.Tensor:
+        """Run ``tokens`` (B, T) at positions start_pos .. start_pos + T - 1 of every sequence, filling the cache.
+
+        Returns logits (B, T, vocab) in fp32, or with ``last`` (B,) token indices only those, (B, 1, vocab):
+        generation needs just each prompt's last token. ``check=False`` skips the input checks (host syncs)
+        for a caller that made the tokens itself.
+        """
+        if check:
+            if not isinstance(start_pos, int) or isinstance(start_pos, bool):
+                raise ValueError(f"start_pos must be an int, got {start_pos!r}")
+            tokens, positions, start_pos = self._check_inputs(tokens, start_pos)
+            if last is not None and (not torch.is_tensor(last) or last.shape != (tokens.shape[0],)):
+                raise ValueError(f"last must be a ({tokens.shape[0]},) tensor of token indices, got {_describe(last)}")
+        else:
+            B, T = tokens.shape
+            positions = (start_pos + torch.arange(T, device=tokens.device)).expand(B, T)
+        return self._run(tokens, positions, start_pos, gather=last)
+
+    def _run(self, tokens, positions, start_pos, gather: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T), positions (B, T) on the device; start_pos None for a decode step. ``gather`` (B,):
+        return only logits at those token indices (B, 1, vocab)."""
         B = tokens.shape[0]
         lengths = positions[:, 0] + 1 if start_pos is None else None  # decode: cache length per sequence
+        step = Step(self.ops, positions, start_pos, lengths, self.rope_cos_sin, self.args.norm_eps)
         x = self._embed(tokens)  # (B, T, dim): the residual stream
-        h = ops.rms_norm(x, self.layers[0].attention_norm, eps)
+        h = self.ops.rms_norm(x, self.layers[0].attention_norm, step.eps)
         for i, layer in enumerate(self.layers):
             k_cache = self.k_cache[i][:B].transpose(1, 2)  # (B, S_max, Hkv, hd) view
             v_cache = self.v_cache[i][:B].transpose(1, 2)
-            a = layer.attention(ops, h, positions, start_pos, lengths, self.rope_cos_sin, k_cache, v_cache)
-            h, x = ops.add_rms_norm(a, x, layer.ffn_norm, eps)  # x += attention out; h = RMSNorm(x)
-            f = layer.feed_forward(ops, h)
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            h, x = ops.add_rms_norm(f, x, next_norm, eps)  # x += FFN out; h = next block's RMSNorm(x)
+            x, h = layer(x, h, step, k_cache, v_cache, next_norm)
         if gather is not None:
             h = h[torch.arange(B, device=h.device), gather][:, None]  # (B, 1, dim)
         out_w = self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -317,7 +383,7 @@ class Llama(nn.Module):
 
     # ---- decode step (CUDA graph on GPUs) ---------------------------------------------------------
     @torch.inference_mode()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: tokens (B, 1) at positions (B,) (device tensors, trusted). Logits (B, vocab).
 
         No host synchronisation: on CUDA the step is a replayed CUDA graph over static input buffers.
@@ -335,7 +401,7 @@ class Llama(nn.Module):
             graph = self._graphs[B]
             if graph is not None:
                 return graph.replay(tokens, positions)
-        return self._forward(tokens, positions[:, None], None)[:, 0]
+        return self._run(tokens, positions[:, None], None)[:, 0]
 
     def generate(self, prompts, **kwargs):
         """Generate text for one prompt or a batch; see ``model.generate.generate`` for the arguments."""
@@ -364,11 +430,11 @@ class _DecodeGraph:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    model._forward(static_tokens, static_pos[:, None], None)
+                    model._run(static_tokens, static_pos[:, None], None)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = model._forward(static_tokens, static_pos[:, None], None)[:, 0]
+                logits = model._run(static_tokens, static_pos[:, None], None)[:, 0]
             return cls(graph, static_tokens, static_pos, logits)
         except Exception as e:  # capture is an optimisation: fall back to eager, say so once
             warnings.warn(f"CUDA graph capture failed, decoding eagerly: {type(e).__name__}: {e}", stacklevel=3)
@@ -428,4 +494,4 @@ def _describe(x) -> str:
     return repr(x)
 
 
-__all__ = ["Llama", "CheckpointError", "select_ops", "default_device", "default_dtype"]
+__all__ = ["Llama", "Step", "CheckpointError", "select_ops", "default_device", "default_dtype"]

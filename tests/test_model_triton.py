@@ -121,7 +121,7 @@ def test_kernel_launches_per_decode_step(pair, monkeypatch):
     tri.forward(torch.tensor([[1, 2, 3]]), 0)
     launches.clear()
     with aten:
-        tri.decode_step(torch.tensor([[4]]), torch.tensor([3]))
+        tri.decode(torch.tensor([[4]]), torch.tensor([3]))
     n_layers = tri.args.n_layers
     # No host synchronisation inside the step: the driver validates positions once, so the launchers skip
     # their own range checks (a min/max and a host read each).
@@ -149,17 +149,15 @@ def test_cuda_graph_decode_matches_eager_decode(pair, B):
     start = torch.tensor([6, 4][:B], device=DEVICE)  # ragged: the second sequence's last 2 slots are padding
 
     def run(graph: bool) -> list[torch.Tensor]:
-        tri.use_cuda_graph = graph
-        tri._graphs.clear()
+        tri.use(cuda_graph=graph)
         tri.forward(prompt, 0)
-        return [tri.decode_step(steps[i], start + i).clone() for i in range(len(steps))]
+        return [tri.decode(steps[i], start + i).clone() for i in range(len(steps))]
 
     try:
         eager = run(False)
         graphed = run(True)
-        assert tri._graphs.get(B) is not None, "capture failed and the driver fell back to eager"
+        assert tri.has_decode_graph(B), "capture failed and the driver fell back to eager"
     finally:
-        tri.use_cuda_graph = True
-        tri._graphs.clear()
+        tri.use(cuda_graph=True)
     for i, (a, b) in enumerate(zip(eager, graphed, strict=True)):
         torch.testing.assert_close(b, a, **TOLERANCES[torch.float32], msg=lambda m, i=i: f"step {i}: {m}")

@@ -3,18 +3,15 @@ KV-cache write."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kernels.rope as rope_mod
 from kernels import reference as ref
 from kernels.rope import rope
 from tests.tolerances import DTYPES, assert_close, poisoned_like
-
-rope_mod = importlib.import_module("kernels.rope")  # the module (kernels.rope is the function)
 
 LLAMA31_SCALING = {
     "factor": 8.0,
@@ -184,7 +181,7 @@ def test_in_kernel_slot_mask(monkeypatch, device, skip):
     skipped: the kernel itself must drop writes to slots outside [0, S_max). The caches are views of larger
     poisoned buffers; nothing outside them may change."""
     if skip == "graph-capture":
-        monkeypatch.setattr(rope_mod, "_capturing", lambda positions: True)
+        monkeypatch.setattr(rope_mod, "capturing", lambda positions: True)
     B, T, Hq, Hkv, D, S_max = 2, 3, 2, 2, 64, 8
     q, k, v = _fused_qkv(B, T, Hq, Hkv, D, torch.float32, device, seed=11)
     pos = torch.tensor([[5, 6, 7], [7, 8, 9]], device=device)  # 8 and 9 are past the end

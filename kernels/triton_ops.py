@@ -1,0 +1,13 @@
+"""The Triton backend: each op of the ``kernels.Ops`` protocol, from the file of its kernel.
+
+Importing this module imports Triton and runs ``@triton.jit`` on every kernel: on a machine without a GPU,
+set ``TRITON_INTERPRET=1`` first (the model driver does it for ``backend="triton"`` on the CPU).
+"""
+
+from kernels.attention import attention
+from kernels.decode import decode_attention
+from kernels.rmsnorm import add_rms_norm, rms_norm
+from kernels.rope import rope, rope_write_cache
+from kernels.swiglu import swiglu
+
+__all__ = ["rms_norm", "add_rms_norm", "rope", "rope_write_cache", "attention", "decode_attention", "swiglu"]
