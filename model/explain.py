@@ -1,18 +1,19 @@
 """Explain one forward pass: how a prompt becomes the next token, step by step.
 
-``explain(llm, prompt)`` (the ``llama3-triton explain`` command) recomputes the model's forward pass for
-one sequence, outside the model, with the model's own weights, and says at each step what it computes,
-the shapes, and which kernel ran it:
+``explain(llm, prompt)`` (the ``llama3-triton explain`` command) runs the model's own prefill of one
+sequence -- its blocks, its KV cache -- through a recording wrapper of its ops backend (``_Recorder``, a
+``kernels.Ops``), then says at each step what was computed, the shapes, and which kernel ran it:
 
     1 text -> token ids            2 embeddings [T, dim]          3 RMSNorm
-    4-7 the chosen layer in detail: q/k/v per head, RoPE, attention (scores, mask, softmax), SwiGLU
+    4-7 the chosen layer in detail: q/k/v per head, RoPE and the cache write, attention (scores, mask,
+        softmax), SwiGLU
     8 every layer in turn          9 final norm, logits, the top-k next tokens, the chosen one
 
-Every op the driver hands to ``llm.ops`` runs twice: through the model's backend (the Triton kernels, or
-their PyTorch twins for backend="torch") -- that result is carried forward, so the walk *is* the model's
-computation -- and through ``kernels.reference`` on the same inputs in fp32; the largest |difference| is
-reported beside the kernel's source file and line. At the end the walk's logits are compared with
-``llm.forward`` on the same tokens. Matrix products are plain torch, as in the driver.
+Every op the driver hands to its backend runs there (the Triton kernels, or their PyTorch twins for
+backend="torch") -- that result is what the model carries on with -- and through ``kernels.reference`` on
+the same inputs in fp32; the largest |difference| is reported beside the kernel's source file and line.
+There is no second copy of the block here, so the walk cannot drift from the model. At the end the
+logits are compared with a plain ``llm.forward`` on the same tokens. Matrix products are plain torch.
 
 The report (``out_dir``) is one self-contained HTML page plus the PNGs it shows. The PNGs are embedded as
 base64 data URIs and the style sheet is inline, so viewing the page loads nothing, from the network or
@@ -52,8 +53,9 @@ class Check:
     url: str  # file:// URL of that file
     ref_source: str  # where its reference twin is defined: "kernels/reference.py:92"
     max_diff: float  # max |backend output - reference output| over every output element
-    actual: tuple[torch.Tensor, ...] = field(repr=False)
-    expected: tuple[torch.Tensor, ...] = field(repr=False)  # fp32
+    actual: tuple[torch.Tensor, ...] = field(repr=False)  # outputs (and, for a cache write, the slots written)
+    expected: tuple[torch.Tensor, ...] = field(repr=False)  # the same from the reference, fp32
+    inputs: tuple = field(default=(), repr=False)  # the arguments the model passed
 
 
 @dataclass
@@ -110,13 +112,77 @@ def _axis(piece: str) -> str:
     return piece.replace("\n", "\\n").replace(" ", "\u2423")
 
 
+class _Recorder:
+    """A backend (``kernels.Ops``) that records: each op runs on the model's backend, whose result the model
+    carries on with, and on ``kernels.reference`` in fp32 with the same inputs; the difference is kept with the
+    layer that made the call. The model runs its own forward pass through it, so the walk cannot drift from
+    the model: there is no second copy of the block here."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.layer: int | None = None  # set by a forward pre-hook on each block
+        self.calls: list[Check] = []
+
+    def _run(self, name: str, args: tuple, kwargs: dict, writes: tuple[int, ...] = ()):
+        fn, ref_fn = getattr(self.ops, name), getattr(reference, name)
+        # The reference gets fp32 copies; a cache it writes (arguments ``writes``) is a copy too, so the model's
+        # own cache holds the backend's values only.
+        ref_args = [a.float().clone() if i in writes else _fp32(a) for i, a in enumerate(args)]
+        got = fn(*args, **kwargs)  # the model's backend: its result is what the model carries on with
+        ref = ref_fn(*ref_args, **{k: _fp32(v) for k, v in kwargs.items()})
+        got_t, ref_t = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
+        if writes:  # compare the cache slots written too: positions is argument 3 of rope_write_cache
+            positions = args[3].long()
+            b = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+            got_t += tuple(args[i][b, positions] for i in writes)
+            ref_t += tuple(ref_args[i][b, positions] for i in writes)
+        diff = max(float((g.float() - r.float()).abs().max()) for g, r in zip(got_t, ref_t, strict=True))
+        (source, url), (ref_source, _) = _where(fn), _where(ref_fn)
+        self.calls.append(Check(name, self.layer, source, url, ref_source, diff, got_t, ref_t, args))
+        return got
+
+    def rms_norm(self, x, weight, eps=1e-5):
+        return self._run("rms_norm", (x, weight, eps), {})
+
+    def add_rms_norm(self, x, residual, weight, eps=1e-5):
+        return self._run("add_rms_norm", (x, residual, weight, eps), {})
+
+    def rope_write_cache(self, q, k, v, positions, cos_sin, k_cache, v_cache, *, check_values=True):
+        args = (q, k, v, positions, cos_sin, k_cache, v_cache)
+        return self._run("rope_write_cache", args, {"check_values": check_values}, writes=(5, 6))
+
+    def attention(self, q, k, v, *, start_pos=0, scale=None):
+        return self._run("attention", (q, k, v), {"start_pos": start_pos, "scale": scale})
+
+    def decode_attention(self, q, k_cache, v_cache, lengths, *, check_values=True):
+        return self._run("decode_attention", (q, k_cache, v_cache, lengths), {"check_values": check_values})
+
+    def swiglu(self, gate, up):
+        return self._run("swiglu", (gate, up), {})
+
+
+@torch.inference_mode()
+def _record(llm, tokens: torch.Tensor) -> tuple[torch.Tensor, _Recorder]:
+    """The model's own prefill of ``tokens`` (1, T), KV cache and all, through a recording backend."""
+    rec = _Recorder(llm.ops)
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: setattr(rec, "layer", i)) for i, b in enumerate(llm.layers)]
+    backend = llm.ops
+    try:
+        llm.use(ops=rec)
+        logits = llm.prefill(tokens, 0)[0]  # (T, vocab)
+    finally:
+        llm.use(ops=backend)
+        for hk in hooks:
+            hk.remove()
+    return logits, rec
+
+
 class _Walk:
-    """Collects the steps, prints each line as it comes, and runs every op twice (backend and reference)."""
+    """Collects the steps and prints each line as it comes."""
 
     def __init__(self, llm, out: TextIO):
         self.llm, self.out = llm, out
         self.steps: list[Step] = []
-        self.quiet: list[Check] = []  # ops of the layers not shown in detail; they go to step 8
         self.plot: dict = {}  # data the figures are drawn from
 
     def step(self, title: str) -> Step:
@@ -129,61 +195,31 @@ class _Walk:
         s.lines.append(line)
         print("    " + line, file=self.out)
 
-    def op(self, name: str, *args, step: Step | None = None, layer: int | None = None, **kwargs):
-        fn = getattr(self.llm.ops, name)
-        got = fn(*args, **kwargs)  # the model's backend: its result is what the walk carries on with
-        ref_fn = getattr(reference, name)
-        ref = ref_fn(*map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
-        got_t, ref_t = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
-        pairs = [(g, r) for g, r in zip(got_t, ref_t, strict=True) if g is not None]
-        diff = max(float((g.float() - r.float()).abs().max()) for g, r in pairs)
-        (source, url), (ref_source, _) = _where(fn), _where(ref_fn)
-        c = Check(name, layer, source, url, ref_source, diff, tuple(g for g, _ in pairs), tuple(r for _, r in pairs))
-        if step is None:
-            self.quiet.append(c)
-        else:
-            step.checks.append(c)
-            print(f"    -> {name} ran in {source}; max |diff| vs {ref_source}: {diff:.2e}", file=self.out)
-        return got
+    def check(self, s: Step, c: Check) -> None:
+        """Show a recorded op in this step: where it ran, and its difference from the reference."""
+        s.checks.append(c)
+        print(f"    -> {c.op} ran in {c.source}; max |diff| vs {c.ref_source}: {c.max_diff:.2e}", file=self.out)
 
 
-def _next_norm(llm, i: int) -> torch.Tensor:
-    """The RMSNorm weight fused into the add after layer i's FFN: the next layer's, or the final norm."""
-    return llm.layers[i + 1].attention_norm if i + 1 < len(llm.layers) else llm.norm
+def _layer_calls(rec: _Recorder, i: int) -> dict[str, list[Check]]:
+    calls: dict[str, list[Check]] = {}
+    for c in rec.calls:
+        if c.layer == i:
+            calls.setdefault(c.op, []).append(c)
+    return calls
 
 
-def _split_qkv(qkv: torch.Tensor, a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(1, T, (Hq + 2 Hkv) hd) -> q (1, T, Hq, hd), k and v (1, T, Hkv, hd): views, as in the driver."""
-    Hq, Hkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
-    q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))
-    k = qkv[..., Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))
-    v = qkv[..., (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))
-    return q, k, v
-
-
-def _block(w: _Walk, i: int, x, h, positions):
-    """One transformer block as model/llama.py runs it, without commentary. Returns (x, h).
-
-    The one difference: the rotated k and the v go straight to attention here, where the driver writes
-    them to its KV cache and attends over the cache (the same numbers: slot p holds position p)."""
+def _explain_layer(w: _Walk, rec: _Recorder, i: int, head: int, labels: list[str]) -> None:
+    """Steps 4 to 7: the recorded calls of block i, for one query head, with the numbers they moved."""
     llm, a = w.llm, w.llm.args
     blk = llm.layers[i]
-    q, k, v = _split_qkv(blk.attention.wqkv(h), a)
-    q, k = w.op("rope", q, k, positions, llm.rope_cos_sin, layer=i)
-    o = w.op("attention", q, k, v, start_pos=0, layer=i)
-    h, x = w.op("add_rms_norm", blk.attention.wo(o.flatten(2)), x, blk.ffn_norm, a.norm_eps, layer=i)
-    gu = blk.feed_forward.w13(h)
-    act = w.op("swiglu", gu[..., : a.hidden_dim], gu[..., a.hidden_dim :], layer=i)
-    h, x = w.op("add_rms_norm", blk.feed_forward.w2(act), x, _next_norm(llm, i), a.norm_eps, layer=i)
-    return x, h
-
-
-def _explain_block(w: _Walk, i: int, x, h, positions, head: int, labels: list[str]):
-    """The same block as ``_block``, step by step for one head (steps 4 to 7). Returns (x, h)."""
-    llm, a = w.llm, w.llm.args
-    blk = llm.layers[i]
-    Hq, Hkv, hd, G, dim = a.n_heads, a.n_kv_heads, a.head_dim, a.n_rep, a.dim
-    T, kvh, last = x.shape[1], head // G, f"token {x.shape[1] - 1} {labels[-1]!r}"
+    calls = _layer_calls(rec, i)
+    rope, attn_call, swi = calls["rope_write_cache"][0], calls["attention"][0], calls["swiglu"][0]
+    add_attn, add_ffn = calls["add_rms_norm"]
+    Hq, Hkv, hd, G, dim = blk.attention.n_heads, blk.attention.n_kv_heads, a.head_dim, a.n_rep, a.dim
+    q, k, v, positions = rope.inputs[:4]  # (1, T, H, hd) views of the wqkv product, as the block made them
+    T, kvh, last = q.shape[1], head // G, f"token {q.shape[1] - 1} {labels[-1]!r}"
+    h_in = (rec.calls[0] if i == 0 else _layer_calls(rec, i - 1)["add_rms_norm"][1]).actual[0]  # this block's h
 
     s = w.step(f"Layer {i}: q, k and v, per head")
     src = "the RMSNorm of the embeddings (step 3)" if i == 0 else f"RMSNorm(x after layer {i - 1}), fused with the add"
@@ -196,15 +232,14 @@ def _explain_block(w: _Walk, i: int, x, h, positions, head: int, labels: list[st
     w.say(s, f"  wq {list(wq.shape)}, wk {list(wk.shape)}, wv {list(wv.shape)} (a head's rows are contiguous)")
     groups = [f"q heads {g * G}..{g * G + G - 1} -> k/v head {g}" for g in range(Hkv)]
     w.say(s, f"GQA, {G} query heads per k/v head: " + "; ".join(groups[:4]) + ("; ..." if Hkv > 4 else ""))
-    q, k, v = _split_qkv(blk.attention.wqkv(h), a)  # one matmul for every head: (1, T, Hq + 2 Hkv, hd) in 3 views
     w.say(s, f"h @ wqkv.T -> [T, {wqkv.shape[0]}] -> q [T, {Hq}, {hd}], k [T, {Hkv}, {hd}], v [T, {Hkv}, {hd}]")
-    own = h[0] @ wq[head].T  # the chosen head from its own slice of the weight: the same numbers
+    own = h_in[0] @ wq[head].T  # the chosen head from its own slice of the weight: the same numbers
     d = float((own - q[0, :, head]).abs().max())
     w.say(s, f"head {head}: q = h @ wq[{head}].T [T, {hd}] (= the slice of the fused product, max |diff| {d:.1e})")
     w.say(s, f"  it reads k/v head {kvh}: k = h @ wk[{kvh}].T, v = h @ wv[{kvh}].T, each [T, {hd}]")
     w.say(s, f"  {last}: q {_vals(q[0, -1, head])}  k {_vals(k[0, -1, kvh])}  v {_vals(v[0, -1, kvh])}")
 
-    s = w.step(f"Layer {i}: rotary position embedding (RoPE)")
+    s = w.step(f"Layer {i}: rotary position embedding (RoPE), and the KV cache")
     inv, plain = llm.inv_freq, reference.rope_inv_freq(hd, a.rope_theta).to(llm.inv_freq.device)
     w.say(s, f"pair j = (x[2j], x[2j+1]) of every head turns by angle p * theta_j at position p, j < {hd // 2}")
     w.say(s, f"theta_j = {a.rope_theta:g}^(-2j/{hd}): {float(inv[0]):.3g} .. {float(inv[-1]):.3g} rad/token")
@@ -217,15 +252,21 @@ def _explain_block(w: _Walk, i: int, x, h, positions, head: int, labels: list[st
     else:
         w.say(s, "no frequency scaling in this checkpoint (Llama 3.0)")
     w.say(s, f"wavelengths 2pi/theta_j: {2 * math.pi / float(inv[0]):.3g} .. {2 * math.pi / float(inv[-1]):.3g} tokens")
-    q_rot, k_rot = w.op("rope", q, k, positions, llm.rope_cos_sin, step=s, layer=i)
+    w.say(s, f"cos/sin: a table built once in fp64 [max_seq_len={llm.max_seq_len}, {hd}]; the kernel reads row p")
+    w.say(s, "one launch rotates q and k, and writes the rotated k and the v into KV-cache slot p (the position)")
+    w.check(s, rope)
+    q_rot = rope.actual[0]  # (1, T, Hq, hd)
+    k_cache, v_cache = rope.inputs[5], rope.inputs[6]  # (1, S_max, Hkv, hd) views of this layer's cache
+    k_rot = k_cache[:, :T]  # slots 0..T-1 now hold the prompt's rotated keys
     for name, before, after in (("q", q[0, -1, head], q_rot[0, -1, head]), ("k", k[0, -1, kvh], k_rot[0, -1, kvh])):
         n0, n1 = float(before.float().norm()), float(after.float().norm())
         w.say(s, f"{name}, {last}: {_vals(before)} -> {_vals(after)}; |{name}| {n0:.4f} -> {n1:.4f}")
     w.say(s, "(a rotation keeps lengths; q.k then depends on the positions only through their difference)")
+    w.say(s, f"KV cache of this layer: k and v [max_seq_len={k_cache.shape[1]}, {Hkv}, {hd}]; slots 0..{T - 1} filled")
     w.plot["rope"] = (inv.cpu(), plain.cpu(), q[0, -1, head].float().cpu(), T, head)
 
     s = w.step(f"Layer {i}: causal attention")
-    qh, kh, vh = q_rot[0, :, head].float(), k_rot[0, :, kvh].float(), v[0, :, kvh].float()  # (T, hd) each
+    qh, kh, vh = q_rot[0, :, head].float(), k_rot[0, :, kvh].float(), v_cache[0, :T, kvh].float()  # (T, hd) each
     scores = qh @ kh.T / math.sqrt(hd)  # (T, T): row t = query token t, column s = key token s
     future = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)  # key s after query t
     masked = scores.masked_fill(future, float("-inf"))
@@ -237,32 +278,35 @@ def _explain_block(w: _Walk, i: int, x, h, positions, head: int, labels: list[st
     seen = ", ".join(f"{labels[j]!r}@{j} {p:.2f}" for p, j in zip(p3.tolist(), j3.tolist(), strict=True))
     w.say(s, f"softmax of each row -> weights summing to 1; the last token attends most to {seen}")
     w.say(s, f"head output = weights @ v -> [T, {hd}]")
-    o = w.op("attention", q_rot, k_rot, v, start_pos=0, step=s, layer=i)  # (1, T, Hq, hd)
+    w.check(s, attn_call)
+    o = attn_call.actual[0]  # (1, T, Hq, hd)
     d = float((o[0, :, head].float() - out_h).abs().max())
-    w.say(s, f"all heads in one call: attention(q, k, v) -> [T, {Hq}, {hd}]; its head {head} vs the above: {d:.1e}")
-    attn = blk.attention.wo(o.flatten(2))  # (1, T, dim)
+    w.say(s, f"all heads in one call, over the cache: attention(q, k_cache, v_cache) -> [T, {Hq}, {hd}]; its head "
+             f"{head} vs the above: {d:.1e}")  # fmt: skip
     w.say(s, f"output projection: the heads side by side [T, {Hq * hd}] @ wo.T -> [T, {dim}]")
-    n0 = float(x[0].float().norm(dim=-1).mean())
-    h, x = w.op("add_rms_norm", attn, x, blk.ffn_norm, a.norm_eps, step=s, layer=i)
-    n1 = float(x[0].float().norm(dim=-1).mean())
-    w.say(s, f"residual: x = x + that (mean |x| {n0:.3f} -> {n1:.3f}); fused with the FFN's norm: h = RMSNorm(x)")
+    x_in, x_mid = add_attn.inputs[1], add_attn.actual[1]
+    n0, n1 = _mean_norm(x_in), _mean_norm(x_mid)
+    w.check(s, add_attn)
+    w.say(s, f"residual: x = x + that (mean ||x|| {n0:.3f} -> {n1:.3f}); fused with the FFN's norm: h = RMSNorm(x)")
     w.plot["scores"] = (scores.cpu(), masked.cpu(), probs.cpu(), i, head)
 
     s = w.step(f"Layer {i}: SwiGLU feed-forward")
-    hid = a.hidden_dim
-    gu = blk.feed_forward.w13(h)  # (1, T, 2 hidden): gate = h @ w1.T | up = h @ w3.T
+    gate = swi.inputs[0]
+    hid = gate.shape[-1]
     w.say(s, f"h @ w13.T -> [T, {2 * hid}]: gate (w1) | up (w3) side by side, one matmul")
-    off = float((gu[..., :hid] < 0).float().mean())
+    off = float((gate < 0).float().mean())
     w.say(s, f"swiglu = silu(gate) * up -> [T, {hid}]; silu(g) = g sigmoid(g), ~0 for g << 0 ({off:.0%} of gates < 0)")
-    act = w.op("swiglu", gu[..., :hid], gu[..., hid:], step=s, layer=i)  # (1, T, hidden)
-    f = blk.feed_forward.w2(act)
+    w.check(s, swi)
     w.say(s, f"down projection: @ w2.T -> [T, {dim}]")
-    n0 = n1
-    h, x = w.op("add_rms_norm", f, x, _next_norm(llm, i), a.norm_eps, step=s, layer=i)
-    n1 = float(x[0].float().norm(dim=-1).mean())
+    n2 = _mean_norm(add_ffn.actual[1])
+    w.check(s, add_ffn)
     nxt = f"layer {i + 1}'s attention_norm" if i + 1 < a.n_layers else "the final norm"
-    w.say(s, f"residual: x = x + that (mean |x| {n0:.3f} -> {n1:.3f}); fused with the next norm ({nxt})")
-    return x, h
+    w.say(s, f"residual: x = x + that (mean ||x|| {n1:.3f} -> {n2:.3f}); fused with the next norm ({nxt})")
+
+
+def _mean_norm(x: torch.Tensor) -> float:
+    """The mean over tokens of each token's L2 norm ||x_t|| (x: (1, T, dim))."""
+    return float(x[0].float().norm(dim=-1).mean())
 
 
 @torch.inference_mode()
@@ -300,7 +344,6 @@ def explain(
     w = _Walk(llm, file or sys.stdout)
     labels = [tok.piece(i) for i in ids]  # each token's text
     tokens = torch.tensor([ids], device=llm.device)  # (1, T): a batch of one sequence
-    positions = torch.arange(T, device=llm.device)[None]  # (1, T): token t sits at position t
 
     s = w.step("Text to tokens, and the model")
     w.say(s, f"prompt {prompt!r}: Llama-3's tiktoken BPE (model/tokenizer.py) -> {T} ids, BOS first")
@@ -320,8 +363,12 @@ def explain(
         w.say(s, "  (the torch backend runs the reference ops themselves: the differences below show only the")
         w.say(s, "  rounding of the dtype against fp32; --backend triton puts the Triton kernels to the test)")
 
+    # The model's own forward pass, through a recorder of its ops; everything below reads what it recorded.
+    logits, rec = _record(llm, tokens)  # (T, vocab) fp32, exactly the model's
+    first_norm = rec.calls[0]  # rms_norm(x, layers[0].attention_norm) before the first block
+
     s = w.step("Token embeddings")
-    x = llm.tok_embeddings(tokens)  # (1, T, dim): the residual stream starts here
+    x = first_norm.inputs[0]  # (1, T, dim): the residual stream starts here
     w.say(s, f"x = tok_embeddings.weight[ids]: rows of the [{a.vocab_size}, {a.dim}] table -> x [T={T}, dim={a.dim}]")
     w.say(s, f"x[0] ({labels[0]!r}) = {_vals(x[0, 0])}; a gather, no kernel (torch.nn.Embedding)")
     w.say(s, "x is the residual stream: every layer reads it and adds its result to it")
@@ -330,12 +377,12 @@ def explain(
     rms = x[0].float().pow(2).mean(-1).sqrt()
     w.say(s, f"h = x / sqrt(mean(x^2) + {a.norm_eps:g}) * attention_norm of layer 0 -> h [T={T}, dim={a.dim}]")
     w.say(s, f"rms of each token's x: {_vals(rms)} -> 1 after the division; the weight then scales each channel")
-    h = w.op("rms_norm", x, llm.layers[0].attention_norm, a.norm_eps, step=s)  # (1, T, dim)
+    w.check(s, first_norm)
 
     out_w = llm.tok_embeddings.weight if llm.output is None else llm.output.weight
 
     def lens(x: torch.Tensor) -> tuple[float, float, int, float]:
-        """|x| (mean over tokens, last token) and the top guess if the model stopped here (the "logit lens")."""
+        """||x|| (mean over tokens, last token) and the top guess if the model stopped here (the "logit lens")."""
         hl = reference.rms_norm(x[0, -1].float(), llm.norm.float(), a.norm_eps)
         p = torch.softmax(hl @ out_w.float().T, -1)
         n = x[0].float().norm(dim=-1)
@@ -344,24 +391,22 @@ def explain(
     summary = [lens(x)]
     for i in range(a.n_layers):
         if i == layer:
-            x, h = _explain_block(w, i, x, h, positions, head, labels)
-        else:
-            x, h = _block(w, i, x, h, positions)
-        summary.append(lens(x))
+            _explain_layer(w, rec, i, head, labels)
+        summary.append(lens(_layer_calls(rec, i)["add_rms_norm"][1].actual[1]))  # x after block i
 
     s = w.step("Every layer in turn: the residual stream")
-    s.checks.extend(w.quiet)
-    w.say(s, "layer   mean |x|   last |x|   top guess for the next token (final norm + output on the last token)")
+    s.checks.extend(c for c in rec.calls if c.layer is not None and c.layer != layer)
+    w.say(s, "the model's own blocks ran every layer (TransformerBlock.forward); each op was recorded and checked")
+    w.say(s, "layer  mean ||x||  last ||x||  top guess for the next token (final norm + output on the last token)")
     for j, (mean, lst, guess, p) in enumerate(summary):
         name = "emb" if j == 0 else f"{j - 1:3d}"
         w.say(s, f"{name:>5}  {mean:9.3f}  {lst:9.3f}   {tok.piece(guess)!r} (id {guess}, p {p:.4f})")
     by_op: dict[str, float] = {}
-    for c in (c for st in w.steps for c in st.checks):
+    for c in rec.calls:
         by_op[c.op] = max(by_op.get(c.op, 0.0), c.max_diff)
     w.say(s, "kernels over all layers, max |diff| vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in by_op.items()))
 
     s = w.step("Final norm, logits, the next token")
-    logits = torch.nn.functional.linear(h, out_w).float()[0]  # (T, vocab), exactly as the driver computes them
     w.say(s, f"h = RMSNorm(x) with the final norm weight (fused into the last add_rms_norm) [T={T}, dim={a.dim}]")
     tied = "tok_embeddings.weight (tied)" if llm.output is None else "output.weight"
     w.say(s, f"logits = h @ {tied}.T -> [T={T}, vocab={a.vocab_size}]; row t predicts token t+1")
@@ -373,7 +418,7 @@ def explain(
         w.say(s, f"  {r:2d}. {tok.piece(i)!r:<20} id {i:6d}  p {p:.4f}  logit {float(logits[-1, i]):+.3f}")
     chosen = top_ids[0]
     w.say(s, f"chosen (greedy, temperature 0): {tok.piece(chosen)!r} (id {chosen})")
-    model_logits = llm.forward(tokens, 0)[0]  # the driver's own forward pass, KV cache and all
+    model_logits = llm.forward(tokens, 0)[0]  # the driver again, on its own backend, without the recorder
     model_diff = float((model_logits - logits).abs().max())
     w.say(s, f"llm.forward(tokens, 0) gives the same logits: max |diff| {model_diff:.2e}")
 

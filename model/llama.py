@@ -273,12 +273,16 @@ class Llama(nn.Module):
         return self.weight_bytes() - skipped
 
     # ---- switching backend and graph capture --------------------------------------------------------
-    def use(self, backend: str | None = None, cuda_graph: bool | None = None) -> None:
+    def use(self, backend: str | None = None, cuda_graph: bool | None = None, ops: Ops | None = None) -> None:
         """Switch the ops backend ("triton" or "torch") and/or the CUDA-graph decode step, in place: the weights
-        and the KV cache stay. Captured graphs are dropped (they hold the previous backend's kernels)."""
+        and the KV cache stay. Captured graphs are dropped (they hold the previous backend's kernels).
+        ``ops``: run any implementation of ``kernels.Ops`` instead (explain's recording wrapper, say); the
+        ``backend`` name is left as it is."""
         if backend is not None:
             self.ops = select_ops(backend, self.device)
             self.backend = backend
+        if ops is not None:
+            self.ops = ops
         if cuda_graph is not None:
             self.use_cuda_graph = bool(cuda_graph)
         self._graphs.clear()

@@ -18,7 +18,7 @@ from model.explain import DEFAULT_PROMPT, explain
 from model.llama import Llama
 from tests.tolerances import TOLERANCES, assert_close
 
-KERNEL_OPS = {"rms_norm", "add_rms_norm", "rope", "attention", "swiglu"}
+KERNEL_OPS = {"rms_norm", "add_rms_norm", "rope_write_cache", "attention", "swiglu"}
 PNGS = {"scores.png", "scores_masked.png", "attention.png", "rope.png", "layer_norms.png", "topk.png"}
 
 
@@ -56,7 +56,7 @@ def test_walk_reproduces_the_model_and_every_kernel_matches_its_reference(
     # Every op of every layer was checked, each against its reference on the same tensors.
     ops = [(c.op, c.layer) for c in ex.checks]
     assert ops.count(("rms_norm", None)) == 1
-    per_layer = ["add_rms_norm", "add_rms_norm", "attention", "rope", "swiglu"]
+    per_layer = ["add_rms_norm", "add_rms_norm", "attention", "rope_write_cache", "swiglu"]
     for i in range(n_layers):
         assert sorted(op for op, lay in ops if lay == i) == per_layer
     for c in ex.checks:
