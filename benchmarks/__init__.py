@@ -19,4 +19,21 @@ Modules: ``common`` (context, timing, ceilings), one per kernel (``rmsnorm``, ``
 Hugging Face transformers), ``report`` (JSON, Markdown, plots, the goals), ``runner`` (the command line),
 ``gpu_check.sh`` (tests + benchmarks in one call on a lent GPU), and ``kernel_resources`` (the AOT
 compile gate's register/spill report). Nothing runs at import.
+
+Imports run one way: the runner imports the benchmark files, never the reverse. A benchmark file run as a
+script (``python -m benchmarks.rope``) hands its command line to the runner by module name, through
+``run_as`` below, so no file imports the runner that imports it.
 """
+
+
+def run_as(*args: str) -> int:
+    """Run ``python -m benchmarks *args <this process's arguments>``; return its exit status."""
+    import runpy
+    import sys
+
+    sys.argv = ["python -m benchmarks", *args, *sys.argv[1:]]
+    try:
+        runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
+    except SystemExit as e:  # benchmarks/__main__.py ends with sys.exit(main())
+        return e.code if isinstance(e.code, int) else 1
+    return 0

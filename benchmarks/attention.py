@@ -107,6 +107,6 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from benchmarks import run_as
 
-    sys.exit(main(["--only", "kernels", "--kernel", "attention", *sys.argv[1:]]))
+    sys.exit(run_as("--only", "kernels", "--kernel", "attention"))

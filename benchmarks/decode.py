@@ -71,6 +71,6 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from benchmarks import run_as
 
-    sys.exit(main(["--only", "kernels", "--kernel", "decode_attention", *sys.argv[1:]]))
+    sys.exit(run_as("--only", "kernels", "--kernel", "decode_attention"))

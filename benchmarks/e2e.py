@@ -417,6 +417,6 @@ def _prefill_point(ctx: Context, model, args, impl: str, T: int) -> tuple[dict, 
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from benchmarks import run_as
 
-    sys.exit(main(["--only", "e2e", *sys.argv[1:]]))
+    sys.exit(run_as("--only", "e2e"))

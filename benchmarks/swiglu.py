@@ -53,6 +53,6 @@ def _case(ctx: Context, model: str, F: int, T: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from benchmarks import run_as
 
-    sys.exit(main(["--only", "kernels", "--kernel", "swiglu", *sys.argv[1:]]))
+    sys.exit(run_as("--only", "kernels", "--kernel", "swiglu"))
