@@ -15,17 +15,21 @@ per-split softmaxes, each weighted by its share of the total mass:
 
     LSE = log sum_s exp(lse_s)            out = sum_s exp(lse_s - LSE) * o_s
 
-(computed with max-subtraction, in log2 units as the kernels use exp2). A split with no keys (past L) has
-lse_s = -inf and weight 0. The split ranges adapt to each sequence's own length (chunk = L / num_splits,
-rounded up to whole key blocks), so ragged batches keep every split busy.
+(computed with max-subtraction, in log2 units as the kernels use exp2). The splits are sized from each
+sequence's own length, on the device: of the ``num_splits`` programs launched for a sequence, only
+``used = min(num_splits, ceil(L / min_keys))`` get keys (chunk = L / used, rounded up to whole key blocks, at
+least ``min_keys`` = 256 keys each, so a split's fixed cost stays small next to its keys); the others return
+at once, writing nothing, and stage 2 reads the ``used`` partials alone. At 100 tokens in an 8192-slot
+cache one split works and no empty partial is written or read.
 
 GQA: the G query heads that share a kv head are one program's M tile (G rows padded to 16, the smallest
 tensor-core tile), so each K/V block is read from memory once for all G heads, never repeated.
 
-CUDA graphs: num_splits comes from S_max, B, Hkv and the SM count — never from the values in ``lengths`` —
-so the launch is identical on every step and can be captured; the host check of ``lengths`` is skipped
-while the stream is capturing, and the kernel clamps every length to S_max so it never reads past the cache
-(a length < 1, which only an unchecked captured call can pass, reads nothing and yields NaN: 0 / 0).
+CUDA graphs: num_splits (the grid) comes from S_max, B, Hkv and the SM count — never from the values in
+``lengths``, which only the kernels read — so the launch is identical on every step and can be captured;
+the host check of ``lengths`` is skipped while the stream is capturing, and the kernels clamp every length
+to S_max so they never read past the cache (a length < 1, which only an unchecked captured call can pass,
+uses no split and yields NaN).
 
 Shapes: q (B, Hq, D); k_cache, v_cache (B, S_max, Hkv, D) views with any strides (last dim contiguous);
 lengths (B,) int32/int64 in [1, S_max]. D 64 or 128; fp16, bf16, fp32.
@@ -63,7 +67,20 @@ CPU_SM_COUNT = 4  # stands in for the SM count under the interpreter, so several
 
 # Not specialised on the sizes nor on where ``lengths`` sits (one scalar load), only on the alignment of the
 # tensors and strides: one binary per dtype, head dim and lengths dtype, exactly the ones the gate checks.
-@triton.jit(do_not_specialize=["S_max", "G", "num_splits"], do_not_specialize_on_alignment=["Lengths"])
+@triton.jit
+def _split_range(
+    length,  # keys of this sequence (clamped to the cache)
+    num_splits,  # programs launched per sequence
+    min_keys,  # fewest keys a used split gets (the last may get fewer)
+    BLOCK_N: tl.constexpr,  # keys per inner step: a chunk is whole blocks
+):
+    """(chunk, used): keys per split and how many splits own keys, from the length alone (both stages agree)."""
+    want = tl.maximum(tl.minimum(num_splits, tl.cdiv(length, min_keys)), 1)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(length, want), BLOCK_N) * BLOCK_N, BLOCK_N)
+    return chunk, tl.cdiv(length, chunk)
+
+
+@triton.jit(do_not_specialize=["S_max", "G", "num_splits", "min_keys"], do_not_specialize_on_alignment=["Lengths"])
 def _decode_split_kernel(
     Q,  # (B, Hq, D) one query per sequence
     K,  # (B, S_max, Hkv, D) key cache
@@ -81,7 +98,8 @@ def _decode_split_kernel(
     stride_vh,
     S_max,  # cache capacity: lengths are clamped to it
     G,  # query heads per kv head
-    num_splits,  # key ranges per sequence (grid axis 2)
+    num_splits,  # programs per sequence (grid axis 2); workspace slots per (b, head)
+    min_keys,  # fewest keys per used split
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,  # D: 64 or 128
     BLOCK_G: tl.constexpr,  # query-head rows of the tile (>= G, >= 16)
@@ -92,9 +110,11 @@ def _decode_split_kernel(
     h_kv = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.minimum(tl.load(Lengths + b), S_max).to(tl.int32)  # clamp: never read past the cache
-    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N  # whole key blocks per split
+    chunk, used = _split_range(length, num_splits, min_keys, BLOCK_N)
+    if split >= used:  # no keys for this program at this length: nothing to read, nothing to write
+        return
     start = split * chunk
-    end = tl.minimum(start + chunk, length)  # start >= end: an empty split (its keys are past the length)
+    end = tl.minimum(start + chunk, length)  # start < end: every used split owns at least one key
 
     b64 = b.to(tl.int64)  # int64: b * stride_b and start * stride_s can pass 2^31 on a large cache
     g = tl.arange(0, BLOCK_G)
@@ -129,34 +149,37 @@ def _decode_split_kernel(
         k_base += BLOCK_N * stride_ks
         v_base += BLOCK_N * stride_vs
 
-    # An empty split has l_i = 0: it writes o = 0 and lse = -inf (weight 0 in stage 2), never 0/0 = NaN.
-    has_keys = l_i > 0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+    o = acc / l_i[:, None]  # l_i >= 1: the running max's own key contributes exp2(0)
+    lse = m_i + tl.log2(l_i)
     row = (b64 * G * tl.num_programs(1) + head) * num_splits + split  # (b, head, split) in the workspace
     tl.store(O_part + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
     tl.store(Lse + row, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["Hq", "num_splits"])
+@triton.jit(do_not_specialize=["Hq", "S_max", "num_splits", "min_keys"], do_not_specialize_on_alignment=["Lengths"])
 def _decode_combine_kernel(
     O_part,  # (B, Hq, num_splits, D) fp32 normalised partial outputs
-    Lse,  # (B, Hq, num_splits) fp32 log2-sum-exp2 per split (-inf: empty split)
+    Lse,  # (B, Hq, num_splits) fp32 log2-sum-exp2 per split
+    Lengths,  # (B,) int32/int64 valid keys per sequence: which splits stage 1 used
     Out,  # (B, Hq, D) output
     stride_ob,  # out strides: batch, head
     stride_oh,
     Hq,  # query heads
-    num_splits,  # splits written by stage 1
+    S_max,  # cache capacity: lengths are clamped to it, as in stage 1
+    num_splits,  # workspace slots per (b, head)
+    min_keys,  # as in stage 1
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+    BLOCK_N: tl.constexpr,  # stage 1's key block
 ):
     pid = tl.program_id(0)  # one (b, head) per program
     b = pid // Hq
     h = pid % Hq
+    length = tl.minimum(tl.load(Lengths + b), S_max).to(tl.int32)
+    _, used = _split_range(length, num_splits, min_keys, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_ok = offs_s < num_splits
+    s_ok = offs_s < used  # only the partials stage 1 wrote
     base = pid.to(tl.int64) * num_splits
     lse = tl.load(Lse + base + offs_s, mask=s_ok, other=float("-inf"))
     o = tl.load(O_part + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
@@ -176,6 +199,12 @@ def _stage1_config(dtype: torch.dtype) -> tuple[int, int, int]:
 def _combine_warps(head_dim: int) -> int:
     """Stage 2 moves num_splits * D fp32 per program: 2 warps cover D = 64 with 1 element a thread."""
     return 4 if head_dim == 128 else 2
+
+
+def _workspace(B: int, Hq: int, num_splits: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's outputs, stage 2's inputs: partial outputs (B, Hq, num_splits, D) and their log-sum-exps, fp32."""
+    o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=device)
+    return o_part, torch.empty((B, Hq, num_splits), dtype=torch.float32, device=device)
 
 
 @functools.cache
@@ -214,7 +243,8 @@ def decode_attention(
     """Attention of q (B, Hq, D) over keys 0 .. lengths[b]-1 of k_cache/v_cache (B, S_max, Hkv, D).
 
     Returns (B, Hq, D) in q's dtype, written into ``out`` when given. ``num_splits`` (1..64) overrides the
-    split count derived from the shapes and the SM count. Safe to capture in a CUDA graph.
+    split count derived from the shapes and the SM count; then every split that has keys is used (at least one
+    key each, not MIN_KEYS_PER_SPLIT). Safe to capture in a CUDA graph.
     ``check_values=False`` skips the host check of ``lengths`` (a device sync) for a caller that has
     validated them; the kernel still clamps every length to S_max.
     """
@@ -239,10 +269,13 @@ def decode_attention(
     if tuple(lengths.shape) != (B,) or lengths.device != q.device:
         got = f"{tuple(lengths.shape)} on {lengths.device}"
         raise ValueError(f"lengths: expected shape ({B},) on {q.device}, got {got}")
+    min_keys = MIN_KEYS_PER_SPLIT
     if num_splits is None:
         num_splits = _default_num_splits(B, Hkv, S_max, q.device)
     elif not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits: expected an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    else:
+        min_keys = 1  # the caller chose the split count: use it wherever there are keys
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
     if out is None:
@@ -259,19 +292,18 @@ def decode_attention(
         if lo < 1 or hi > S_max:
             raise ValueError(f"lengths: expected values in [1, S_max={S_max}], got min {lo}, max {hi}")
     qk_scale = (D**-0.5 if scale is None else float(scale)) * LOG2E
-    o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    o_part, lse = _workspace(B, Hq, num_splits, D, q.device)
     block_n, num_warps, num_stages = _stage1_config(q.dtype)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, lengths, o_part, lse,
         *q_strides, *k_strides, *v_strides,
-        S_max, Hq // Hkv, num_splits, qk_scale,
+        S_max, Hq // Hkv, num_splits, min_keys, qk_scale,
         HEAD_DIM=D, BLOCK_G=BLOCK_G, BLOCK_N=block_n, DOT_FP32=interpret and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _decode_combine_kernel[(B * Hq,)](
-        o_part, lse, out, *out_strides, Hq, num_splits,
-        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=_combine_warps(D),
+        o_part, lse, lengths, out, *out_strides, Hq, S_max, num_splits, min_keys,
+        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, num_warps=_combine_warps(D),
     )  # fmt: skip
     return out
 
@@ -280,8 +312,7 @@ def compile_variants() -> list[dict]:
     """Every kernel configuration the launcher can pick on a GPU, for the AOT compile gate.
 
     Stage 1: dtype x head dim x lengths dtype (its block config is fixed per dtype). Stage 2: dtype x head
-    dim x BLOCK_S (powers of two up to MAX_SPLITS). ``attrs`` holds the 16-byte alignment of pointers and
-    strides that Triton specialises on at run time (pass it to ``ASTSource``); ``archs`` the targets.
+    dim x lengths dtype x BLOCK_S (powers of two up to MAX_SPLITS).
     ``DOT_FP32=True`` is left out: only the interpreter picks it.
     """
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -297,11 +328,13 @@ def compile_variants() -> list[dict]:
                 tag = f"decode_split_{name}_d{d}_n{block_n}_len{len_ty[1:]}"
                 variant_ = variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=["Lengths"])
                 variants.append(variant_)
-            block_s = 1
-            while block_s <= MAX_SPLITS:
-                types = {"O_part": "*fp32", "Lse": "*fp32", "Out": ptr[dtype]}
-                cx = {"HEAD_DIM": d, "BLOCK_S": block_s}
-                tag = f"decode_combine_{name}_d{d}_s{block_s}"
-                variants.append(variant(tag, _decode_combine_kernel, types, cx, _combine_warps(d), 3))
-                block_s *= 2
+            for len_ty in ("*i32", "*i64"):
+                block_s = 1
+                while block_s <= MAX_SPLITS:
+                    types = {"O_part": "*fp32", "Lse": "*fp32", "Out": ptr[dtype], "Lengths": len_ty}
+                    cx = {"HEAD_DIM": d, "BLOCK_S": block_s, "BLOCK_N": block_n}
+                    tag = f"decode_combine_{name}_d{d}_s{block_s}_len{len_ty[1:]}"
+                    w = _combine_warps(d)
+                    variants.append(variant(tag, _decode_combine_kernel, types, cx, w, 3, unaligned=["Lengths"]))
+                    block_s *= 2
     return variants

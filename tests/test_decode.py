@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kernels.decode as decode_mod
 from kernels import reference
 from kernels.decode import MAX_SPLITS, _default_num_splits, decode_attention
 from tests.tolerances import DTYPES, INTERPRET, assert_close, poisoned_like
@@ -77,6 +78,45 @@ def test_many_splits_mostly_empty():
     q, k, v, lengths = _inputs(2, 4, 1, 64, 200, torch.float32, lengths=[1, 70], seed=2)
     out = decode_attention(q, k, v, lengths, num_splits=MAX_SPLITS)
     assert_close(out, _expected(q, k, v, lengths), torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [None, 12])
+def test_splits_sized_from_the_lengths(monkeypatch, num_splits):
+    """Only splits that own keys at each sequence's length write a partial, and stage 2 reads only those: with the
+    workspace poisoned, the unused slots stay NaN and the output is exact. Default splits need MIN_KEYS_PER_SPLIT
+    keys each (one split below 2 x 256 keys); a caller's split count is used wherever there are keys."""
+    spaces, workspace = [], decode_mod._workspace
+
+    def poisoned_workspace(*args):
+        o_part, lse = (torch.full_like(t, float("nan")) for t in workspace(*args))
+        spaces.append((o_part, lse))
+        return o_part, lse
+
+    monkeypatch.setattr(decode_mod, "_workspace", poisoned_workspace)
+    S_max = 8 * decode_mod.MIN_KEYS_PER_SPLIT
+    lengths = [1, 100, 2 * decode_mod.MIN_KEYS_PER_SPLIT + 1, S_max]
+    q, k, v, lengths = _inputs(4, 4, 1, 64, S_max, torch.float32, lengths=lengths, seed=7)
+    out = decode_attention(q, k, v, lengths, num_splits=num_splits)
+    assert_close(out, _expected(q, k, v, lengths), torch.float32)
+    [(o_part, lse)] = spaces
+    n = lse.shape[-1]
+    assert n > 3
+    block_n = decode_mod._stage1_config(torch.float32)[0]
+    min_keys = decode_mod.MIN_KEYS_PER_SPLIT if num_splits is None else 1
+
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    used = []
+    for L in lengths.tolist():  # ceil(L / min_keys) splits wanted, at most n, of whole key blocks: those with keys
+        chunk = cdiv(cdiv(L, min(n, cdiv(L, min_keys))), block_n) * block_n
+        used.append(cdiv(L, chunk))
+    assert used[0] == 1 and used[1] < n and used[-1] >= n - 1  # short sequences use few splits, a full cache ~all
+    if num_splits is None:
+        assert used[1] == 1 and used[2] == 3  # 100 keys: one split; 513 keys: three (256 keys at least each)
+    for b, u in enumerate(used):
+        assert torch.isfinite(lse[b, :, :u]).all() and torch.isfinite(o_part[b, :, :u]).all(), (b, u)
+        assert torch.isnan(lse[b, :, u:]).all() and torch.isnan(o_part[b, :, u:]).all(), f"sequence {b}: wrote past {u}"
 
 
 def test_custom_scale_and_contiguous_cache():
