@@ -25,7 +25,14 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-KERNEL_MODULES = ["kernels.rmsnorm", "kernels.rope", "kernels.swiglu", "kernels.attention", "kernels.decode"]
+KERNEL_MODULES = [
+    "kernels.rmsnorm",
+    "kernels.rope",
+    "kernels.swiglu",
+    "kernels.attention",
+    "kernels.decode",
+    "kernels.gemv",
+]
 ARCHS = [80, 90]
 # Opt-in shared memory per block: A100 163 KB (sm_80), H100 227 KB (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -26,6 +26,7 @@ __all__ = [
     "attention",
     "decode_attention",
     "swiglu",
+    "linear",
 ]
 
 
@@ -216,3 +217,26 @@ def decode_attention(
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, computed in fp32 and returned in gate.dtype (the FFN's gated activation)."""
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    rms_eps: float | None = None,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+) -> torch.Tensor:
+    """x (..., K) @ weight.T in fp32, with the fusions of ``kernels.gemv.linear``: ``rms_eps`` scales each row of
+    x by 1 / sqrt(mean(x^2) + rms_eps) first (an RMSNorm whose gamma is in weight), ``swiglu`` reads weight as
+    [W1; W3] and returns silu(x W1.T) * (x W3.T), ``residual`` is added last. Returned in x's dtype."""
+    xf = x.float()
+    if rms_eps is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
+    y = xf @ weight.float().T
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    if residual is not None:
+        y = residual.float() + y
+    return y.to(x.dtype)

@@ -1,0 +1,100 @@
+"""The decode step's matrix products at batch 1..8 (GEMV), with their fusions, against cuBLAS and torch.compile.
+
+Each Llama-3-8B product of a decode step (and the output head), as ``kernels.gemv.linear`` runs it fused:
+
+    qkv   RMSNorm(x) @ wqkv.T          (6144, 4096), the norm folded in
+    wo    x + o @ wo.T                 (4096, 4096), the residual add folded in
+    w13   swiglu(RMSNorm(x) @ w13.T)   (2 x 14336, 4096), norm and SwiGLU folded in
+    w2    x + a @ w2.T                 (4096, 14336)
+    head  RMSNorm(x) @ output.T        (128256, 4096)
+
+Peers, on the same tensors: ``torch_eager`` is what the model runs today in its own dtype -- cuBLAS's
+F.linear with the norm, add or SwiGLU as separate torch ops -- and ``torch_compile`` is that sequence
+compiled. Bytes a product must move: the weight (N x K, or 2N x K), x, the output and the residual; at batch 1
+the weight is all of it, so GB/s against the copy ceiling says how close the product comes to its floor.
+
+    python -m benchmarks.gemv [runner flags]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
+
+# name -> (N, K, fusion) at Llama-3-8B; the smoke run's tiny model keeps the structure at small sizes.
+PRODUCTS_8B = {
+    "qkv": (6144, 4096, "norm"),
+    "wo": (4096, 4096, "add"),
+    "w13": (14336, 4096, "norm_swiglu"),
+    "w2": (4096, 14336, "add"),
+    "head": (128256, 4096, "norm"),
+}
+PRODUCTS_TINY = {"qkv": (512, 256, "norm"), "w13": (384, 256, "norm_swiglu"), "w2": (256, 384, "add")}
+
+
+def cases(ctx: Context) -> list[Case]:
+    products = PRODUCTS_TINY if ctx.smoke else PRODUCTS_8B
+    model = "tiny" if ctx.smoke else "8B"
+    return [_case(ctx, model, name, *spec, M) for name, spec in products.items() for M in ctx.sizes("decode_batch")]
+
+
+def _torch_sequence(x, w, res, eps: float | None, swiglu: bool):
+    """The unfused sequence, in the tensors' dtype: what the model does around cuBLAS today."""
+    import torch
+    import torch.nn.functional as F
+
+    if eps is not None:
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = F.linear(x, w)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    if res is not None:
+        y = res + y
+    return y
+
+
+def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: int) -> Case:
+    es = element_size(ctx.dtype)
+    rows = 2 * N if "swiglu" in fusion else N
+    n_bytes = (rows * K + M * K + M * N * (2 if fusion == "add" else 1)) * es
+
+    def setup() -> dict:
+        from kernels import gemv
+
+        x = randn((M, K), ctx, seed=M)
+        w = randn((rows, K), ctx, seed=N) * K**-0.5
+        res = randn((M, N), ctx, seed=K) if fusion == "add" else None
+        eps = 1e-5 if "norm" in fusion else None
+        swiglu = "swiglu" in fusion
+        impls: dict = {
+            "torch_eager": lambda: _torch_sequence(x, w, res, eps, swiglu),
+            "triton": lambda: gemv.linear(x, w, rms_eps=eps, residual=res, swiglu=swiglu),
+        }
+        if ctx.compile_peers:
+            c = compiled(_torch_sequence, ctx)
+            impls["torch_compile"] = lambda: c(x, w, res, eps, swiglu)
+        else:
+            impls["torch_compile"] = Skip("--no-compile")
+        return impls
+
+    return Case(
+        kernel="gemv",
+        model=f"{model} {name}",  # a panel per product in the plots
+        label=f"M={M}",
+        size=M,
+        size_name="batch",
+        shape={"M": M, "N": N, "K": K, "fusion": fusion, "dtype": str(ctx.dtype).removeprefix("torch.")},
+        bytes=n_bytes,
+        flops=2 * M * rows * K,
+        bound="memory",
+        setup=setup,
+    )
+
+
+if __name__ == "__main__":
+    from benchmarks import run_as
+
+    sys.exit(run_as("--only", "kernels", "--kernel", "gemv"))

@@ -1,0 +1,191 @@
+"""Skinny matrix products for decode (GEMV, a few rows of x), with the ops around them fused in.
+
+The maths. For x (M, K) with M small (1..8 in batch decode) and a weight W (N, K), stored as nn.Linear stores
+it (a row per output), one of:
+
+    y = x @ W.T                                  the plain product
+    y = rms(x) * (x @ W.T)                       NORM: an RMSNorm folded in, rms(x) = 1 / sqrt(mean(x^2) + eps);
+                                                 the norm's gamma is folded into W's columns at load time
+    y = residual + x @ W.T                       ADD: the residual add after wo and w2
+    y = silu(x @ W1.T) * (x @ W3.T)              SWIGLU: W = [W1; W3] (2N, K), the fused w1|w3 of the FFN
+
+all accumulated in fp32 and rounded once at the store. Because the norm is linear in its scale, the kernel
+never materialises the normalised x: it sums x^2 while it streams x for the product and scales the (M, N)
+result at the end.
+
+Bytes and floor. A GEMV reads every weight once and does 2 FLOPs per weight per row of x: at M = 1 that is
+1 FLOP per byte of bf16, far below any GPU's balance point, so the floor is N * K * 2 bytes / bandwidth.
+Llama-3-8B's decode step reads 15 GB of weights through five such products per layer and the output head;
+at an H200's measured 4.3 TB/s that floor is about 3.5 ms per token. Fusing the norm, the residual add and
+SwiGLU removes the separate launches (and their reads and writes of x) that cost more than their bytes at
+batch 1. (Predicted from bytes and launch counts; not measured on a GPU.)
+
+Tiling. One program per BLOCK_N output rows (and per 16 rows of x): it walks K in BLOCK_K chunks, several
+in flight, loading a (BLOCK_N, BLOCK_K) tile of W (contiguous along K: 16-byte vector loads) and the matching
+(16, BLOCK_K) slice of x, and accumulates x_tile @ W_tile.T on the tensor cores with x padded to 16 rows (the
+smallest MMA tile: the padding costs compute the GEMV has to spare, and no bytes). Small BLOCK_N keeps enough
+programs in flight to fill every SM when N is only 4096 (wo, w2): 16 rows give 256 programs.
+
+Not yet used by the model: the decode step still calls cuBLAS (nn.Linear) until a GPU run says where this
+kernel is faster (benchmarks/gemv.py measures both, per shape).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._launch import check_tensor, interpreting, variant
+
+__all__ = ["linear", "compile_variants"]
+
+BLOCK_M = 16  # rows of x per program: the smallest tensor-core tile
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _gemv_kernel(
+    X,  # (M, K) input rows, unit column stride
+    W,  # (N, K) weight (SWIGLU: (2N, K), W1 rows then W3 rows), contiguous
+    Res,  # (M, N) residual (ADD only)
+    Out,  # (M, N) output
+    M,  # rows of x
+    N,  # output columns (SWIGLU: half of W's rows)
+    K,  # reduction length
+    stride_xm,  # row stride of x
+    stride_rm,  # row stride of the residual
+    stride_om,  # row stride of out
+    eps,  # RMSNorm epsilon (NORM only)
+    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_K: tl.constexpr,  # reduction chunk
+    NORM: tl.constexpr,  # scale each row of the result by rms(x row)
+    ADD: tl.constexpr,  # add the residual
+    SWIGLU: tl.constexpr,  # silu(x @ W1.T) * (x @ W3.T)
+    DOT_FP32: tl.constexpr,  # fp32 inputs, or bf16 in the interpreter: dots in fp32 ("ieee")
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * 16 + tl.arange(0, 16)  # rows of x (padded to 16)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = rows of W
+    row_ok = rows < M
+    col_ok = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = W + cols.to(tl.int64)[:, None] * K + offs_k[None, :]  # int64: N * K passes 2^31 (the output head)
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([16, BLOCK_N], tl.float32)
+    sumsq = tl.zeros([16], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + offs_k < K
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            sumsq += tl.sum(xf * xf, 1)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        if SWIGLU:  # the matching rows of W3, N rows further down
+            u = tl.load(w_ptrs + N.to(tl.int64) * K, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_FP32:
+                u = u.to(tl.float32)
+            acc_up = tl.dot(x, tl.trans(u), acc_up, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if NORM:
+        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        acc = acc * rstd[:, None]
+        acc_up = acc_up * rstd[:, None]
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ADD:
+        r = tl.load(Res + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+        acc += r.to(tl.float32)
+    tl.store(Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+
+
+_INTERPRET = interpreting(_gemv_kernel)
+
+
+def _config(N: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). 16 output columns while wider blocks would leave SMs idle
+    (N <= 16384: wo and w2 give 256 programs), and always with SwiGLU (it loads two weight tiles); 64 for the
+    output head. 128-wide K chunks (256 bytes of a bf16 row), 4 in flight; fp32 (tests only) 64-wide, 3 deep.
+    From the compile gate: 256-wide bf16 chunks kept an 8-byte stack frame on sm_80, and SwiGLU with 64
+    columns and 4 stages needed 216 KB of shared memory. Not tuned on a GPU."""
+    block_n = 16 if N <= 16384 or swiglu else 64
+    return (block_n, 64, 4, 3) if dtype == torch.float32 else (block_n, 128, 4, 4)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    rms_eps: float | None = None,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (..., K) @ weight.T, fused as the module docstring says; returns (..., N) in x's dtype.
+
+    ``rms_eps``: scale each row by 1 / sqrt(mean(x^2) + rms_eps) (an RMSNorm whose gamma is already in weight).
+    ``residual`` (..., N): add it. ``swiglu``: weight is (2N, K) = [W1; W3]; return silu(x W1.T) * (x W3.T).
+    """
+    check_tensor("x", x, interpret=_INTERPRET, dtypes=DTYPES)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected shape (..., K) with K >= 1, got {tuple(x.shape)}")
+    K = x.shape[-1]
+    check_tensor("weight", weight, like=x, like_name="x", ndim=2)
+    if weight.shape[1] != K or not weight.is_contiguous():
+        raise ValueError(f"weight: expected a contiguous (N, {K}) tensor, got {tuple(weight.shape)}, {weight.stride()}")
+    if swiglu and weight.shape[0] % 2:
+        raise ValueError(f"weight: swiglu needs an even number of rows (W1 then W3), got {weight.shape[0]}")
+    if swiglu and residual is not None:
+        raise ValueError("residual: not supported with swiglu (no Llama product needs both)")
+    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if rms_eps is not None and not (isinstance(rms_eps, (int, float)) and rms_eps >= 0):
+        raise ValueError(f"rms_eps: expected a float >= 0, got {rms_eps!r}")
+    x2 = x.reshape(-1, K)  # a view for any x whose rows share one stride (the model's activations)
+    M = x2.shape[0]
+    shape = (*x.shape[:-1], N)
+    if residual is not None:
+        check_tensor("residual", residual, like=x, like_name="x", shape=shape)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
+    check_tensor("out", out, like=x, like_name="x", shape=shape)
+    out2 = out.reshape(-1, N)
+    if out2.data_ptr() != out.data_ptr():
+        raise ValueError("out: expected rows that flatten to one row stride (a view, not a copy)")
+    r2 = residual.reshape(-1, N) if residual is not None else out2
+    if M == 0:
+        return out
+    block_n, block_k, num_warps, num_stages = _config(N, x.dtype, swiglu)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))
+    _gemv_kernel[grid](
+        x2, weight, r2, out2,
+        M, N, K, x2.stride(0), r2.stride(0), out2.stride(0), float(rms_eps or 0.0),
+        BLOCK_N=block_n, BLOCK_K=block_k, NORM=rms_eps is not None, ADD=residual is not None, SWIGLU=swiglu,
+        DOT_FP32=x.dtype == torch.float32 or (_INTERPRET and x.dtype == torch.bfloat16),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+def compile_variants() -> list[dict]:
+    """Every (dtype, block shape, fusion) the launcher can pick: 16-column blocks with every fusion (N up to 16384,
+    Llama-3's wqkv, wo, w13, w2), 64-column ones without SwiGLU (the output head, 128256 rows). K is divisible
+    by 16 at every Llama-3 width (Triton specialises on it)."""
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    variants = []
+    for dtype in DTYPES:
+        types = {n: ptr[dtype] for n in ("X", "W", "Res", "Out")} | {"eps": "fp32"}
+        for N, fusions in ((4096, ("plain", "norm", "add", "norm_swiglu")), (128256, ("plain", "norm", "add"))):
+            for fusion in fusions:
+                block_n, block_k, num_warps, num_stages = _config(N, dtype, "swiglu" in fusion)
+                cx = {"BLOCK_N": block_n, "BLOCK_K": block_k, "NORM": "norm" in fusion, "ADD": fusion == "add"}
+                cx |= {"SWIGLU": "swiglu" in fusion, "DOT_FP32": dtype == torch.float32}
+                name = f"gemv_{str(dtype).split('.')[-1]}_n{block_n}_k{block_k}_{fusion}"
+                variants.append(variant(name, _gemv_kernel, types, cx, num_warps, num_stages, divisible=["K"]))
+    return variants

@@ -1,0 +1,81 @@
+"""kernels.gemv.linear against kernels.reference.linear: every fusion, odd sizes, M from 1 to past one tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import reference as ref
+from kernels.gemv import linear
+from tests.tolerances import DTYPES, assert_close, poisoned_like
+
+FUSIONS = ["plain", "norm", "add", "swiglu", "norm_swiglu", "norm_add"]
+
+
+def _inputs(M, N, K, dtype, device, fusion, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=g) * 2).to(device, dtype)  # rows far from unit RMS: the norm matters
+    w = (torch.randn(2 * N if "swiglu" in fusion else N, K, generator=g) * K**-0.5).to(device, dtype)
+    res = torch.randn(M, N, generator=g).to(device, dtype) if "add" in fusion else None
+    kw = {"rms_eps": 1e-5 if "norm" in fusion else None, "residual": res, "swiglu": "swiglu" in fusion}
+    return x, w, kw
+
+
+# (M, N, K): M = 1 (batch-1 decode), 3, 8, 17 (two row tiles); N not a multiple of the block; K odd, and longer
+# than one 256-wide chunk.
+SHAPES = [(1, 16, 64), (1, 100, 300), (3, 40, 123), (8, 64, 512), (17, 24, 96)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_matches_reference(shape, fusion, dtype, device):
+    M, N, K = shape
+    x, w, kw = _inputs(M, N, K, dtype, device, fusion, seed=M * 1000 + K)
+    out = poisoned_like(torch.empty(M, N, dtype=dtype, device=device))
+    got = linear(x, w, out=out, **kw)
+    assert got is out and not torch.isnan(out).any(), "an output element was not written"
+    expected = ref.linear(x.float(), w.float(), **{k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    assert_close(got, expected, dtype, f"linear {fusion} {shape}")
+
+
+def test_leading_dims_and_a_strided_row_view(device):
+    """x (B, T, K) as the model holds activations, and x a column slice of a wider buffer (row stride > K)."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 3, 200, generator=g).to(device)
+    x = wide[..., :96]
+    w = torch.randn(48, 96, generator=g).to(device) / 10
+    assert_close(linear(x, w), ref.linear(x, w), torch.float32, "strided x")
+    assert linear(x, w).shape == (2, 3, 48)
+
+
+def test_output_head_sized_block(device):
+    """N past 16384 takes the wide 64-column block (the output head's); a short K keeps it quick."""
+    x, w, kw = _inputs(1, 16400, 32, torch.float32, device, "norm")
+    assert_close(linear(x, w, **kw), ref.linear(x, w, **kw), torch.float32, "wide N")
+
+
+def _bad_cases(device):
+    x = torch.randn(2, 8, device=device)
+    w = torch.randn(4, 8, device=device)
+    return [
+        ("x type", lambda: linear(None, w), "x: expected a torch.Tensor"),
+        ("x dtype", lambda: linear(x.double(), w), "x: expected dtype"),
+        ("x device", lambda: linear(x.to("meta"), w), "x: expected a CUDA tensor"),
+        ("w dims", lambda: linear(x, w[0]), "weight: expected a 2-d tensor"),
+        ("w K", lambda: linear(x, w[:, :4].contiguous()), r"weight: expected a contiguous \(N, 8\)"),
+        ("w strided", lambda: linear(x, torch.randn(8, 4, device=device).T), "weight: expected a contiguous"),
+        ("w dtype", lambda: linear(x, w.half()), "weight: expected dtype"),
+        ("swiglu odd", lambda: linear(x, w[:3], swiglu=True), "weight: swiglu needs an even number"),
+        ("swiglu + add", lambda: linear(x, w, swiglu=True, residual=x[:, :2]), "residual: not supported"),
+        ("residual shape", lambda: linear(x, w, residual=x), r"residual: expected shape \(2, 4\)"),
+        ("eps", lambda: linear(x, w, rms_eps=-1.0), "rms_eps: expected a float >= 0"),
+        ("out shape", lambda: linear(x, w, out=x), r"out: expected shape \(2, 4\)"),
+    ]
+
+
+@pytest.mark.parametrize("case", [name for name, _, _ in _bad_cases(torch.device("cpu"))])
+def test_bad_arguments(case, device):
+    _, call, match = next(c for c in _bad_cases(device) if c[0] == case)
+    with pytest.raises(ValueError, match=match):
+        call()
