@@ -133,7 +133,8 @@ def check_arguments(args) -> None:
             raise CliError(errors[0])
         if args.max_new_tokens < 1:
             raise CliError(f"max_new_tokens must be an integer >= 1, got {args.max_new_tokens}")
-        if args.max_seq_len is not None and args.max_new_tokens >= args.max_seq_len:
+        # (chat caps each reply at the room left in the cache instead, and says so)
+        if args.command == "generate" and args.max_seq_len is not None and args.max_new_tokens >= args.max_seq_len:
             raise CliError(
                 f"max_new_tokens={args.max_new_tokens} overflows the KV cache: with the prompt it is longer than "
                 f"--max-seq-len {args.max_seq_len}"
