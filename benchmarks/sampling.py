@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch or [1]:
         g = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn(batch, args.vocab, generator=g, device=device) * 3  # spread like a real model's
-        counts = TokenCounts([[1, 2, 3, 1000, 50000]] * batch, args.vocab, device)
+        counts = TokenCounts([[t % args.vocab for t in (1, 2, 3, 1000, 50000)]] * batch, args.vocab, device)
         counts.add(torch.full((batch,), 7, device=device))
         for name, kw in CONFIGS.items():
             params = SamplingParams(**kw)

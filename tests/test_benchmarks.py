@@ -251,3 +251,22 @@ def test_sampling_top_p_over_the_llama3_vocabulary(benchmark):
     gen = torch.Generator().manual_seed(1)
     token = benchmark(sample, logits, params, gen)
     assert token.shape == (1,) and 0 <= int(token) < 128256
+
+
+def test_smoke_results_go_to_the_user_cache_not_the_source_tree(tmp_path, monkeypatch):
+    from benchmarks.common import RESULTS_DIR, Context, default_out_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    out = default_out_dir(Context(device=torch.device("cpu"), dtype=torch.float32, smoke=True))
+    assert out.is_relative_to(tmp_path / "llama3-triton" / "bench") and not out.is_relative_to(RESULTS_DIR)
+    assert out.name.startswith("smoke-cpu-")
+
+
+def test_sampling_benchmark_runs(capsys, tmp_path):
+    from benchmarks.sampling import main
+
+    assert main(["--vocab", "2000", "--reps", "3", "--batch", "2", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| model.sampling.sample | top-p 0.9 | 2 |" in out and "sort + multinomial" in out
+    rows = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert len(rows) == 12 and all(r["median_ms"] > 0 for r in rows)
