@@ -176,3 +176,22 @@ def test_draws_follow_the_reference_distribution(params, wrong, one_thread):
     # The same test, the same draws, catches a sampler that is wrong by one token's mass or by one filter's order.
     bad = _draw_counts(wrong(params), logits[None], n, rows=20, seed=1)
     assert chi_square_p_value(bad, ref) < ALPHA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("params", PARAMS + [SamplingParams(0.7, 0.9, 0, 0.0, 1.2, 0.5, 0.5)], ids=str)
+def test_no_host_sync_on_cuda(params):
+    # A later CUDA graph holds the sampler: not one device-to-host synchronisation may happen inside it.
+    logits = _logits(0, rows=3).cuda()
+    counts = TokenCounts([[1, 2, 3], [4], [5, 6]], V, logits.device)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sample(logits, params, g, counts)  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        token = sample(logits, params, g, counts)
+        counts.add(token)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert token.shape == (3,)
