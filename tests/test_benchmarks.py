@@ -41,6 +41,7 @@ def smoke(tmp_path_factory):
     return proc, out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_smoke_run_writes_json_markdown_and_plots(smoke):
     proc, out, results = smoke
     assert (out / "results.md").read_text().startswith("# Benchmarks: ")
@@ -51,6 +52,7 @@ def test_smoke_run_writes_json_markdown_and_plots(smoke):
     assert str(out / "results.json") in proc.stdout  # the summary says where the files are
 
 
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_smoke_json_has_the_expected_keys(smoke):
     _, out, r = smoke
     for key in ("device", "versions", "ceilings", "kernels", "e2e", "cpu", "goals", "units", "settings", "timing"):
@@ -94,6 +96,7 @@ def test_smoke_json_has_the_expected_keys(smoke):
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU banner is only written by runs without a GPU")
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_cpu_smoke_run_says_its_figures_are_not_gpu_performance(smoke):
     proc, out, r = smoke
     assert CPU_BANNER == "CPU smoke run: these figures are not GPU performance"
@@ -103,6 +106,7 @@ def test_cpu_smoke_run_says_its_figures_are_not_gpu_performance(smoke):
     assert r["device"]["triton_interpret"] is True
 
 
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_smoke_run_exercises_every_kernel_for_real(smoke):
     """Each Triton kernel ran (a placeholder that raises NotImplementedError is the only excuse) and agreed
     with torch eager; torch eager itself always ran."""
