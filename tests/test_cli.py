@@ -311,3 +311,19 @@ def test_json_output_for_a_prompts_file(ckpt, tmp_path, capsys, monkeypatch):
     single = _greedy(ckpt, "Hello", 4)  # batching changes nothing in the result
     assert records[0]["tokens"] == single.tokens[0] and records[0]["text"] == single.texts[0]
     assert len(err.strip().splitlines()) == 2  # one stats line per batch
+
+
+def test_default_threads_are_the_idle_physical_cores(monkeypatch):
+    import model.cli as cli
+
+    assert 1 <= cli.physical_cores() <= (os.cpu_count() or 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli, "physical_cores", lambda: 8)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert cli.default_threads() == 8  # an idle machine: every physical core
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert cli.default_threads() == 5  # three cores busy with other work
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert cli.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.default_threads() == 3
