@@ -274,3 +274,14 @@ def test_sampling_benchmark_runs(capsys, tmp_path):
     assert "| model.sampling.sample | top-p 0.9 | 2 |" in out and "sort + multinomial" in out
     rows = json.loads((tmp_path / "s.json").read_text())["results"]
     assert len(rows) == 12 and all(r["median_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
+def test_smoke_summary_and_log_hold_only_the_runs_own_lines(smoke):
+    proc, _, _ = smoke
+    summary = proc.stdout[proc.stdout.index("smoke run on") :]
+    # A smoke run's ceilings, goals and end-to-end fractions would only mislead: the summary says what ran.
+    assert "GB/s" not in summary and "TFLOP/s" not in summary and "of floor" not in summary
+    # Other libraries' progress bars and torch.compile's warnings stay out of the log.
+    for noise in ("Loading weights", "it/s]", "graph break", "Graph break", "UserWarning"):
+        assert noise not in proc.stderr, noise
