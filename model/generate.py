@@ -3,8 +3,11 @@
 A batch of prompts of different lengths is right-padded and prefilled together; the logits of each
 prompt's own last token pick its first new token, and from then on every sequence decodes at its own
 position (slot len_b, len_b + 1, ...), overwriting the padding's cache slots before it ever reads them.
-Sampling runs on the device and the stop check is batched, so without a streaming callback the loop
-only synchronises with the host every ``SYNC_EVERY`` steps.
+Sampling (``model.sampling``) runs on the device and the stop check is batched, so without a streaming
+callback or stop strings the loop only synchronises with the host every ``SYNC_EVERY`` steps.
+
+``ChatSession`` keeps a conversation's history in the KV cache, one turn after another, with one random
+generator for the whole session.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from model.sampling import SamplingParams, TokenCounts, sample
 
-__all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession"]
+__all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
 
 SYNC_EVERY = 16
 

@@ -106,3 +106,15 @@ def test_cli_says_when_the_context_is_full(ckpt, capsys, monkeypatch):
     argv = ["--ckpt", str(ckpt), "--max-seq-len", "40", "--max-new-tokens", "100", "--temperature", "0"]
     rc, out, err = _chat(argv, b"hello there\n", capsys, monkeypatch)
     assert rc == 0 and "the context of 40 tokens is full" in err
+
+
+def test_stop_strings_never_show_a_piece_of_the_stop():
+    from model.generate import StopStrings
+
+    s = StopStrings(["</end>", "STOP"])
+    shown = [s.feed(p) for p in ["Hello <", "/en", "d maybe", " not. ST", "OP here"]]
+    # "<" and "</en" are held back until "d maybe" shows they were not the stop; "ST" is held and was one.
+    assert shown == ["Hello ", "", "</end maybe", " not. ", ""]
+    assert s.hit == len("Hello </end maybe not. ") and s.flush() == ""
+    t = StopStrings(["xyz"])
+    assert [t.feed("ab"), t.feed("cx"), t.flush()] == ["ab", "c", "x"]  # an unfinished prefix comes out at the end
