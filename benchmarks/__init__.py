@@ -12,13 +12,15 @@ fraction of them, beside the peers timed in the same run (torch eager, ``torch.c
 backend, the model's torch backend). Results land in ``benchmarks/results/<device>-<date>/``:
 ``results.json`` (every figure with its unit, the device, the library versions), ``results.md`` (the
 tables) and ``plots/*.png``. Without a GPU the runner does a smoke run on tiny shapes through Triton's
-interpreter, so CI exercises the code; its figures are not GPU performance and it says so.
+interpreter, so CI exercises the code; its figures are not GPU performance, it says so, and its files go
+to ``~/.cache/llama3-triton/bench/`` rather than the source tree.
 
 Modules: ``common`` (context, timing, ceilings), one per kernel (``rmsnorm``, ``rope``, ``swiglu``,
 ``attention``, ``decode``), ``e2e`` (decode/prefill tokens/s of whole models), ``cpu`` (CPU decode against
 Hugging Face transformers), ``report`` (JSON, Markdown, plots, the goals), ``runner`` (the command line),
-``gpu_check.sh`` (tests + benchmarks in one call on a lent GPU), and ``kernel_resources`` (the AOT
-compile gate's register/spill report). Nothing runs at import.
+``gpu_check.sh`` (tests + benchmarks in one call on a GPU machine), ``gemv`` (the decode step's products),
+``sampling`` (the sampler's cost per token, standalone), and ``kernel_resources`` (the AOT compile gate's
+register/spill report). Nothing runs at import.
 
 Imports run one way: the runner imports the benchmark files, never the reverse. A benchmark file run as a
 script (``python -m benchmarks.rope``) hands its command line to the runner by module name, through

@@ -154,12 +154,28 @@ def prepare_environment(smoke: bool) -> bool:
     import torch
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns on every compile until it is set
+    quiet_other_libraries()
     if torch.cuda.is_available():
         return smoke
     if os.environ.get("TRITON_INTERPRET") != "1" and any(m in sys.modules for m in _KERNEL_MODULES):
         raise RuntimeError("the Triton kernels were imported before TRITON_INTERPRET=1 was set; run in a new process")
     os.environ["TRITON_INTERPRET"] = "1"
     return True
+
+
+def quiet_other_libraries() -> None:
+    """Keep the run's output to its own lines: no progress bars or advice from Hugging Face libraries, and no
+    torch.compile graph-break or recompile warnings (the peers' figures already say what was compiled)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torch._dynamo", "torch._inductor", "torch.fx.experimental.symbolic_shapes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"torch\._dynamo.*")
+    warnings.filterwarnings("ignore", module=r"transformers.*")
 
 
 _KERNEL_MODULES = ("kernels.rmsnorm", "kernels.rope", "kernels.swiglu", "kernels.attention", "kernels.decode")
@@ -240,10 +256,16 @@ def device_slug(ctx: Context) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
+def user_results_dir() -> Path:
+    """Where runs whose figures are not for committing go: $XDG_CACHE_HOME/llama3-triton/bench (~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton" / "bench"
+
+
 def default_out_dir(ctx: Context) -> Path:
-    """benchmarks/results/<device>-<date>; smoke runs go to smoke-<device>-<date> (ignored by git)."""
+    """benchmarks/results/<device>-<date> for a real GPU run (committed); a smoke run (always, on a CPU) goes
+    to smoke-<device>-<date> in the user's cache folder, never into the source tree."""
     stem = f"{device_slug(ctx)}-{date.today().isoformat()}"
-    return RESULTS_DIR / (f"smoke-{stem}" if ctx.smoke else stem)
+    return user_results_dir() / f"smoke-{stem}" if ctx.smoke else RESULTS_DIR / stem
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ def _from_pretrained(path, dtype):
     import transformers
     from transformers import LlamaForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would break up the run's log
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     return LlamaForCausalLM.from_pretrained(path, **{key: dtype}).eval()

@@ -119,14 +119,35 @@ def _job(args):
     return compile_one(*args)
 
 
-def run(jobs: int = 2) -> list[dict]:
+def run(jobs: int = 2, progress: bool = True) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     tasks = [(m, i, a) for m, i, archs in all_variants() for a in archs]
-    if jobs <= 1:
-        return [compile_one(*t) for t in tasks]
-    with ProcessPoolExecutor(jobs) as pool:
-        return list(pool.map(_job, tasks))
+    # Each compile takes seconds (ptxas on the autotuner's largest tiles): say what is happening, and how far.
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    log(f"compiling {len(tasks)} kernel configurations for sm_{'/sm_'.join(map(str, ARCHS))} with {jobs} process(es)")
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), unit="config", file=sys.stderr, disable=not (progress and sys.stderr.isatty()))
+    rows, step = [], max(len(tasks) // 10, 1)
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        bar.update(1)
+        if not sys.stderr.isatty() and (len(rows) % step == 0 or len(rows) == len(tasks)):
+            log(f"  {len(rows)}/{len(tasks)} compiled ({row['module'].removeprefix('kernels.')} {row.get('name', '')})")
+
+    try:
+        if jobs <= 1:
+            for t in tasks:
+                done(compile_one(*t))
+        else:
+            with ProcessPoolExecutor(jobs) as pool:
+                for row in pool.map(_job, tasks):
+                    done(row)
+    finally:
+        bar.close()
+    return rows
 
 
 def table(rows: list[dict]) -> str:

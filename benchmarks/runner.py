@@ -6,7 +6,8 @@ One run, in this order, each section's figures written as soon as it ends (an in
                ``swiglu``, ``attention``, ``decode``);
   3. e2e       decode and prefill tokens/s of 1B/3B/8B-shaped models against the bandwidth floor (``e2e``);
   4. cpu       CPU decode of the torch backend against transformers' generate (``cpu``).
-Output: results.json, results.md and plots/ in --out (default benchmarks/results/<device>-<date>).
+Output: results.json, results.md and plots/ in --out (default benchmarks/results/<device>-<date> on a GPU;
+smoke runs, and so every CPU run, go to ~/.cache/llama3-triton/bench/smoke-<device>-<date>).
 
 Modes: the default sweep (every size, every peer, all three models: ~15-25 minutes on an H100, compiles
 included); --quick (the sizes the goals are judged at, torch.compile of the end-to-end step for the smallest
@@ -89,7 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="end-to-end model shapes, comma-separated from 1B,3B,8B (default: all; 8B needs 16 GB of scratch "
         "space and host RAM; smoke runs use a tiny model instead)",
     )
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>-<date>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: benchmarks/results/<device>-<date> on a GPU; a smoke run, as every run on "
+        "a CPU is, goes to ~/.cache/llama3-triton/bench/smoke-<device>-<date>, outside the source tree)",
+    )
     p.add_argument(
         "--time-budget",
         type=float,

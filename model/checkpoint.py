@@ -494,7 +494,10 @@ def write_hf_checkpoint(folder: Path, args: ModelArgs, weights: dict[str, torch.
             hf_name = f"model.layers.{layer}.{inverse[rest]}.weight"
         hf[hf_name] = t.contiguous()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(to_hf_config(args), indent=2) + "\n")
+    config = to_hf_config(args)
+    # The dtype the tensors are stored in (Hugging Face's field for it), not a fixed "float32".
+    config["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     names = list(hf)
     if shards == 1:
         save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -57,12 +57,50 @@ def _on_rank0(tp, read):
     return box[1]
 
 
-def _load(args):
+def physical_cores() -> int:
+    """Physical cores this process may run on: distinct (package, core) pairs of the allowed CPUs in
+    /proc/cpuinfo (Linux); the logical CPU count elsewhere. Hyper-threads share a core's FPUs and caches,
+    and a matrix-vector product gains nothing from them."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        allowed = None
+    try:
+        cores = set()
+        for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
+            fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
+            if "processor" in fields and (allowed is None or int(fields["processor"]) in allowed):
+                cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
+        if cores:
+            return len(cores)
+    except (OSError, ValueError):
+        pass
+    return len(allowed) if allowed else os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """$OMP_NUM_THREADS when set; else the physical cores this process may use, less those that other work
+    keeps busy (the 1-minute load average), and at least 1. An OpenMP thread that has to wait for a core
+    stalls every parallel op: on a 2-core machine with a load of 5, two threads made a decode step 3.5x
+    slower than one (145 ms against 17 ms on the tiny model) and the sampler 20x slower (105 ms against 5)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = physical_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    return max(1, min(cores, cores - round(busy)))
+
+
+def _load(args, max_batch_size: int = 1):
     import torch
 
     from model import distributed
     from model.llama import Llama
 
+    torch.set_num_threads(args.threads)
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
     device = torch.device(args.device) if args.device else None
     if device is not None and device.index is not None and distributed.current().enabled:
@@ -78,115 +116,287 @@ def _load(args):
         device=device,
         dtype=dtype,
         max_seq_len=args.max_seq_len,
-        max_batch_size=1,
+        max_batch_size=max_batch_size,
         progress=sys.stderr.isatty(),
     )
 
 
+def _sampling_kwargs(args) -> dict:
+    return dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+    )
+
+
+def check_arguments(args) -> None:
+    """Every check that needs no weights, run before any are read: a typo must not cost a model load."""
+    if hasattr(args, "temperature"):
+        from model.sampling import validate
+
+        errors = validate(**_sampling_kwargs(args))
+        if errors:
+            raise CliError(errors[0])
+        if args.max_new_tokens < 1:
+            raise CliError(f"max_new_tokens must be an integer >= 1, got {args.max_new_tokens}")
+        # (chat caps each reply at the room left in the cache instead, and says so)
+        if args.command == "generate" and args.max_seq_len is not None and args.max_new_tokens >= args.max_seq_len:
+            raise CliError(
+                f"max_new_tokens={args.max_new_tokens} overflows the KV cache: with the prompt it is longer than "
+                f"--max-seq-len {args.max_seq_len}"
+            )
+        if any(not s for s in args.stop or []):
+            raise CliError("--stop needs a non-empty string")
+    if getattr(args, "threads", 1) < 1:
+        raise CliError(f"--threads must be at least 1, got {args.threads}")
+
+
+def _clean_prompt(text: str, what: str = "the prompt") -> str:
+    """A prompt as given, less the one newline that ends a piped line; refuse empty and whitespace-only ones."""
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise CliError(f"{what} is empty: pass --prompt TEXT (or --prompt - to read stdin)")
+    if not text.strip():
+        raise CliError(f"{what} is only whitespace: nothing to continue")
+    return text
+
+
+def _read_prompts(args, tp) -> list[str]:
+    if args.prompts_file:
+        path = args.prompts_file
+
+        def read() -> str:
+            if path == "-":
+                return _read_stdin_text()
+            try:
+                return Path(path).read_bytes().decode("utf-8")
+            except OSError as e:
+                raise CliError(f"--prompts-file {path}: {e.strerror or e}") from None
+            except UnicodeDecodeError as e:
+                raise CliError(f"--prompts-file {path}: not valid UTF-8 (byte {e.start})") from None
+
+        lines = [line for line in _on_rank0(tp, read).splitlines() if line.strip()]
+        if not lines:
+            raise CliError(f"--prompts-file {path} holds no prompt (one per line; blank lines are skipped)")
+        return lines
+    text = _on_rank0(tp, _read_stdin_text) if args.prompt == "-" else args.prompt
+    return [_clean_prompt(text)]
+
+
+def _stats_line(llm, out, threads: int) -> str:
+    """What the run did, in words that hold on the device it ran on."""
+    where = f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}"
+    where += f", {threads} threads]" if llm.device.type == "cpu" else "]"
+    n = len(out.prompt_tokens)
+    prompts = f"prompt {out.prompt_tokens[0]} tokens" if n == 1 else f"{n} prompts, {sum(out.prompt_tokens)} tokens"
+    reasons = ", ".join(sorted(set(out.stop_reasons)))
+    parts = [f"{prompts}, generated {sum(len(t) for t in out.tokens)} ({reasons})"]
+    parts.append(f"prefill {out.prefill_seconds * 1e3:.1f} ms")
+    if out.decode_steps == 0:
+        parts.append("too few tokens to time the decode")
+        return f"{where} " + "; ".join(parts)
+    first_note = " (compiles kernels, captures the CUDA graph)" if llm.device.type == "cuda" else ""
+    parts.append(f"first decode step {out.first_decode_seconds * 1e3:.1f} ms{first_note}")
+    step = out.decode_seconds / out.decode_steps
+    line = f"then decode {out.decode_tokens_per_second:.1f} tokens/s"
+    bytes_per_step = llm.decode_bytes_per_token()
+    if out.sample_seconds is None:  # on a GPU the model's step is the time to read the weights, or should be
+        line += f", weights read {bytes_per_step / step / 1e9:.2f} GB/s"
+    else:  # on a CPU sampling is timed, so the step splits into the model's part and the sampler's
+        sampling = out.sample_seconds / (out.decode_steps + 2)  # one draw per generated token
+        model_step = max(step - sampling, 1e-9)
+        line += (
+            f" ({step * 1e3:.1f} ms a step: model {model_step * 1e3:.1f} ms, weights read "
+            f"{bytes_per_step / model_step / 1e9:.2f} GB/s; sampling {sampling * 1e3:.1f} ms)"
+        )
+    if llm.tp.enabled:
+        line += f", tensor-parallel over {llm.tp.world} ranks (bytes per rank)"
+    parts.append(line)
+    return f"{where} " + "; ".join(parts)
+
+
 def cmd_generate(args) -> int:
+    import json
+
     from model import distributed
-    from model.tokenizer import StreamDecoder
 
     tp = distributed.init_from_env()  # a no-op unless launched by torchrun with several processes
-    prompt = _on_rank0(tp, _read_stdin_text) if args.prompt == "-" else args.prompt
-    if not prompt:
-        raise CliError("the prompt is empty: pass --prompt TEXT (or --prompt - to read stdin)")
-    llm = _load(args)
-    stream = StreamDecoder(llm.tokenizer)
+    prompts = _read_prompts(args, tp)
+    batch = min(len(prompts), args.batch_size)
+    llm = _load(args, max_batch_size=batch)
     if tp.rank != 0:  # under tensor parallelism every rank computes; rank 0 alone prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
-    def on_token(_b: int, t: int) -> None:
+    def write(text: str) -> None:
         try:
-            sys.stdout.write(stream.feed(t))
+            sys.stdout.write(text)
             sys.stdout.flush()
         except BrokenPipeError:  # the reader left (| head): finish quietly; under TP the other ranks need us
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
-    out = llm.generate(
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        on_token=on_token,
-    )
-    try:
-        sys.stdout.write(stream.flush() + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    n_new = len(out.tokens[0])
-    bytes_per_s = llm.decode_bytes_per_token() * out.decode_tokens_per_second
-    if tp.rank != 0:
-        return 0
-    tp_note = f", tensor-parallel over {tp.world} ranks (bytes per rank)" if tp.enabled else ""
-    first_note = " (compiles kernels, captures the CUDA graph)" if llm.device.type == "cuda" else ""
-    print(
-        f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}] "
-        f"prompt {out.prompt_tokens[0]} tokens, "
-        f"generated {n_new} ({out.stop_reasons[0]}); prefill {out.prefill_seconds * 1e3:.1f} ms; "
-        f"first decode step {out.first_decode_seconds * 1e3:.1f} ms{first_note}; "
-        f"then decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s{tp_note}",
-        file=sys.stderr,
-    )
+    stream = len(prompts) == 1 and not args.json
+    for start in range(0, len(prompts), batch):
+        group = prompts[start : start + batch]
+        if stream and args.echo:
+            write(group[0])
+        out = llm.generate(
+            group,
+            max_new_tokens=args.max_new_tokens,
+            seed=None if args.seed is None else args.seed + start,
+            stop=args.stop,
+            on_text=(lambda _b, text: write(text)) if stream else None,
+            **_sampling_kwargs(args),
+        )
+        for i, prompt in enumerate(group):
+            if args.json:
+                record = {
+                    "prompt": prompt,
+                    "text": out.texts[i],
+                    "tokens": out.tokens[i],
+                    "prompt_tokens": out.prompt_tokens[i],
+                    "stop_reason": out.stop_reasons[i],
+                    "timings": {  # of the batch this prompt was generated in
+                        "batch_size": len(group),
+                        "prefill_s": out.prefill_seconds,
+                        "first_decode_step_s": out.first_decode_seconds,
+                        "decode_s": out.decode_seconds,
+                        "decode_steps": out.decode_steps,
+                        "decode_tokens_per_s": out.decode_tokens_per_second if out.decode_steps else None,
+                        "sampling_s": out.sample_seconds,
+                    },
+                }
+                write(json.dumps(record, ensure_ascii=False) + "\n")
+            elif stream:
+                write("\n")
+            else:  # a batch from --prompts-file: one block per prompt, a blank line between them
+                write(("\n" if start + i else "") + (prompt if args.echo else "") + out.texts[i] + "\n")
+        if tp.rank == 0:
+            print(_stats_line(llm, out, args.threads), file=sys.stderr)
     return 0
+
+
+def _history_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton" / "chat_history"
+
+
+def _enable_readline() -> None:
+    """Line editing and a history kept across sessions, where Python has readline (not on Windows)."""
+    try:
+        import readline
+    except ImportError:
+        return
+    import atexit
+
+    path = _history_file()
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+CHAT_HINT = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
 
 
 def cmd_chat(args) -> int:
     from model import distributed
-    from model.tokenizer import ChatFormat, StreamDecoder
+    from model.generate import ChatSession, ContextFull
 
     tp = distributed.init_from_env()
     llm = _load(args)
-    fmt = ChatFormat(llm.tokenizer)
-    tok = llm.tokenizer
+    session = ChatSession(llm, system=args.system, seed=args.seed, stop=args.stop, **_sampling_kwargs(args))
     if tp.rank != 0:  # rank 0 reads stdin and prints; the others follow its lines
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     interactive = sys.stdin.isatty() and tp.rank == 0
-    pending: list[int] = [tok.bos_id]  # tokens to feed before the next answer
-    if args.system:
-        pending += fmt.encode_message({"role": "system", "content": args.system})
-    pos = 0  # tokens already in the KV cache
+    separate = not sys.stdout.isatty()  # piped: a blank line between replies tells them apart
+    show_speed = interactive or sys.stderr.isatty()
+    if interactive:
+        _enable_readline()
+        print(
+            f"chat with {llm.checkpoint_dir.name} ({llm.max_seq_len} tokens of context); {CHAT_HINT}", file=sys.stderr
+        )
+    turns = 0
     while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = _on_rank0(tp, _read_stdin_line)
+        line = _on_rank0(tp, lambda: _read_chat_line(interactive))
         if line is None:
             break
         if not line:
             continue
         if line in ("/exit", "/quit"):
             break
-        prompt = pending + fmt.encode_message({"role": "user", "content": line}) + fmt.encode_header("assistant")
-        room = llm.max_seq_len - pos - len(prompt)
-        if room < 1:
-            raise CliError(
-                f"the chat history ({pos + len(prompt)} tokens) is longer than the context of {llm.max_seq_len} tokens"
-            )
-        stream = StreamDecoder(tok)
+        if line == "/reset":
+            session.reset()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if line.startswith("/") and " " not in line:
+            print(f"unknown command {line}: {CHAT_HINT}", file=sys.stderr)
+            continue
+        if turns and separate:
+            sys.stdout.write("\n")
         if interactive:
             print("assistant> ", end="", file=sys.stderr, flush=True)
-        out = llm.generate(
-            [prompt],
-            max_new_tokens=min(args.max_new_tokens, room),
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            start_pos=pos,
-            on_token=lambda _b, t, stream=stream: (sys.stdout.write(stream.feed(t)), sys.stdout.flush()),
-        )
-        sys.stdout.write(stream.flush() + "\n")
+        try:
+            out = session.reply(
+                line,
+                max_new_tokens=args.max_new_tokens,
+                on_text=lambda _b, text: (sys.stdout.write(text), sys.stdout.flush()),
+                interruptible=interactive,
+            )
+        except ContextFull as e:
+            if not interactive:
+                raise CliError(str(e)) from None
+            print(f"{e}: /reset starts a new conversation", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # during the prompt's prefill: nothing was said, the history is unchanged
+            if not interactive:
+                raise
+            print("\n[reply stopped]", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        kept = out.tokens[0]
-        # Every kept token but possibly the last was fed back through the model (the cache holds them).
-        # Stopped on a stop token: all kept tokens are cached. Stopped on length: the last one is not.
-        unfed = kept[-1:] if out.stop_reasons[0] == "max_new_tokens" else []
-        pos += len(prompt) + len(kept) - len(unfed)
-        pending = unfed + [tok.eot_id]
+        turns += 1
+        reason = out.stop_reasons[0]
+        if reason == "interrupted":
+            print("[reply stopped]", file=sys.stderr)
+        elif reason == "context_full":
+            print(
+                f"[the context of {llm.max_seq_len} tokens is full: /reset starts a new conversation"
+                + (", --max-seq-len makes it longer]" if interactive else "]"),
+                file=sys.stderr,
+            )
+        if show_speed:
+            n = len(out.tokens[0])
+            speed = f", {out.decode_tokens_per_second:.1f} tokens/s" if out.decode_steps else ""
+            print(f"[{n} tokens{speed}; {session.context_left} tokens of context left]", file=sys.stderr)
     return 0
+
+
+def _read_chat_line(interactive: bool) -> str | None:
+    """The next user line, stripped; None at the end of input. On a terminal: input() with readline editing,
+    and Ctrl-C at the prompt clears the line instead of ending the session."""
+    if not interactive:
+        return _read_stdin_line()
+    while True:
+        try:
+            return input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
 
 
 def _read_stdin_line() -> str | None:
@@ -201,12 +411,30 @@ def _read_stdin_line() -> str | None:
 
 
 def cmd_explain(args) -> int:
+    import torch
+
+    from model.checkpoint import Checkpoint
+
+    text = None if args.prompt is None else _read_stdin_text() if args.prompt == "-" else args.prompt
+    prompt = None if text is None else _clean_prompt(text)
+    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    a = Checkpoint(ckpt).args  # the config only: layer and head are checked before any weight is read
+    args.ckpt = str(ckpt)
+    if not 0 <= args.layer < a.n_layers:
+        raise CliError(f"layer {args.layer} is out of range: this model has {a.n_layers} layers (0..{a.n_layers - 1})")
+    if not 0 <= args.head < a.n_heads:
+        raise CliError(f"head {args.head} is out of range: this model has {a.n_heads} query heads (0..{a.n_heads - 1})")
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if args.backend is None and on_cpu:
+        # The reader came to see the kernels run: on a CPU they run in Triton's interpreter (as fast as the
+        # PyTorch reference on the tiny model), which must be switched on before the kernels are imported.
+        kernels_imported = any(m.startswith("kernels.") and m != "kernels.reference" for m in sys.modules)
+        if os.environ.get("TRITON_INTERPRET") == "1" or not kernels_imported:
+            os.environ["TRITON_INTERPRET"] = "1"
+            args.backend = "triton"
     from model.explain import DEFAULT_PROMPT, explain
 
-    prompt = DEFAULT_PROMPT if args.prompt is None else _read_stdin_text() if args.prompt == "-" else args.prompt
-    if not prompt:
-        raise CliError("the prompt is empty: pass --prompt TEXT (or --prompt - to read stdin)")
-    explain(_load(args), prompt, layer=args.layer, head=args.head, top_k=args.top_k, out_dir=args.out)
+    explain(_load(args), prompt or DEFAULT_PROMPT, layer=args.layer, head=args.head, top_k=args.top_k, out_dir=args.out)
     return 0
 
 
@@ -214,10 +442,16 @@ def cmd_info(args) -> int:
     import torch
 
     from model.checkpoint import Checkpoint
+    from model.llama import default_dtype
 
     ckpt = Checkpoint(Path(args.ckpt) if args.ckpt else default_checkpoint())
     a = ckpt.args
-    dtype = getattr(torch, DTYPES[args.dtype or "bf16"])
+    # By default, the dtype a run on this machine would use: bf16 on CUDA, fp32 on a CPU.
+    dtype = (
+        getattr(torch, DTYPES[args.dtype])
+        if args.dtype
+        else default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    )
     size = torch.empty((), dtype=dtype).element_size()
     n = a.num_parameters()
     print(f"checkpoint: {ckpt.dir} ({ckpt.layout} layout, {len(ckpt.files)} weight file(s))")
@@ -274,10 +508,21 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama3-triton")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Building it imports no torch, so --help and --version answer at once."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
+    threads = default_threads()
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--ckpt", help="checkpoint folder (Meta or Hugging Face layout); default: embedded tiny model")
     model.add_argument(
@@ -288,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=list(DTYPES), help="weights/activations dtype (default: bf16 on CUDA, fp32 on CPU)"
     )
     model.add_argument("--max-seq-len", type=_positive_int, help="KV-cache length (default: min(model context, 8192))")
+    model.add_argument(
+        "--threads",
+        type=int,
+        default=threads,
+        help=f"CPU threads for torch (default: $OMP_NUM_THREADS, else the physical cores this process may use "
+        f"less those busy with other work by the load average: {threads} here, of {physical_cores()} cores)",
+    )
 
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument(
@@ -296,17 +548,71 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6)")
     sampling.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold in (0, 1] (default 0.9)")
     sampling.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    sampling.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens less likely than MIN_P x the top one; 0 = off (default)"
+    )
+    sampling.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already seen (prompt included) by this, as Hugging Face does; "
+        "1 = off (default), 1.1-1.3 is typical",
+    )
+    sampling.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this from the logits of tokens already generated, in [-2, 2]; 0 = off (default)",
+    )
+    sampling.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this times each generated token's count from its logit, in [-2, 2]; 0 = off (default)",
+    )
+    sampling.add_argument(
+        "--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)"
+    )
     sampling.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens")
 
     p = argparse.ArgumentParser(prog="llama3-triton", description="Llama-3 inference with hand-written Triton kernels.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common, model, sampling], help="continue a prompt, streaming the text")
-    g.add_argument("--prompt", default="The capital of France is", help='prompt text, or "-" to read it from stdin')
+    g.add_argument(
+        "--prompt",
+        default="The capital of France is",
+        help='prompt text, or "-" to read it from stdin (one trailing newline is dropped)',
+    )
+    g.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help='one prompt per line (blank lines skipped; "-" for stdin), generated in batches of --batch-size',
+    )
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch with --prompts-file (8)")
+    g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per prompt and line: prompt, text, tokens, prompt_tokens, stop_reason, timings",
+    )
     g.set_defaults(func=cmd_generate)
-    c = sub.add_parser("chat", parents=[common, model, sampling], help="multi-turn chat in Meta's format (reads stdin)")
+    c = sub.add_parser(
+        "chat",
+        parents=[common, model, sampling],
+        help="multi-turn chat in Meta's format (reads stdin)",
+        description=f"Multi-turn chat in Meta's Llama-3 format. On a terminal: line editing and history; {CHAT_HINT}. "
+        "Piped: one user message per input line, replies separated by a blank line.",
+    )
     c.add_argument("--system", help="system prompt")
     c.set_defaults(func=cmd_chat)
-    e = sub.add_parser("explain", parents=[common, model], help="walk a prompt through the model, step by step")
+    e = sub.add_parser(
+        "explain",
+        parents=[common, model],
+        help="walk a prompt through the model, step by step",
+        description="Walk a prompt through the model step by step. Without --backend it runs the Triton kernels "
+        "everywhere: on a CPU in Triton's interpreter, so the kernels you read are the ones that run.",
+    )
     e.add_argument("--prompt", help='prompt text, or "-" for stdin (default: the ultimate question)')
     e.add_argument("--layer", type=int, default=0, help="the layer shown in detail (default 0)")
     e.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
@@ -315,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_explain)
     i = sub.add_parser("info", parents=[common], help="config, parameter count, weight and KV-cache bytes")
     i.add_argument("--ckpt", help="checkpoint folder; default: embedded tiny model")
-    i.add_argument("--dtype", choices=list(DTYPES), help="dtype for the byte counts (default bf16)")
+    i.add_argument(
+        "--dtype", choices=list(DTYPES), help="dtype for the byte counts (default: what would run: bf16 on CUDA, fp32)"
+    )
     i.add_argument("--tp", type=_positive_int, default=1, help="also show per-rank bytes for N-way tensor parallel")
     i.set_defaults(func=cmd_info)
     t = sub.add_parser("make-tiny", parents=[common], help="write a tiny random Llama-3 checkpoint (Meta layout)")
@@ -349,6 +657,7 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

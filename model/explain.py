@@ -17,9 +17,10 @@ logits are compared with a plain ``llm.forward`` on the same tokens. Matrix prod
 
 The report (``out_dir``) is one self-contained HTML page plus the PNGs it shows. The PNGs are embedded as
 base64 data URIs and the style sheet is inline, so viewing the page loads nothing, from the network or
-from disk. Kernel names link to their source as ``file://`` URLs of the installed files: a link a reader
-may follow, never something the page loads. (A relative link such as ../kernels/rope.py breaks as soon
-as the page is moved; the file URL at least names the exact file, and the text beside it names it too.)
+from disk. Kernel names link to their source files by a path relative to the report's folder (a link a
+reader may follow, never something the page loads): it works wherever the project and the report sit
+together, leaks no absolute path of the machine that wrote it, and the text beside it names the file in
+the project (kernels/rope.py:176) should the page be moved.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Explanation:
     top_ids: list[int]
     top_probs: list[float]
     chosen: int  # the greedy next token
-    layer_norms: list[tuple[float, float]]  # (mean over tokens, last token) of |x|: embeddings, then each layer
+    layer_norms: list[tuple[float, float]]  # (mean over tokens, last token) of rms(x): embeddings, then each layer
     figures: dict[str, bytes] = field(default_factory=dict, repr=False)
     html_path: Path | None = None
 
@@ -95,6 +96,12 @@ def _where(fn) -> tuple[str, str]:
         return getattr(fn, "__qualname__", repr(fn)), ""
     shown = path.relative_to(_ROOT) if path.is_relative_to(_ROOT) else path
     return f"{shown}:{line}", path.as_uri()
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the last dim, in fp32: the size of each token's residual vector, on the scale
+    RMSNorm divides by (an L2 norm would grow with sqrt(dim))."""
+    return x.float().pow(2).mean(-1).sqrt()
 
 
 def _fp32(v):
@@ -285,9 +292,9 @@ def _explain_layer(w: _Walk, rec: _Recorder, i: int, head: int, labels: list[str
              f"{head} vs the above: {d:.1e}")  # fmt: skip
     w.say(s, f"output projection: the heads side by side [T, {Hq * hd}] @ wo.T -> [T, {dim}]")
     x_in, x_mid = add_attn.inputs[1], add_attn.actual[1]
-    n0, n1 = _mean_norm(x_in), _mean_norm(x_mid)
+    n0, n1 = float(_rms(x_in[0]).mean()), float(_rms(x_mid[0]).mean())
     w.check(s, add_attn)
-    w.say(s, f"residual: x = x + that (mean ||x|| {n0:.3f} -> {n1:.3f}); fused with the FFN's norm: h = RMSNorm(x)")
+    w.say(s, f"residual: x = x + that (mean rms(x) {n0:.3f} -> {n1:.3f}); fused with the FFN's norm: h = RMSNorm(x)")
     w.plot["scores"] = (scores.cpu(), masked.cpu(), probs.cpu(), i, head)
 
     s = w.step(f"Layer {i}: SwiGLU feed-forward")
@@ -298,15 +305,10 @@ def _explain_layer(w: _Walk, rec: _Recorder, i: int, head: int, labels: list[str
     w.say(s, f"swiglu = silu(gate) * up -> [T, {hid}]; silu(g) = g sigmoid(g), ~0 for g << 0 ({off:.0%} of gates < 0)")
     w.check(s, swi)
     w.say(s, f"down projection: @ w2.T -> [T, {dim}]")
-    n2 = _mean_norm(add_ffn.actual[1])
+    n2 = float(_rms(add_ffn.actual[1][0]).mean())
     w.check(s, add_ffn)
     nxt = f"layer {i + 1}'s attention_norm" if i + 1 < a.n_layers else "the final norm"
-    w.say(s, f"residual: x = x + that (mean ||x|| {n1:.3f} -> {n2:.3f}); fused with the next norm ({nxt})")
-
-
-def _mean_norm(x: torch.Tensor) -> float:
-    """The mean over tokens of each token's L2 norm ||x_t|| (x: (1, T, dim))."""
-    return float(x[0].float().norm(dim=-1).mean())
+    w.say(s, f"residual: x = x + that (mean rms(x) {n1:.3f} -> {n2:.3f}); fused with the next norm ({nxt})")
 
 
 @torch.inference_mode()
@@ -382,10 +384,10 @@ def explain(
     out_w = llm.tok_embeddings.weight if llm.output is None else llm.output.weight
 
     def lens(x: torch.Tensor) -> tuple[float, float, int, float]:
-        """||x|| (mean over tokens, last token) and the top guess if the model stopped here (the "logit lens")."""
+        """rms(x) (mean over tokens, last token) and the top guess if the model stopped here (the "logit lens")."""
         hl = reference.rms_norm(x[0, -1].float(), llm.norm.float(), a.norm_eps)
         p = torch.softmax(hl @ out_w.float().T, -1)
-        n = x[0].float().norm(dim=-1)
+        n = _rms(x[0])
         return float(n.mean()), float(n[-1]), int(p.argmax()), float(p.max())
 
     summary = [lens(x)]
@@ -397,7 +399,7 @@ def explain(
     s = w.step("Every layer in turn: the residual stream")
     s.checks.extend(c for c in rec.calls if c.layer is not None and c.layer != layer)
     w.say(s, "the model's own blocks ran every layer (TransformerBlock.forward); each op was recorded and checked")
-    w.say(s, "layer  mean ||x||  last ||x||  top guess for the next token (final norm + output on the last token)")
+    w.say(s, "layer  mean rms(x)  last rms(x)  top guess for the next token (final norm + output on the last token)")
     for j, (mean, lst, guess, p) in enumerate(summary):
         name = "emb" if j == 0 else f"{j - 1:3d}"
         w.say(s, f"{name:>5}  {mean:9.3f}  {lst:9.3f}   {tok.piece(guess)!r} (id {guess}, p {p:.4f})")
@@ -517,7 +519,7 @@ def _figures(plot: dict, labels, summary, tok, top_ids, top_probs) -> dict[str, 
     ax.plot(xs, [m[0] for m in summary], marker="o", label="mean over tokens")
     ax.plot(xs, [m[1] for m in summary], marker="s", label="last token")
     ax.set_xticks(list(xs), ["emb"] + [str(j) for j in range(len(summary) - 1)])
-    ax.set(xlabel="after layer", ylabel="|x| (L2 norm)", title="The residual stream's norm, layer by layer")
+    ax.set(xlabel="after layer", ylabel="rms(x) = sqrt(mean(x^2))", title="The residual stream's RMS, layer by layer")
     ax.legend()
     fig.tight_layout()
     figs["layer_norms.png"] = _png(fig)
@@ -539,6 +541,16 @@ _CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em a
 pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:13px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.2em .6em;font-size:13px;text-align:left}img{max-width:100%}
 figure{margin:1em 0}figcaption{font-size:13px;color:#555}"""
+
+
+def _relative_link(url: str, out_dir: Path) -> str:
+    """A file:// URL as a URL path relative to ``out_dir`` (where explain.html goes)."""
+    import os
+    from urllib.parse import quote
+    from urllib.request import url2pathname
+
+    target = url2pathname(url.removeprefix("file://"))
+    return quote(Path(os.path.relpath(target, out_dir.resolve())).as_posix())
 
 
 def _write_report(out_dir: Path, ex: Explanation, llm, prompt: str, layer: int, head: int) -> Path:
@@ -564,7 +576,7 @@ def _write_report(out_dir: Path, ex: Explanation, llm, prompt: str, layer: int, 
             for op, cs in rows.items():
                 c = cs[0]
                 link = f"<code>{esc(c.source)}</code>"
-                link = f'<a href="{esc(c.url)}">{link}</a>' if c.url else link
+                link = f'<a href="{esc(_relative_link(c.url, out_dir))}">{link}</a>' if c.url else link
                 body.append(
                     f"<tr><td><code>{esc(op)}</code></td><td>{link}</td><td>{len(cs)}</td>"
                     f"<td>{max(x.max_diff for x in cs):.2e} "

@@ -3,66 +3,39 @@
 A batch of prompts of different lengths is right-padded and prefilled together; the logits of each
 prompt's own last token pick its first new token, and from then on every sequence decodes at its own
 position (slot len_b, len_b + 1, ...), overwriting the padding's cache slots before it ever reads them.
-Sampling runs on the device and the stop check is batched, so without a streaming callback the loop
-only synchronises with the host every ``SYNC_EVERY`` steps.
+Sampling (``model.sampling``) runs on the device and the stop check is batched, so without a streaming
+callback or stop strings the loop only synchronises with the host every ``SYNC_EVERY`` steps.
+
+``ChatSession`` keeps a conversation's history in the KV cache, one turn after another, with one random
+generator for the whole session.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from model.sampling import SamplingParams, TokenCounts, sample
+
+__all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
+
 SYNC_EVERY = 16
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.6  # 0 = greedy
-    top_p: float = 0.9  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-    top_k: int = 0  # keep only the k most likely tokens; 0 = off
-
-    def __post_init__(self):
-        t, p, k = self.temperature, self.top_p, self.top_k
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {k!r}")
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of logits (B, V) fp32 -> (B,) int64, on the logits' device."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_k > 0 and params.top_k < probs.shape[-1]:
-        kth = torch.topk(probs, params.top_k, dim=-1).values[:, -1:]
-        probs = probs.masked_fill(probs < kth, 0.0)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p (the top token always stays).
-        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 @dataclass
 class GenerationOutput:
     texts: list[str]
     tokens: list[list[int]]  # new tokens per prompt, without the stop token
-    stop_reasons: list[str]  # "stop_token" or "max_new_tokens"
+    stop_reasons: list[str]  # "stop_token", "stop_string", "max_new_tokens" or "interrupted"
     prompt_tokens: list[int]  # prompt length per sequence
     prefill_seconds: float = 0.0  # includes any one-time kernel compilation / autotuning of the prefill
     first_decode_seconds: float = 0.0  # the first decode step: kernel compilation and CUDA-graph capture
     decode_seconds: float = 0.0  # every later decode step: the steady state
     decode_steps: int = 0  # steps timed in decode_seconds (the first step is not among them)
+    sample_seconds: float | None = None  # time in sampling, all steps (CPU only: timing it on a GPU would sync)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,20 +55,34 @@ def generate(
     temperature: float = 0.6,
     top_p: float = 0.9,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int | None = None,
+    generator: torch.Generator | None = None,
     bos: bool = True,
     start_pos: int = 0,
     stop_tokens: Sequence[int] | None = None,
+    stop: Sequence[str] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    interruptible: bool = False,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (text, or token ids used as given).
 
-    Stops a sequence at any of the model's stop tokens (128001, 128008, 128009) or at max_new_tokens.
-    ``seed`` makes sampling repeatable; ``on_token(index_in_batch, token_id)`` streams tokens as they
-    come (this adds one host sync per step). ``start_pos`` continues after tokens already in the KV
-    cache (chat turns; one prompt only).
+    Stops a sequence at any of the model's stop tokens (128001, 128008, 128009), at the first of the
+    ``stop`` strings (the text ends before it; the tokens end with the one that completed it) or at
+    max_new_tokens. Sampling: see ``model.sampling.SamplingParams``. ``seed`` makes sampling repeatable;
+    ``generator`` (a torch.Generator on the model's device) is used instead when given, so a caller can
+    draw several generations from one stream of random numbers (a chat session). ``on_token(index_in_batch,
+    token_id)`` streams token ids and ``on_text(index_in_batch, text)`` streams text, whole characters only
+    and never a piece of a stop string; either adds one host sync per step, as do stop strings.
+    ``start_pos`` continues after tokens already in the KV cache (chat turns; one prompt only).
+    ``interruptible``: Ctrl-C (KeyboardInterrupt) ends the generation instead of propagating, with stop
+    reason "interrupted" (single process only).
     """
-    params = SamplingParams(temperature, top_p, top_k)
+    params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty)
     tok = model.tokenizer
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -111,7 +98,10 @@ def generate(
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     B, longest = len(ids), max(len(p) for p in ids)
     if B > model.max_batch_size:
-        raise ValueError(f"{B} prompts but the model was loaded with max_batch_size={model.max_batch_size}")
+        raise ValueError(
+            f"{B} prompts but the model was loaded with max_batch_size={model.max_batch_size} "
+            f"(pass max_batch_size={B} or more to Llama.load)"
+        )
     if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
         raise ValueError(f"start_pos must be an integer >= 0, got {start_pos!r}")
     if start_pos and B != 1:
@@ -126,69 +116,115 @@ def generate(
             f"max_new_tokens={max_new_tokens} overflows the KV cache: {start_pos + longest} prompt tokens + "
             f"{max_new_tokens} > max_seq_len {model.max_seq_len}"
         )
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
     device = model.device
     stops = torch.tensor(list(stop_tokens if stop_tokens is not None else tok.stop_tokens), device=device)
-    generator = None
-    if params.temperature > 0:
+    if params.temperature > 0 and generator is None:
         generator = torch.Generator(device=device)
         if seed is None:
             generator.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
         else:
             generator.manual_seed(seed)
+    counts = TokenCounts(ids, model.args.vocab_size, device) if params.penalized else None
+    interruptible = interruptible and not model.tp.enabled
 
     lengths = torch.tensor([len(p) for p in ids], device=device)
     padded = torch.tensor([p + [tok.pad_id] * (longest - len(p)) for p in ids], device=device)
+    texts_streamed = [_TextStream(tok, stop) for _ in range(B)] if (stop or on_text) else None
+    stop_set = set(stops.tolist())
+    stopped_at: list[int | None] = [None] * B  # step of the token that ends each sequence (host-side view)
+    sample_seconds = 0.0
+    timed_sampling = device.type == "cpu"  # synchronous there, so a host clock measures it for free
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        nonlocal sample_seconds
+        t = time.perf_counter()
+        # Under tensor parallelism every rank holds the same logits, but rank 0's sample is the answer.
+        token = model.tp.broadcast(sample(logits, params, generator, counts))  # (B,)
+        if timed_sampling:
+            sample_seconds += time.perf_counter() - t
+        if counts is not None:
+            counts.add(token)
+        return token
 
     sync(device)
     t0 = time.perf_counter()
+    produced, reason_all = 0, None
     with torch.inference_mode():
-        logits = model.prefill(padded, start_pos, last=lengths - 1, check=False)[:, 0]  # (B, vocab)
-        # Under tensor parallelism every rank holds the same logits, but rank 0's sample is the answer.
-        next_tok = model.tp.broadcast(sample(logits, params, generator))  # (B,)
-        sync(device)
-        t1 = t_first = time.perf_counter()
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        positions = start_pos + lengths  # where each sequence's next token goes
-        produced = 0
-        stop_set = set(stops.tolist())
-        streamed_done = [False] * B
-        # How often to ask the device whether every sequence is done (a host sync): every step when
-        # streaming, else every SYNC_EVERY steps. Under tensor parallelism every rank must make the same
-        # choice (a rank that leaves the loop early would strand the others in a collective), so rank 0's is used.
-        streaming = model.tp.broadcast_object(on_token is not None)
-        check_every = 1 if streaming else SYNC_EVERY
-        for step in range(max_new_tokens):
-            out[:, step] = next_tok
-            done |= torch.isin(next_tok, stops)
-            produced = step + 1
-            if on_token is not None:  # stream each sequence's tokens up to (not including) its stop token
-                for b, t in enumerate(next_tok.tolist()):
-                    if not streamed_done[b]:
-                        streamed_done[b] = t in stop_set
-                        if not streamed_done[b]:
+        try:
+            logits = model.prefill(padded, start_pos, last=lengths - 1, check=False)[:, 0]  # (B, vocab)
+            next_tok = pick(logits)
+            sync(device)
+            t1 = t_first = time.perf_counter()
+            out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            positions = start_pos + lengths  # where each sequence's next token goes
+            # How often to ask the device whether every sequence is done (a host sync): every step when
+            # streaming or matching stop strings, else every SYNC_EVERY steps. Under tensor parallelism every
+            # rank must make the same choice (a rank that leaves the loop early would strand the others in a
+            # collective), so rank 0's is used.
+            streaming = model.tp.broadcast_object(on_token is not None or texts_streamed is not None)
+            check_every = 1 if streaming else SYNC_EVERY
+            for step in range(max_new_tokens):
+                out[:, step] = next_tok
+                done |= torch.isin(next_tok, stops)
+                produced = step + 1
+                if streaming:
+                    for b, t in enumerate(next_tok.tolist()):
+                        if stopped_at[b] is not None:
+                            continue
+                        if t in stop_set:
+                            stopped_at[b] = step
+                            continue
+                        if on_token is not None:
                             on_token(b, t)
-            if produced == max_new_tokens:
-                break
-            if step % check_every == check_every - 1 and bool(done.all()):
-                break
-            logits = model.decode(next_tok[:, None], positions)
-            positions = positions + 1
-            if step == 0:  # the first step compiles kernels / captures the CUDA graph: time it apart
-                sync(device)
-                t_first = time.perf_counter()
-            # A finished sequence keeps decoding (its tokens are discarded): the batch stays static.
-            next_tok = model.tp.broadcast(sample(logits, params, generator))
+                        if texts_streamed is not None:
+                            piece = texts_streamed[b].feed(t)
+                            if piece and on_text is not None:
+                                on_text(b, piece)
+                            if texts_streamed[b].hit is not None:
+                                stopped_at[b] = step
+                                done[b] = True
+                if produced == max_new_tokens:
+                    break
+                if step % check_every == check_every - 1 and bool(done.all()):
+                    break
+                logits = model.decode(next_tok[:, None], positions)
+                positions = positions + 1
+                if step == 0:  # the first step compiles kernels / captures the CUDA graph: time it apart
+                    sync(device)
+                    t_first = time.perf_counter()
+                # A finished sequence keeps decoding (its tokens are discarded): the batch stays static.
+                next_tok = pick(logits)
+        except KeyboardInterrupt:
+            if not interruptible or produced == 0:
+                raise
+            reason_all = "interrupted"
         sync(device)
         t2 = time.perf_counter()
 
     texts, tokens, reasons = [], [], []
-    for row in out[:, :produced].tolist():
+    for b, row in enumerate(out[:, :produced].tolist()):
         cut = next((i for i, t in enumerate(row) if t in stop_set), None)
-        kept = row if cut is None else row[:cut]
+        if texts_streamed is not None and texts_streamed[b].hit is not None:
+            kept, reason = row[: stopped_at[b] + 1], "stop_string"
+        elif cut is not None:
+            kept, reason = row[:cut], "stop_token"
+        else:
+            kept, reason = row, reason_all or "max_new_tokens"
+        if texts_streamed is not None:
+            rest = texts_streamed[b].flush()
+            if rest and on_text is not None:
+                on_text(b, rest)
+            text = texts_streamed[b].text
+        else:
+            text = tok.decode(kept)
         tokens.append(kept)
-        reasons.append("max_new_tokens" if cut is None else "stop_token")
-        texts.append(tok.decode(kept))
+        reasons.append(reason)
+        texts.append(text)
+    steps = max(produced - 2, 0)
     return GenerationOutput(
         texts=texts,
         tokens=tokens,
@@ -197,10 +233,152 @@ def generate(
         prefill_seconds=t1 - t0,
         first_decode_seconds=t_first - t1,
         decode_seconds=t2 - t_first,
-        decode_steps=max(produced - 2, 0),
+        decode_steps=steps,
+        sample_seconds=sample_seconds if timed_sampling else None,
     )
+
+
+class StopStrings:
+    """Finds the first of several stop strings in text that arrives in pieces. ``feed`` returns the text that
+    is safe to show: it holds back a tail that could still grow into a stop string, and nothing from the
+    first stop string on. ``hit`` is the stop string's offset in ``text`` once one is seen."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything fed
+        self.sent = 0  # text[:sent] has been returned
+        self.hit: int | None = None
+
+    def feed(self, piece: str) -> str:
+        if self.hit is not None:
+            return ""
+        self.text += piece
+        # A stop string cannot start before `sent`: at that time no tail from there was a prefix of one.
+        found = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = min(found)
+            return self._release(self.hit)
+        hold = 0
+        for s in self.stops:
+            hold = max(
+                hold, next((k for k in range(min(len(s) - 1, len(self.text)), 0, -1) if self.text.endswith(s[:k])), 0)
+            )
+        return self._release(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return "" if self.hit is not None else self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+
+class _TextStream:
+    """Token ids -> text for one sequence: whole UTF-8 characters (StreamDecoder), cut at the first stop string."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        from model.tokenizer import StreamDecoder
+
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = StopStrings(stops)
+        self.text = ""  # what has been released
+
+    @property
+    def hit(self) -> int | None:
+        return self.stops.hit
+
+    def feed(self, token_id: int) -> str:
+        piece = self.stops.feed(self.decoder.feed(token_id))
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        piece = self.stops.feed(self.decoder.flush()) + self.stops.flush()
+        self.text += piece
+        return piece
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class ContextFull(ValueError):
+    """The next chat turn does not fit in the KV cache."""
+
+
+class ChatSession:
+    """A conversation in Meta's Llama-3 chat format whose history lives in the model's KV cache: each turn
+    feeds only its new tokens. One random generator serves the whole session (seeded once), so a seed makes
+    the session repeatable without making every reply start the same way."""
+
+    def __init__(self, model, *, system: str | None = None, seed: int | None = None, **sampling):
+        from model.tokenizer import ChatFormat
+
+        self.model = model
+        self.fmt = ChatFormat(model.tokenizer)
+        self.system = system
+        self.sampling = sampling  # generate()'s sampling keywords: temperature, top_p, top_k, min_p, penalties, stop
+        SamplingParams(**{k: v for k, v in sampling.items() if k != "stop"})  # bad values fail here, not mid-chat
+        self.generator = torch.Generator(device=model.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays); the random stream goes on."""
+        tok = self.model.tokenizer
+        self.pending: list[int] = [tok.bos_id]  # tokens to feed before the next answer
+        if self.system:
+            self.pending += self.fmt.encode_message({"role": "system", "content": self.system})
+        self.pos = 0  # tokens already in the KV cache
+
+    @property
+    def context_left(self) -> int:
+        """Tokens of the context not yet used by the conversation."""
+        return self.model.max_seq_len - self.pos - len(self.pending)
+
+    def reply(
+        self,
+        text: str,
+        *,
+        max_new_tokens: int = 128,
+        on_text: Callable[[int, str], None] | None = None,
+        interruptible: bool = False,
+    ) -> GenerationOutput:
+        """The assistant's answer to one user message. Stop reason "context_full" when the KV cache ran out
+        before the answer ended; ``ContextFull`` when the message itself does not fit."""
+        prompt = (
+            self.pending
+            + self.fmt.encode_message({"role": "user", "content": text})
+            + self.fmt.encode_header("assistant")
+        )
+        room = self.model.max_seq_len - self.pos - len(prompt)
+        if room < 1:
+            raise ContextFull(
+                f"the chat history ({self.pos + len(prompt)} tokens) is longer than the context of "
+                f"{self.model.max_seq_len} tokens"
+            )
+        out = generate(
+            self.model,
+            [prompt],
+            max_new_tokens=min(max_new_tokens, room),
+            generator=self.generator,
+            start_pos=self.pos,
+            on_text=on_text,
+            interruptible=interruptible,
+            **self.sampling,
+        )
+        if out.stop_reasons[0] == "max_new_tokens" and room < max_new_tokens:
+            out.stop_reasons[0] = "context_full"
+        kept = out.tokens[0]
+        # Every kept token but possibly the last was fed back through the model (the cache holds them). Stopped
+        # on a stop token: all kept tokens are cached. Otherwise the last may not be: feed it again next turn
+        # (the cache is indexed by position, so feeding it twice writes the same slot with the same values).
+        unfed = [] if out.stop_reasons[0] == "stop_token" else kept[-1:]
+        self.pos += len(prompt) + len(kept) - len(unfed)
+        self.pending = unfed + [self.model.tokenizer.eot_id]
+        return out

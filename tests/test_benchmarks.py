@@ -41,6 +41,7 @@ def smoke(tmp_path_factory):
     return proc, out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_smoke_run_writes_json_markdown_and_plots(smoke):
     proc, out, results = smoke
     assert (out / "results.md").read_text().startswith("# Benchmarks: ")
@@ -51,6 +52,7 @@ def test_smoke_run_writes_json_markdown_and_plots(smoke):
     assert str(out / "results.json") in proc.stdout  # the summary says where the files are
 
 
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_smoke_json_has_the_expected_keys(smoke):
     _, out, r = smoke
     for key in ("device", "versions", "ceilings", "kernels", "e2e", "cpu", "goals", "units", "settings", "timing"):
@@ -95,6 +97,7 @@ def test_smoke_json_has_the_expected_keys(smoke):
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU banner is only written by runs without a GPU")
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_cpu_smoke_run_says_its_figures_are_not_gpu_performance(smoke):
     proc, out, r = smoke
     assert CPU_BANNER == "CPU smoke run: these figures are not GPU performance"
@@ -104,6 +107,7 @@ def test_cpu_smoke_run_says_its_figures_are_not_gpu_performance(smoke):
     assert r["device"]["triton_interpret"] is True
 
 
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
 def test_smoke_run_exercises_every_kernel_for_real(smoke):
     """Each Triton kernel ran (a placeholder that raises NotImplementedError is the only excuse) and agreed
     with torch eager; torch eager itself always ran."""
@@ -177,6 +181,8 @@ def test_goals_are_judged_from_the_figures():
             ),
             kernel("rms_norm", 1, {"median_ms": 1.0, "fraction_of_ceiling": 0.01}, "torch_compile", {"median_ms": 1}),
             kernel("attention", 8192, {"median_ms": 1.0}, "sdpa_flash", {"median_ms": 1.1}),
+            kernel("gemv", 1, {"median_ms": 1.0}, "torch_eager", {"median_ms": 1.25}),
+            kernel("gemv", 8, {"median_ms": 1.0}, "torch_eager", {"median_ms": 0.5}),  # batch 8: not judged
         ],
         "e2e": {
             "models": [
@@ -190,7 +196,9 @@ def test_goals_are_judged_from_the_figures():
         "RMSNorm, RoPE, SwiGLU at T >= 4096": "missed",  # swiglu at 70% of the copy bandwidth
         "prefill attention at 4k-16k": "met",
         "decode attention at 8k context": "not measured",
+        "decode products (GEMV) at batch 1": "met",
     }
+    assert evaluate_goals(results)[4]["measured"] == "8B: 1.25x cuBLAS + torch ops"
     assert "swiglu 8B T=16384: 70%, 2.00x torch.compile" in evaluate_goals(results)[1]["measured"]
     md = render_markdown({**results, "e2e": {}, "goals": evaluate_goals(results)})
     assert "| RMSNorm, RoPE, SwiGLU at T >= 4096: >= 85% of copy bandwidth and ahead of torch.compile |" in md
@@ -252,3 +260,33 @@ def test_sampling_top_p_over_the_llama3_vocabulary(benchmark):
     gen = torch.Generator().manual_seed(1)
     token = benchmark(sample, logits, params, gen)
     assert token.shape == (1,) and 0 <= int(token) < 128256
+
+
+def test_smoke_results_go_to_the_user_cache_not_the_source_tree(tmp_path, monkeypatch):
+    from benchmarks.common import RESULTS_DIR, Context, default_out_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    out = default_out_dir(Context(device=torch.device("cpu"), dtype=torch.float32, smoke=True))
+    assert out.is_relative_to(tmp_path / "llama3-triton" / "bench") and not out.is_relative_to(RESULTS_DIR)
+    assert out.name.startswith("smoke-cpu-")
+
+
+def test_sampling_benchmark_runs(capsys, tmp_path):
+    from benchmarks.sampling import main
+
+    assert main(["--vocab", "2000", "--reps", "3", "--batch", "2", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| model.sampling.sample | top-p 0.9 | 2 |" in out and "sort + multinomial" in out
+    rows = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert len(rows) == 12 and all(r["median_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # the smoke run of the whole runner: ~30 s
+def test_smoke_summary_and_log_hold_only_the_runs_own_lines(smoke):
+    proc, _, _ = smoke
+    summary = proc.stdout[proc.stdout.index("smoke run on") :]
+    # A smoke run's ceilings, goals and end-to-end fractions would only mislead: the summary says what ran.
+    assert "GB/s" not in summary and "TFLOP/s" not in summary and "of floor" not in summary
+    # Other libraries' progress bars and torch.compile's warnings stay out of the log.
+    for noise in ("Loading weights", "it/s]", "graph break", "Graph break", "UserWarning"):
+        assert noise not in proc.stderr, noise

@@ -65,7 +65,9 @@ def test_chat_keeps_history_in_the_cache(ckpt, capsys, monkeypatch):
         stdin=b"hi there\n\nwhat next?\n",
     )
     assert rc == 0
-    replies = out.splitlines()
+    # Piped output: the replies are separated by a blank line.
+    assert out.endswith("\n") and out.count("\n\n") == 1
+    replies = out[:-1].split("\n\n")
     assert len(replies) == 2
     # The second answer equals a fresh generation from the whole conversation so far (history in the cache).
     from model.llama import Llama
@@ -97,7 +99,7 @@ def test_chat_history_longer_than_context(ckpt, capsys, monkeypatch):
 
 
 def test_info(ckpt, capsys, monkeypatch):
-    rc, out, err = run(["info", "--ckpt", str(ckpt)], capsys, monkeypatch)
+    rc, out, err = run(["info", "--ckpt", str(ckpt), "--dtype", "bf16"], capsys, monkeypatch)
     assert rc == 0
     from model.checkpoint import Checkpoint
 
@@ -105,12 +107,19 @@ def test_info(ckpt, capsys, monkeypatch):
     assert f"parameters: {n:,}" in out
     assert f"weight bytes (bfloat16): {2 * n:,}" in out
     assert "KV-cache bytes per token: 512" in out  # 2 (k, v) x 2 layers x 1 kv head x 64 x 2 bytes
+    # Without --dtype: the dtype a run here would use (fp32 on a CPU, bf16 on CUDA).
+    rc, out, err = run(["info", "--ckpt", str(ckpt)], capsys, monkeypatch)
+    size, name = (2, "bfloat16") if torch.cuda.is_available() else (4, "float32")
+    assert rc == 0 and f"weight bytes ({name}): {size * n:,}" in out
 
 
 def test_make_tiny_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
     target = tmp_path / "new"
     rc, out, _ = run(["make-tiny", str(target), "--shards", "1", "--hf", "--tied"], capsys, monkeypatch)
     assert rc == 0 and (target / "config.json").exists() and (target / "original" / "params.json").exists()
+    import json
+
+    assert json.loads((target / "config.json").read_text())["torch_dtype"] == "bfloat16"  # what the files hold
     rc, _, err = run(["make-tiny", str(target)], capsys, monkeypatch)
     assert rc == 1 and "not empty" in err
 
@@ -199,3 +208,122 @@ def test_bad_checkpoints_one_line_and_exit_1(ckpt, tmp_path, capsys, monkeypatch
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
     assert not marker.exists(), "the pickle ran code"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["generate", "--help"], ["chat", "--help"]])
+def test_help_and_version_import_no_torch(argv):
+    # torch takes seconds to import; --help and --version must answer without it.
+    code = (
+        f"import sys\nfrom model.cli import main\ntry:\n    main({argv!r})\n"
+        "except SystemExit as e:\n    code = e.code\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH', code)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "NO TORCH 0", p.stdout[-500:]
+    if argv == ["--version"]:
+        assert p.stdout.startswith("llama3-triton ")
+    if argv == ["generate", "--help"]:
+        assert "--threads" in p.stdout and "physical cores" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["generate", "--temperature", "-1"], "temperature"),
+        (["generate", "--top-p", "1.5"], "top_p"),
+        (["generate", "--top-k", "-3"], "top_k"),
+        (["generate", "--min-p", "2"], "min_p"),
+        (["generate", "--repetition-penalty", "0"], "repetition_penalty"),
+        (["generate", "--presence-penalty", "5"], "presence_penalty"),
+        (["generate", "--frequency-penalty", "-3"], "frequency_penalty"),
+        (["generate", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["generate", "--max-seq-len", "16", "--max-new-tokens", "16"], "overflows the KV cache"),
+        (["generate", "--threads", "0"], "--threads"),
+        (["generate", "--stop", ""], "--stop"),
+        (["generate", "--prompt", " \n\t "], "only whitespace"),
+        (["chat", "--top-p", "0"], "top_p"),
+        (["explain", "--layer", "7"], "layer 7 is out of range"),
+        (["explain", "--head", "-1"], "head -1 is out of range"),
+    ],
+)
+def test_argument_errors_come_before_any_weight_is_read(ckpt, capsys, monkeypatch, argv, match):
+    from model.llama import Llama
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were read before the arguments were checked")
+
+    monkeypatch.setattr(Llama, "load", no_load)
+    # A checkpoint path that cannot load: the argument error must come first. explain reads the config (no
+    # weights) to check --layer and --head, so it gets the real tiny checkpoint with loading disabled.
+    where = str(ckpt) if argv[0] == "explain" else "/no/such/checkpoint"
+    rc, out, err = run([*argv, "--ckpt", where], capsys, monkeypatch)
+    assert rc == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+
+
+def test_piped_prompt_loses_its_trailing_newline_and_threads_are_set(ckpt, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        rc, out, err = run(
+            ["generate", "--ckpt", str(ckpt), "--prompt", "-", "--max-new-tokens", "1", "--threads", "1"],
+            capsys,
+            monkeypatch,
+            stdin=b"Hello\n",
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0
+    assert "prompt 2 tokens" in err  # <|begin_of_text|> Hello: no newline token
+    assert "1 threads" in err and "too few tokens to time the decode" in err and "nan" not in err
+
+
+def _greedy(ckpt, prompt, n):
+    from model.llama import Llama
+
+    return Llama.load(ckpt, device="cpu", max_seq_len=64).generate(prompt, max_new_tokens=n, temperature=0)
+
+
+def test_echo_and_stop_strings(ckpt, capsys, monkeypatch):
+    expected = _greedy(ckpt, "Hello", 12).texts[0]
+    stop = expected[len(expected) // 2 : len(expected) // 2 + 2]
+    cut = expected[: expected.index(stop)]
+    base = ["generate", "--ckpt", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0"]
+    rc, out, err = run([*base, "--echo", "--stop", stop, "--stop", "never appears"], capsys, monkeypatch)
+    assert rc == 0 and out == "Hello" + cut + "\n" and "stop_string" in err
+
+
+def test_json_output_for_a_prompts_file(ckpt, tmp_path, capsys, monkeypatch):
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n\nThe capital of France is\nOne, two,\n", encoding="utf-8")
+    argv = ["generate", "--ckpt", str(ckpt), "--prompts-file", str(prompts), "--json", "--batch-size", "2"]
+    rc, out, err = run([*argv, "--max-new-tokens", "4", "--temperature", "0"], capsys, monkeypatch)
+    assert rc == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in records] == ["Hello", "The capital of France is", "One, two,"]
+    for r in records:
+        assert set(r) == {"prompt", "text", "tokens", "prompt_tokens", "stop_reason", "timings"}
+        assert len(r["tokens"]) <= 4 and r["stop_reason"] in ("max_new_tokens", "stop_token")
+        assert r["timings"]["prefill_s"] > 0 and r["timings"]["batch_size"] in (1, 2)
+    single = _greedy(ckpt, "Hello", 4)  # batching changes nothing in the result
+    assert records[0]["tokens"] == single.tokens[0] and records[0]["text"] == single.texts[0]
+    assert len(err.strip().splitlines()) == 2  # one stats line per batch
+
+
+def test_default_threads_are_the_idle_physical_cores(monkeypatch):
+    import model.cli as cli
+
+    assert 1 <= cli.physical_cores() <= (os.cpu_count() or 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli, "physical_cores", lambda: 8)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert cli.default_threads() == 8  # an idle machine: every physical core
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert cli.default_threads() == 5  # three cores busy with other work
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert cli.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.default_threads() == 3

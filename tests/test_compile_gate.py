@@ -18,6 +18,9 @@ import pytest
 
 from benchmarks.kernel_resources import ARCHS, KERNEL_MODULES, problems
 
+# Compiles every kernel configuration with ptxas: ~2 minutes on a 2-core CPU (pytest -m 'not slow' skips it).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> list[dict]:

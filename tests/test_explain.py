@@ -120,13 +120,18 @@ def test_cli_writes_a_self_contained_report(gqa4, tmp_path, capsys):
     assert all(v.startswith("data:image/png;base64,") for v in imgs) and len(imgs) == len(PNGS)
     embedded = {base64.b64decode(v.split(",", 1)[1]) for v in imgs}
     assert embedded == {(out_dir / name).read_bytes() for name in PNGS}
-    # Links: in-page anchors, and each kernel's source file (a file:// URL to follow, never loaded).
+    # Links: in-page anchors, and each kernel's source file by a path relative to the report (to follow,
+    # never loaded), so the page names no absolute path of the machine that wrote it.
+    from urllib.parse import unquote
+
+    assert "file:" not in page
     for tag, k, v in parser.refs:
         if k == "href" and not v.startswith("#"):
-            assert tag == "a" and v.startswith("file:///") and Path(v.removeprefix("file://")).is_file(), v
+            assert tag == "a" and not Path(unquote(v)).is_absolute() and (out_dir / unquote(v)).is_file(), v
         assert not re.match(r"(?i)\s*(https?:)?//", v), v
-    sources = {v for tag, k, v in parser.refs if k == "href" and v.startswith("file://")}
+    sources = {v for tag, k, v in parser.refs if k == "href" and not v.startswith("#")}
     assert {Path(v).name for v in sources} == {"reference.py"}
+    assert "mean rms(x)" in out and "|x|" not in out  # an RMS, named as one
     for n in range(1, 10):
         assert f'id="step-{n}"' in page
     assert page.count("<table>") == 5  # the steps with kernels: 3, 5, 6, 7, and 8 (layer 0, not detailed)
@@ -152,3 +157,13 @@ def test_bad_arguments_one_line_and_exit_1(tiny, tmp_path, capsys, extra, match)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
     assert out == ""  # refused before the walk began
+
+
+def test_cli_runs_the_triton_kernels_by_default(tiny, capsys, monkeypatch):
+    # A reader runs explain to see the kernels at work: without --backend they run, on a CPU in the interpreter.
+    import model.explain
+
+    seen = {}
+    monkeypatch.setattr(model.explain, "explain", lambda llm, prompt, **kw: seen.update(backend=llm.backend))
+    assert main(["explain", "--ckpt", str(tiny)]) == 0
+    assert seen == {"backend": "triton"}

@@ -14,6 +14,9 @@ import pytest
 
 from model.checkpoint import make_tiny
 
+# Writes and loads a checkpoint large enough to measure peak memory: ~15 s a case.
+pytestmark = pytest.mark.slow
+
 CHILD = r"""
 import sys, torch
 from model.llama import Llama

@@ -18,6 +18,9 @@ from model.llama import Llama
 from tests.tolerances import TOLERANCES
 from tests.tp_worker import run_rank
 
+# Each case starts torchrun workers: 10-25 s apiece (pytest -m 'not slow' skips them).
+pytestmark = pytest.mark.slow
+
 TINY = dict(dim=256, n_heads=4, n_kv_heads=4, dtype=torch.float32)  # 4 kv heads: TP 1, 2 and 4 all divide
 
 
