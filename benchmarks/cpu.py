@@ -138,6 +138,6 @@ def _wall(fn, n: int) -> float:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from benchmarks import run_as
 
-    sys.exit(main(["--only", "cpu", *sys.argv[1:]]))
+    sys.exit(run_as("--only", "cpu"))

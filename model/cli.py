@@ -640,21 +640,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
     t.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype (default bf16)")
     t.set_defaults(func=cmd_make_tiny)
-    from benchmarks.runner import add_arguments as add_bench_arguments  # argparse only: imports no torch
-
-    b = sub.add_parser("bench", parents=[common], help="benchmark the kernels and the model (python -m benchmarks)")
-    add_bench_arguments(b)
-    b.set_defaults(func=cmd_bench)
+    # The benchmark runner is a program of its own with its own flags: `bench ARGS` runs `python -m benchmarks ARGS`
+    # (main() hands them over before parsing). The CLI never imports the benchmarks, which import the model.
+    sub.add_parser(
+        "bench", add_help=False, help="benchmark the kernels and the model: `python -m benchmarks` (bench --help)"
+    )
     return p
 
 
-def cmd_bench(args) -> int:
-    from benchmarks.runner import run
+def cmd_bench(bench_args: list[str]) -> int:
+    """Run the benchmark runner as its own process with ``bench_args``; its exit status is ours."""
+    import subprocess
 
-    return run(args)
+    try:
+        return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args])
+    except KeyboardInterrupt:  # the runner saw the Ctrl-C too, and wrote its partial results
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)

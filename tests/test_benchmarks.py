@@ -205,12 +205,21 @@ def test_goals_are_judged_from_the_figures():
     assert "| 8B | T=16384 | 1.0 MiB | 1.00 ms (70%) | 2.00 ms |" in md  # memory-bound: never a TFLOP/s figure
 
 
-def test_cli_has_a_bench_subcommand():
-    from model.cli import build_parser
+def test_cli_has_a_bench_subcommand(monkeypatch):
+    """`llama3-triton bench ARGS` runs the runner, `python -m benchmarks ARGS`, as its own process, with every flag."""
+    import subprocess as sp
 
-    args = build_parser().parse_args(["bench", "--smoke", "--only", "kernels", "--kernel", "rope", "--debug"])
-    assert args.func.__name__ == "cmd_bench"
-    assert args.smoke and args.only == ["kernels"] and args.kernel == ["rope"] and args.debug
+    from model.cli import build_parser, main
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 7)
+    assert main(["bench", "--smoke", "--only", "kernels", "--kernel", "rope", "--debug"]) == 7  # its exit status
+    assert calls == [
+        [sys.executable, "-m", "benchmarks", "--smoke", "--only", "kernels", "--kernel", "rope", "--debug"]
+    ]
+    assert "bench" in build_parser().format_help()
+    out = sp.run([sys.executable, "-m", "model.cli", "bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "python -m benchmarks" in out.stdout and "--kernel" in out.stdout, out
 
 
 # ---- CPU micro-benchmarks (pytest-benchmark) ---------------------------------------------------------------
