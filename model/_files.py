@@ -202,7 +202,7 @@ def open_regular(path: Path, what: str = "file") -> int:
             kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a device"
             if stat.S_ISSOCK(st.st_mode):
                 kind = "a socket"
-            raise ValueError(f"{path}: not a regular file ({kind}); refusing to read the {what} from it")
+            raise ValueError(f"{path}: cannot read the {what} file: not a regular file but {kind}")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
