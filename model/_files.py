@@ -120,6 +120,12 @@ def build_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
             if isinstance(e, (FileExistsError, IsADirectoryError, NotADirectoryError)) or e.errno in (39, 66):
                 raise FileExistsError(e.errno, "already exists and is not empty", str(target)) from None
             raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Name the file as the user knows it (inside target), not inside our hidden temporary folder.
+        if isinstance(e.filename, str) and e.filename.startswith(str(tmp)):
+            raise type(e)(e.errno, e.strerror, str(target) + e.filename[len(str(tmp)) :]) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

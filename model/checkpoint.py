@@ -907,3 +907,81 @@ def make_tiny(
 
     _write_atomically(target, write)
     return target
+
+
+# ---- the cached default checkpoint ----------------------------------------------------------------------------
+
+MANIFEST = ".llama3-triton-manifest.json"  # size and CRC-32 of every file, written last, checked on every use
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, int]]:
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            data = f.read_bytes()
+            out[str(f.relative_to(folder))] = {"size": len(data), "crc32": zlib.crc32(data)}
+    return out
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """Why the cached checkpoint in ``folder`` cannot be used as it is, or None when it is whole."""
+    try:
+        want = json.loads(_files.read_regular_bytes(folder / MANIFEST, "manifest"))["files"]
+        if not isinstance(want, dict) or not want:
+            return "its manifest lists no files"
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an interrupted write, or an older version's cache)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    for rel, meta in want.items():
+        f = folder / rel
+        try:
+            data = _files.read_regular_bytes(f, "checkpoint")
+        except (OSError, ValueError) as e:
+            return f"{rel}: {getattr(e, 'strerror', None) or e}"
+        if not isinstance(meta, dict) or len(data) != meta.get("size") or zlib.crc32(data) != meta.get("crc32"):
+            return f"{rel} is not the file that was written (size or CRC-32 differs)"
+    return None
+
+
+def ensure_tiny(path: str | os.PathLike, *, seed: int, log=None) -> Path:
+    """The tiny random checkpoint cached at ``path`` (the CLI's embedded default): written once, checked on every
+    use (sizes and CRC-32s against its manifest, ~0.1 s for its 66 MB), rebuilt when damaged.
+
+    Safe for concurrent first runs: each builds in its own hidden temporary sibling folder and renames it into
+    place; the rename fails for all but the first (the target is then a non-empty folder), and the others
+    check the winner's copy and use it. Temporary folders left by killed runs (their pid gone, or a day old)
+    are removed on the way.
+    """
+    path = Path(path)
+    log = log or (lambda message: None)
+    for stale in _files.stale_tmp_siblings(path):
+        _files.remove(stale)
+    if path.exists() or path.is_symlink():
+        problem = _cache_problem(path)
+        if problem is None:
+            return path
+        log(f"{path}: the cached tiny checkpoint is damaged ({problem}); writing it again")
+        aside = _files.new_tmp_dir(path)  # move the damaged copy out of the way in one rename, then delete it
+        try:
+            os.replace(path, aside / "damaged")
+        except FileNotFoundError:  # another run moved it first
+            pass
+        _files.remove(aside)
+    else:
+        log(f"writing the embedded tiny random checkpoint to {path}")
+    tmp = _files.new_tmp_dir(path)
+    try:
+        inner = make_tiny(tmp / path.name, seed=seed)
+        _files.write_text(inner / MANIFEST, json.dumps({"files": _manifest(inner)}, indent=1) + "\n")
+        try:
+            os.replace(inner, path)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+            problem = _cache_problem(path)  # another run finished first: use its copy if it is whole
+            if problem is not None:
+                raise CheckpointError(f"{path}: written by another run meanwhile, but damaged ({problem})") from None
+    finally:
+        _files.remove(tmp)
+    return path

@@ -21,19 +21,25 @@ class CliError(Exception):
 
 
 def default_checkpoint() -> Path:
-    """The embedded default: written on first use under $XDG_CACHE_HOME (or ~/.cache)."""
-    from model.checkpoint import make_tiny
+    """The embedded default: written on first use under $XDG_CACHE_HOME (or ~/.cache), checked on every use,
+    rewritten when damaged; concurrent first runs all succeed (model.checkpoint.ensure_tiny)."""
+    from model.checkpoint import ensure_tiny
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton"
-    path = cache / f"tiny-seed{TINY_SEED}-v1"
-    if not (path / "params.json").exists():
-        print(f"writing the embedded tiny random checkpoint to {path}", file=sys.stderr)
-        make_tiny(path, seed=TINY_SEED)
-    return path
+    return ensure_tiny(
+        cache / f"tiny-seed{TINY_SEED}-v1", seed=TINY_SEED, log=lambda message: print(message, file=sys.stderr)
+    )
+
+
+def _stdin():
+    """sys.stdin, or a CliError when the process was started with stdin closed (sys.stdin is then None)."""
+    if sys.stdin is None:
+        raise CliError("stdin is closed: nothing to read the prompt from (pass --prompt TEXT)")
+    return sys.stdin
 
 
 def _read_stdin_text() -> str:
-    data = sys.stdin.buffer.read()
+    data = _stdin().buffer.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -128,10 +134,18 @@ def cmd_generate(args) -> int:
         f"prompt {out.prompt_tokens[0]} tokens, "
         f"generated {n_new} ({out.stop_reasons[0]}); prefill {out.prefill_seconds * 1e3:.1f} ms; "
         f"first decode step {out.first_decode_seconds * 1e3:.1f} ms{first_note}; "
-        f"then decode {out.decode_tokens_per_second:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s{tp_note}",
+        f"then {_decode_rate(out.decode_tokens_per_second, bytes_per_s)}{tp_note}",
         file=sys.stderr,
     )
     return 0
+
+
+def _decode_rate(tokens_per_s: float, bytes_per_s: float) -> str:
+    """The steady-state decode speed, or why there is none: the first two new tokens (prefill, first decode
+    step) are timed apart, so with two or fewer there is no steady state to report (it printed "nan")."""
+    if tokens_per_s != tokens_per_s:  # NaN
+        return "no steady-state decode timing (it needs more than 2 new tokens)"
+    return f"decode {tokens_per_s:.1f} tokens/s, weights read {bytes_per_s / 1e9:.2f} GB/s"
 
 
 def cmd_chat(args) -> int:
@@ -144,7 +158,7 @@ def cmd_chat(args) -> int:
     tok = llm.tokenizer
     if tp.rank != 0:  # rank 0 reads stdin and prints; the others follow its lines
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    interactive = sys.stdin.isatty() and tp.rank == 0
+    interactive = sys.stdin is not None and sys.stdin.isatty() and tp.rank == 0
     pending: list[int] = [tok.bos_id]  # tokens to feed before the next answer
     if args.system:
         pending += fmt.encode_message({"role": "system", "content": args.system})
@@ -191,6 +205,8 @@ def cmd_chat(args) -> int:
 
 def _read_stdin_line() -> str | None:
     """The next line of stdin, stripped; None at end of input."""
+    if sys.stdin is None:  # started with stdin closed: no input, as at end of file
+        return None
     raw = sys.stdin.buffer.readline()
     if not raw:
         return None
@@ -346,9 +362,47 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _message(e: BaseException) -> str:
+    """One line for an error. An OSError says which file and what (a full disk: "No space left on device")."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    if isinstance(e, (CliError, ValueError, OSError, TypeError, RuntimeError)):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while torch and the kernels are imported: leave at once. A KeyboardInterrupt raised inside an
+    extension module's initialisation leaves it half-imported (later imports then fail with unrelated errors)
+    or, inside a C++ callback, aborts the process with a C++ backtrace (both seen here)."""
+    print("\ninterrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def _import_quietly_interruptible() -> None:
+    """Import the heavy modules with Ctrl-C meaning "exit 130 now", then give Ctrl-C back to Python."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # SIGINT ignored (a background job) or handled by the embedding program: leave it so
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
     try:
+        import torch  # noqa: F401
+
+        import model.llama  # noqa: F401  (tiktoken, safetensors, the reference kernels)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = None
+    try:  # everything, the parser included: Ctrl-C in the first second (imports) exits 130 without a traceback
+        _import_quietly_interruptible()
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -356,18 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # one line for people; the traceback with --debug
-        if args.debug:
+        if args is None or args.debug:
             raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        if isinstance(e, (CliError, ValueError, OSError, TypeError, RuntimeError)):
-            print(f"{rank}error: {e}", file=sys.stderr)
-        else:
-            print(f"{rank}error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"{rank}error: {_message(e)}", file=sys.stderr)
         return 1
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # imported by now if a process group exists
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 

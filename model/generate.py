@@ -17,6 +17,29 @@ from dataclasses import dataclass, field
 import torch
 
 SYNC_EVERY = 16
+# The smallest temperature accepted (0 means greedy). Below it, logits / temperature overflows fp32 for
+# ordinary logits (|logit| ~ 30 / 1e-45 = inf) and the softmax turns into NaN; 1e-3 is already greedy in practice.
+MIN_TEMPERATURE = 1e-3
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or Inf logits (damaged weights, or activations that overflowed the dtype)."""
+
+
+def generator_seed(seed: int) -> int:
+    """The value ``torch.Generator.manual_seed`` gets for a user's ``seed`` (any Python int).
+
+    Seeds in [0, 2**32) are used as given. torch accepts only 64-bit values, and its CPU generator keeps the
+    low 32 bits, so a larger or negative seed is hashed to 32 bits (then 2**64 works, and seeds 2**32 apart
+    give different tokens)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if 0 <= seed < 2**32:
+        return seed
+    import hashlib
+
+    digest = hashlib.sha256(f"llama3-triton seed {seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 @dataclass(frozen=True)
@@ -29,6 +52,8 @@ class SamplingParams:
         t, p, k = self.temperature, self.top_p, self.top_k
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {t!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {p!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
@@ -134,7 +159,7 @@ def generate(
         if seed is None:
             generator.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
         else:
-            generator.manual_seed(seed)
+            generator.manual_seed(generator_seed(seed))
 
     lengths = torch.tensor([len(p) for p in ids], device=device)
     padded = torch.tensor([p + [tok.pad_id] * (longest - len(p)) for p in ids], device=device)
@@ -145,6 +170,11 @@ def generate(
         logits = model._forward(
             padded, (start_pos + torch.arange(longest, device=device)).expand(B, longest), start_pos, gather=lengths - 1
         )[:, 0]
+        # NaN/Inf logits are noted on the device (no host sync) and reported at the stop checks; sampling gets
+        # finite stand-ins so that multinomial neither fails first with a message about "probability tensor"
+        # nor, on CUDA, trips a device-side assert.
+        bad = ~torch.isfinite(logits).all(dim=-1)  # (B,)
+        logits = torch.nan_to_num(logits)
         # Under tensor parallelism every rank holds the same logits, but rank 0's sample is the answer.
         next_tok = model.tp.broadcast(sample(logits, params, generator))  # (B,)
         sync(device)
@@ -164,6 +194,8 @@ def generate(
             out[:, step] = next_tok
             done |= torch.isin(next_tok, stops)
             produced = step + 1
+            if on_token is not None:  # streaming syncs every step anyway: never print a token of NaN logits
+                _check_finite(bad, step)
             if on_token is not None:  # stream each sequence's tokens up to (not including) its stop token
                 for b, t in enumerate(next_tok.tolist()):
                     if not streamed_done[b]:
@@ -172,9 +204,15 @@ def generate(
                             on_token(b, t)
             if produced == max_new_tokens:
                 break
-            if step % check_every == check_every - 1 and bool(done.all()):
-                break
+            if step % check_every == check_every - 1:
+                all_done, any_bad = torch.stack([done.all(), bad.any()]).tolist()  # one host sync for both
+                if any_bad:
+                    _check_finite(bad, step)
+                if all_done:
+                    break
             logits = model.decode_step(next_tok[:, None], positions)
+            bad |= ~torch.isfinite(logits).all(dim=-1)
+            logits = torch.nan_to_num(logits)
             positions = positions + 1
             if step == 0:  # the first step compiles kernels / captures the CUDA graph: time it apart
                 sync(device)
@@ -183,6 +221,7 @@ def generate(
             next_tok = model.tp.broadcast(sample(logits, params, generator))
         sync(device)
         t2 = time.perf_counter()
+        _check_finite(bad, produced - 1)
 
     texts, tokens, reasons = [], [], []
     for row in out[:, :produced].tolist():
@@ -201,6 +240,16 @@ def generate(
         decode_seconds=t2 - t_first,
         decode_steps=max(produced - 2, 0),
     )
+
+
+def _check_finite(bad: torch.Tensor, step: int) -> None:
+    """Raise if any sequence's logits were NaN/Inf (``bad``: (B,) bool, accumulated on the device)."""
+    rows = bad.nonzero().flatten().tolist()
+    if rows:
+        raise NonFiniteLogitsError(
+            f"the model produced NaN/Inf logits (sequence {rows[0]} of the batch, by new token {step + 1}): "
+            "its weights hold non-finite values or its activations overflowed the dtype"
+        )
 
 
 def sync(device: torch.device) -> None:

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -341,3 +343,388 @@ def test_fifo_in_place_of_the_tokenizer_does_not_hang(tmp_path):
     path.write_text("x")
     with _fifo(path), pytest.raises(TokenizerError, match="not a regular file but a FIFO"):
         Tokenizer(path)
+
+
+# ---- 5. non-finite logits stop generation with one clear error ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from model.checkpoint import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("adv") / "tiny", dim=64, n_layers=1, seed=4, dtype=torch.float32)
+
+
+@pytest.fixture
+def llm(tiny_ckpt):
+    from model.llama import Llama
+
+    return Llama.load(tiny_ckpt, backend="torch", device="cpu", max_batch_size=2, max_seq_len=64)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("stream", [False, True])
+def test_non_finite_logits_stop_generation(llm, value, temperature, stream):
+    from model.generate import NonFiniteLogitsError
+
+    llm.output.weight.data[5, 3] = value  # one logit of every position is NaN/Inf
+    seen = []
+    with pytest.raises(NonFiniteLogitsError, match="the model produced NaN/Inf logits"):
+        llm.generate(
+            ["Hello", "A longer prompt"],
+            max_new_tokens=20,
+            temperature=temperature,
+            seed=0,
+            on_token=(lambda b, t: seen.append(t)) if stream else None,
+        )
+    assert seen == []  # nothing of it was streamed
+
+
+def test_non_finite_logits_after_the_first_steps_are_caught_at_a_stop_check(llm, monkeypatch):
+    # NaN only from the 3rd decode step on: caught at the next batched stop check (or the end), not ignored.
+    from model import generate as gen
+
+    real, calls = llm.decode_step, []
+
+    def decode_step(tokens, positions):
+        calls.append(1)
+        logits = real(tokens, positions)
+        return logits.fill_(float("nan")) if len(calls) >= 3 else logits
+
+    monkeypatch.setattr(llm, "decode_step", decode_step)
+    for n in (5, gen.SYNC_EVERY + 4):
+        calls.clear()
+        # The 4th new token came from NaN logits: reported at the end (5 tokens) or the first stop check (16).
+        with pytest.raises(gen.NonFiniteLogitsError, match=rf"by new token {5 if n == 5 else gen.SYNC_EVERY}\)"):
+            llm.generate("Hello", max_new_tokens=n, temperature=0)
+
+
+# ---- 7. messages: seeds, temperatures, the stats line, stdin, Ctrl-C, a full disk ----------------------------
+
+
+def test_seeds_of_any_size_are_accepted_and_stay_distinct(llm):
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    toks = {s: llm.generate("Once", seed=s, **kw).tokens[0] for s in (5, 5 + 2**32, 2**64, 2**64 + 5, -1)}
+    assert len({tuple(t) for t in toks.values()}) == len(toks), toks
+    assert llm.generate("Once", seed=2**64, **kw).tokens[0] == toks[2**64]  # still repeatable
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        llm.generate("Once", seed=1.5, **kw)
+
+
+@pytest.mark.parametrize("t", [1e-45, 1e-30, 5e-4])
+def test_tiny_temperature_is_refused_up_front(llm, t):
+    with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or at least"):
+        llm.generate("Once", max_new_tokens=2, temperature=t)
+
+
+def _cli(argv, capsys, stdin="keep"):
+    from model.cli import main
+
+    old = sys.stdin
+    if stdin != "keep":
+        sys.stdin = stdin
+    try:
+        rc = main(argv)
+    finally:
+        sys.stdin = old
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_stats_line_for_two_tokens_has_no_nan(tiny_ckpt, capsys):
+    for n in (1, 2):
+        rc, _, err = _cli(
+            ["generate", "--ckpt", str(tiny_ckpt), "--max-new-tokens", str(n), "--temperature", "0"], capsys
+        )
+        assert rc == 0 and "nan" not in err.lower() and "no steady-state decode timing" in err
+
+
+def test_seed_two_to_the_64_on_the_command_line(tiny_ckpt, capsys):
+    rc, out, err = _cli(["generate", "--ckpt", str(tiny_ckpt), "--max-new-tokens", "3", "--seed", str(2**64)], capsys)
+    assert rc == 0 and "error" not in err
+
+
+def test_closed_stdin_is_one_line(tiny_ckpt, capsys):
+    rc, out, err = _cli(["generate", "--ckpt", str(tiny_ckpt), "--prompt", "-"], capsys, stdin=None)
+    assert rc == 1 and err.strip().splitlines() == [
+        "error: stdin is closed: nothing to read the prompt from (pass --prompt TEXT)"
+    ]
+    rc, out, err = _cli(["chat", "--ckpt", str(tiny_ckpt)], capsys, stdin=None)  # no input: nothing to answer
+    assert rc == 0 and out == "" and "error" not in err
+
+
+def test_closed_stdin_in_a_real_process(tiny_ckpt):
+    import subprocess
+
+    p = subprocess.run(
+        [sys.executable, "-m", "model", "generate", "--ckpt", str(tiny_ckpt), "--prompt", "-"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        preexec_fn=lambda: os.close(0),
+    )
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "error: stdin is closed: nothing to read the prompt from (pass --prompt TEXT)"
+    ], p.stderr
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 1.6, 2.5])
+def test_ctrl_c_early_exits_130_without_a_traceback(tiny_ckpt, delay):
+    import signal
+    import subprocess
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "model", "generate", "--ckpt", str(tiny_ckpt), "--max-new-tokens", "500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+
+
+def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    # torch.save on a full disk raises RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos ..").
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    rc, out, err = _cli(["make-tiny", str(tmp_path / "t"), "--dim", "64", "--layers", "1"], capsys)
+    assert rc == 1 and err.strip().splitlines() == [
+        f"error: {tmp_path / 't' / 'consolidated.00.pth'}: No space left on device"
+    ]
+    assert list(tmp_path.iterdir()) == []  # and nothing half-written
+
+
+def test_empty_batch_is_named_as_such():
+    import kernels
+
+    q, cache = torch.randn(0, 2, 64), torch.randn(0, 8, 1, 64)
+    with pytest.raises(ValueError, match=r"q: expected a batch of at least one sequence \(B >= 1\)"):
+        kernels.decode_attention(q, cache, cache, torch.ones(0, dtype=torch.int32))
+    with pytest.raises(ValueError, match="B >= 1"):
+        kernels.attention(torch.randn(0, 3, 2, 64), cache, cache)
+
+
+# ---- 2b. the torch backend's prefill attention is O(chunk x S), not O(T x S) ----------------------------------
+
+
+def _attention_fp64(q, k, v, start_pos):
+    """Causal GQA attention in float64, the plain way (the whole score matrix at once)."""
+    B, T, Hq, D = q.shape
+    G = Hq // k.shape[2]
+    S = start_pos + T
+    kk = k[:, :S].double().repeat_interleave(G, dim=2).transpose(1, 2)  # (B, Hq, S, D)
+    vv = v[:, :S].double().repeat_interleave(G, dim=2).transpose(1, 2)
+    scores = q.double().transpose(1, 2) @ kk.transpose(-1, -2) / D**0.5  # (B, Hq, T, S)
+    mask = torch.arange(S)[None, :] > torch.arange(start_pos, S)[:, None]
+    return (torch.softmax(scores.masked_fill(mask, float("-inf")), -1) @ vv).transpose(1, 2)
+
+
+@pytest.mark.parametrize(("T", "start_pos", "G"), [(37, 0, 4), (19, 11, 1), (64, 5, 2)])
+def test_chunked_reference_attention_matches_the_whole_matrix(monkeypatch, T, start_pos, G):
+    from kernels import reference
+
+    g = torch.Generator().manual_seed(T)
+    B, Hkv, D = 2, 2, 64
+    q = torch.randn(B, T, Hkv * G, D, generator=g)
+    k, v = (torch.randn(B, start_pos + T + 3, Hkv, D, generator=g) for _ in range(2))
+    want = _attention_fp64(q, k, v, start_pos)
+    whole = reference.attention(q, k, v, start_pos=start_pos)  # the default budget: one chunk at these sizes
+    assert (whole.double() - want).abs().max() < 2e-6
+    shapes = []
+    real_softmax = torch.softmax
+
+    def softmax(x, dim):
+        shapes.append(tuple(x.shape))
+        return real_softmax(x, dim=dim)
+
+    monkeypatch.setattr(torch, "softmax", softmax)
+    S = start_pos + T
+    for rows in (1, 3, 8):
+        shapes.clear()
+        monkeypatch.setattr(reference, "ATTENTION_SCORE_BYTES", rows * 4 * B * Hkv * G * S)
+        got = reference.attention(q, k, v, start_pos=start_pos)
+        assert (got - whole).abs().max() < 1e-6, rows
+        assert len(shapes) == -(-T // rows) and all(s[3] <= rows for s in shapes)  # chunks of `rows` queries
+        assert max(s[3] * s[4] for s in shapes) <= rows * S  # never the (T, S) matrix
+
+
+# ---- 4. every file the project writes appears whole or not at all, with the usual modes ---------------------
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    out = {("dir", root.stat().st_mode & 0o777)}
+    for p in root.rglob("*"):
+        out.add(("dir" if p.is_dir() else "file", p.stat().st_mode & 0o777))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mask", "want"), [(0o022, {("dir", 0o755), ("file", 0o644)}), (0o077, {("dir", 0o700), ("file", 0o600)})]
+)
+def test_make_tiny_files_have_the_usual_modes(tmp_path, mask, want):
+    from model.checkpoint import make_tiny
+
+    old = os.umask(mask)
+    try:
+        make_tiny(tmp_path / "t", dim=64, n_layers=1, hf=True)
+    finally:
+        os.umask(old)
+    assert _modes(tmp_path / "t") == want
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temporary leftovers
+
+
+def test_atomic_write_failing_half_way_leaves_the_old_file(tmp_path):
+    from model import _files
+
+    target = tmp_path / "report.html"
+    target.write_text("old")
+    with pytest.raises(OSError, match="disk full"), _files.atomic_path(target) as tmp:
+        tmp.write_text("half of the new")
+        raise OSError(28, "disk full")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    _files.write_text(target, "new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o666 & ~_files.umask()
+
+
+def test_explain_report_is_whole_or_absent(tiny_ckpt, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from model import _files, explain
+    from model.llama import Llama
+
+    llm = Llama.load(tiny_ckpt, backend="torch", device="cpu", max_seq_len=64)
+    real, written = _files.write_text, []
+
+    def full_disk(path, text, encoding="utf-8"):
+        written.append(Path(path).name)
+        if Path(path).name == "explain.html":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, encoding)
+
+    monkeypatch.setattr(_files, "write_text", full_disk)
+    out = tmp_path / "report"
+    with pytest.raises(OSError, match="No space left"):
+        explain.explain(llm, "Hi", out_dir=out, file=open(os.devnull, "w"))  # noqa: SIM115
+    assert "explain.html" in written and not (out / "explain.html").exists()
+    assert all(not p.name.startswith(".") for p in out.iterdir())  # no temporary leftovers
+    monkeypatch.setattr(_files, "write_text", real)
+    explain.explain(llm, "Hi", out_dir=out, file=open(os.devnull, "w"))  # noqa: SIM115
+    page = (out / "explain.html").read_text()
+    assert (
+        page.rstrip().endswith("</html>") and (out / "explain.html").stat().st_mode & 0o777 == 0o666 & ~_files.umask()
+    )
+
+
+def test_benchmark_results_are_written_whole(tmp_path, monkeypatch):
+    from benchmarks import report
+    from model import _files
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}\n')
+    real = _files.write_text
+
+    def fail_md(path, text, encoding="utf-8"):
+        if Path(path).name == "results.md":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, encoding)
+
+    monkeypatch.setattr(_files, "write_text", fail_md)
+    with pytest.raises(OSError):
+        report.write_results({"runs": []}, out, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # the new json whole, no .md, no temp
+    assert json.loads((out / "results.json").read_text())["runs"] == []
+
+
+def _default_ckpt_in_subprocess(cache: Path) -> subprocess.Popen:
+    code = "from model.cli import default_checkpoint; print(default_checkpoint())"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_two_concurrent_first_runs_both_succeed(tmp_path):
+    from model.checkpoint import MANIFEST
+
+    procs = [_default_ckpt_in_subprocess(tmp_path) for _ in range(2)]
+    results = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    target = tmp_path / "llama3-triton" / "tiny-seed0-v1"
+    for (out, err), rc in results:
+        assert rc == 0, err
+        assert out.strip() == str(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny-seed0-v1"]  # no temporary leftovers
+    assert (target / MANIFEST).exists() and len(list(Checkpoint(target).tensors())) == 21
+
+
+@pytest.fixture(scope="module")
+def cached_default(tmp_path_factory):
+    """A whole default checkpoint, written once; tests copy it into their own cache folder."""
+    from model.cli import default_checkpoint
+
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    try:
+        return default_checkpoint()
+    finally:
+        if old is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+
+
+def test_a_killed_first_runs_temporary_folder_is_removed_later(cached_default, tmp_path, monkeypatch, capsys):
+    from model.cli import default_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    parent = tmp_path / "llama3-triton"
+    shutil.copytree(cached_default, parent / "tiny-seed0-v1")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = parent / f".tiny-seed0-v1.tmp-{int(dead.stdout)}-abc"  # its writer's pid is gone
+    (leftover / "tiny-seed0-v1").mkdir(parents=True)
+    (leftover / "tiny-seed0-v1" / "consolidated.00.pth").write_bytes(b"half")
+    alive = parent / f".tiny-seed0-v1.tmp-{os.getpid()}-xyz"  # a writer still at work: left alone
+    alive.mkdir()
+    assert default_checkpoint() == parent / "tiny-seed0-v1"
+    assert sorted(p.name for p in parent.iterdir()) == sorted([alive.name, "tiny-seed0-v1"])
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "flipped byte", "no tokenizer", "empty folder", "no manifest"])
+def test_a_damaged_cached_default_is_rebuilt(cached_default, tmp_path, monkeypatch, capsys, damage):
+    from model.checkpoint import MANIFEST
+    from model.cli import default_checkpoint, main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    target = tmp_path / "llama3-triton" / "tiny-seed0-v1"
+    shutil.copytree(cached_default, target)
+    shard = target / "consolidated.00.pth"
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "flipped byte":
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        shard.write_bytes(bytes(raw))
+    elif damage == "no tokenizer":
+        (target / "tokenizer.model").unlink()
+    elif damage == "empty folder":
+        shutil.rmtree(target)
+        target.mkdir()
+    else:
+        (target / MANIFEST).unlink()
+    capsys.readouterr()
+    assert default_checkpoint() == target
+    err = capsys.readouterr().err
+    assert "damaged" in err and "writing it again" in err and "choose a new directory" not in err
+    assert (target / "consolidated.00.pth").read_bytes() == (cached_default / "consolidated.00.pth").read_bytes()
+    rc = main(["generate", "--max-new-tokens", "2", "--temperature", "0"])
+    assert rc == 0 and "damaged" not in capsys.readouterr().err  # whole again, and used as it is
