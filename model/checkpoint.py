@@ -12,6 +12,13 @@ HF's layout:    config.json, model.safetensors or model-0000N-of-0000M.safetenso
 
 Nothing here unpickles code: ``.pth`` files are opened with ``weights_only=True`` (tensors and plain
 containers only) and ``mmap=True``; safetensors files hold no code at all.
+
+What is verified before a tensor is used (issue 14): only regular files inside the checkpoint folder are
+opened (symlinks resolved; a FIFO would hang); the config is bounded by the weight files' real size before
+anything is built per layer; every ``.pth`` storage record is exactly as long as its storage and its CRC-32
+matches when the tensor is first read; Meta shards are the shards their zip records were saved as, and no
+two are copies. Safetensors files carry no checksum: the library checks the header against the file size,
+and a flipped byte inside a tensor there cannot be detected.
 """
 
 from __future__ import annotations
@@ -258,6 +265,8 @@ class _PthRecords:
                     if len(header) < 30 or header[:4] != b"PK\x03\x04":
                         raise CheckpointError(f"{path}: record {rec} has no valid local header (a damaged file)")
                     name_len, extra_len = struct.unpack("<HH", header[26:30])
+                    if raw.read(name_len) != rec.encode("utf-8"):  # a directory entry pointing at another record
+                        raise CheckpointError(f"{path}: record {rec}'s local header names another record (damaged)")
                     offset = info.header_offset + 30 + name_len + extra_len
                     if offset + info.file_size > size:
                         raise CheckpointError(
@@ -672,8 +681,10 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self) -> Path | None:
+        """The checkpoint's tokenizer.model (refused if it resolves outside the checkpoint folder), or None."""
         for d in (self.root, self.dir, self.dir / "original"):
             if (d / "tokenizer.model").exists():
+                _inside(d / "tokenizer.model", self.dir, "tokenizer")
                 return d / "tokenizer.model"
         return None
 
@@ -720,6 +731,8 @@ def _write_atomically(target: Path, write) -> None:
     and its files get the usual modes (0755/0644 under the common umask), not tempfile's 0700."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise CheckpointError(f"{target}: already exists and is not empty; choose a new directory")
+    for stale in _files.stale_tmp_siblings(target):  # left by a run that was killed (Ctrl-C exits at once)
+        _files.remove(stale)
     try:
         _files.build_dir(target, write)
     except FileExistsError:  # another process created it meanwhile

@@ -372,36 +372,38 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {e} (run with --debug for the traceback)"
 
 
-def _interrupted_while_starting(signum, frame) -> None:
-    """Ctrl-C while torch and the kernels are imported: leave at once. A KeyboardInterrupt raised inside an
-    extension module's initialisation leaves it half-imported (later imports then fail with unrelated errors)
-    or, inside a C++ callback, aborts the process with a C++ backtrace (both seen here)."""
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C: print one line and leave at once with 130. Not a KeyboardInterrupt: raised while torch or the
+    kernels are imported it leaves them half-imported (later imports then fail with unrelated errors), and
+    raised inside a Python callback of torch's C++ (the meta-device model construction while loading) it
+    aborts the process with a C++ backtrace; both were seen here. Files being written are hidden temporary
+    ones (model._files); the next run that writes beside them removes them."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
     print("\ninterrupted", file=sys.stderr, flush=True)
     os._exit(130)
 
 
-def _import_quietly_interruptible() -> None:
-    """Import the heavy modules with Ctrl-C meaning "exit 130 now", then give Ctrl-C back to Python."""
+def _install_ctrl_c_handler():
+    """Install ``_interrupted`` for SIGINT when Python's own handler is in place; returns what to restore."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return  # SIGINT ignored (a background job) or handled by the embedding program: leave it so
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
-    try:
-        import torch  # noqa: F401
-
-        import model.llama  # noqa: F401  (tiktoken, safetensors, the reference kernels)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None  # SIGINT ignored (a background job) or handled by the embedding program: leave it so
+    signal.signal(signal.SIGINT, _interrupted)
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
     args = None
-    try:  # everything, the parser included: Ctrl-C in the first second (imports) exits 130 without a traceback
-        _import_quietly_interruptible()
+    previous_handler = _install_ctrl_c_handler()  # Ctrl-C, even in the first second: one line, exit 130
+    try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
@@ -416,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rank}error: {_message(e)}", file=sys.stderr)
         return 1
     finally:
+        if previous_handler is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, previous_handler)
         dist = sys.modules.get("torch.distributed")  # imported by now if a process group exists
         if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

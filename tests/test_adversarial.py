@@ -801,3 +801,33 @@ def test_torchrun_rank_whose_shard_is_a_fifo_stops_the_run_at_once(tmp_path):
     fifo = f"[rank 0] error: {ckpt / 'consolidated.01.pth'}: cannot read the weights file: not a regular file"
     assert fifo in p.stderr or "[rank 0] error: tensor-parallel rank 1 failed:" in p.stderr, p.stderr[-3000:]
     assert time.monotonic() - t0 < 200
+
+
+def test_directory_entry_pointing_at_another_record_is_refused(tmp_path):
+    _small(tmp_path)
+    path = tmp_path / "consolidated.00.pth"
+    raw = bytearray(path.read_bytes())
+    a, b = _central_entry(bytes(raw), b"/data/0"), _central_entry(bytes(raw), b"/data/1")
+    raw[b + 42 : b + 46] = raw[a + 42 : a + 46]  # data/1's local-header offset := data/0's
+    path.write_bytes(bytes(raw))
+    _raises(tmp_path, str(path), "local header names another record")
+
+
+def test_tokenizer_linked_from_outside_the_folder_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _small(ckpt)
+    (ckpt / "tokenizer.model").unlink()
+    (ckpt / "tokenizer.model").symlink_to(default_tokenizer_path())
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        _ = Checkpoint(ckpt).tokenizer_path
+
+
+def test_make_tiny_removes_the_temporary_folder_of_a_killed_run(tmp_path):
+    from model.checkpoint import make_tiny
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".t.tmp-{int(dead.stdout)}-abc"
+    leftover.mkdir()
+    (leftover / "consolidated.00.pth").write_bytes(b"half")
+    make_tiny(tmp_path / "t", dim=64, n_layers=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]
