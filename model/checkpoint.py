@@ -398,7 +398,8 @@ class Checkpoint:
     def _open_meta(self) -> None:
         params = self.root / "params.json"
         try:
-            args = from_meta_params(_inside(params, self.dir, "params"))
+            _inside(params, self.dir, "params")
+            args = from_meta_params(params)  # errors name the path the user knows, not the link's target
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         files = list(self.root.glob("consolidated.*.pth"))
@@ -528,13 +529,15 @@ class Checkpoint:
 
         config = self.root / "config.json"
         try:
-            self.args = from_hf_config(_inside(config, self.dir, "config"))
+            _inside(config, self.dir, "config")
+            self.args = from_hf_config(config)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         index = self.root / "model.safetensors.index.json"
         if index.exists():
             try:
-                text = _files.read_regular_bytes(_inside(index, self.dir, "index"), "index")
+                _inside(index, self.dir, "index")
+                text = _files.read_regular_bytes(index, "index")
                 if len(text) > MAX_JSON_BYTES:
                     raise CheckpointError(f"{index}: {len(text):,} bytes, too large for a safetensors index")
                 weight_map = json.loads(text.decode("utf-8"))["weight_map"]
