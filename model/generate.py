@@ -194,9 +194,8 @@ def generate(
             out[:, step] = next_tok
             done |= torch.isin(next_tok, stops)
             produced = step + 1
-            if on_token is not None:  # streaming syncs every step anyway: never print a token of NaN logits
-                _check_finite(bad, step)
             if on_token is not None:  # stream each sequence's tokens up to (not including) its stop token
+                _check_finite(bad, step)  # streaming syncs every step anyway: never print a token of NaN logits
                 for b, t in enumerate(next_tok.tolist()):
                     if not streamed_done[b]:
                         streamed_done[b] = t in stop_set

@@ -597,7 +597,6 @@ def test_atomic_write_failing_half_way_leaves_the_old_file(tmp_path):
 
 
 def test_explain_report_is_whole_or_absent(tiny_ckpt, tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
     from model import _files, explain
     from model.llama import Llama
 
