@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         if args is None or args.debug:
             raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"{rank}error: {_message(e)}", file=sys.stderr)
+        if getattr(e, "reported_by_rank", None) is None:  # a failing TP rank printed it already (distributed.agree)
+            print(f"{rank}error: {_message(e)}", file=sys.stderr)
         return 1
     finally:
         if previous_handler is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,6 +97,11 @@ class TensorParallel:
         if error is not None:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             store.set(key + str(self.rank), "error: " + first)
+            # Say so now, not after the wait below (bounded, but long if another rank is stuck too); the CLI
+            # does not print an error marked as reported a second time.
+            print(f"[rank {self.rank}] error: {first}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                error.reported_by_rank = self.rank
             # Each other rank stops as soon as it has loaded and reads this. Wait (bounded) until they have all
             # reported, so that they print why before this rank's exit makes torchrun stop them.
             with contextlib.suppress(Exception):

@@ -796,6 +796,7 @@ def test_torchrun_rank_whose_shard_is_a_fifo_stops_the_run_at_once(tmp_path):
     assert (
         f"[rank 1] error: {ckpt / 'consolidated.01.pth'}: cannot read the weights file: not a regular file" in p.stderr
     )
+    assert p.stderr.count("[rank 1] error:") == 1  # said at once by agree(), not again by the CLI
     # Rank 0 either meets the FIFO too (it checks every file's size against the config) or hears of rank 1's.
     fifo = f"[rank 0] error: {ckpt / 'consolidated.01.pth'}: cannot read the weights file: not a regular file"
     assert fifo in p.stderr or "[rank 0] error: tensor-parallel rank 1 failed:" in p.stderr, p.stderr[-3000:]
