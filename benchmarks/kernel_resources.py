@@ -25,6 +25,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from model import _files
+
 KERNEL_MODULES = [
     "kernels.rmsnorm",
     "kernels.rope",
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(a.jobs)
     print(table(rows))
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        _files.write_text(a.json, json.dumps(rows, indent=1))  # whole or not at all
     failed = sum(bool(problems(r)) for r in rows)
     print(f"\n{len(rows)} compiled configurations, {failed} failing the gate", file=sys.stderr)
     return 1 if failed else 0

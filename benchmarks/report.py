@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import fmt_time
+from model import _files
 
 ELEMENTWISE = ("rms_norm", "add_rms_norm", "rope", "swiglu")
 KERNEL_ORDER = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv")
@@ -414,7 +415,8 @@ def write_plots(results: dict, folder: Path) -> list[str]:
         fig.suptitle(title + (f"\n{banner}" if banner else ""), fontsize=10)
         fig.tight_layout()
         path = folder / f"{kernel}.png"
-        fig.savefig(path, dpi=110)
+        with _files.atomic_path(path) as tmp:  # whole or not at all
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append(str(path))
 
@@ -451,7 +453,8 @@ def write_plots(results: dict, folder: Path) -> list[str]:
         fig.suptitle("end-to-end decode" + (f"\n{banner}" if banner else ""), fontsize=10)
         fig.tight_layout()
         path = folder / "e2e_decode.png"
-        fig.savefig(path, dpi=110)
+        with _files.atomic_path(path) as tmp:  # whole or not at all
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append(str(path))
     return written
@@ -482,10 +485,9 @@ def write_results(results: dict, out: Path, plots: bool = True) -> None:
             from benchmarks.common import describe
 
             results["plots"] = {"error": describe(e)}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(_clean(results), indent=1) + "\n")
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(render_markdown(results) + "\n")
+    # Whole or not at all, with the usual modes: a temporary sibling renamed into place (model._files).
+    _files.write_text(out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
+    _files.write_text(out / "results.md", render_markdown(results) + "\n")
 
 
 def summary_text(results: dict, out: Path, problems: list[str]) -> str:

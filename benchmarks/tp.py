@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from model import _files
+
 TP_SIZES = (1, 2, 4, 8)
 
 
@@ -121,7 +123,7 @@ def worker(a: argparse.Namespace) -> int:
             "floor_tokens_per_s": floor,
             "fraction_of_floor": (B / step_s) / floor,
         }
-        Path(a.out).write_text(json.dumps(row))
+        _files.write_text(a.out, json.dumps(row))  # whole or not at all: the parent reads it
     if tp.enabled:
         # Leave together: a rank that exits while its peer still holds the gloo connection can make the
         # peer abort (SIGABRT, seen intermittently in CI-like runs).

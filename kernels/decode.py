@@ -251,6 +251,8 @@ def decode_attention(
     interpret = _INTERPRET
     check_tensor("q", q, interpret=interpret, ndim=3)  # (B, Hq, D)
     B, Hq, D = q.shape
+    if B < 1:  # else the cache check below reads "expected (B=0, ...), got (0, ...)"
+        raise ValueError(f"q: expected a batch of at least one sequence (B >= 1), got shape {tuple(q.shape)}")
     if D not in HEAD_DIMS:
         raise ValueError(f"q: head dim must be 64 or 128, got {D}")
     check_tensor("k_cache", k_cache, like=q, ndim=4)  # (B, S_max, Hkv, D)

@@ -147,6 +147,12 @@ def rope_write_cache(
     return q_rot
 
 
+# Bytes of fp32 scores the prefill attention builds at once. The whole (T, S) score matrix of a 40k-token
+# prompt is 12.8 GB per 32 heads; the queries are processed in chunks small enough to stay under this, so
+# memory is O(chunk x S) however long the prompt (softmax makes a second matrix of the same size).
+ATTENTION_SCORE_BYTES = 256 << 20
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,21 +169,29 @@ def attention(
 
     GQA without copies: q is viewed as (B, Hkv, G, T, D) and k as (B, Hkv, 1, S, D), so the
     matrix product broadcasts each k/v head over its G query heads instead of repeating it.
+    Queries go in chunks of rows (``ATTENTION_SCORE_BYTES``); each row's softmax is its own, so chunking
+    changes no result, and a chunk reads only the keys its last query can see.
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     S = start_pos + T
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qf = q.float().permute(0, 2, 1, 3).reshape(B, Hkv, G, T, D)
     kf = k[:, :S].float().permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, S, D)
     vf = v[:, :S].float().permute(0, 2, 1, 3)[:, :, None]
-    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, G, T, S)
-    q_pos = torch.arange(start_pos, S, device=q.device)[:, None]
-    k_pos = torch.arange(S, device=q.device)[None, :]
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ vf  # (B, Hkv, G, T, D)
-    return out.reshape(B, Hq, T, D).permute(0, 2, 1, 3).to(q.dtype)
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    rows = max(1, ATTENTION_SCORE_BYTES // (4 * max(B * Hq * S, 1)))  # queries per chunk
+    for t0 in range(0, T, rows):
+        t1 = min(T, t0 + rows)
+        keys = start_pos + t1  # the chunk's last query sees keys 0 .. keys-1
+        qf = q[:, t0:t1].float().permute(0, 2, 1, 3).reshape(B, Hkv, G, t1 - t0, D)
+        scores = (qf @ kf[..., :keys, :].transpose(-1, -2)) * scale  # (B, Hkv, G, t1 - t0, keys)
+        q_pos = torch.arange(start_pos + t0, start_pos + t1, device=q.device)[:, None]
+        k_pos = torch.arange(keys, device=q.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ vf[..., :keys, :]  # (B, Hkv, G, t1 - t0, D)
+        out[:, t0:t1] = o.reshape(B, Hq, t1 - t0, D).permute(0, 2, 1, 3).to(q.dtype)
+    return out
 
 
 def decode_attention(

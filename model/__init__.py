@@ -4,7 +4,8 @@ __all__ = ["Llama"]
 
 
 def __getattr__(name: str):
-    # Imported on first use (PEP 562), so `llama3-triton --help` and `--version` start without torch.
+    # Imported on first use, not with the package: the command line (model.cli) starts without importing
+    # torch, so a Ctrl-C in its first second meets main()'s handler (exit 130, no traceback).
     if name == "Llama":
         from model.llama import Llama
 

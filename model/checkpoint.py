@@ -12,23 +12,34 @@ HF's layout:    config.json, model.safetensors or model-0000N-of-0000M.safetenso
 
 Nothing here unpickles code: ``.pth`` files are opened with ``weights_only=True`` (tensors and plain
 containers only) and ``mmap=True``; safetensors files hold no code at all.
+
+What is verified before a tensor is used (issue 14): only regular files inside the checkpoint folder are
+opened (symlinks resolved; a FIFO would hang); the config is bounded by the weight files' real size before
+anything is built per layer; every ``.pth`` storage record is exactly as long as its storage and its CRC-32
+matches when the tensor is first read; Meta shards are the shards their zip records were saved as, and no
+two are copies. Safetensors files carry no checksum: the library checks the header against the file size,
+and a flipped byte inside a tensor there cannot be detected.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pickle
 import re
 import shutil
-import tempfile
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from model import _files
 from model.config import ConfigError, ModelArgs, from_hf_config, from_meta_params, to_hf_config, to_meta_params
 
 
@@ -53,6 +64,9 @@ META_SPLIT_DIM = {
     "norm": None,
 }
 IGNORED = {"rope.freqs"}  # precomputed RoPE table some Meta checkpoints carry; we compute our own
+# (dim, n_layers) of Llama 3.2 1B and 3B, whose output matrix is the embedding; Meta ships them without output.weight.
+LLAMA_32_TIED_SHAPES = ((2048, 16), (3072, 28))
+MAX_JSON_BYTES = 64 << 20  # a safetensors index of a 405B model is ~100 KB; refuse to parse gigabytes
 
 HF_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -109,6 +123,7 @@ def unpermute_from_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     """A Meta shard, memory-mapped. weights_only=True refuses any pickle that would build other objects."""
+    _check_regular(path, "weights")
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -124,6 +139,217 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a dict of tensor names to tensors, got {type(obj).__name__}")
     return obj
+
+
+# ---- what a .pth file's zip records promise, checked before any tensor is used ------------------------------
+#
+# torch.save writes a zip: <prefix>/data.pkl (the pickle: names, shapes, and for each storage a record key, a
+# dtype and an element count) and one stored (uncompressed) record <prefix>/data/<key> per storage. With
+# mmap=True torch maps each storage at its record's offset and trusts the pickle's element count, not the
+# record's size: a record cut short in the zip directory loads with the rest of the tensor read from whatever
+# bytes follow (seen: NaNs, no error). So every storage's record is checked here: present, stored, exactly as
+# long as the storage, inside the file. Each record also carries a CRC-32, verified when its tensor is first
+# read (``_verify_crc``; zlib.crc32 ran at ~7 GiB/s on one core here, so ~2.3 s for Llama-3-8B's 16 GB next to
+# reading those bytes from disk; LLAMA3_TRITON_VERIFY_CRC=0 turns it off). <prefix> is the file's name when
+# it was saved ("consolidated.03"), which tells a renamed (swapped or copied) shard from the real one.
+
+# Element sizes of the storage classes torch.save names in its pickles.
+_STORAGE_BYTES = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "UntypedStorage": 1,
+    "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}
+
+
+class _Global:
+    """A stand-in for any class or function the pickle names: records the name, runs nothing."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args, **kwargs):
+        if self.name in ("_rebuild_tensor_v2", "_rebuild_tensor") and args and isinstance(args[0], _StorageRef):
+            return _TensorRef(args[0])
+        return next((a for a in args if isinstance(a, _TensorRef)), _Any())  # e.g. _rebuild_parameter(tensor)
+
+
+class _Any:
+    """Whatever else the pickle builds (an OrderedDict of hooks, ...): accepts and ignores everything."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageRef:
+    def __init__(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Global)):
+            raise ValueError(f"unexpected persistent id {pid!r}")
+        self.key, self.kind, self.numel = str(pid[2]), pid[1].name, pid[4]
+        if self.kind not in _STORAGE_BYTES or not isinstance(self.numel, int) or self.numel < 0:
+            raise ValueError(f"unexpected storage {self.kind} of {self.numel!r} elements")
+        self.nbytes = self.numel * _STORAGE_BYTES[self.kind]
+
+
+class _TensorRef:
+    def __init__(self, storage: _StorageRef):
+        self.storage = storage
+
+
+class _RecordScanner(pickle.Unpickler):
+    """Reads data.pkl for its storage records only. Every class or function the pickle names becomes a
+    ``_Global`` that runs nothing, so scanning cannot execute code (torch's weights_only load ran first anyway)."""
+
+    def find_class(self, module, name):
+        return _Global(module, name)
+
+    def persistent_load(self, pid):
+        return _StorageRef(pid)
+
+
+class _PthRecords:
+    """The checked zip records of one .pth file: per tensor name, its storage record's (offset, size, CRC)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with zipfile.ZipFile(path) as z, open(path, "rb") as raw:
+                infos = {i.filename: i for i in z.infolist()}
+                pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(pkl) != 1:
+                    raise CheckpointError(f"{path}: not a PyTorch checkpoint zip (no single <name>/data.pkl record)")
+                self.prefix = pkl[0].split("/")[0]
+                data = z.read(pkl[0])  # zipfile checks this record's CRC
+                top = _RecordScanner(io.BytesIO(data), encoding="utf-8").load()
+                if not isinstance(top, dict):
+                    raise ValueError(f"data.pkl holds a {type(top).__name__}, not a dict")
+                self.records: dict[str, tuple[str, int, int, int]] = {}  # name -> (record, offset, size, crc)
+                for name, ref in top.items():
+                    if not isinstance(ref, _TensorRef):
+                        continue
+                    rec = f"{self.prefix}/data/{ref.storage.key}"
+                    info = infos.get(rec)
+                    if info is None:
+                        raise CheckpointError(f"{path}: tensor {name}'s storage record {rec} is missing")
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise CheckpointError(f"{path}: record {rec} is compressed; PyTorch stores tensor data raw")
+                    if info.file_size != ref.storage.nbytes or info.compress_size != ref.storage.nbytes:
+                        raise CheckpointError(
+                            f"{path}: record {rec} of tensor {name} holds {info.file_size} bytes, its storage needs "
+                            f"{ref.storage.nbytes} (a damaged or cut-short file)"
+                        )
+                    raw.seek(info.header_offset)
+                    header = raw.read(30)
+                    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                        raise CheckpointError(f"{path}: record {rec} has no valid local header (a damaged file)")
+                    name_len, extra_len = struct.unpack("<HH", header[26:30])
+                    if raw.read(name_len) != rec.encode("utf-8"):  # a directory entry pointing at another record
+                        raise CheckpointError(f"{path}: record {rec}'s local header names another record (damaged)")
+                    offset = info.header_offset + 30 + name_len + extra_len
+                    if offset + info.file_size > size:
+                        raise CheckpointError(
+                            f"{path}: record {rec} of tensor {name} ends at byte {offset + info.file_size}, past the "
+                            f"end of the {size}-byte file (truncated)"
+                        )
+                    self.records[name] = (rec, offset, info.file_size, info.CRC)
+        except CheckpointError:
+            raise
+        except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first})"
+            ) from None
+        self._verified: set[str] = set()
+
+    def shard_number(self) -> int | None:
+        """The shard number the file had when it was saved ("consolidated.03" -> 3), if its records say."""
+        m = re.fullmatch(r"consolidated\.(\d+)", self.prefix)
+        return int(m.group(1)) if m else None
+
+    def verify_crc(self, name: str, t: torch.Tensor) -> None:
+        """Check the CRC-32 of the record behind ``t`` (the tensor named ``name``) once.
+
+        The bytes are read with plain reads into one reused buffer, not through the memory map: touching the
+        mapping would make every page of the file resident in this process (a bf16 model loaded as bf16 on the
+        CPU keeps its vocabulary matrices mapped and mostly untouched), raising peak RSS by the file's size."""
+        rec, offset, size, crc = self.records[name]
+        if rec in self._verified or os.environ.get("LLAMA3_TRITON_VERIFY_CRC", "1") == "0":
+            return
+        if t.untyped_storage().nbytes() != size:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} maps {t.untyped_storage().nbytes()} bytes, its record holds {size}"
+            )
+        value, left = 0, size
+        buf = memoryview(bytearray(min(size, 16 << 20)))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(offset)
+            while left:
+                n = f.readinto(buf[: min(left, len(buf))])
+                if not n:
+                    raise CheckpointError(f"{self.path}: record {rec} of tensor {name} ends early (truncated file)")
+                value = zlib.crc32(buf[:n], value)
+                left -= n
+        if value != crc:
+            raise CheckpointError(
+                f"{self.path}: the bytes of tensor {name} (record {rec}) fail their CRC-32 check: the file is damaged"
+            )
+        self._verified.add(rec)
+
+
+def _check_regular(path: Path, what: str) -> int:
+    """``path`` must be a regular file (a FIFO would hang the read, a device would never end); returns its size."""
+    try:
+        return _files.check_regular(path, what)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} file not found") from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open the {what} file ({e.strerror or e})") from None
+
+
+def _allowed_roots(ckpt_dir: Path) -> list[Path]:
+    """The folders a checkpoint's files may resolve into: the checkpoint folder itself and, for a snapshot in
+    Hugging Face's hub cache (models--org--name/snapshots/<rev>/), that model's folder, whose blobs/ the
+    snapshot's symlinks point at."""
+    roots = [ckpt_dir.resolve()]
+    if (ckpt_dir / "original").is_dir():  # Meta's files in original/, which may itself be a link the user made
+        roots.append((ckpt_dir / "original").resolve())
+    parts = ckpt_dir.absolute().parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+            roots.append(Path(*parts[: i + 1]).resolve())
+    return roots
+
+
+def _inside(path: Path, ckpt_dir: Path, what: str) -> Path:
+    """``path`` with symlinks resolved, refused unless it stays inside the checkpoint folder."""
+    real = path.resolve()
+    if not any(real == r or real.is_relative_to(r) for r in _allowed_roots(ckpt_dir)):
+        raise CheckpointError(f"{path}: the {what} file resolves to {real}, outside the checkpoint folder {ckpt_dir}")
+    return real
 
 
 def find_layout(ckpt_dir: Path) -> tuple[str, Path]:
@@ -160,7 +386,7 @@ class Checkpoint:
             self._open_meta()
         else:
             self._open_hf()
-        self.shapes = expected_shapes(self.args, with_output=not self.args.tie_embeddings)
+        self.shapes = self._full_shapes
         if part is not None:
             rank, world = part
             check_tensor_parallel(self.args, world, self.dir)
@@ -168,10 +394,26 @@ class Checkpoint:
                 raise CheckpointError(f"tensor-parallel rank {rank} is outside [0, {world})")
             self.shapes = {n: _part_shape(n, s, world) for n, s in self.shapes.items()}
 
+    def _bound_by_file_sizes(self, args: ModelArgs, config: Path, files: list[Path]) -> None:
+        """Refuse a config that describes more weights than the files could hold, before building anything per
+        layer: a 100-byte params.json with n_layers 1e9 must not make us list 9e9 tensor names. Every weight takes
+        at least one byte per parameter (fp8; bf16 takes two), so the weight files' real sizes bound the model."""
+        available = 0
+        for f in files:
+            available += _check_regular(_inside(f, self.dir, "weights"), "weights")
+        need = replace(args, tie_embeddings=True).num_parameters()  # the smallest model the config allows
+        if need > available:
+            raise CheckpointError(
+                f"{config}: describes a model of {need:,} parameters (dim {args.dim}, {args.n_layers} layers, "
+                f"vocabulary {args.vocab_size}), more than the {available:,} bytes of weight files can hold"
+            )
+
     # ---- Meta -------------------------------------------------------------------------------------
     def _open_meta(self) -> None:
+        params = self.root / "params.json"
         try:
-            args = from_meta_params(self.root / "params.json")
+            _inside(params, self.dir, "params")
+            args = from_meta_params(params)  # errors name the path the user knows, not the link's target
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         files = list(self.root.glob("consolidated.*.pth"))
@@ -182,6 +424,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.root}: shard files must be consolidated.00.pth .. consolidated.NN.pth")
         # Shards are concatenated in rank order: sort by the number, not the name ("10" sorts before "2").
         files = [f for _, f in sorted(zip(numbers, files, strict=True))]
+        for f in files:
+            _inside(f, self.dir, "weights")
         self.files = files
         self.n_shards = len(files)
         if self.part is None:
@@ -190,22 +434,66 @@ class Checkpoint:
             r, n, s = self.part[0], self.part[1], len(files)
             self.shard_ids = [i for i in range(s) if i * n < (r + 1) * s and (i + 1) * n > r * s]
         self._shards = [_load_pth(files[i]) for i in self.shard_ids]
+        self._records = [_PthRecords(files[i]) for i in self.shard_ids]
+        # Before anything is built per layer (expected_shapes lists 9 names per layer).
+        self._bound_by_file_sizes(args, params, files)
         files = [files[i] for i in self.shard_ids]
+        self._check_shard_identity(files)
         names0 = set(self._shards[0]) - IGNORED
         for f, shard in zip(files[1:], self._shards[1:], strict=True):
             if set(shard) - IGNORED != names0:
                 diff = sorted((set(shard) - IGNORED) ^ names0)[:3]
                 raise CheckpointError(f"{f}: shards disagree on tensor names (e.g. {diff}) with {files[0].name}")
-        tied = "output.weight" not in names0
-        self.args = replace(args, tie_embeddings=tied)
+        self.args = replace(args, tie_embeddings=self._meta_tied(args, params, names0, files[0]))
+        if self.args.tie_embeddings:
+            names0 = names0 - {"output.weight"}  # a declared-tied checkpoint may still carry a copy
         self._names = names0
+        self._full_shapes = expected_shapes(self.args, with_output=not self.args.tie_embeddings)
         self._check_names(names0, files[0])
+
+    @staticmethod
+    def _meta_tied(args: ModelArgs, params: Path, names: set[str], first: Path) -> bool:
+        """Whether the output matrix is the embedding. params.json may say so ("tie_embeddings"); Meta's own
+        files do not, and its 3.2 1B/3B (the tied models) ship no output.weight. A missing output.weight is
+        taken as tying only when declared or for those two shapes: otherwise it is a damaged checkpoint, and
+        reusing the embedding would quietly give a different model."""
+        declared = args.extra.get("tie_embeddings")
+        if declared is not None:
+            return declared
+        if "output.weight" in names:
+            return False
+        if (args.dim, args.n_layers) in LLAMA_32_TIED_SHAPES:
+            return True
+        raise CheckpointError(
+            f"{first}: missing tensor 'output.weight', and {params.name} does not declare the output tied to the "
+            'embedding (add "tie_embeddings": true to it if it is)'
+        )
+
+    def _check_shard_identity(self, files: list[Path]) -> None:
+        """Each shard is the one its name says: its zip records keep the name it was saved under, and no two
+        shards hold the same bytes for a split weight (a copied shard would load as a plausible, wrong model)."""
+        for i, f, rec in zip(self.shard_ids, files, self._records, strict=True):
+            n = rec.shard_number()
+            if n is not None and n != i:
+                raise CheckpointError(
+                    f"{f}: holds shard {n} (its zip records are named {rec.prefix}/), not shard {i}: "
+                    "shard files swapped or copied"
+                )
+        if len(files) < 2:
+            return
+        split_names = [n for n in self._records[0].records if n not in IGNORED and META_SPLIT_DIM.get(_kind(n))]
+        seen: dict[tuple, Path] = {}  # (size, CRC-32) of a few split weights' records -> the shard holding them
+        for f, rec in zip(files, self._records, strict=True):
+            sig = tuple(rec.records[n][2:] for n in split_names[:4] if n in rec.records)
+            if sig and sig in seen:
+                raise CheckpointError(f"{f}: holds the same weights as {seen[sig]} (a copied shard)")
+            seen[sig] = f
 
     def _meta_tensor(self, name: str) -> torch.Tensor:
         if self.part is not None:
             return self._meta_part(name)
         split = META_SPLIT_DIM[_kind(name)]
-        parts = [shard[name] for shard in self._shards]
+        parts = [self._shard_tensor(i, name) for i in range(len(self._shards))]
         if len(parts) == 1:
             return parts[0]
         if split is None:
@@ -225,15 +513,15 @@ class Checkpoint:
     def _meta_part(self, name: str) -> torch.Tensor:
         """This rank's slice of ``name`` from the (few) shards that hold it."""
         split = META_SPLIT_DIM[_kind(name)]
-        full = expected_shapes(self.args, with_output=not self.args.tie_embeddings)[name]
+        full = self._full_shapes[name]
         if split is None:
-            return self._shards[0][name]  # replicated: every shard holds all of it
+            return self._shard_tensor(0, name)  # replicated: every shard holds all of it
         rank, world = self.part
         length, per_shard = full[split], full[split] // self.n_shards
         lo, hi = rank * length // world, (rank + 1) * length // world
         pieces = []
-        for i, shard in zip(self.shard_ids, self._shards, strict=True):
-            t = shard[name]
+        for j, i in enumerate(self.shard_ids):
+            t = self._shard_tensor(j, name)
             want = tuple(per_shard if d == split else s for d, s in enumerate(full))
             if tuple(t.shape) != want:
                 raise CheckpointError(
@@ -243,20 +531,36 @@ class Checkpoint:
             pieces.append(t.narrow(split, a - i * per_shard, b - a))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=split)
 
+    def _shard_tensor(self, j: int, name: str) -> torch.Tensor:
+        """Tensor ``name`` of the j-th loaded shard, its record's CRC checked on first use."""
+        t = self._shards[j][name]
+        self._records[j].verify_crc(name, t)
+        return t
+
     # ---- Hugging Face -----------------------------------------------------------------------------
     def _open_hf(self) -> None:
         from safetensors import safe_open
 
+        config = self.root / "config.json"
         try:
-            self.args = from_hf_config(self.root / "config.json")
+            _inside(config, self.dir, "config")
+            self.args = from_hf_config(config)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         index = self.root / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                _inside(index, self.dir, "index")
+                text = _files.read_regular_bytes(index, "index")
+                if len(text) > MAX_JSON_BYTES:
+                    raise CheckpointError(f"{index}: {len(text):,} bytes, too large for a safetensors index")
+                weight_map = json.loads(text.decode("utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 weight_map = None
+            except ValueError as e:  # not a regular file
+                raise CheckpointError(str(e)) from None
+            except OSError as e:
+                raise CheckpointError(f"{index}: cannot read the safetensors index ({e.strerror or e})") from None
             # An explicit check, not an assert: asserts vanish under `python -O`.
             if not (
                 isinstance(weight_map, dict)
@@ -267,24 +571,30 @@ class Checkpoint:
                     f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' of tensor name"
                     " -> .safetensors file name)"
                 )
+            for v in weight_map.values():  # only files of this folder: no "../x", "/abs/x" or "sub/x"
+                if Path(v).name != v or v in (".", "..") or "\\" in v or os.path.isabs(v):
+                    raise CheckpointError(f"{index}: entry {v!r} is not a file name in the checkpoint folder")
             files = sorted(set(weight_map.values()))
         else:
             files = [p.name for p in sorted(self.root.glob("*.safetensors"))]
             weight_map = None
         self.files = [self.root / f for f in files]
+        for f in self.files:
+            if not f.exists() and not f.is_symlink():
+                raise CheckpointError(f"{f}: listed in the safetensors index but missing")
         self._handles = {}
         where: dict[str, str] = {}
         for f in self.files:
-            if not f.exists():
-                raise CheckpointError(f"{f}: listed in the safetensors index but missing")
+            _check_regular(_inside(f, self.dir, "weights"), "weights")  # safe_open would block on a FIFO
             try:
-                h = safe_open(str(f), framework="pt", device="cpu")
+                h = safe_open(str(f.resolve()), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({first})") from None
             self._handles[f.name] = h
             for k in h.keys():
                 where[k] = f.name
+        self._bound_by_file_sizes(self.args, config, self.files)
         if weight_map is not None:
             for k, f in weight_map.items():
                 if where.get(k) != f:
@@ -298,6 +608,7 @@ class Checkpoint:
         if self.args.tie_embeddings:
             names.discard("output.weight")  # some tied repos still carry a copy of lm_head
         self._names = names
+        self._full_shapes = expected_shapes(self.args, with_output=not self.args.tie_embeddings)
         self._check_names(names, self.files[0])
 
     @staticmethod
@@ -345,19 +656,20 @@ class Checkpoint:
 
     # ---- common -----------------------------------------------------------------------------------
     def _check_names(self, names: set[str], file: Path) -> None:
-        unknown = sorted(n for n in names if n not in self.shapes_for_check())
+        expected = self._full_shapes  # built once: a lookup per name, not a rebuild per name
+        unknown = sorted(n for n in names if n not in expected)
         if unknown:
             u = unknown[0]
             if self.layout == "hf":  # name the tensor as it is spelled in the file that holds it
                 u, f = self._hf_where[u]
                 file = self.root / f
             raise CheckpointError(f"{file}: unexpected tensor {u!r} for a {self.args.n_layers}-layer Llama config")
-        missing = sorted(n for n in self.shapes_for_check() if n not in names)
+        missing = sorted(n for n in expected if n not in names)
         if missing:
             raise CheckpointError(f"{file}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
 
     def shapes_for_check(self) -> dict[str, tuple[int, ...]]:
-        return expected_shapes(self.args, with_output=not self.args.tie_embeddings)
+        return dict(self._full_shapes)
 
     def names(self) -> list[str]:
         """Every tensor the model needs, in a loading order that keeps each layer's weights together."""
@@ -386,8 +698,10 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self) -> Path | None:
+        """The checkpoint's tokenizer.model (refused if it resolves outside the checkpoint folder), or None."""
         for d in (self.root, self.dir, self.dir / "original"):
             if (d / "tokenizer.model").exists():
+                _inside(d / "tokenizer.model", self.dir, "tokenizer")
                 return d / "tokenizer.model"
         return None
 
@@ -430,19 +744,39 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bf
 
 
 def _write_atomically(target: Path, write) -> None:
-    """Write into a temporary sibling folder, then rename: a failure leaves nothing half-written."""
+    """Write into a temporary sibling folder, then rename: a failure leaves nothing half-written, and the folder
+    and its files get the usual modes (0755/0644 under the common umask), not tempfile's 0700."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise CheckpointError(f"{target}: already exists and is not empty; choose a new directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    for stale in _files.stale_tmp_siblings(target):  # left by a run that was killed (Ctrl-C exits at once)
+        _files.remove(stale)
     try:
-        write(tmp)
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _files.build_dir(target, write)
+    except FileExistsError:  # another process created it meanwhile
+        raise CheckpointError(f"{target}: already exists and is not empty; choose a new directory") from None
+
+
+def _save_pth(obj: dict, path: Path) -> None:
+    """torch.save, whole or not at all. It saves under the final file name inside a hidden temporary folder
+    (torch names the zip's records after the file, "consolidated.03/...", which is how a renamed shard is
+    told from the real one), then renames the file into place. torch reports a full disk as
+    "inline_container.cc: unexpected pos"; that becomes OSError(ENOSPC) naming the file."""
+    tmp_dir = _files.new_tmp_dir(path)
+    try:
+        tmp = tmp_dir / path.name
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            st = os.statvfs(tmp_dir)
+            if st.f_bavail * st.f_frsize < (1 << 20) or "unexpected pos" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _files.file_mode())
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_meta_checkpoint(
@@ -465,10 +799,11 @@ def write_meta_checkpoint(
         for name, t in weights.items():
             split = META_SPLIT_DIM[_kind(name)]
             shard[name] = t if split is None else t.chunk(shards, dim=split)[r].clone()
-        torch.save(shard, folder / f"consolidated.{r:02d}.pth")
+        _save_pth(shard, folder / f"consolidated.{r:02d}.pth")
     params = to_meta_params(args, multiple_of, ffn_dim_multiplier)
-    (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
+    _files.write_text(folder / "params.json", json.dumps(params, indent=2) + "\n")
+    with _files.atomic_path(folder / "tokenizer.model") as tmp:
+        shutil.copyfile(tokenizer_file, tmp)
 
 
 def write_hf_checkpoint(folder: Path, args: ModelArgs, weights: dict[str, torch.Tensor], shards: int = 1) -> None:
@@ -497,21 +832,23 @@ def write_hf_checkpoint(folder: Path, args: ModelArgs, weights: dict[str, torch.
     config = to_hf_config(args)
     # The dtype the tensors are stored in (Hugging Face's field for it), not a fixed "float32".
     config["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _files.write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     names = list(hf)
     if shards == 1:
-        save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with _files.atomic_path(folder / "model.safetensors") as tmp:
+            save_file(hf, str(tmp), metadata={"format": "pt"})
         return
     per = -(-len(names) // shards)
     weight_map = {}
     for i in range(shards):
         fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: hf[n] for n in names[i * per : (i + 1) * per]}
-        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        with _files.atomic_path(folder / fname) as tmp:
+            save_file(part, str(tmp), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
     total = sum(t.numel() * t.element_size() for t in hf.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _files.write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
 
 def tiny_args(
@@ -603,3 +940,81 @@ def make_tiny(
 
     _write_atomically(target, write)
     return target
+
+
+# ---- the cached default checkpoint ----------------------------------------------------------------------------
+
+MANIFEST = ".llama3-triton-manifest.json"  # size and CRC-32 of every file, written last, checked on every use
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, int]]:
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            data = f.read_bytes()
+            out[str(f.relative_to(folder))] = {"size": len(data), "crc32": zlib.crc32(data)}
+    return out
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """Why the cached checkpoint in ``folder`` cannot be used as it is, or None when it is whole."""
+    try:
+        want = json.loads(_files.read_regular_bytes(folder / MANIFEST, "manifest"))["files"]
+        if not isinstance(want, dict) or not want:
+            return "its manifest lists no files"
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an interrupted write, or an older version's cache)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    for rel, meta in want.items():
+        f = folder / rel
+        try:
+            data = _files.read_regular_bytes(f, "checkpoint")
+        except (OSError, ValueError) as e:
+            return f"{rel}: {getattr(e, 'strerror', None) or e}"
+        if not isinstance(meta, dict) or len(data) != meta.get("size") or zlib.crc32(data) != meta.get("crc32"):
+            return f"{rel} is not the file that was written (size or CRC-32 differs)"
+    return None
+
+
+def ensure_tiny(path: str | os.PathLike, *, seed: int, log=None) -> Path:
+    """The tiny random checkpoint cached at ``path`` (the CLI's embedded default): written once, checked on every
+    use (sizes and CRC-32s against its manifest, ~0.1 s for its 66 MB), rebuilt when damaged.
+
+    Safe for concurrent first runs: each builds in its own hidden temporary sibling folder and renames it into
+    place; the rename fails for all but the first (the target is then a non-empty folder), and the others
+    check the winner's copy and use it. Temporary folders left by killed runs (their pid gone, or a day old)
+    are removed on the way.
+    """
+    path = Path(path)
+    log = log or (lambda message: None)
+    for stale in _files.stale_tmp_siblings(path):
+        _files.remove(stale)
+    if path.exists() or path.is_symlink():
+        problem = _cache_problem(path)
+        if problem is None:
+            return path
+        log(f"{path}: the cached tiny checkpoint is damaged ({problem}); writing it again")
+        aside = _files.new_tmp_dir(path)  # move the damaged copy out of the way in one rename, then delete it
+        try:
+            os.replace(path, aside / "damaged")
+        except FileNotFoundError:  # another run moved it first
+            pass
+        _files.remove(aside)
+    else:
+        log(f"writing the embedded tiny random checkpoint to {path}")
+    tmp = _files.new_tmp_dir(path)
+    try:
+        inner = make_tiny(tmp / path.name, seed=seed)
+        _files.write_text(inner / MANIFEST, json.dumps({"files": _manifest(inner)}, indent=1) + "\n")
+        try:
+            os.replace(inner, path)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+            problem = _cache_problem(path)  # another run finished first: use its copy if it is whole
+            if problem is not None:
+                raise CheckpointError(f"{path}: written by another run meanwhile, but damaged ({problem})") from None
+    finally:
+        _files.remove(tmp)
+    return path

@@ -21,19 +21,25 @@ class CliError(Exception):
 
 
 def default_checkpoint() -> Path:
-    """The embedded default: written on first use under $XDG_CACHE_HOME (or ~/.cache)."""
-    from model.checkpoint import make_tiny
+    """The embedded default: written on first use under $XDG_CACHE_HOME (or ~/.cache), checked on every use,
+    rewritten when damaged; concurrent first runs all succeed (model.checkpoint.ensure_tiny)."""
+    from model.checkpoint import ensure_tiny
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton"
-    path = cache / f"tiny-seed{TINY_SEED}-v1"
-    if not (path / "params.json").exists():
-        print(f"writing the embedded tiny random checkpoint to {path}", file=sys.stderr)
-        make_tiny(path, seed=TINY_SEED)
-    return path
+    return ensure_tiny(
+        cache / f"tiny-seed{TINY_SEED}-v1", seed=TINY_SEED, log=lambda message: print(message, file=sys.stderr)
+    )
+
+
+def _stdin():
+    """sys.stdin, or a CliError when the process was started with stdin closed (sys.stdin is then None)."""
+    if sys.stdin is None:
+        raise CliError("stdin is closed: nothing to read the prompt from (pass --prompt TEXT)")
+    return sys.stdin
 
 
 def _read_stdin_text() -> str:
-    data = sys.stdin.buffer.read()
+    data = _stdin().buffer.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -110,7 +116,7 @@ def _load(args, max_batch_size: int = 1):
         args.backend = (
             "triton" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" else "torch"
         )
-    return Llama.load(
+    llm = Llama.load(
         ckpt,
         backend=args.backend,
         device=device,
@@ -119,6 +125,8 @@ def _load(args, max_batch_size: int = 1):
         max_batch_size=max_batch_size,
         progress=sys.stderr.isatty(),
     )
+    _ctrl_c_to_python()  # loaded: from here Ctrl-C is a KeyboardInterrupt (chat stops a reply with it)
+    return llm
 
 
 def _sampling_kwargs(args) -> dict:
@@ -197,7 +205,7 @@ def _stats_line(llm, out, threads: int) -> str:
     parts = [f"{prompts}, generated {sum(len(t) for t in out.tokens)} ({reasons})"]
     parts.append(f"prefill {out.prefill_seconds * 1e3:.1f} ms")
     if out.decode_steps == 0:
-        parts.append("too few tokens to time the decode")
+        parts.append("too few tokens to time the decode (no steady-state decode timing)")
         return f"{where} " + "; ".join(parts)
     first_note = " (compiles kernels, captures the CUDA graph)" if llm.device.type == "cuda" else ""
     parts.append(f"first decode step {out.first_decode_seconds * 1e3:.1f} ms{first_note}")
@@ -320,7 +328,7 @@ def cmd_chat(args) -> int:
     session = ChatSession(llm, system=args.system, seed=args.seed, stop=args.stop, **_sampling_kwargs(args))
     if tp.rank != 0:  # rank 0 reads stdin and prints; the others follow its lines
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    interactive = sys.stdin.isatty() and tp.rank == 0
+    interactive = sys.stdin is not None and sys.stdin.isatty() and tp.rank == 0
     separate = not sys.stdout.isatty()  # piped: a blank line between replies tells them apart
     show_speed = interactive or sys.stderr.isatty()
     if interactive:
@@ -401,6 +409,8 @@ def _read_chat_line(interactive: bool) -> str | None:
 
 def _read_stdin_line() -> str | None:
     """The next line of stdin, stripped; None at end of input."""
+    if sys.stdin is None:  # started with stdin closed: no input, as at end of file
+        return None
     raw = sys.stdin.buffer.readline()
     if not raw:
         return None
@@ -658,12 +668,62 @@ def cmd_bench(bench_args: list[str]) -> int:
         return 130
 
 
+def _message(e: BaseException) -> str:
+    """One line for an error. An OSError says which file and what (a full disk: "No space left on device")."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    if isinstance(e, (CliError, ValueError, OSError, TypeError, RuntimeError)):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+
+
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C before the model is loaded: print one line and leave at once with 130. Not a KeyboardInterrupt:
+    raised while torch or the kernels are imported it leaves them half-imported (later imports then fail with
+    unrelated errors), and raised inside a Python callback of torch's C++ (the meta-device model construction
+    while loading) it aborts the process with a C++ backtrace; both were seen here. Files being written are
+    hidden temporary ones (model._files); the next run that writes beside them removes them. Once the model is
+    loaded, ``_load`` hands Ctrl-C back to Python: chat stops a reply with it, generate ends with 130."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    print("\ninterrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def _install_ctrl_c_handler():
+    """Install ``_interrupted`` for SIGINT when Python's own handler is in place; returns what to restore."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None  # SIGINT ignored (a background job) or handled by the embedding program: leave it so
+    signal.signal(signal.SIGINT, _interrupted)
+    return previous
+
+
+def _ctrl_c_to_python() -> None:
+    """After loading: Ctrl-C raises KeyboardInterrupt again (if main() had installed ``_interrupted``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = None
+    previous_handler = _install_ctrl_c_handler()  # Ctrl-C, even in the first second: one line, exit 130
     try:
+        args = build_parser().parse_args(argv)
         check_arguments(args)
         return args.func(args)
     except KeyboardInterrupt:
@@ -672,18 +732,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # one line for people; the traceback with --debug
-        if args.debug:
+        if args is None or args.debug:
             raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        if isinstance(e, (CliError, ValueError, OSError, TypeError, RuntimeError)):
-            print(f"{rank}error: {e}", file=sys.stderr)
-        else:
-            print(f"{rank}error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        if getattr(e, "reported_by_rank", None) is None:  # a failing TP rank printed it already (distributed.agree)
+            print(f"{rank}error: {_message(e)}", file=sys.stderr)
         return 1
     finally:
-        import torch.distributed as dist
+        if previous_handler is not None:
+            import signal
 
-        if dist.is_available() and dist.is_initialized():
+            signal.signal(signal.SIGINT, previous_handler)
+        dist = sys.modules.get("torch.distributed")  # imported by now if a process group exists
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 

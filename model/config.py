@@ -70,13 +70,34 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# A config file is a few hundred bytes; refuse to read (and parse) gigabytes from a damaged or hostile one.
+MAX_CONFIG_BYTES = 1 << 20
+# The largest size any field may have: shapes are products of these, and must fit torch's int64 sizes.
+MAX_FIELD = 2**31 - 1
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    from model._files import open_regular
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        fd = open_regular(path, "config")  # a FIFO in its place would block a plain read forever
+        with open(fd, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes, not a model config")
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # not a regular file
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -94,6 +115,8 @@ def _get(data: dict[str, Any], path: Path, key: str, kind: type, default: Any = 
         raise ConfigError(f"{path}: field {key!r} must be {kind.__name__}, got {value!r}")
     if positive and kind in (int, float) and not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{path}: field {key!r} must be a positive number, got {value!r}")
+    if kind is int and abs(value) > MAX_FIELD:
+        raise ConfigError(f"{path}: field {key!r} is {value}, larger than any model's (at most {MAX_FIELD})")
     return value
 
 
@@ -145,6 +168,7 @@ def from_meta_params(path: Path) -> ModelArgs:
             _get(p, path, "original_max_position_embeddings", int, default=8192),
         )
     multiplier = _get(p, path, "ffn_dim_multiplier", float, default=None)
+    tied = _get(p, path, "tie_embeddings", bool, default=None, positive=False)
     args = ModelArgs(
         dim=dim,
         n_layers=n_layers,
@@ -155,9 +179,11 @@ def from_meta_params(path: Path) -> ModelArgs:
         norm_eps=_get(p, path, "norm_eps", float, default=1e-5),
         rope_theta=_get(p, path, "rope_theta", float, default=500000.0),
         rope_scaling=scaling,
-        # Tying is decided by the weights (3.2 1B/3B ship no output.weight); the loader sets it.
-        tie_embeddings=False,
+        # Meta's files do not say whether the output is tied (3.2 1B/3B ship no output.weight); ours write
+        # "tie_embeddings". The loader decides from this and the weights (checkpoint.Checkpoint._meta_tied).
+        tie_embeddings=bool(tied),
         max_position_embeddings=131072 if scaled else 8192,
+        extra={"tie_embeddings": tied},
     )
     return _check(args, path)
 
@@ -218,6 +244,8 @@ def to_meta_params(args: ModelArgs, multiple_of: int, ffn_dim_multiplier: float 
         "rope_theta": args.rope_theta,
         "use_scaled_rope": args.rope_scaling is not None,
     }
+    if args.tie_embeddings:  # not in Meta's own files; without it a missing output.weight is refused
+        p["tie_embeddings"] = True
     if args.rope_scaling is not None:
         p["rope_scaling_factor"] = args.rope_scaling["factor"]
         p["low_freq_factor"] = args.rope_scaling["low_freq_factor"]

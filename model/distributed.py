@@ -14,7 +14,11 @@ CPUs. A single process is a world of one, and every collective is then skipped.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,6 +27,11 @@ import torch.distributed as dist
 
 # Collectives that do not complete in this time raise instead of hanging (a rank died mid-run).
 DEFAULT_TIMEOUT_S = int(os.environ.get("LLAMA3_TRITON_TP_TIMEOUT", "600"))
+# How long a rank that has loaded its weights waits for the others (``TensorParallel.agree``). Ranks load equal
+# slices in parallel, so a healthy peer is seconds behind; one stuck on its files (a slow or hung mount) must
+# not hold every other rank for the generation timeout.
+LOAD_TIMEOUT_S = float(os.environ.get("LLAMA3_TRITON_TP_LOAD_TIMEOUT", "120"))
+_agree_rounds = itertools.count()  # every rank calls agree() the same number of times: a key per round
 
 
 @dataclass(frozen=True)
@@ -65,16 +74,67 @@ class TensorParallel:
         dist.broadcast_object_list(box, src)
         return box[0]
 
-    def agree(self, error: BaseException | None) -> None:
+    def agree(self, error: BaseException | None, timeout_s: float | None = None) -> None:
         """Raise on every rank if any rank failed (e.g. to load), instead of leaving the others to hang.
 
-        Each rank reports whether it failed; the failing rank re-raises its own error, the others a
-        one-line error naming the rank that failed.
+        Through the process group's key-value store, not a collective: a rank that failed posts its one-line
+        error at once, so that every other rank stops as soon as it has loaded, naming the rank and its error. A
+        rank waits at most ``timeout_s`` (LOAD_TIMEOUT_S, LLAMA3_TRITON_TP_LOAD_TIMEOUT, much shorter than the
+        generation timeout) for the others' reports: one that never reports (stuck on its files) is named.
         """
         if self.world == 1:
             if error is not None:
                 raise error
             return
+        timeout_s = LOAD_TIMEOUT_S if timeout_s is None else timeout_s
+        store = _default_store()
+        round_ = next(_agree_rounds)
+        if store is None:  # no store to post to: fall back to one all-reduce of the failure flags
+            self._agree_by_all_reduce(error)
+            return
+        key = f"llama3-triton/agree/{round_}/"
+        waiting, deadline = set(range(self.world)) - {self.rank}, time.monotonic() + timeout_s
+        if error is not None:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            store.set(key + str(self.rank), "error: " + first)
+            # Say so now, not after the wait below (bounded, but long if another rank is stuck too); the CLI
+            # does not print an error marked as reported a second time.
+            print(f"[rank {self.rank}] error: {first}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                error.reported_by_rank = self.rank
+            # Each other rank stops as soon as it has loaded and reads this. Wait (bounded) until they have all
+            # reported, so that they print why before this rank's exit makes torchrun stop them.
+            with contextlib.suppress(Exception):
+                while waiting and time.monotonic() < deadline:
+                    waiting = {r for r in waiting if not store.check([key + str(r)])}
+                    time.sleep(0.05 if waiting else 0.2)  # after the last report: a moment for it to print
+            raise error
+        store.set(key + str(self.rank), "ok")
+        while waiting:
+            for r in sorted(waiting):
+                try:
+                    value = store.get(key + str(r)).decode("utf-8", "replace") if store.check([key + str(r)]) else None
+                except Exception as e:  # the store lives in rank 0's process (torchrun): it failed and left
+                    raise RuntimeError(
+                        f"tensor-parallel rank {self.rank} lost the rendezvous store while waiting for the others to "
+                        f"load (rank 0 failed? its error is above): {(str(e).strip().splitlines() or [''])[0]}"
+                    ) from None
+                if value is not None:
+                    if value != "ok":
+                        raise RuntimeError(
+                            f"tensor-parallel rank {r} failed: {value.removeprefix('error: ')}; rank {self.rank} "
+                            "stops too"
+                        )
+                    waiting.discard(r)
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"tensor-parallel rank(s) {sorted(waiting)} did not finish loading within {timeout_s:g} s "
+                    f"(LLAMA3_TRITON_TP_LOAD_TIMEOUT); rank {self.rank} stops"
+                )
+            if waiting:
+                time.sleep(0.05)
+
+    def _agree_by_all_reduce(self, error: BaseException | None) -> None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         failed = torch.zeros(self.world, dtype=torch.int32, device=device)
         failed[self.rank] = int(error is not None)
@@ -84,6 +144,14 @@ class TensorParallel:
         bad = failed.nonzero().flatten().tolist()
         if bad:
             raise RuntimeError(f"tensor-parallel rank {bad[0]} failed (its error is above); rank {self.rank} stops too")
+
+
+def _default_store():
+    """The default process group's key-value store (torchrun's TCPStore, a FileStore, ...), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a private API: if it moves, agree() falls back to a collective
+        return None
 
 
 def current() -> TensorParallel:

@@ -39,6 +39,7 @@ from typing import TextIO
 import torch
 
 from kernels import reference
+from model import _files
 
 DEFAULT_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 _ROOT = Path(reference.__file__).resolve().parent.parent  # the folder holding kernels/ and model/
@@ -594,11 +595,13 @@ def _write_report(out_dir: Path, ex: Explanation, llm, prompt: str, layer: int, 
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>llama3-triton explain</title>'
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
+    # Each file appears whole or not at all (a full disk used to leave a truncated report); the PNGs first,
+    # so that the page never exists without them.
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, png in ex.figures.items():
-        (out_dir / name).write_bytes(png)
+        _files.write_bytes(out_dir / name, png)
     path = out_dir / "explain.html"
-    path.write_text(page, encoding="utf-8")
+    _files.write_text(path, page)
     return path
 
 

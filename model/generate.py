@@ -23,6 +23,28 @@ from model.sampling import SamplingParams, TokenCounts, sample
 __all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
 
 SYNC_EVERY = 16
+# The smallest temperature accepted (0 means greedy). Below it, logits / temperature overflows fp32 for
+# ordinary logits (|logit| ~ 30 / 1e-45 = inf) and the softmax turns into NaN; 1e-3 is already greedy in practice.
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or Inf logits (damaged weights, or activations that overflowed the dtype)."""
+
+
+def generator_seed(seed: int) -> int:
+    """The value ``torch.Generator.manual_seed`` gets for a user's ``seed`` (any Python int).
+
+    Seeds in [0, 2**32) are used as given. torch accepts only 64-bit values, and its CPU generator keeps the
+    low 32 bits, so a larger or negative seed is hashed to 32 bits (then 2**64 works, and seeds 2**32 apart
+    give different tokens)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if 0 <= seed < 2**32:
+        return seed
+    import hashlib
+
+    digest = hashlib.sha256(f"llama3-triton seed {seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 @dataclass
@@ -126,7 +148,7 @@ def generate(
         if seed is None:
             generator.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
         else:
-            generator.manual_seed(seed)
+            generator.manual_seed(generator_seed(seed))
     counts = TokenCounts(ids, model.args.vocab_size, device) if params.penalized else None
     interruptible = interruptible and not model.tp.enabled
 
@@ -155,7 +177,11 @@ def generate(
     with torch.inference_mode():
         try:
             logits = model.prefill(padded, start_pos, last=lengths - 1, check=False)[:, 0]  # (B, vocab)
-            next_tok = pick(logits)
+            # NaN/Inf logits are noted on the device (no host sync) and reported at the stop checks; sampling
+            # gets finite stand-ins so that it never fails first with a message about probabilities, nor, on
+            # CUDA, trips a device-side assert.
+            bad = ~torch.isfinite(logits).all(dim=-1)  # (B,)
+            next_tok = pick(torch.nan_to_num(logits))
             sync(device)
             t1 = t_first = time.perf_counter()
             out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
@@ -172,6 +198,7 @@ def generate(
                 done |= torch.isin(next_tok, stops)
                 produced = step + 1
                 if streaming:
+                    _check_finite(bad, step)  # streaming syncs every step anyway: never show a token of NaN logits
                     for b, t in enumerate(next_tok.tolist()):
                         if stopped_at[b] is not None:
                             continue
@@ -189,21 +216,27 @@ def generate(
                                 done[b] = True
                 if produced == max_new_tokens:
                     break
-                if step % check_every == check_every - 1 and bool(done.all()):
-                    break
+                if step % check_every == check_every - 1:
+                    all_done, any_bad = torch.stack([done.all(), bad.any()]).tolist()  # one host sync for both
+                    if any_bad:
+                        _check_finite(bad, step)
+                    if all_done:
+                        break
                 logits = model.decode(next_tok[:, None], positions)
+                bad |= ~torch.isfinite(logits).all(dim=-1)
                 positions = positions + 1
                 if step == 0:  # the first step compiles kernels / captures the CUDA graph: time it apart
                     sync(device)
                     t_first = time.perf_counter()
                 # A finished sequence keeps decoding (its tokens are discarded): the batch stays static.
-                next_tok = pick(logits)
+                next_tok = pick(torch.nan_to_num(logits))
         except KeyboardInterrupt:
             if not interruptible or produced == 0:
                 raise
             reason_all = "interrupted"
         sync(device)
         t2 = time.perf_counter()
+        _check_finite(bad, produced - 1)
 
     texts, tokens, reasons = [], [], []
     for b, row in enumerate(out[:, :produced].tolist()):
@@ -297,6 +330,16 @@ class _TextStream:
         piece = self.stops.feed(self.decoder.flush()) + self.stops.flush()
         self.text += piece
         return piece
+
+
+def _check_finite(bad: torch.Tensor, step: int) -> None:
+    """Raise if any sequence's logits were NaN/Inf (``bad``: (B,) bool, accumulated on the device)."""
+    rows = bad.nonzero().flatten().tolist()
+    if rows:
+        raise NonFiniteLogitsError(
+            f"the model produced NaN/Inf logits (sequence {rows[0]} of the batch, by new token {step + 1}): "
+            "its weights hold non-finite values or its activations overflowed the dtype"
+        )
 
 
 def sync(device: torch.device) -> None:

@@ -239,7 +239,8 @@ class Llama(nn.Module):
         model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
         model.setup_cache(max_batch_size, max_seq_len)
         tok_path = ckpt.tokenizer_path
-        model.tokenizer = Tokenizer(tok_path)  # None -> the copy shipped in llama-models
+        # None -> the copy shipped in llama-models; either must have exactly the model's vocabulary.
+        model.tokenizer = Tokenizer(tok_path, vocab_size=args.vocab_size)
         model.checkpoint_dir = Path(ckpt_dir)
         return model
 

@@ -74,6 +74,9 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
+MIN_TEMPERATURE = 1e-3  # the smallest temperature that is not greedy: below it, the scaled logits overflow
+
+
 def _number(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -84,6 +87,8 @@ def validate(temperature, top_p, top_k, min_p=0.0, repetition_penalty=1.0, prese
     errors = []
     if not _number(temperature) or temperature < 0:
         errors.append(f"temperature must be a finite number >= 0, got {temperature!r}")
+    elif 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-45 overflow to inf: greedy in all but name, or NaN
+        errors.append(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}")
     if not _number(top_p) or not 0 < top_p <= 1:
         errors.append(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:

@@ -61,26 +61,57 @@ def default_tokenizer_path() -> Path:
     return path
 
 
+# Llama-3's tokenizer.model is 2.2 MB; a file many times that is not one (and would cost its size in memory).
+MAX_TOKENIZER_BYTES = 64 << 20
+
+
 def load_bpe_ranks(path: Path) -> dict[bytes, int]:
+    """``base64(token) rank`` lines -> {token bytes: rank}, validated so that tiktoken never sees a file it
+    would panic on: its Rust panics (duplicate ranks, ranks it cannot index) are BaseExceptions that escape
+    ``except Exception`` with a 100-line backtrace. The ranks must be exactly 0 .. n-1, each once."""
+    from model._files import open_regular
+
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = open_regular(path, "tokenizer")  # a FIFO in its place would block a plain read forever
+        with open(fd, "rb") as f:
+            raw = f.read(MAX_TOKENIZER_BYTES + 1)
+        if len(raw) > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"{path}: larger than {MAX_TOKENIZER_BYTES:,} bytes, not a tiktoken BPE file")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise TokenizerError(f"{path}: tokenizer file not found") from None
     except UnicodeDecodeError:
         raise TokenizerError(f"{path}: not a tiktoken BPE file (not UTF-8 text)") from None
-    except OSError as e:  # a directory, no permission, an I/O error
+    except TokenizerError:
+        raise
+    except ValueError as e:  # not a regular file
+        raise TokenizerError(str(e)) from None
+    except OSError as e:  # no permission, an I/O error
         raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror or e})") from None
-    ranks = {}
+    ranks: dict[bytes, int] = {}
+    line_of_rank: dict[int, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token_b64, rank_text = line.split()
+            token, rank = base64.b64decode(token_b64, validate=True), int(rank_text)
         except ValueError:
             raise TokenizerError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}") from None
+        if token in ranks:
+            raise TokenizerError(f"{path}:{lineno}: token {token[:20]!r} is listed twice")
+        if rank in line_of_rank:
+            raise TokenizerError(f"{path}:{lineno}: rank {rank} is given twice (also on line {line_of_rank[rank]})")
+        line_of_rank[rank] = lineno
+        ranks[token] = rank
     if not ranks:
         raise TokenizerError(f"{path}: tokenizer file is empty")
+    n = len(ranks)
+    bad = next((r for r in line_of_rank if not 0 <= r < n), None)
+    if bad is not None:  # n distinct ranks all in [0, n): exactly 0 .. n-1
+        raise TokenizerError(
+            f"{path}:{line_of_rank[bad]}: rank {bad} is outside [0, {n}) (ranks must be 0 .. n-1, each once)"
+        )
     # Byte-level BPE needs every single byte as a token; without one, tiktoken panics (a BaseException that
     # escapes `except Exception`) on the first text that contains that byte.
     missing = [b for b in range(256) if bytes([b]) not in ranks]
@@ -95,7 +126,10 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
 class Tokenizer:
     """Llama-3's tokenizer. ``encode(text, bos=True)`` -> ids; ``decode(ids)`` -> text."""
 
-    def __init__(self, model_path: str | Path | None = None):
+    def __init__(self, model_path: str | Path | None = None, vocab_size: int | None = None):
+        """``vocab_size``: the model's vocabulary (its embedding rows), checked to be exactly the tokenizer's ids:
+        a smaller tokenizer cannot decode every token the model may pick, and a larger one moves the special ids
+        (<|eot_id|> ...) away from the rows the model learned them at."""
         self.path = Path(model_path) if model_path is not None else default_tokenizer_path()
         ranks = load_bpe_ranks(self.path)
         n_base = len(ranks)
@@ -104,6 +138,12 @@ class Tokenizer:
             name=self.path.name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )
         self.n_words = n_base + len(SPECIAL_TOKENS)
+        if vocab_size is not None and vocab_size != self.n_words:
+            raise TokenizerError(
+                f"{self.path}: {n_base:,} tokens + {len(SPECIAL_TOKENS)} special ones = {self.n_words:,} ids, but the "
+                f"model's vocabulary has {vocab_size:,} (its special ids would be {vocab_size - len(SPECIAL_TOKENS):,}"
+                f" onwards, this tokenizer's {n_base:,}): a tokenizer of another model"
+            )
         self.bos_id = self.special_tokens["<|begin_of_text|>"]  # 128000
         self.eos_id = self.special_tokens["<|end_of_text|>"]  # 128001
         self.eom_id = self.special_tokens["<|eom_id|>"]  # 128008

@@ -554,10 +554,14 @@ def test_hf_untied_without_lm_head(tmp_path):
     _raises(tmp_path, "'output.weight'", "missing")
 
 
-def test_meta_without_output_is_tied(tmp_path):
-    # Meta's 3.2 1B/3B ship no output.weight: the embedding is the output matrix.
+def test_meta_without_output_is_tied_only_when_declared(tmp_path):
+    # Meta's 3.2 1B/3B ship no output.weight: the embedding is the output matrix. Any other Meta checkpoint
+    # without it is damaged, unless its params.json declares the tying (as make-tiny --tied writes it).
     args, weights = _small(tmp_path)
     _edit_pth(tmp_path / "consolidated.00.pth", lambda sd: sd.pop("output.weight"))
+    _raises(tmp_path, str(tmp_path / "consolidated.00.pth"), "'output.weight'", '"tie_embeddings": true')
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "tie_embeddings": True}))
     ckpt = Checkpoint(tmp_path)
     assert ckpt.args.tie_embeddings
     weights.pop("output.weight")
