@@ -63,7 +63,7 @@ def _load(args):
     from model import distributed
     from model.llama import Llama
 
-    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    ckpt = args.ckpt if args.ckpt else default_checkpoint()  # a folder, a .gguf file or a hub name
     device = torch.device(args.device) if args.device else None
     if device is not None and device.index is not None and distributed.current().enabled:
         raise CliError(f"--device {args.device}: under torchrun each rank uses GPU LOCAL_RANK; pass --device cuda")
@@ -136,18 +136,17 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from model import distributed
-    from model.tokenizer import ChatFormat, StreamDecoder
+    from model.hf_tokenizer import chat_format
+    from model.tokenizer import StreamDecoder
 
     tp = distributed.init_from_env()
     llm = _load(args)
-    fmt = ChatFormat(llm.tokenizer)
+    fmt = chat_format(llm.tokenizer)  # Meta's Llama-3 format, or the checkpoint's own chat template
     tok = llm.tokenizer
     if tp.rank != 0:  # rank 0 reads stdin and prints; the others follow its lines
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     interactive = sys.stdin.isatty() and tp.rank == 0
-    pending: list[int] = [tok.bos_id]  # tokens to feed before the next answer
-    if args.system:
-        pending += fmt.encode_message({"role": "system", "content": args.system})
+    pending: list[int] = fmt.encode_start(args.system)  # tokens to feed before the next answer: BOS, system turn
     pos = 0  # tokens already in the KV cache
     while True:
         if interactive:
@@ -185,7 +184,7 @@ def cmd_chat(args) -> int:
         # Stopped on a stop token: all kept tokens are cached. Stopped on length: the last one is not.
         unfed = kept[-1:] if out.stop_reasons[0] == "max_new_tokens" else []
         pos += len(prompt) + len(kept) - len(unfed)
-        pending = unfed + [tok.eot_id]
+        pending = unfed + fmt.end_of_turn()
     return 0
 
 
@@ -213,14 +212,18 @@ def cmd_explain(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from model.checkpoint import Checkpoint
+    from model.sources import open_checkpoint, open_tokenizer
 
-    ckpt = Checkpoint(Path(args.ckpt) if args.ckpt else default_checkpoint())
+    ckpt = open_checkpoint(args.ckpt if args.ckpt else default_checkpoint())
     a = ckpt.args
     dtype = getattr(torch, DTYPES[args.dtype or "bf16"])
     size = torch.empty((), dtype=dtype).element_size()
     n = a.num_parameters()
     print(f"checkpoint: {ckpt.dir} ({ckpt.layout} layout, {len(ckpt.files)} weight file(s))")
+    if ckpt.layout == "gguf":
+        print(f"  format: {ckpt.describe()} (dequantized to the model's dtype when loaded)")
+    tok = open_tokenizer(ckpt)
+    print(f"  tokenizer: {tok.describe() if hasattr(tok, 'describe') else f'Llama-3 tiktoken from {tok.path}'}")
     for k, v in a.to_dict().items():
         print(f"  {k}: {v}")
     print(f"  head_dim: {a.head_dim}  (GQA: {a.n_rep} query heads per k/v head)")
@@ -279,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--ckpt", help="checkpoint folder (Meta or Hugging Face layout); default: embedded tiny model")
+    model.add_argument(
+        "--ckpt",
+        help="checkpoint: a folder (Meta or Hugging Face layout), a .gguf file, or a Hugging Face hub name "
+        "(org/name, org/name/FILE.gguf); default: embedded tiny model",
+    )
     model.add_argument(
         "--backend", choices=["triton", "torch"], help="kernels to run (default: triton on CUDA, else torch)"
     )
@@ -314,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for explain.html (self-contained) and its PNGs (needs matplotlib)")
     e.set_defaults(func=cmd_explain)
     i = sub.add_parser("info", parents=[common], help="config, parameter count, weight and KV-cache bytes")
-    i.add_argument("--ckpt", help="checkpoint folder; default: embedded tiny model")
+    i.add_argument("--ckpt", help="checkpoint folder, .gguf file or hub name; default: embedded tiny model")
     i.add_argument("--dtype", choices=list(DTYPES), help="dtype for the byte counts (default bf16)")
     i.add_argument("--tp", type=_positive_int, default=1, help="also show per-rank bytes for N-way tensor parallel")
     i.set_defaults(func=cmd_info)
