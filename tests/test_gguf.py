@@ -9,6 +9,7 @@ The real-model tests are skipped, with the reason printed, when the wheel is abs
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -349,20 +350,22 @@ def test_explain_works_on_smollm2(smol, tmp_path):
 
 
 @needs_smol
-def test_cli_generate_and_info_on_smollm2():
-    env_cmd = [sys.executable, "-m", "model.cli"]
-    info = subprocess.run([*env_cmd, "info", "--ckpt", str(SMOL)], capture_output=True, text=True, timeout=300)
+def test_cli_generate_and_info_on_smollm2(tmp_path):
+    """The README's first command: with the wheel installed, `generate` without --ckpt runs SmolLM2."""
+    cmd, env = [sys.executable, "-m", "model.cli"], {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    info = subprocess.run([*cmd, "info", "--ckpt", str(SMOL)], capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
     assert "gguf layout" in info.stdout and "Q4_1 x210" in info.stdout and "pre-tokenizer 'smollm'" in info.stdout
     gen = subprocess.run(
-        [*env_cmd, "generate", "--ckpt", str(SMOL), "--prompt", "The capital of France is", "--temperature", "0"]
-        + ["--max-new-tokens", "3"],
+        [*cmd, "generate", "--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "3"],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith(" Paris"), gen.stdout
+    assert "tiny random" not in gen.stderr and not any(tmp_path.iterdir())  # no tiny checkpoint was written
 
 
 # ---- bad files: one line each ----------------------------------------------------------------------
