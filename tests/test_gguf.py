@@ -67,6 +67,7 @@ def write_tiny_gguf(
     drop: str | None = None,
     reshape: dict[str, tuple[int, int]] | None = None,
     vocab_size: int | None = None,
+    rope_freqs: np.ndarray | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """A random Llama GGUF with a byte-level BPE tokenizer of 256 bytes + 4 merges + 3 specials (263 tokens).
@@ -98,7 +99,7 @@ def write_tiny_gguf(
     w = gguf.GGUFWriter(str(path), arch)
     a = arch
     w.add_uint32(f"{a}.block_count", n_layers)
-    w.add_uint32(f"{a}.context_length", 256)
+    w.add_uint32(f"{a}.context_length", 256 if rope_freqs is None else 131072)
     w.add_uint32(f"{a}.embedding_length", dim)
     w.add_uint32(f"{a}.feed_forward_length", hidden)
     w.add_uint32(f"{a}.attention.head_count", n_heads)
@@ -145,6 +146,8 @@ def write_tiny_gguf(
             data = gguf.quants.quantize(x, qt)
         w.add_tensor(name, data, raw_dtype=None if qt in (Q.F32, Q.F16) else qt)
         values[name] = gguf.quants.dequantize(data, qt).reshape(shape) if qt != Q.F16 else x.astype(np.float16)
+    if rope_freqs is not None:  # Llama 3.1+ RoPE scaling, the way llama.cpp's converter stores it
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -205,6 +208,37 @@ def test_tiny_gguf_loads_and_runs_like_the_same_weights_in_transformers(tmp_path
     torch.testing.assert_close(llm.forward(tokens, 0), ref, atol=1e-4, rtol=1e-4)
 
 
+def _llama3_freqs(head_dim: int, theta: float, factor: float) -> np.ndarray:
+    from kernels import reference
+    from model.config import _llama3_scaling
+
+    plain = reference.rope_inv_freq(head_dim, theta, None).double()
+    return (plain / reference.rope_inv_freq(head_dim, theta, _llama3_scaling(factor)).double()).numpy()
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama31_rope_scaling_is_read_from_rope_freqs(tmp_path, factor):
+    from model.config import _llama3_scaling
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, rope_freqs=_llama3_freqs(64, 10000.0, factor), tied=False)
+    ck = GGUFCheckpoint(path)
+    assert ck.args.rope_scaling == _llama3_scaling(factor)
+    llm = Llama.load(path, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=256)
+    tokens = torch.randint(0, 263, (1, 200), generator=torch.Generator().manual_seed(1))  # long: low freqs matter
+    with torch.no_grad():
+        ref = _transformers_model(ck)(tokens).logits.float()
+    torch.testing.assert_close(llm.forward(tokens, 0), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_rope_freqs_are_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, rope_freqs=np.linspace(1, 3, 32))
+    with pytest.raises(CheckpointError, match=r"rope_freqs.weight is not Llama 3's RoPE scaling") as e:
+        GGUFCheckpoint(path)
+    assert "\n" not in str(e.value)
+
+
 # ---- the real model -------------------------------------------------------------------------------
 
 
@@ -214,7 +248,9 @@ def _transformers_model(ck: GGUFCheckpoint):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = ck.args
+    rope = {"rope_scaling": {"rope_type": "llama3", **a.rope_scaling}} if a.rope_scaling else {}
     cfg = LlamaConfig(
+        **rope,
         hidden_size=a.dim,
         intermediate_size=a.hidden_dim,
         num_hidden_layers=a.n_layers,
