@@ -382,6 +382,7 @@ def test_explain_works_on_smollm2(smol, tmp_path):
     assert ex.model_logits_diff < 1e-4 and llm.tokenizer.decode([ex.chosen]) == " Paris"
     report = text.getvalue()
     assert "vocab 49152" in report and "' Paris'" in report, report[-2000:]
+    assert "Hugging Face BPE (model/hf_tokenizer.py) -> 5 ids (this model's prompts take no BOS)" in report
     assert (tmp_path / "explain.html").stat().st_size > 10_000
 
 
