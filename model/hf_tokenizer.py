@@ -26,7 +26,15 @@ from typing import Any
 from model.tokenizer import ChatFormat, Tokenizer, TokenizerError
 
 # Token texts that end a turn in the common chat formats (llama.cpp treats the same ones as end-of-generation).
-END_OF_TURN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "<|endoftext|>")
+END_OF_TURN_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|eom_id|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+)
 
 # GGUF's tokenizer.ggml.pre names -> how Hugging Face splits text before byte-level BPE.
 LLAMA3_SPLIT = (

@@ -67,18 +67,29 @@ def write_tiny_gguf(
     drop: str | None = None,
     reshape: dict[str, tuple[int, int]] | None = None,
     vocab_size: int | None = None,
+    tokenizer: dict | None = None,
     rope_freqs: np.ndarray | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """A random Llama GGUF with a byte-level BPE tokenizer of 256 bytes + 4 merges + 3 specials (263 tokens).
+    """A random Llama GGUF with a byte-level BPE tokenizer of 256 bytes + 4 merges + 3 specials (263 tokens), or the
+    ``tokenizer`` given (tokens, types, merges, pre, bos, eos, add_bos).
 
     ``types`` maps a GGUF tensor kind ('attn_q', 'token_embd', ...) to its storage type (default F32). Returns the
     values the file holds per GGUF name, as fp32 (what a correct reader must give back)."""
     rng = np.random.default_rng(seed)
     types = types or {}
     tokens = _byte_tokens() + ["ĠĠ", "ĠĠĠĠ", "in", "Ġt", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    merges = ["Ġ Ġ", "ĠĠ ĠĠ", "i n", "Ġ t"]
     n_vocab = len(tokens)
+    tok = {
+        "tokens": tokens,
+        "types": [1] * (n_vocab - 3) + [3, 3, 3],
+        "merges": ["Ġ Ġ", "ĠĠ ĠĠ", "i n", "Ġ t"],
+        "pre": "default",
+        "bos": n_vocab - 2,
+        "eos": n_vocab - 3,
+        "add_bos": False,
+    } | (tokenizer or {})
+    n_vocab = len(tok["tokens"])
     hd = dim // n_heads
     shapes = {"token_embd.weight": (n_vocab, dim), "output_norm.weight": (dim,)}
     if not tied:
@@ -108,12 +119,13 @@ def write_tiny_gguf(
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_uint32(f"{a}.vocab_size", vocab_size or n_vocab)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (n_vocab - 3) + [3, 3, 3])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(n_vocab - 2)
-    w.add_eos_token_id(n_vocab - 3)
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    w.add_add_bos_token(tok["add_bos"])
     w.add_chat_template(
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

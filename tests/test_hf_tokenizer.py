@@ -201,6 +201,49 @@ def test_stream_decoder_skips_specials_and_never_splits_a_character(folder):
     assert tok.piece(tok.vocab["Ġthe"]) == " the"
 
 
+@pytest.fixture(scope="module")
+def llama3_gguf(tmp_path_factory) -> Path:
+    """A tiny model whose GGUF holds Llama-3's real vocabulary the way llama.cpp writes it (pre-tokenizer
+    'llama-bpe'), converted from the tiktoken file by transformers' TikTokenConverter (not our code)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from model.tokenizer import PAT_STR, SPECIAL_TOKENS, default_tokenizer_path
+    from tests.test_gguf import write_tiny_gguf
+
+    model = json.loads(
+        TikTokenConverter(vocab_file=str(default_tokenizer_path()), pattern=PAT_STR).converted().to_str()
+    )
+    vocab = model["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get) + SPECIAL_TOKENS
+    assert len(tokens) == 128256 and vocab[tokens[-257]] == 127999
+    tokenizer = {
+        "tokens": tokens,
+        "types": [1] * 128000 + [3] * 256,
+        "merges": [" ".join(m) for m in model["model"]["merges"]],
+        "pre": "llama-bpe",
+        "bos": 128000,
+        "eos": 128009,
+        "add_bos": True,
+    }
+    path = tmp_path_factory.mktemp("llama3") / "llama3-vocab.gguf"
+    write_tiny_gguf(path, dim=64, n_layers=1, n_heads=1, n_kv_heads=1, hidden=64, tokenizer=tokenizer)
+    return path
+
+
+def test_llama3_gguf_tokenizer_equals_tiktoken(llama3_gguf):
+    """Llama 3.x GGUF files carry the vocabulary as a token list: it must encode exactly like the tiktoken file."""
+    llm = Llama.load(llama3_gguf, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=16)
+    tok, ref = llm.tokenizer, Tokenizer()
+    assert isinstance(tok, HFTokenizer) and tok.n_words == ref.n_words == 128256
+    texts = [*TEXTS, "def f(x):\n    return x**2  # 3.14159265\n\n\n\tok", "I'M sure they'll've DON'T", " " * 40 + "x"]
+    for text in texts:
+        assert tok.encode(text, bos=True) == ref.encode(text, bos=True), text
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("<|eot_id|>", allow_special=True) == [128009]
+    assert tok.stop_tokens == [128001, 128008, 128009] and tok.eot_id == 128009
+    assert [tok.piece(i) for i in ref.encode(" héllo")] == [ref.piece(i) for i in ref.encode(" héllo")]
+
+
 # ---- the real SmolLM2 tokenizer, from the GGUF file --------------------------------------------------
 
 
