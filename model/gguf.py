@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.checkpoint import META_SPLIT_DIM, CheckpointError, _kind, _part_shape, expected_shapes
-from model.config import ConfigError, ModelArgs, _check, _llama3_scaling
+# Only public names of checkpoint.py/config.py: both are being reworked, and this module should not care how.
+from model.checkpoint import META_SPLIT_DIM, CheckpointError, check_tensor_parallel, expected_shapes
+from model.config import ConfigError, ModelArgs
 
 GGUF_MAGIC = b"GGUF"
 
@@ -81,6 +82,12 @@ def _meta_name(gguf_name: str) -> str | None:
     if m and m.group(2) in _BLOCK:
         return f"layers.{m.group(1)}.{_BLOCK[m.group(2)]}.weight"
     return None
+
+
+def _rank_shape(name: str, shape: tuple[int, ...], world: int) -> tuple[int, ...]:
+    """A tensor-parallel rank's share of a weight: split dim divided by ``world`` (see META_SPLIT_DIM)."""
+    split = META_SPLIT_DIM[name.rsplit(".", 2)[-2]]
+    return shape if split is None else tuple(s // world if d == split else s for d, s in enumerate(shape))
 
 
 def _first_line(e: BaseException) -> str:
@@ -152,13 +159,11 @@ class GGUFCheckpoint:
                 )
         self.shapes = full
         if part is not None:
-            from model.checkpoint import check_tensor_parallel
-
             rank, world = part
             check_tensor_parallel(args, world, self.path)
             if not 0 <= rank < world:
                 raise CheckpointError(f"tensor-parallel rank {rank} is outside [0, {world})")
-            self.shapes = {n: _part_shape(n, s, world) for n, s in full.items()}
+            self.shapes = {n: _rank_shape(n, s, world) for n, s in full.items()}
 
     # ---- metadata -----------------------------------------------------------------------------------
     def _read_metadata(self) -> dict[str, Any]:
@@ -235,7 +240,11 @@ class GGUFCheckpoint:
             tie_embeddings=tied,
             max_position_embeddings=ctx,
         )
-        args = _check(args, self.path)
+        if dim % n_heads or n_heads % n_kv or head_dim % 2:
+            raise ConfigError(
+                f"{self.path}: embedding_length {dim}, head_count {n_heads}, head_count_kv {n_kv}: need whole, even "
+                "heads and a whole number of query heads per k/v head"
+            )
         freqs = next((t for t in self.reader.tensors if t.name == ROPE_FREQS), None)
         if freqs is not None:
             args = replace(args, rope_scaling=self._llama3_scaling_from(freqs, args))
@@ -251,7 +260,12 @@ class GGUFCheckpoint:
         original = int(self.metadata.get("llama.rope.scaling.original_context_length") or 8192)
         plain = reference.rope_inv_freq(args.head_dim, args.rope_theta, None).double()
         for factor in sorted({float(got.max()), 8.0, 32.0, 16.0, 4.0, 2.0}):
-            scaling = _llama3_scaling(factor, 1.0, 4.0, original)
+            scaling = {
+                "factor": factor,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": original,
+            }
             want = plain / reference.rope_inv_freq(args.head_dim, args.rope_theta, scaling).double()
             if torch.allclose(got, want, rtol=1e-4, atol=1e-6):
                 return scaling
@@ -296,7 +310,7 @@ class GGUFCheckpoint:
             a = a.copy()
         w = torch.from_numpy(a)
         if self.part is not None:
-            split = META_SPLIT_DIM[_kind(name)]
+            split = META_SPLIT_DIM[name.rsplit(".", 2)[-2]]
             if split is not None:
                 rank, world = self.part
                 n = w.shape[split] // world

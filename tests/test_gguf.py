@@ -205,6 +205,22 @@ def test_config_comes_from_the_metadata(tmp_path):
     assert GGUFCheckpoint(tmp_path / "t.gguf").args.tie_embeddings is True
 
 
+def test_tensor_parallel_ranks_read_their_slices(tmp_path):
+    path = tmp_path / "m.gguf"
+    rows = {"token_embd.weight": (264, 256), "output.weight": (264, 256)}  # an even vocabulary splits in 2
+    write_tiny_gguf(path, types={"attn_q": Q.Q8_0, "ffn_down": Q.Q4_0}, tied=False, vocab_size=264, reshape=rows)
+    full = GGUFCheckpoint(path)
+    for rank in range(2):
+        part = GGUFCheckpoint(path, part=(rank, 2))
+        for name, dim in [("layers.0.attention.wq.weight", 0), ("layers.1.feed_forward.w2.weight", 1)]:
+            w = full.tensor(name)
+            assert torch.equal(part.tensor(name), w.chunk(2, dim=dim)[rank]), (name, rank)
+        assert torch.equal(part.tensor("norm.weight"), full.tensor("norm.weight"))
+        assert torch.equal(part.tensor("output.weight"), full.tensor("output.weight")[132 * rank : 132 * (rank + 1)])
+    with pytest.raises(CheckpointError, match="must divide the 2 key/value heads"):
+        GGUFCheckpoint(path, part=(0, 4))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_tiny_gguf_loads_and_runs_like_the_same_weights_in_transformers(tmp_path, backend):
     path = tmp_path / "m.gguf"
