@@ -364,11 +364,15 @@ def test_smollm2_fp32_logits_equal_transformers_triton_backend(smol):
     tokens = torch.tensor([llm.tokenizer.encode("The capital of France is")])  # short: the interpreter is slow
     with torch.no_grad():
         ref = hf(tokens).logits.float()
-    llm.use(backend="triton")
-    try:
-        ours = llm.forward(tokens, 0)
-    finally:
-        llm.use(backend="torch")
+    if torch.cuda.is_available():  # compiled kernels; the CPU model cannot switch to them
+        gpu = Llama.load(SMOL, backend="triton", device="cuda", dtype=torch.float32, max_seq_len=96)
+        ours = gpu.forward(tokens.cuda(), 0).cpu()
+    else:  # Triton's interpreter
+        llm.use(backend="triton")
+        try:
+            ours = llm.forward(tokens, 0)
+        finally:
+            llm.use(backend="torch")
     err = (ours - ref).abs().max().item()
     assert err < 1e-4, f"max |ours (triton) - transformers| = {err:.3g}"
 
@@ -385,6 +389,23 @@ def test_smollm2_greedy_32_tokens_equal_transformers(smol):
             0, len(ids) :
         ].tolist()
     assert len(ref) == 32 and out.tokens[0] == ref, (llm.tokenizer.decode(out.tokens[0]), llm.tokenizer.decode(ref))
+
+
+@needs_smol
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: compiled Triton kernels on SmolLM2 need CUDA")
+def test_smollm2_compiled_on_the_gpu_gives_the_cpus_greedy_text(smol):
+    """The GPU check: the real model with compiled kernels (and the CUDA-graph decode step) in fp32 greedily
+    writes the same 32 tokens as the CPU's torch backend."""
+    from model.hf_tokenizer import chat_format
+
+    llm, _ = smol
+    ids = chat_format(llm.tokenizer).encode_dialog_prompt([{"role": "user", "content": "Write a haiku about rain."}])
+    cpu = llm.generate([ids], max_new_tokens=32, temperature=0, stop_tokens=[]).tokens[0]
+    gpu = Llama.load(SMOL, backend="triton", device="cuda", dtype=torch.float32, max_seq_len=96)
+    out = gpu.generate([ids], max_new_tokens=32, temperature=0, stop_tokens=[])
+    assert gpu.has_decode_graph(1)
+    assert out.tokens[0] == cpu, (gpu.tokenizer.decode(out.tokens[0]), llm.tokenizer.decode(cpu))
 
 
 @needs_smol
