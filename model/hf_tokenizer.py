@@ -139,7 +139,9 @@ class HFTokenizer:
 
 
 def _is_byte_level(tk: Any) -> bool:
-    decoder = json.loads(tk.to_str()).get("decoder") or {}
+    decoder = (
+        json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else {}
+    )  # the decoder alone, not 1e5 merges
     kinds = (
         [d.get("type") for d in decoder.get("decoders", [])]
         if decoder.get("type") == "Sequence"
