@@ -20,7 +20,15 @@ def open_checkpoint(spec: str | os.PathLike, part: tuple[int, int] | None = None
     path = resolve(spec)
     if is_gguf(path):
         return GGUFCheckpoint(path, part=part)
-    return Checkpoint(path, part=part)
+    try:
+        return Checkpoint(path, part=part)
+    except CheckpointError as e:
+        if path != Path(spec) and "no checkpoint found" in str(e):  # a hub snapshot without config/params
+            raise CheckpointError(
+                f"{spec}: the hub repo has no Meta or Hugging Face weights; for a GGUF repo name the file, "
+                f"e.g. {spec}/MODEL.Q4_K_M.gguf"
+            ) from None
+        raise
 
 
 def resolve(spec: str | os.PathLike) -> Path:

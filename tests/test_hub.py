@@ -67,6 +67,13 @@ def test_hub_gguf_file_loads_from_the_cache(offline):
     assert llm.checkpoint_format == "gguf" and llm.args.n_layers == 2
 
 
+def test_a_gguf_repo_named_without_its_file_gets_a_hint(offline):
+    with pytest.raises(
+        CheckpointError, match=r"^org/tiny-GGUF: the hub repo has no Meta or Hugging Face weights; for a GGUF"
+    ):
+        Llama.load("org/tiny-GGUF", backend="torch", device="cpu")
+
+
 def test_not_in_the_cache_offline_is_one_line(offline):
     with pytest.raises(CheckpointError) as e:
         Llama.load("meta-llama/Llama-3.2-1B-Instruct", backend="torch", device="cpu")
