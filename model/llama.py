@@ -44,6 +44,7 @@ from model import distributed
 from model.checkpoint import Checkpoint, CheckpointError
 from model.config import ModelArgs
 from model.distributed import TensorParallel
+from model.sources import open_checkpoint, open_tokenizer
 from model.tokenizer import Tokenizer
 
 
@@ -222,7 +223,8 @@ class Llama(nn.Module):
         # Pick (and import) the kernels first: @triton.jit reads TRITON_INTERPRET at import time, and the
         # meta-device model construction below would otherwise import triton.language un-interpreted.
         select_ops(backend, device)
-        ckpt = Checkpoint(ckpt_dir, part=(tp.rank, tp.world) if tp.enabled else None)
+        # A folder (Meta/HF), a .gguf file or a hub name; model/sources.py decides which.
+        ckpt = open_checkpoint(ckpt_dir, part=(tp.rank, tp.world) if tp.enabled else None)
         args = ckpt.args
         max_seq_len = min(args.max_position_embeddings, 8192) if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= args.max_position_embeddings:
@@ -238,10 +240,9 @@ class Llama(nn.Module):
         model.eval().requires_grad_(False)
         model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
         model.setup_cache(max_batch_size, max_seq_len)
-        tok_path = ckpt.tokenizer_path
-        # None -> the copy shipped in llama-models; either must have exactly the model's vocabulary.
-        model.tokenizer = Tokenizer(tok_path, vocab_size=args.vocab_size)
-        model.checkpoint_dir = Path(ckpt_dir)
+        model.tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
+        model.checkpoint_dir = Path(ckpt.dir)
+        model.checkpoint_format = ckpt.layout
         return model
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:

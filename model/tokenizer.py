@@ -204,7 +204,11 @@ class StreamDecoder:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token_id: int) -> str:
-        if self.skip_special and token_id >= self.tokenizer.n_words - NUM_RESERVED_SPECIAL_TOKENS:
+        is_special = getattr(self.tokenizer, "is_special", None)  # Hugging Face tokenizers (model/hf_tokenizer.py)
+        special = (
+            is_special(token_id) if is_special else token_id >= self.tokenizer.n_words - NUM_RESERVED_SPECIAL_TOKENS
+        )
+        if self.skip_special and special:
             return ""
         return self._decoder.decode(self.tokenizer.token_bytes(token_id))
 

