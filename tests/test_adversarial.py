@@ -21,14 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    random_weights,
-    tiny_args,
-    write_hf_checkpoint,
-    write_meta_checkpoint,
-)
+from model.checkpoint import Checkpoint, CheckpointError
+from model.tiny import random_weights, tiny_args, write_hf_checkpoint, write_meta_checkpoint
 from model.tokenizer import default_tokenizer_path
 
 _SMALL = {"dim": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32}
@@ -325,8 +319,8 @@ def test_tokenizer_must_match_the_model_vocabulary(tmp_path, n_base):
 
 
 def test_load_refuses_a_checkpoint_whose_tokenizer_shifts_the_special_ids(tmp_path):
-    from model.checkpoint import make_tiny
     from model.llama import Llama
+    from model.tiny import make_tiny
     from model.tokenizer import TokenizerError
 
     ckpt = make_tiny(tmp_path / "ckpt", dim=64, n_layers=1)
@@ -350,7 +344,7 @@ def test_fifo_in_place_of_the_tokenizer_does_not_hang(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from model.checkpoint import make_tiny
+    from model.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("adv") / "tiny", dim=64, n_layers=1, seed=4, dtype=torch.float32)
 
@@ -572,7 +566,7 @@ def _modes(root: Path) -> set[tuple[str, int]]:
     ("mask", "want"), [(0o022, {("dir", 0o755), ("file", 0o644)}), (0o077, {("dir", 0o700), ("file", 0o600)})]
 )
 def test_make_tiny_files_have_the_usual_modes(tmp_path, mask, want):
-    from model.checkpoint import make_tiny
+    from model.tiny import make_tiny
 
     old = os.umask(mask)
     try:
@@ -662,7 +656,7 @@ def _default_ckpt_in_subprocess(cache: Path) -> subprocess.Popen:
 
 
 def test_two_concurrent_first_runs_both_succeed(tmp_path):
-    from model.checkpoint import MANIFEST
+    from model.tiny import MANIFEST
 
     procs = [_default_ckpt_in_subprocess(tmp_path) for _ in range(2)]
     results = [(p.communicate(timeout=600), p.returncode) for p in procs]
@@ -712,8 +706,8 @@ def test_a_killed_first_runs_temporary_folder_is_removed_later(cached_default, t
 
 @pytest.mark.parametrize("damage", ["truncated shard", "flipped byte", "no tokenizer", "empty folder", "no manifest"])
 def test_a_damaged_cached_default_is_rebuilt(cached_default, tmp_path, monkeypatch, capsys, damage):
-    from model.checkpoint import MANIFEST
     from model.cli import default_checkpoint, main
+    from model.tiny import MANIFEST
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     target = tmp_path / "llama3-triton" / "tiny-seed0-v1"
@@ -788,7 +782,7 @@ def test_tensor_parallel_load_agreement(tmp_path, mode):
 
 def test_torchrun_rank_whose_shard_is_a_fifo_stops_the_run_at_once(tmp_path):
     from benchmarks.tp import free_port
-    from model.checkpoint import make_tiny
+    from model.tiny import make_tiny
 
     ckpt = make_tiny(tmp_path / "ckpt", dim=128, n_heads=2, n_kv_heads=2, n_layers=1, shards=2, seed=2)
     (ckpt / "consolidated.01.pth").unlink()
@@ -835,7 +829,7 @@ def test_tokenizer_linked_from_outside_the_folder_is_refused(tmp_path):
 
 
 def test_make_tiny_removes_the_temporary_folder_of_a_killed_run(tmp_path):
-    from model.checkpoint import make_tiny
+    from model.tiny import make_tiny
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = tmp_path / f".t.tmp-{int(dead.stdout)}-abc"

@@ -243,7 +243,7 @@ def test_tokenizer_throughput(benchmark):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from model.checkpoint import make_tiny
+    from model.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("bench-ckpt") / "tiny", seed=5)
 

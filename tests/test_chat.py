@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from model.checkpoint import make_tiny
 from model.cli import main
 from model.generate import ChatSession, ContextFull, generate
 from model.llama import Llama
+from model.tiny import make_tiny
 from model.tokenizer import ChatFormat
 
 

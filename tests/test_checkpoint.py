@@ -24,14 +24,10 @@ from model.checkpoint import (
     CheckpointError,
     expected_shapes,
     find_layout,
-    make_tiny,
     permute_for_rotate_half,
-    random_weights,
-    tiny_args,
     unpermute_from_rotate_half,
-    write_hf_checkpoint,
-    write_meta_checkpoint,
 )
+from model.tiny import make_tiny, random_weights, tiny_args, write_hf_checkpoint, write_meta_checkpoint
 from model.tokenizer import default_tokenizer_path
 
 # ---- round trips through make_tiny --------------------------------------------------------------------------

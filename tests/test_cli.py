@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from model.checkpoint import make_tiny
 from model.cli import main
+from model.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 
-from model.checkpoint import tiny_args
 from model.config import (
     ConfigError,
     ModelArgs,
@@ -24,6 +23,7 @@ from model.config import (
     to_hf_config,
     to_meta_params,
 )
+from model.tiny import tiny_args
 
 _BASE = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0}
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import make_tiny
 from model.cli import main
 from model.explain import DEFAULT_PROMPT, explain
 from model.llama import Llama
+from model.tiny import make_tiny
 from tests.tolerances import TOLERANCES, assert_close
 
 KERNEL_OPS = {"rms_norm", "add_rms_norm", "rope_write_cache", "attention", "swiglu"}

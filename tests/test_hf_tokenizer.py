@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import make_tiny, random_weights, tiny_args, write_hf_checkpoint
 from model.hf_tokenizer import HFTokenizer, Llama3ChatFormat, TemplateChatFormat, chat_format, from_tokenizer_json
 from model.llama import Llama
+from model.tiny import make_tiny, random_weights, tiny_args, write_hf_checkpoint
 from model.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from tests.test_gguf import SMOL, needs_smol
 

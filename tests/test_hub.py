@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, make_tiny
+from model.checkpoint import CheckpointError
 from model.hub import cache_dir, is_hub_name
 from model.llama import Llama
 from model.sources import resolve
+from model.tiny import make_tiny
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

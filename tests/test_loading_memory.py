@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import make_tiny
+from model.tiny import make_tiny
 
 # Writes and loads a checkpoint large enough to measure peak memory: ~15 s a case.
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.checkpoint import make_tiny
 from model.llama import Llama
+from model.tiny import make_tiny
 from tests.tolerances import INTERPRET, TOLERANCES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

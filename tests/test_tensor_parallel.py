@@ -13,8 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.tp import free_port
-from model.checkpoint import Checkpoint, CheckpointError, make_tiny
+from model.checkpoint import Checkpoint, CheckpointError
 from model.llama import Llama
+from model.tiny import make_tiny
 from tests.tolerances import TOLERANCES
 from tests.tp_worker import run_rank
 
