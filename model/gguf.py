@@ -143,6 +143,14 @@ class GGUFCheckpoint:
         self.args = args
         if unknown:
             raise CheckpointError(f"{self.path}: unexpected tensor {unknown[0]!r} for a {args.n_layers}-layer Llama")
+        # The layer count from the metadata is checked against the blocks the file holds (bounded by its size)
+        # before anything is built per layer: a small file claiming a billion layers is refused at once.
+        blocks = {int(m.group(1)) for n in self._tensors if (m := re.match(r"layers\.(\d+)\.", n))}
+        if args.n_layers != len(blocks) or blocks != set(range(len(blocks))):
+            raise CheckpointError(
+                f"{self.path}: GGUF metadata says {args.n_layers} layers (block_count), the file holds the tensors "
+                f"of {len(blocks)}"
+            )
         full = expected_shapes(args, with_output=not tied)
         missing = [n for n in full if n not in self._tensors]
         if missing:

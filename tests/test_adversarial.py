@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -837,3 +838,80 @@ def test_make_tiny_removes_the_temporary_folder_of_a_killed_run(tmp_path):
     (leftover / "consolidated.00.pth").write_bytes(b"half")
     make_tiny(tmp_path / "t", dim=64, n_layers=1)
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
+
+
+# ---- GGUF files (model/gguf.py): the same one-line errors -------------------------------------------------------
+
+
+def _bad_gguf(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / f"{case}.gguf"
+    if case == "magic":
+        path.write_bytes(b"GGML" + bytes(60))
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated-header":
+        _gguf().write_tiny_gguf(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "truncated-data":
+        _gguf().write_tiny_gguf(path)
+        path.write_bytes(path.read_bytes()[:-4096])
+    elif case == "arch":
+        _gguf().write_tiny_gguf(path, arch="qwen2")
+    elif case == "missing":
+        _gguf().write_tiny_gguf(path, drop="blk.1.ffn_up.weight")
+    elif case == "shape":
+        _gguf().write_tiny_gguf(path, reshape={"blk.0.attn_k.weight": (64, 256)})
+    elif case == "directory":
+        path.mkdir()
+    elif case == "fifo":  # would block a reader for ever
+        os.mkfifo(path)
+    elif case == "layers":  # a small file claiming a billion layers: refused by its real size, in bounded time
+        _gguf().write_tiny_gguf(path, block_count=1_000_000_000)
+    return path
+
+
+BAD_GGUF = {
+    "magic": r"not a GGUF file \(starts with b'GGML'",
+    "empty": r"not a GGUF file \(starts with b''",
+    "truncated-header": r"not a readable GGUF file, truncated or corrupt",
+    "truncated-data": r"not a readable GGUF file, truncated or corrupt",
+    "arch": r"GGUF architecture is 'qwen2', this project runs 'llama' models",
+    "missing": r"missing tensor 'layers\.1\.feed_forward\.w3\.weight' \(1 missing in all\)",
+    "shape": r"tensor blk\.0\.attn_k\.weight has shape \(64, 256\), the config implies \(128, 256\)",
+    "directory": r"not a file",
+    "fifo": r"not a file \(a GGUF checkpoint is one .gguf file\)",  # refused before any read: no hang
+    "layers": r"GGUF metadata says 1000000000 layers \(block_count\), the file holds the tensors of 2",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GGUF))
+def test_bad_gguf_files_get_one_line(tmp_path, case):
+    path = _bad_gguf(tmp_path, case)
+    with pytest.raises(CheckpointError, match=BAD_GGUF[case]) as e:
+        _gguf().GGUFCheckpoint(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+
+
+@pytest.mark.parametrize("case", ["truncated-data", "arch", "missing"])
+def test_cli_bad_gguf_one_line_exit_1(tmp_path, case):
+    path = _bad_gguf(tmp_path, case)
+    r = subprocess.run(
+        [sys.executable, "-m", "model.cli", "generate", "--ckpt", str(path), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(BAD_GGUF[case], lines[0]), r.stderr
+
+
+def _gguf():
+    """The GGUF test helpers and reader; skipped with the reason when the gguf package is missing."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+    import tests.test_gguf as helpers
+    from model.gguf import GGUFCheckpoint
+
+    helpers.GGUFCheckpoint = GGUFCheckpoint
+    return helpers
