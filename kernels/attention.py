@@ -68,23 +68,21 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def online_softmax_step(
-    acc,  # (M, D) fp32 running unnormalised output
     l_i,  # (M,) fp32 running softmax denominator
     m_i,  # (M,) fp32 running maximum of the scores (log2 units)
     s,  # (M, N) fp32 scores of a new key block, scaled to log2 units, -inf where masked
-    v,  # (N, D) the block's values (fp16/bf16 for the tensor cores; fp32 in tests)
 ):
-    """The flash recurrence, one key block at a time (module docstring): returns the new (acc, l_i, m_i).
+    """The flash recurrence's bookkeeping for one key block (module docstring): returns (p, alpha, l_i, m_i),
+    the block's unnormalised probabilities, the factor that rescales what was accumulated before, and the
+    new running sum and maximum; the caller then does acc = acc * alpha + p @ V_block.
 
-    Shared by this prefill kernel and the split-KV decode kernel (kernels/decode.py). Each row must have seen
-    at least one unmasked key by its first block, so m_new is finite and no row computes exp2(-inf - -inf)."""
+    Shared by this prefill kernel and the split-KV decode kernel (kernels/decode.py). The caller loads the
+    block's values after calling it, so they are not held in registers through the exponentials. Each row must
+    have seen an unmasked key by its first block, so m_new is finite and no row computes exp2(-inf - -inf)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    # P goes into the tensor-core product in v's dtype (fp16/bf16), accumulating in fp32.
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-    return acc, l_i, m_new
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit
@@ -113,18 +111,23 @@ def _attend_blocks(
         key_pos = start_n + offs_n
         if MASKED:
             k = tl.load(k_base + k_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
-            v = tl.load(v_base + v_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
         else:
             k = tl.load(k_base + k_rows + cols)
-            v = tl.load(v_base + v_rows + cols)
         if DOT_FP32:
             k = k.to(tl.float32)
-            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N) fp32
         if MASKED:
             s = tl.where(key_pos[None, :] <= q_pos[:, None], s, float("-inf"))
         # Every row sees key 0 in the first block it visits, so the recurrence's max is finite.
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v)
+        p, alpha, l_i, m_i = online_softmax_step(l_i, m_i, s)
+        if MASKED:
+            v = tl.load(v_base + v_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + v_rows + cols)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        # P goes into the tensor-core product in v's dtype (fp16/bf16), accumulating in fp32.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         # Advance the 64-bit scalar base (never position * stride in int32, which can pass 2^31 at 128k
         # context). A scalar plus loop-invariant (BLOCK_N, 1) and (1, D) offsets, not a (BLOCK_N, D) tile of
         # 64-bit pointers carried through the loop: that tile spilled on sm_90 at 128 x 128, D = 128.

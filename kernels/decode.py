@@ -139,13 +139,15 @@ def _decode_split_kernel(
     for n in range(start, end, BLOCK_N):
         key_ok = n + offs_n < end
         k = tl.load(k_base + k_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + v_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
-            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_G, BLOCK_N) fp32
         s = tl.where(key_ok[None, :], s, float("-inf"))  # each block has >= 1 valid key: the max is finite
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v)  # the recurrence prefill uses, shared
+        p, alpha, l_i, m_i = online_softmax_step(l_i, m_i, s)  # the recurrence prefill uses, shared
+        v = tl.load(v_base + v_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         k_base += BLOCK_N * stride_ks
         v_base += BLOCK_N * stride_vs
 
