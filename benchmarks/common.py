@@ -450,8 +450,11 @@ def measure_ceilings(ctx: Context) -> dict:
     """The device's bandwidth and matrix-product rate, measured now.
 
     Copy: ``dst.copy_(src)`` of N bytes of random bf16 counts N read + N written (2 GiB on a GPU: far past
-    L2, long enough that launch cost vanishes). Matmul: a bf16 8192^3 product of random data (zeros run
-    faster), 2 * 8192^3 FLOPs. On a CPU both are small and fp32: figures for the smoke run's fractions only.
+    L2, long enough that launch cost vanishes). Read: ``src.sum()`` over the same N bytes, which reads them
+    and writes nothing worth counting: a batch-1 decode step mostly reads (weights, the KV cache), so this
+    is the bandwidth its floor is closest to; it is reported beside the copy figure, which the fractions use.
+    Matmul: a bf16 8192^3 product of random data (zeros run faster), 2 * 8192^3 FLOPs. On a CPU all three are
+    small and fp32: figures for the smoke run's fractions only.
     """
     import torch
 
@@ -463,6 +466,7 @@ def measure_ceilings(ctx: Context) -> dict:
     out: dict[str, Any] = {}
     for name, key, measure in (
         ("copy", "gbps", lambda: _copy_ceiling(ctx, copy_bytes)),
+        ("read", "gbps", lambda: _read_ceiling(ctx, copy_bytes)),
         ("matmul", "tflops", lambda: _matmul_ceiling(ctx, n, mm_dtype)),
     ):
         try:
@@ -482,6 +486,15 @@ def _copy_ceiling(ctx: Context, copy_bytes: int) -> dict:
     t, _ = time_call(lambda: dst.copy_(src), ctx, graph=False)
     gbps = 2 * copy_bytes / (t["median_ms"] * 1e-3) / 1e9
     return {"bytes_per_copy": copy_bytes, "bytes_moved": 2 * copy_bytes, **t, "gbps": gbps}
+
+
+def _read_ceiling(ctx: Context, read_bytes: int) -> dict:
+    import torch
+
+    src = torch.empty(read_bytes // 2, dtype=torch.bfloat16, device=ctx.device).normal_()
+    t, _ = time_call(lambda: src.sum(dtype=torch.float32), ctx, graph=False)
+    gbps = read_bytes / (t["median_ms"] * 1e-3) / 1e9
+    return {"bytes_read": read_bytes, **t, "gbps": gbps}
 
 
 def _matmul_ceiling(ctx: Context, n: int, dtype: Any) -> dict:

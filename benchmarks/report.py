@@ -178,6 +178,14 @@ def render_markdown(results: dict) -> str:
             )
         elif cp:
             lines.append(f"| copy bandwidth | error | {cp.get('error')} |")
+        rd = c.get("read", {})
+        if "gbps" in rd:
+            lines.append(
+                f"| read bandwidth | {rd['gbps']:.0f} GB/s | src.sum() over {_bytes(rd['bytes_read'])}, bytes read "
+                f"over the median {fmt_time(rd['median_ms'])} (what a batch-1 decode step mostly does) |"
+            )
+        elif rd:
+            lines.append(f"| read bandwidth | error | {rd.get('error')} |")
         if "tflops" in mm:
             n = mm["shape"][0]
             lines.append(
@@ -508,7 +516,8 @@ def summary_text(results: dict, out: Path, problems: list[str]) -> str:
     else:
         lines.append(
             f"device: {name}   ceilings measured in this run: copy {c.get('copy_gbps', float('nan')):.0f} GB/s, "
-            f"bf16 matmul {c.get('matmul_tflops', float('nan')):.1f} TFLOP/s   ({wall})"
+            f"read {c.get('read_gbps', float('nan')):.0f} GB/s, bf16 matmul {c.get('matmul_tflops', float('nan')):.1f} "
+            f"TFLOP/s   ({wall})"
         )
         for g in results.get("goals") or evaluate_goals(results):
             lines.append(f"  [{g['status']}] {g['goal']}: {g['measured'][:200]}")

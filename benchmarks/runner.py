@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         ctx.log(
             "ceilings: copy "
             + (f"{ctx.ceilings['copy_gbps']:.0f} GB/s" if "copy_gbps" in ctx.ceilings else "failed")
+            + ", read "
+            + (f"{results['ceilings']['read_gbps']:.0f} GB/s" if "read_gbps" in results["ceilings"] else "failed")
             + ", matmul "
             + (f"{ctx.ceilings['matmul_tflops']:.1f} TFLOP/s" if "matmul_tflops" in ctx.ceilings else "failed")
         )

@@ -60,7 +60,8 @@ def test_smoke_json_has_the_expected_keys(smoke):
     assert r["smoke"] is True and r["mode"] == "smoke" and r["errors"] == []
     assert r["device"]["name"] and r["device"]["type"] == ("cuda" if CUDA else "cpu")
     assert {"python", "torch", "triton", "cuda"} <= set(r["versions"])
-    assert r["ceilings"]["copy_gbps"] > 0 and r["ceilings"]["matmul_tflops"] > 0
+    assert r["ceilings"]["copy_gbps"] > 0 and r["ceilings"]["matmul_tflops"] > 0 and r["ceilings"]["read_gbps"] > 0
+    assert r["ceilings"]["read"]["bytes_read"] == r["ceilings"]["copy"]["bytes_per_copy"]
     assert {"median_ms", "p20_ms", "p80_ms", "gbps", "fraction_of_ceiling"} <= set(r["units"])
     assert {rec["kernel"] for rec in r["kernels"]} == KERNELS
     for rec in r["kernels"]:
