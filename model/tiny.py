@@ -117,10 +117,9 @@ def write_meta_checkpoint(
         shutil.copyfile(tokenizer_file, tmp)
 
 
-def write_hf_checkpoint(folder: Path, args: ModelArgs, weights: dict[str, torch.Tensor], shards: int = 1) -> None:
-    """Hugging Face's layout: wq/wk permuted for rotate-half, HF names, optionally sharded with an index."""
-    from safetensors.torch import save_file
-
+def to_hf_state_dict(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta-named weights under Hugging Face's names, wq/wk permuted for rotate-half RoPE (what transformers'
+    LlamaForCausalLM loads)."""
     inverse = {v: k for k, v in HF_NAMES.items()}
     hf: dict[str, torch.Tensor] = {}
     for name, t in weights.items():
@@ -139,6 +138,14 @@ def write_hf_checkpoint(folder: Path, args: ModelArgs, weights: dict[str, torch.
             layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
             hf_name = f"model.layers.{layer}.{inverse[rest]}.weight"
         hf[hf_name] = t.contiguous()
+    return hf
+
+
+def write_hf_checkpoint(folder: Path, args: ModelArgs, weights: dict[str, torch.Tensor], shards: int = 1) -> None:
+    """Hugging Face's layout: wq/wk permuted for rotate-half, HF names, optionally sharded with an index."""
+    from safetensors.torch import save_file
+
+    hf = to_hf_state_dict(args, weights)
     folder.mkdir(parents=True, exist_ok=True)
     config = to_hf_config(args)
     # The dtype the tensors are stored in (Hugging Face's field for it), not a fixed "float32".

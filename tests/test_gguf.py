@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,11 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
 
-from model.checkpoint import HF_NAMES, CheckpointError, permute_for_rotate_half  # noqa: E402
+from model.checkpoint import CheckpointError  # noqa: E402
+from model.config import to_hf_config  # noqa: E402
 from model.gguf import GGUFCheckpoint  # noqa: E402
 from model.llama import Llama  # noqa: E402
+from model.tiny import to_hf_state_dict  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -277,41 +278,11 @@ def _transformers_model(ck: GGUFCheckpoint):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = ck.args
-    rope = {"rope_scaling": {"rope_type": "llama3", **a.rope_scaling}} if a.rope_scaling else {}
-    cfg = LlamaConfig(
-        **rope,
-        hidden_size=a.dim,
-        intermediate_size=a.hidden_dim,
-        num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads,
-        num_key_value_heads=a.n_kv_heads,
-        vocab_size=a.vocab_size,
-        rms_norm_eps=a.norm_eps,
-        rope_theta=a.rope_theta,
-        tie_word_embeddings=a.tie_embeddings,
-        max_position_embeddings=a.max_position_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    # The project's own config and name mapping (model.config, model.tiny; their round trips are tested in
+    # test_checkpoint.py); Llama-3's bos/eos ids do not matter to the logits compared here.
+    cfg = LlamaConfig(**{k: v for k, v in to_hf_config(a).items() if not k.endswith("_token_id")})
     cfg._attn_implementation = "eager"
-    hf_of = {v: k for k, v in HF_NAMES.items()}
-    state = {}
-    for name in ck.names():
-        w = ck.tensor(name)
-        if name == "tok_embeddings.weight":
-            key = "model.embed_tokens.weight"
-        elif name == "norm.weight":
-            key = "model.norm.weight"
-        elif name == "output.weight":
-            key = "lm_head.weight"
-        else:
-            layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
-            key = f"model.layers.{layer}.{hf_of[rest]}.weight"
-            if rest == "attention.wq":
-                w = permute_for_rotate_half(w, a.n_heads)
-            elif rest == "attention.wk":
-                w = permute_for_rotate_half(w, a.n_kv_heads)
-        state[key] = w
+    state = to_hf_state_dict(a, {name: ck.tensor(name) for name in ck.names()})
     model = LlamaForCausalLM(cfg).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
