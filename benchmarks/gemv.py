@@ -39,14 +39,14 @@ def cases(ctx: Context) -> list[Case]:
     return [_case(ctx, model, name, *spec, M) for name, spec in products.items() for M in ctx.sizes("decode_batch")]
 
 
-def _torch_sequence(x, w, res, eps: float | None, swiglu: bool):
+def _torch_sequence(x, w, res, gamma, swiglu: bool, eps: float = 1e-5):
     """The unfused sequence, in the tensors' dtype: what the model does around cuBLAS today."""
     import torch
     import torch.nn.functional as F
 
-    if eps is not None:
+    if gamma is not None:
         xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * gamma.float()).to(x.dtype)
     y = F.linear(x, w)
     if swiglu:
         gate, up = y.chunk(2, dim=-1)
@@ -59,7 +59,7 @@ def _torch_sequence(x, w, res, eps: float | None, swiglu: bool):
 def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: int) -> Case:
     es = element_size(ctx.dtype)
     rows = 2 * N if "swiglu" in fusion else N
-    n_bytes = (rows * K + M * K + M * N * (2 if fusion == "add" else 1)) * es
+    n_bytes = (rows * K + M * K + M * N * (2 if fusion == "add" else 1) + (K if "norm" in fusion else 0)) * es
 
     def setup() -> dict:
         from kernels import gemv
@@ -67,15 +67,15 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
         x = randn((M, K), ctx, seed=M)
         w = randn((rows, K), ctx, seed=N) * K**-0.5
         res = randn((M, N), ctx, seed=K) if fusion == "add" else None
-        eps = 1e-5 if "norm" in fusion else None
+        gamma = randn((K,), ctx, seed=K + 1) if "norm" in fusion else None
         swiglu = "swiglu" in fusion
         impls: dict = {
-            "torch_eager": lambda: _torch_sequence(x, w, res, eps, swiglu),
-            "triton": lambda: gemv.linear(x, w, rms_eps=eps, residual=res, swiglu=swiglu),
+            "torch_eager": lambda: _torch_sequence(x, w, res, gamma, swiglu),
+            "triton": lambda: gemv.linear(x, w, rms_weight=gamma, residual=res, swiglu=swiglu),
         }
         if ctx.compile_peers:
             c = compiled(_torch_sequence, ctx)
-            impls["torch_compile"] = lambda: c(x, w, res, eps, swiglu)
+            impls["torch_compile"] = lambda: c(x, w, res, gamma, swiglu)
         else:
             impls["torch_compile"] = Skip("--no-compile")
         return impls

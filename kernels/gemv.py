@@ -4,14 +4,16 @@ The maths. For x (M, K) with M small (1..8 in batch decode) and a weight W (N, K
 it (a row per output), one of:
 
     y = x @ W.T                                  the plain product
-    y = rms(x) * (x @ W.T)                       NORM: an RMSNorm folded in, rms(x) = 1 / sqrt(mean(x^2) + eps);
-                                                 the norm's gamma is folded into W's columns at load time
+    y = rms(x) * ((x * gamma) @ W.T)             NORM: the RMSNorm before the product folded in,
+                                                 rms(x) = 1 / sqrt(mean(x^2) + eps), gamma the norm's weight
     y = residual + x @ W.T                       ADD: the residual add after wo and w2
     y = silu(x @ W1.T) * (x @ W3.T)              SWIGLU: W = [W1; W3] (2N, K), the fused w1|w3 of the FFN
 
 all accumulated in fp32 and rounded once at the store. Because the norm is linear in its scale, the kernel
-never materialises the normalised x: it sums x^2 while it streams x for the product and scales the (M, N)
-result at the end.
+never materialises the normalised x: it multiplies each chunk of x by the matching chunk of gamma (K values,
+read from L2 by every program: 1/N of the weight bytes) and sums x^2 while it streams x for the product, then
+scales the (M, N) result by rms(x) at the end. The weights stay as the checkpoint has them, so prefill's
+cuBLAS products and the quantized layouts use the same tensors.
 
 Bytes and floor. A GEMV reads every weight once and does 2 FLOPs per weight per row of x: at M = 1 that is
 1 FLOP per byte of bf16, far below any GPU's balance point, so the floor is N * K * 2 bytes / bandwidth.
@@ -48,6 +50,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _gemv_kernel(
     X,  # (M, K) input rows, unit column stride
     W,  # (N, K) weight (SWIGLU: (2N, K), W1 rows then W3 rows), contiguous
+    Gamma,  # (K,) the RMSNorm weight (NORM only)
     Res,  # (M, N) residual (ADD only)
     Out,  # (M, N) output
     M,  # rows of x
@@ -59,7 +62,7 @@ def _gemv_kernel(
     eps,  # RMSNorm epsilon (NORM only)
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # reduction chunk
-    NORM: tl.constexpr,  # scale each row of the result by rms(x row)
+    NORM: tl.constexpr,  # x * gamma in the product, each row of the result scaled by rms(x row)
     ADD: tl.constexpr,  # add the residual
     SWIGLU: tl.constexpr,  # silu(x @ W1.T) * (x @ W3.T)
     DOT_FP32: tl.constexpr,  # fp32 inputs, or bf16 in the interpreter: dots in fp32 ("ieee")
@@ -83,6 +86,8 @@ def _gemv_kernel(
         if NORM:
             xf = x.to(tl.float32)
             sumsq += tl.sum(xf * xf, 1)
+            gamma = tl.load(Gamma + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x = (xf * gamma[None, :]).to(x.dtype)  # rounded as the unfused norm's output would be
         if DOT_FP32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -124,14 +129,15 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    rms_eps: float | None = None,
+    rms_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ weight.T, fused as the module docstring says; returns (..., N) in x's dtype.
 
-    ``rms_eps``: scale each row by 1 / sqrt(mean(x^2) + rms_eps) (an RMSNorm whose gamma is already in weight).
+    ``rms_weight`` (K,): multiply by RMSNorm(x) with that gamma instead of x: rows scaled by 1 / sqrt(mean(x^2) + eps).
     ``residual`` (..., N): add it. ``swiglu``: weight is (2N, K) = [W1; W3]; return silu(x W1.T) * (x W3.T).
     """
     check_tensor("x", x, interpret=_INTERPRET, dtypes=DTYPES)
@@ -146,8 +152,10 @@ def linear(
     if swiglu and residual is not None:
         raise ValueError("residual: not supported with swiglu (no Llama product needs both)")
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    if rms_eps is not None and not (isinstance(rms_eps, (int, float)) and rms_eps >= 0):
-        raise ValueError(f"rms_eps: expected a float >= 0, got {rms_eps!r}")
+    if rms_weight is not None:
+        check_tensor("rms_weight", rms_weight, like=x, like_name="x", shape=(K,))
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
+            raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
     x2 = x.reshape(-1, K)  # a view for any x whose rows share one stride (the model's activations)
     M = x2.shape[0]
     shape = (*x.shape[:-1], N)
@@ -164,9 +172,9 @@ def linear(
     block_n, block_k, num_warps, num_stages = _config(N, x.dtype, swiglu)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))
     _gemv_kernel[grid](
-        x2, weight, r2, out2,
-        M, N, K, x2.stride(0), r2.stride(0), out2.stride(0), float(rms_eps or 0.0),
-        BLOCK_N=block_n, BLOCK_K=block_k, NORM=rms_eps is not None, ADD=residual is not None, SWIGLU=swiglu,
+        x2, weight, rms_weight if rms_weight is not None else weight, r2, out2,
+        M, N, K, x2.stride(0), r2.stride(0), out2.stride(0), float(eps),
+        BLOCK_N=block_n, BLOCK_K=block_k, NORM=rms_weight is not None, ADD=residual is not None, SWIGLU=swiglu,
         DOT_FP32=x.dtype == torch.float32 or (_INTERPRET and x.dtype == torch.bfloat16),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -180,7 +188,7 @@ def compile_variants() -> list[dict]:
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     variants = []
     for dtype in DTYPES:
-        types = {n: ptr[dtype] for n in ("X", "W", "Res", "Out")} | {"eps": "fp32"}
+        types = {n: ptr[dtype] for n in ("X", "W", "Gamma", "Res", "Out")} | {"eps": "fp32"}
         for N, fusions in ((4096, ("plain", "norm", "add", "norm_swiglu")), (128256, ("plain", "norm", "add"))):
             for fusion in fusions:
                 block_n, block_k, num_warps, num_stages = _config(N, dtype, "swiglu" in fusion)

@@ -237,16 +237,17 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    rms_eps: float | None = None,
+    rms_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
 ) -> torch.Tensor:
-    """x (..., K) @ weight.T in fp32, with the fusions of ``kernels.gemv.linear``: ``rms_eps`` scales each row of
-    x by 1 / sqrt(mean(x^2) + rms_eps) first (an RMSNorm whose gamma is in weight), ``swiglu`` reads weight as
+    """x (..., K) @ weight.T in fp32, with the fusions of ``kernels.gemv.linear``: ``rms_weight`` replaces x by
+    RMSNorm(x) with that gamma, x / sqrt(mean(x^2) + eps) * rms_weight, first; ``swiglu`` reads weight as
     [W1; W3] and returns silu(x W1.T) * (x W3.T), ``residual`` is added last. Returned in x's dtype."""
     xf = x.float()
-    if rms_eps is not None:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
+    if rms_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * rms_weight.float()
     y = xf @ weight.float().T
     if swiglu:
         gate, up = y.chunk(2, dim=-1)

@@ -17,7 +17,8 @@ def _inputs(M, N, K, dtype, device, fusion, seed=0):
     x = (torch.randn(M, K, generator=g) * 2).to(device, dtype)  # rows far from unit RMS: the norm matters
     w = (torch.randn(2 * N if "swiglu" in fusion else N, K, generator=g) * K**-0.5).to(device, dtype)
     res = torch.randn(M, N, generator=g).to(device, dtype) if "add" in fusion else None
-    kw = {"rms_eps": 1e-5 if "norm" in fusion else None, "residual": res, "swiglu": "swiglu" in fusion}
+    gamma = (1 + 0.5 * torch.randn(K, generator=g)).to(device, dtype) if "norm" in fusion else None
+    kw = {"rms_weight": gamma, "eps": 1e-5, "residual": res, "swiglu": "swiglu" in fusion}
     return x, w, kw
 
 
@@ -69,7 +70,8 @@ def _bad_cases(device):
         ("swiglu odd", lambda: linear(x, w[:3], swiglu=True), "weight: swiglu needs an even number"),
         ("swiglu + add", lambda: linear(x, w, swiglu=True, residual=x[:, :2]), "residual: not supported"),
         ("residual shape", lambda: linear(x, w, residual=x), r"residual: expected shape \(2, 4\)"),
-        ("eps", lambda: linear(x, w, rms_eps=-1.0), "rms_eps: expected a float >= 0"),
+        ("eps", lambda: linear(x, w, rms_weight=x[0], eps=-1.0), "eps: expected a float >= 0"),
+        ("gamma shape", lambda: linear(x, w, rms_weight=x[:, :4]), r"rms_weight: expected shape \(8,\)"),
         ("out shape", lambda: linear(x, w, out=x), r"out: expected shape \(2, 4\)"),
     ]
 
