@@ -118,11 +118,13 @@ _INTERPRET = interpreting(_gemv_kernel)
 def _config(N: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages). 16 output columns while wider blocks would leave SMs idle
     (N <= 16384: wo and w2 give 256 programs), and always with SwiGLU (it loads two weight tiles); 64 for the
-    output head. 128-wide K chunks (256 bytes of a bf16 row), 4 in flight; fp32 (tests only) 64-wide, 3 deep.
+    output head. 128-wide K chunks (256 bytes of a bf16 row), 4 in flight; fp32 (tests only) 64-wide (32 for the head), 3 deep.
     From the compile gate: 256-wide bf16 chunks kept an 8-byte stack frame on sm_80, and SwiGLU with 64
     columns and 4 stages needed 216 KB of shared memory. Not tuned on a GPU."""
     block_n = 16 if N <= 16384 or swiglu else 64
-    return (block_n, 64, 4, 3) if dtype == torch.float32 else (block_n, 128, 4, 4)
+    if dtype == torch.float32:  # 64 columns x 64-wide chunks with the norm's gamma kept a 16-byte stack on sm_90
+        return (block_n, 64 if block_n == 16 else 32, 4, 3)
+    return (block_n, 128, 4, 4)
 
 
 def linear(
