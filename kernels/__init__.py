@@ -3,7 +3,8 @@
 Two backends implement the same ops, the ``Ops`` protocol below, which is all the model driver calls:
 
     kernels.triton_ops   the Triton kernels, one file each: rmsnorm.py, rope.py, attention.py (prefill),
-                         decode.py (split-KV decode), swiglu.py; _launch.py holds what their launchers share
+                         decode.py (split-KV decode), swiglu.py, gemv.py (the decode step's fused matrix
+                         products); _launch.py holds what their launchers share
     kernels.reference    the same functions in plain PyTorch: the definitions the kernels are tested against,
                          and the backend that runs anywhere
 
@@ -25,7 +26,11 @@ __all__ = ["Ops"]
 
 
 class Ops(Protocol):
-    """The ops the model driver calls on its backend, one per kernel (matrix products stay with torch).
+    """The ops the model driver calls on its backend, one per kernel.
+
+    Prefill and the unfused decode step use the first six around torch's (cuBLAS's) matrix products. The fused
+    decode step (``Llama.decode`` on the Triton backend) uses ``linear`` and ``rope_decode_attention`` alone:
+    five launches a layer.
 
     Shapes (Meta's): activations (B, T, heads, head_dim); the KV cache as a (B, S_max, Hkv, head_dim) view.
     Each backend module defines these functions with these parameters (and may take more keywords).
@@ -76,4 +81,36 @@ class Ops(Protocol):
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up."""
+        ...
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        *,
+        rms_weight: torch.Tensor | None = None,
+        eps: float = 1e-5,
+        residual: torch.Tensor | None = None,
+        swiglu: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (M, K) @ weight.T for few rows M, with the ops around it fused: RMSNorm(x) * rms_weight instead of
+        x, silu(x W1.T) * (x W3.T) of weight = [W1; W3], + residual. Into ``out`` (x's dtype or fp32) if given."""
+        ...
+
+    def rope_decode_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        workspace: object,
+        *,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """A decode step's attention: RoPE of q (B, Hq, D) and the new k (B, Hkv, D) at positions (B,), k and v
+        to cache slot positions[b], attention over keys 0 .. positions[b]. ``workspace``: kernels.decode's."""
         ...

@@ -54,7 +54,7 @@ import triton.language as tl
 from kernels._launch import aligned_strides, capturing, check_tensor, interpreting, variant
 from kernels.attention import online_softmax_step
 
-__all__ = ["decode_attention", "compile_variants"]
+__all__ = ["decode_attention", "rope_decode_attention", "DecodeWorkspace", "compile_variants"]
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -80,14 +80,34 @@ def _split_range(
     return chunk, tl.cdiv(length, chunk)
 
 
+@triton.jit
+def _rotate_pairs(
+    x,  # (ROWS, HEAD_DIM) rows of one token's heads
+    cos,  # (HEAD_DIM // 2,) fp32, this token's row of the RoPE table
+    sin,  # (HEAD_DIM // 2,) fp32
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """RoPE of Meta's interleaved pairs (x[2i], x[2i+1]) of each row (kernels/rope.py has the maths), in fp32."""
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), [ROWS, HEAD_DIM // 2, 2]))
+    c = cos[None, :]
+    s = sin[None, :]
+    return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), [ROWS, HEAD_DIM])
+
+
 @triton.jit(do_not_specialize=["S_max", "G", "num_splits", "min_keys"], do_not_specialize_on_alignment=["Lengths"])
 def _decode_split_kernel(
-    Q,  # (B, Hq, D) one query per sequence
+    Q,  # (B, Hq, D) one query per sequence (ROPE: not yet rotated)
     K,  # (B, S_max, Hkv, D) key cache
     V,  # (B, S_max, Hkv, D) value cache
-    Lengths,  # (B,) int32/int64 valid keys per sequence
+    Lengths,  # (B,) int32/int64 valid keys per sequence (ROPE: the new token's position, one less)
     O_part,  # (B, Hq, num_splits, D) fp32 workspace: normalised partial outputs
     Lse,  # (B, Hq, num_splits) fp32 workspace: log2-sum-exp2 of each split's scaled scores
+    Knew,  # ROPE: (B, Hkv, D) the new token's key, not yet rotated
+    Vnew,  # ROPE: (B, Hkv, D) its value (same strides as Knew: both slices of one qkv row)
+    CosSin,  # ROPE: (S_max, D) fp32 RoPE table, row p = cos | sin of position p
+    Counter,  # ONE_LAUNCH: (B * Hkv,) int32, zero between launches: splits finished per (b, kv head)
+    Out,  # ONE_LAUNCH: (B, Hq, D) the output
     stride_qb,  # q strides: batch, head (the last dim is contiguous)
     stride_qh,
     stride_kb,  # k strides: batch, position, head
@@ -96,6 +116,10 @@ def _decode_split_kernel(
     stride_vb,  # v strides: batch, position, head
     stride_vs,
     stride_vh,
+    stride_nb,  # Knew / Vnew strides: batch, head
+    stride_nh,
+    stride_ob,  # Out strides: batch, head
+    stride_oh,
     S_max,  # cache capacity: lengths are clamped to it
     G,  # query heads per kv head
     num_splits,  # programs per sequence (grid axis 2); workspace slots per (b, head)
@@ -105,11 +129,17 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,  # query-head rows of the tile (>= G, >= 16)
     BLOCK_N: tl.constexpr,  # keys per inner step
     DOT_FP32: tl.constexpr,  # interpreter + bf16 only: the interpreter computes bf16 dots on raw bits
+    ROPE: tl.constexpr,  # rotate q and the new key here, write the new k and v to the cache (the decode step)
+    ONE_LAUNCH: tl.constexpr,  # the last split to finish merges them all into Out (no stage-2 launch)
 ):
     b = tl.program_id(0)
     h_kv = tl.program_id(1)
     split = tl.program_id(2)
-    length = tl.minimum(tl.load(Lengths + b), S_max).to(tl.int32)  # clamp: never read past the cache
+    if ROPE:  # Lengths holds positions: the new token sits at slot pos, so pos + 1 keys are live
+        pos = tl.load(Lengths + b).to(tl.int32)
+        length = tl.minimum(pos + 1, S_max)
+    else:
+        length = tl.minimum(tl.load(Lengths + b), S_max).to(tl.int32)  # clamp: never read past the cache
     chunk, used = _split_range(length, num_splits, min_keys, BLOCK_N)
     if split >= used:  # no keys for this program at this length: nothing to read, nothing to write
         return
@@ -122,6 +152,26 @@ def _decode_split_kernel(
     head = h_kv * G + g
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if ROPE:
+        # This token's (cos, sin), q rotated in registers; the last split (the one whose range ends at the new
+        # token's slot) also rotates the new key and writes it and the value to the cache for later steps. It
+        # does not read them back: its loop stops one key short and the new key joins from registers below.
+        half = tl.arange(0, HEAD_DIM // 2)
+        cs_row = CosSin + tl.minimum(pos, S_max - 1).to(tl.int64) * HEAD_DIM
+        cos = tl.load(cs_row + half)
+        sin = tl.load(cs_row + HEAD_DIM // 2 + half)
+        q = _rotate_pairs(q, cos, sin, BLOCK_G, HEAD_DIM).to(Q.dtype.element_ty)
+        last = split == used - 1
+        new_row = b64 * stride_nb + h_kv * stride_nh + offs_d[None, :]  # (1, D)
+        k_new = _rotate_pairs(tl.load(Knew + new_row), cos, sin, 1, HEAD_DIM).to(K.dtype.element_ty)
+        v_new = tl.load(Vnew + new_row)
+        write = (offs_d[None, :] < tl.where(last & (pos < S_max), HEAD_DIM, 0))  # (1, D): the last split's
+        slot = pos.to(tl.int64)
+        tl.store(K + b64 * stride_kb + slot * stride_ks + h_kv * stride_kh + offs_d[None, :], k_new, mask=write)
+        tl.store(V + b64 * stride_vb + slot * stride_vs + h_kv * stride_vh + offs_d[None, :], v_new, mask=write)
+        end_cache = tl.where(last, end - 1, end)
+    else:
+        end_cache = end
     if DOT_FP32:
         q = q.to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
@@ -136,8 +186,8 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)  # running sum of exp2(score - m_i) * v
     # One loop, the key bound masked on every block: this kernel waits on memory, and a compare per key
     # costs nothing next to the 16-byte vector loads, which a per-row mask does not break up.
-    for n in range(start, end, BLOCK_N):
-        key_ok = n + offs_n < end
+    for n in range(start, end_cache, BLOCK_N):
+        key_ok = n + offs_n < end_cache
         k = tl.load(k_base + k_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
@@ -150,12 +200,64 @@ def _decode_split_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         k_base += BLOCK_N * stride_ks
         v_base += BLOCK_N * stride_vs
+    if ROPE:  # the new key, one more step of the recurrence (-inf, a no-op, in every split but the last)
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale  # (BLOCK_G,)
+        s_new = tl.where(last, s_new, float("-inf"))  # other splits have seen a key: their max stays finite
+        p, alpha, l_i, m_i = online_softmax_step(l_i, m_i, s_new[:, None])
+        acc = acc * alpha[:, None] + p * v_new.to(tl.float32)
 
     o = acc / l_i[:, None]  # l_i >= 1: the running max's own key contributes exp2(0)
     lse = m_i + tl.log2(l_i)
     row = (b64 * G * tl.num_programs(1) + head) * num_splits + split  # (b, head, split) in the workspace
-    tl.store(O_part + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
-    tl.store(Lse + row, lse, mask=row_ok)
+    if ONE_LAUNCH:
+        out_ptrs = Out + b64 * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+        if used == 1:  # the whole softmax is here: no partials, no merge
+            tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            tl.store(O_part + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+            tl.store(Lse + row, lse, mask=row_ok)
+            # Publish the partials, then take a ticket: every thread's stores are ordered before the barrier,
+            # the barrier before the release of the atomic. The split that draws the last ticket knows the
+            # others' partials are written (acquire), merges them, and leaves the counter at zero again.
+            tl.debug_barrier()
+            counter = Counter + b * tl.num_programs(1) + h_kv
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+            if ticket == used - 1:
+                tl.atomic_xchg(counter, 0)
+                _merge_splits(O_part, Lse, out_ptrs, row - split, used, row_ok, HEAD_DIM, BLOCK_G)
+    else:
+        tl.store(O_part + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+        tl.store(Lse + row, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(
+    O_part,  # fp32 normalised partial outputs
+    Lse,  # fp32 log2-sum-exp2 per split
+    out_ptrs,  # (BLOCK_G, HEAD_DIM) where the merged rows go
+    first,  # (BLOCK_G,) int64: workspace row of split 0 for each head
+    used,  # splits that hold partials
+    row_ok,  # (BLOCK_G,) which rows are real heads
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """out = sum_s exp2(lse_s - LSE) o_s, one split at a time with a running max (the stage-2 maths)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for s in range(0, used):
+        # .cg: straight from L2, where the other programs' stores went (never from this SM's L1)
+        lse = tl.load(Lse + first + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+        o = tl.load(O_part + (first + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        w_sum = w_sum * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    tl.store(out_ptrs, (acc / w_sum[:, None]).to(out_ptrs.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["Hq", "S_max", "num_splits", "min_keys"], do_not_specialize_on_alignment=["Lengths"])
@@ -300,14 +402,105 @@ def decode_attention(
     block_n, num_warps, num_stages = _stage1_config(q.dtype)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, lengths, o_part, lse,
-        *q_strides, *k_strides, *v_strides,
+        q, q, o_part, lse, q,  # Knew, Vnew, CosSin, Counter, Out: the one-launch decode step's (unused here)
+        *q_strides, *k_strides, *v_strides, 0, 0, 0, 0,
         S_max, Hq // Hkv, num_splits, min_keys, qk_scale,
         HEAD_DIM=D, BLOCK_G=BLOCK_G, BLOCK_N=block_n, DOT_FP32=interpret and q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=num_stages,
+        ROPE=False, ONE_LAUNCH=False, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _decode_combine_kernel[(B * Hq,)](
         o_part, lse, lengths, out, *out_strides, Hq, S_max, num_splits, min_keys,
         HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, num_warps=_combine_warps(D),
+    )  # fmt: skip
+    return out
+
+
+class DecodeWorkspace:
+    """What the one-launch decode attention keeps between launches, allocated once per model (not per call, so a
+    captured CUDA graph never owns it): the split partials, room for MAX_SPLITS per head, and one int32 counter
+    per (sequence, kv head) that each launch leaves at zero. Every layer reuses it: layers run one after another."""
+
+    def __init__(self, max_batch: int, n_heads: int, n_kv_heads: int, head_dim: int, device: torch.device | str):
+        self.max_batch, self.n_heads, self.n_kv_heads, self.head_dim = max_batch, n_heads, n_kv_heads, head_dim
+        rows = max_batch * n_heads * MAX_SPLITS
+        self.o_part = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
+        self.lse = torch.empty(rows, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(max_batch * n_kv_heads, dtype=torch.int32, device=device)
+
+
+def rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    workspace: DecodeWorkspace,
+    *,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decode step's attention in one launch: RoPE of q (B, Hq, D) and of the new key k (B, Hkv, D) at
+    ``positions`` (B,), k and v (B, Hkv, D) written to slot positions[b] of k_cache / v_cache (B, S_max, Hkv, D),
+    then attention over keys 0 .. positions[b] (the new one included), the splits merged by the last of them.
+
+    Equal to ``rope_write_cache`` followed by ``decode_attention`` with lengths = positions + 1 (kernels/reference.py
+    composes exactly that). q, k, v may be strided slices of one fused qkv row (k and v with the same strides);
+    cos_sin is the (S, D) fp32 RoPE table with S >= S_max. Positions are trusted (the model checked them once per
+    step): a position >= S_max writes nothing. Safe to capture in a CUDA graph. Returns (B, Hq, D) in q's dtype.
+    """
+    interpret = _INTERPRET
+    check_tensor("q", q, interpret=interpret, ndim=3)
+    B, Hq, D = q.shape
+    if B < 1 or D not in HEAD_DIMS:
+        raise ValueError(f"q: expected (B >= 1, Hq, D in {HEAD_DIMS}), got shape {tuple(q.shape)}")
+    check_tensor("k_cache", k_cache, like=q, ndim=4)
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if tuple(k_cache.shape) != (B, S_max, Hkv, D) or tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"k_cache, v_cache: expected shape (B={B}, S_max, Hkv, D={D}), got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")  # fmt: skip
+    check_tensor("v_cache", v_cache, like=q, ndim=4)
+    if Hkv < 1 or Hq % Hkv or Hq // Hkv > BLOCK_G:
+        raise ValueError(f"k_cache: {Hkv} kv heads for {Hq} query heads (G = Hq / Hkv must be an integer <= {BLOCK_G})")
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, like=q, ndim=3, shape=(B, Hkv, D))
+    if k.stride() != v.stride():
+        raise ValueError(f"k, v: expected the same strides (slices of one qkv row), got {k.stride()}, {v.stride()}")
+    check_tensor("positions", positions, interpret=interpret, dtypes=(torch.int32, torch.int64), shape=(B,))
+    check_tensor("cos_sin", cos_sin, interpret=interpret, dtypes=(torch.float32,), ndim=2)
+    if positions.device != q.device or cos_sin.device != q.device:
+        raise ValueError(f"positions, cos_sin: expected tensors on {q.device} (the device of q), got "
+                         f"{positions.device}, {cos_sin.device}")  # fmt: skip
+    if cos_sin.shape[0] < S_max or cos_sin.shape[1] != D or not cos_sin.is_contiguous():
+        raise ValueError(f"cos_sin: expected a contiguous (>= {S_max}, {D}) table, got {tuple(cos_sin.shape)}")
+    ws = workspace
+    if not isinstance(ws, DecodeWorkspace) or B > ws.max_batch or (ws.n_heads, ws.n_kv_heads, ws.head_dim) != (Hq, Hkv, D):
+        raise ValueError(f"workspace: expected a DecodeWorkspace for >= {B} sequences of ({Hq}, {Hkv}, {D}) heads")
+    if ws.counters.device != q.device:
+        raise ValueError(f"workspace: on {ws.counters.device}, q is on {q.device}")
+    if num_splits is None:
+        num_splits, min_keys = _default_num_splits(B, Hkv, S_max, q.device), MIN_KEYS_PER_SPLIT
+    elif isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS:
+        min_keys = 1
+    else:
+        raise ValueError(f"num_splits: expected an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    else:
+        check_tensor("out", out, like=q, ndim=3, shape=(B, Hq, D))
+    qk_scale = (D**-0.5 if scale is None else float(scale)) * LOG2E
+    block_n, num_warps, num_stages = _stage1_config(q.dtype)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, positions, ws.o_part, ws.lse, k, v, cos_sin, ws.counters, out,
+        *aligned_strides("q", q, 2), *aligned_strides("k_cache", k_cache, 3), *aligned_strides("v_cache", v_cache, 3),
+        *aligned_strides("k", k, 2), *aligned_strides("out", out, 2),
+        S_max, Hq // Hkv, num_splits, min_keys, qk_scale,
+        HEAD_DIM=D, BLOCK_G=BLOCK_G, BLOCK_N=block_n, DOT_FP32=interpret and q.dtype == torch.bfloat16,
+        ROPE=True, ONE_LAUNCH=True, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -326,12 +519,15 @@ def compile_variants() -> list[dict]:
         for d in HEAD_DIMS:
             block_n, num_warps, num_stages = _stage1_config(dtype)
             for len_ty in ("*i32", "*i64"):
-                types = {"Q": ptr[dtype], "K": ptr[dtype], "V": ptr[dtype], "Lengths": len_ty}
-                types.update(O_part="*fp32", Lse="*fp32", qk_scale="fp32")
-                cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False}
-                tag = f"decode_split_{name}_d{d}_n{block_n}_len{len_ty[1:]}"
-                variant_ = variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=["Lengths"])
-                variants.append(variant_)
+                for fused in (False, True):  # decode_attention's stage 1; rope_decode_attention's one launch
+                    types = {n: ptr[dtype] for n in ("Q", "K", "V", "Knew", "Vnew", "Out")} | {"Lengths": len_ty}
+                    types.update(O_part="*fp32", Lse="*fp32", CosSin="*fp32", qk_scale="fp32")
+                    types["Counter"] = "*i32" if fused else "*fp32"
+                    cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False}
+                    cx |= {"ROPE": fused, "ONE_LAUNCH": fused}
+                    tag = f"decode_{'rope_one_launch' if fused else 'split'}_{name}_d{d}_n{block_n}_len{len_ty[1:]}"
+                    v_ = variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=["Lengths"])
+                    variants.append(v_)
             for len_ty in ("*i32", "*i64"):
                 block_s = 1
                 while block_s <= MAX_SPLITS:

@@ -137,7 +137,8 @@ def linear(
     swiglu: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (..., K) @ weight.T, fused as the module docstring says; returns (..., N) in x's dtype.
+    """x (..., K) @ weight.T, fused as the module docstring says; returns (..., N) in x's dtype, or written into
+    ``out``, which may also be fp32 (the output head's logits, rounded once from the fp32 accumulator).
 
     ``rms_weight`` (K,): multiply by RMSNorm(x) with that gamma instead of x: rows scaled by 1 / sqrt(mean(x^2) + eps).
     ``residual`` (..., N): add it. ``swiglu``: weight is (2N, K) = [W1; W3]; return silu(x W1.T) * (x W3.T).
@@ -163,8 +164,12 @@ def linear(
     shape = (*x.shape[:-1], N)
     if residual is not None:
         check_tensor("residual", residual, like=x, like_name="x", shape=shape)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    check_tensor("out", out, like=x, like_name="x", shape=shape)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:  # x's dtype, or fp32 (logits straight from bf16 weights)
+        check_tensor("out", out, interpret=_INTERPRET, dtypes=(x.dtype, torch.float32), shape=shape)
+        if out.device != x.device:
+            raise ValueError(f"out: expected a tensor on {x.device} (the device of x), got {out.device}")
     out2 = out.reshape(-1, N)
     if out2.data_ptr() != out.data_ptr():
         raise ValueError("out: expected rows that flatten to one row stride (a view, not a copy)")
@@ -172,6 +177,8 @@ def linear(
     if M == 0:
         return out
     block_n, block_k, num_warps, num_stages = _config(N, x.dtype, swiglu)
+    if _INTERPRET:  # the interpreter pays per program, not per byte: few wide programs (the output head: 126, not 2004)
+        block_n = max(block_n, min(1024, triton.next_power_of_2(N)))
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))
     _gemv_kernel[grid](
         x2, weight, rms_weight if rms_weight is not None else weight, r2, out2,

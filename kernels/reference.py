@@ -241,6 +241,7 @@ def linear(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ weight.T in fp32, with the fusions of ``kernels.gemv.linear``: ``rms_weight`` replaces x by
     RMSNorm(x) with that gamma, x / sqrt(mean(x^2) + eps) * rms_weight, first; ``swiglu`` reads weight as
@@ -254,4 +255,23 @@ def linear(
         y = F.silu(gate) * up
     if residual is not None:
         y = residual.float() + y
-    return y.to(x.dtype)
+    return y.to(x.dtype) if out is None else out.copy_(y)
+
+
+def rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    workspace: object,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """A decode step's attention: q (B, Hq, D) and the new k, v (B, Hkv, D) at ``positions`` (B,); RoPE, the cache
+    write at slot positions[b], then attention over keys 0 .. positions[b]. ``rope_write_cache`` then
+    ``decode_attention``, which the Triton kernel does in one launch (``workspace`` is its scratch; unused here)."""
+    q_rot = rope_write_cache(q[:, None], k[:, None], v[:, None], positions[:, None], cos_sin, k_cache, v_cache)
+    return decode_attention(q_rot[:, 0], k_cache, v_cache, positions + 1, scale=scale)

@@ -5,9 +5,21 @@ set ``TRITON_INTERPRET=1`` first (the model driver does it for ``backend="triton
 """
 
 from kernels.attention import attention
-from kernels.decode import decode_attention
+from kernels.decode import DecodeWorkspace, decode_attention, rope_decode_attention
+from kernels.gemv import linear
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope import rope, rope_write_cache
 from kernels.swiglu import swiglu
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "rope_write_cache", "attention", "decode_attention", "swiglu"]
+__all__ = [
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "rope_write_cache",
+    "attention",
+    "decode_attention",
+    "swiglu",
+    "linear",
+    "rope_decode_attention",
+    "DecodeWorkspace",  # the scratch rope_decode_attention keeps between launches (one per model)
+]

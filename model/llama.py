@@ -151,6 +151,41 @@ class TransformerBlock(nn.Module):
         h, x = ops.add_rms_norm(f, x, next_norm, eps)  # x += FFN out; h = next block's RMSNorm(x)
         return x, h
 
+    def decode(self, x: torch.Tensor, step: DecodeStep, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """The fused decode step of this block, five launches: x (B, dim), one token per sequence -> x after it.
+
+        Each RMSNorm runs inside the product that consumes it, RoPE and the cache write inside the attention,
+        the residual adds and SwiGLU inside the products: nothing but the residual stream (B, dim), q|k|v, the
+        attention output and the FFN activation goes through memory between them.
+        """
+        ops, eps, a, f = step.ops, step.eps, self.attention, self.feed_forward
+        B, Hq, Hkv, hd = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
+        qkv = _product(ops, a.wqkv, x, rms_weight=self.attention_norm, eps=eps)  # 1: (B, (Hq + 2 Hkv) hd)
+        q = qkv[:, : Hq * hd].unflatten(-1, (Hq, hd))
+        k = qkv[:, Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))
+        v = qkv[:, (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))
+        o = ops.rope_decode_attention(q, k, v, step.positions, step.cos_sin, k_cache, v_cache, step.workspace)  # 2
+        x = _product(ops, a.wo, o.reshape(B, Hq * hd), residual=x)  # 3: x + o @ wo.T
+        g = _product(ops, f.w13, x, rms_weight=self.ffn_norm, eps=eps, swiglu=True)  # 4: swiglu(RMSNorm(x) @ w13.T)
+        return _product(ops, f.w2, g, residual=x)  # 5: x + g @ w2.T
+
+
+@dataclass
+class DecodeStep:
+    """What every block of one fused decode step shares."""
+
+    ops: Ops  # the backend
+    positions: torch.Tensor  # (B,) slot of each sequence's new token (its cache length is one more)
+    cos_sin: torch.Tensor  # (max_seq_len, hd) RoPE table
+    workspace: object  # kernels.decode.DecodeWorkspace (the attention's split partials), None for the reference
+    eps: float  # RMSNorm epsilon
+
+
+def _product(ops: Ops, linear: nn.Module, x: torch.Tensor, **fusions) -> torch.Tensor:
+    """x @ linear's weight with ``ops.linear``'s fusions; a quantized layer brings its own kernel (``gemv``)."""
+    gemv = getattr(linear, "gemv", None)
+    return gemv(x, **fusions) if gemv is not None else ops.linear(x, linear.weight, **fusions)
+
 
 class Llama(nn.Module):
     """A Llama-3 model with its tokenizer, ops backend and static KV cache. Build it with ``Llama.load``."""
@@ -178,6 +213,8 @@ class Llama(nn.Module):
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.use_cuda_graph = True
+        self.fused_decode = backend == "triton" and not tp.enabled
+        self.decode_workspace = None
         self._graphs: dict[int, _DecodeGraph | None] = {}
 
     # ---- loading ----------------------------------------------------------------------------------
@@ -255,6 +292,7 @@ class Llama(nn.Module):
         # RoPE's cos/sin of every position the cache can hold, exact (fp64, rounded once): 4 * hd bytes a position.
         self.rope_cos_sin = reference.rope_table(self.inv_freq, max_seq_len)  # (max_seq_len, hd) fp32
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self._make_decode_workspace()
         self._graphs.clear()
 
     @property
@@ -275,19 +313,43 @@ class Llama(nn.Module):
         return self.weight_bytes() - skipped
 
     # ---- switching backend and graph capture --------------------------------------------------------
-    def use(self, backend: str | None = None, cuda_graph: bool | None = None, ops: Ops | None = None) -> None:
-        """Switch the ops backend ("triton" or "torch") and/or the CUDA-graph decode step, in place: the weights
-        and the KV cache stay. Captured graphs are dropped (they hold the previous backend's kernels).
+    def use(
+        self,
+        backend: str | None = None,
+        cuda_graph: bool | None = None,
+        ops: Ops | None = None,
+        fused_decode: bool | None = None,
+    ) -> None:
+        """Switch the ops backend ("triton" or "torch"), the CUDA-graph decode step and/or the fused decode step,
+        in place: the weights and the KV cache stay. Captured graphs are dropped (they hold the previous kernels).
         ``ops``: run any implementation of ``kernels.Ops`` instead (explain's recording wrapper, say); the
-        ``backend`` name is left as it is."""
+        ``backend`` name is left as it is. ``fused_decode`` (default: on for "triton", off for "torch"): decode
+        steps run ``TransformerBlock.decode``, five launches a layer, instead of the prefill path's ten (whose
+        matrix products are cuBLAS's); not under tensor parallelism, where each product ends in an all-reduce."""
         if backend is not None:
             self.ops = select_ops(backend, self.device)
             self.backend = backend
+            if fused_decode is None:
+                self.fused_decode = backend == "triton" and not self.tp.enabled
         if ops is not None:
             self.ops = ops
         if cuda_graph is not None:
             self.use_cuda_graph = bool(cuda_graph)
+        if fused_decode is not None:
+            if fused_decode and self.tp.enabled:
+                raise ValueError("fused_decode: not available under tensor parallelism")
+            self.fused_decode = bool(fused_decode)
+        self._make_decode_workspace()
         self._graphs.clear()
+
+    def _make_decode_workspace(self) -> None:
+        """The fused step's attention scratch (kernels.decode.DecodeWorkspace) for the Triton kernels, else None."""
+        self.decode_workspace = None
+        if self.fused_decode and self.max_batch_size and getattr(self.ops, "DecodeWorkspace", None) is not None:
+            a = self.args
+            self.decode_workspace = self.ops.DecodeWorkspace(
+                self.max_batch_size, a.n_heads, a.n_kv_heads, a.head_dim, self.device
+            )
 
     def has_decode_graph(self, batch: int) -> bool:
         """Whether decode steps of this batch size replay a captured CUDA graph (False: eager, or not yet run)."""
@@ -303,6 +365,8 @@ class Llama(nn.Module):
         written to the KV cache, so the next call continues from start_pos + T. Inputs are checked.
         """
         tokens, positions, start = self._check_inputs(tokens, start_pos)
+        if start is None:  # one token per sequence at its own position: a decode step
+            return self._decode_step(tokens, positions[:, 0])[:, None]
         return self._run(tokens, positions, start)
 
     @torch.inference_mode()
@@ -407,7 +471,26 @@ class Llama(nn.Module):
             graph = self._graphs[B]
             if graph is not None:
                 return graph.replay(tokens, positions)
-        return self._run(tokens, positions[:, None], None)[:, 0]
+        return self._decode_step(tokens, positions)
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence, tokens (B, 1) at positions (B,) -> logits (B, vocab) fp32: the fused step
+        (embedding, 5 launches a block, the output head) or the prefill path with T = 1."""
+        if not self.fused_decode:
+            return self._run(tokens, positions[:, None], None)[:, 0]
+        step = DecodeStep(self.ops, positions, self.rope_cos_sin, self.decode_workspace, self.args.norm_eps)
+        B = tokens.shape[0]
+        x = self.tok_embeddings(tokens[:, 0])  # (B, dim): the residual stream
+        for i, layer in enumerate(self.layers):
+            x = layer.decode(x, step, self.k_cache[i][:B].transpose(1, 2), self.v_cache[i][:B].transpose(1, 2))
+        out_w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = torch.empty((B, out_w.shape[0]), dtype=torch.float32, device=x.device)
+        head = self.ops.linear
+        if x.device.type == "cpu" and self.ops is not reference:
+            # Triton's interpreter (no GPU) reads ~4M weights a second: a 128k-row head would take seconds a token.
+            # The head-wide kernel is tested on its own (tests/test_gemv.py); here PyTorch computes the same thing.
+            head = reference.linear
+        return head(x, out_w, rms_weight=self.norm, eps=step.eps, out=logits)  # the final RMSNorm and the head
 
     def generate(self, prompts, **kwargs):
         """Generate text for one prompt or a batch; see ``model.generate.generate`` for the arguments."""
@@ -436,11 +519,11 @@ class _DecodeGraph:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    model._run(static_tokens, static_pos[:, None], None)
+                    model._decode_step(static_tokens, static_pos)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = model._run(static_tokens, static_pos[:, None], None)[:, 0]
+                logits = model._decode_step(static_tokens, static_pos)
             return cls(graph, static_tokens, static_pos, logits)
         except Exception as e:  # capture is an optimisation: fall back to eager, say so once
             warnings.warn(f"CUDA graph capture failed, decoding eagerly: {type(e).__name__}: {e}", stacklevel=3)
@@ -500,4 +583,4 @@ def _describe(x) -> str:
     return repr(x)
 
 
-__all__ = ["Llama", "Step", "CheckpointError", "select_ops", "default_device", "default_dtype"]
+__all__ = ["Llama", "Step", "DecodeStep", "CheckpointError", "select_ops", "default_device", "default_dtype"]

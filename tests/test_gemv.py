@@ -81,3 +81,14 @@ def test_bad_arguments(case, device):
     _, call, match = next(c for c in _bad_cases(device) if c[0] == case)
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_output_from_half_inputs(dtype, device):
+    """The output head writes fp32 logits straight from the fp32 accumulator (no bf16 rounding, no cast launch)."""
+    x, w, kw = _inputs(2, 200, 96, dtype, device, "norm", seed=4)
+    out = poisoned_like(torch.empty(2, 200, dtype=torch.float32, device=device))
+    got = linear(x, w, out=out, **kw)
+    assert got is out and not torch.isnan(out).any()
+    expected = ref.linear(x.float(), w.float(), rms_weight=kw["rms_weight"].float())
+    assert_close(got, expected, dtype, "fp32 out")

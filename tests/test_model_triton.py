@@ -96,38 +96,72 @@ class _CountAten(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.skipif(not INTERPRET, reason="counts interpreter launches; on a GPU the decode step is a CUDA graph")
-def test_kernel_launches_per_decode_step(pair, monkeypatch):
-    """Per layer: 4 matrix products (wqkv, wo, w13, w2) + rope + decode attention (2: splits, reduction)
-    + 2 fused add_rms_norm + swiglu = 10 launches. Plus, per step: embedding, the first RMSNorm, the cache
-    lengths, the output product and its fp32 cast."""
+def _count_launches(model, monkeypatch, tokens, positions):
+    """(Triton kernel launches in order, aten ops that would launch a kernel) of one ``model.decode``; the
+    interpreter's own torch calls and, on the CPU, the PyTorch output head (kept out of the interpreter, see
+    ``Llama._decode_step``) are counted as one launch each: "head"."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    _, tri = pair
-    launches: list[str] = []
-    original = InterpretedFunction.run
+    import model.llama as llama_mod
 
+    launches: list[str] = []
     aten = _CountAten()
 
-    def counting_run(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        aten.paused = True
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            aten.paused = False
+    def paused(name, fn):
+        def call(*args, **kwargs):
+            launches.append(name)
+            aten.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                aten.paused = False
 
-    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
-    tri.forward(torch.tensor([[1, 2, 3]]), 0)
-    launches.clear()
+        return call
+
+    original = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: paused(self.fn.__name__, original)(self, *a, **k))
+    monkeypatch.setattr(llama_mod.reference, "linear", paused("head", llama_mod.reference.linear))
     with aten:
-        tri.decode(torch.tensor([[4]]), torch.tensor([3]))
+        model.decode(tokens, positions)
+    monkeypatch.undo()
+    return launches, aten.ops
+
+
+# No host synchronisation inside a step: the driver validates positions once, so the launchers skip their own
+# range checks (a min/max and a host read each).
+SYNCS = {"aminmax", "item", "stack", "resolve_conj", "resolve_neg", "_local_scalar_dense", "max", "min"}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts interpreter launches; on a GPU the decode step is a CUDA graph")
+def test_kernel_launches_per_decode_step(pair, monkeypatch):
+    """The fused decode step: per layer 5 launches, all Triton -- RMSNorm + qkv product, RoPE + cache write +
+    attention (splits merged in the same launch), wo product + residual, RMSNorm + w13 product + SwiGLU, w2 product
+    + residual. Per step: the embedding lookup and the output head (RMSNorm + product). Nothing else."""
+    _, tri = pair
+    assert tri.fused_decode
+    tri.forward(torch.tensor([[1, 2, 3]], device=DEVICE), 0)
+    launches, aten_ops = _count_launches(tri, monkeypatch, torch.tensor([[4]]), torch.tensor([3]))
     n_layers = tri.args.n_layers
-    # No host synchronisation inside the step: the driver validates positions once, so the launchers skip
-    # their own range checks (a min/max and a host read each).
-    syncs = {"aminmax", "item", "stack", "resolve_conj", "resolve_neg", "_local_scalar_dense", "max", "min"}
-    assert not syncs & set(aten.ops), aten.ops
-    ops = aten.ops
+    layer = ["_gemv_kernel", "_decode_split_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_kernel"]
+    assert launches == layer * n_layers + ["head"], launches
+    assert aten_ops == ["embedding"], aten_ops  # and no host sync
+    assert len(launches) + len(aten_ops) == 5 * n_layers + 2
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts interpreter launches; on a GPU the decode step is a CUDA graph")
+def test_kernel_launches_per_unfused_decode_step(pair, monkeypatch):
+    """The prefill path at T = 1 (``use(fused_decode=False)``): per layer 4 cuBLAS products (wqkv, wo, w13, w2) +
+    rope + decode attention (2: splits, merge) + 2 fused add_rms_norm + swiglu = 10 launches. Per step: the
+    embedding, the first RMSNorm, the cache lengths, the output product and its fp32 cast."""
+    _, tri = pair
+    tri.use(fused_decode=False)
+    try:
+        tri.forward(torch.tensor([[1, 2, 3]], device=DEVICE), 0)
+        launches, ops = _count_launches(tri, monkeypatch, torch.tensor([[4]]), torch.tensor([3]))
+    finally:
+        tri.use(fused_decode=True)
+    n_layers = tri.args.n_layers
+    assert not SYNCS & set(ops), ops
     matmuls = [o for o in ops if o in ("linear", "mm", "addmm", "matmul")]
     assert len(matmuls) == 4 * n_layers + 1, ops  # wqkv, wo, w13, w2 per layer + the output projection
     others = sorted(o for o in ops if o not in matmuls)
@@ -135,6 +169,25 @@ def test_kernel_launches_per_decode_step(pair, monkeypatch):
     # Triton: the first RMSNorm, then per layer rope, decode attention (split pass + reduction), 2 add_rms_norm,
     # swiglu. So a decode step is 10 launches per layer plus 5.
     assert len(launches) == 1 + 6 * n_layers, launches
+
+
+def test_fused_and_unfused_decode_agree_over_a_ragged_batch(pair):
+    """The fused step (Triton) against the prefill path at T = 1 on the torch backend, step after step, with
+    per-sequence positions (a ragged batch): logits and the KV cache each step leaves behind."""
+    ref, tri = pair
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, 128000, (3, 5), generator=g).to(DEVICE)
+    start = torch.tensor([5, 3, 1], device=DEVICE)
+    scale = 1 + ref.forward(prompt, 0).abs().max().item()
+    tri.forward(prompt, 0)
+    tol = TOLERANCES[torch.float32]
+    for i in range(4):
+        tok = torch.randint(0, 128000, (3, 1), generator=g).to(DEVICE)
+        a, b = ref.decode(tok, start + i), tri.decode(tok, start + i)
+        torch.testing.assert_close(b, a, atol=tol["atol"] * scale * 10, rtol=tol["rtol"] * 10)
+    for layer in range(tri.args.n_layers):
+        for mine, theirs in ((tri.k_cache, ref.k_cache), (tri.v_cache, ref.v_cache)):
+            torch.testing.assert_close(mine[layer][:3, :, :9], theirs[layer][:3, :, :9], **tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the CUDA-graph decode step needs a CUDA device")
@@ -161,3 +214,24 @@ def test_cuda_graph_decode_matches_eager_decode(pair, B):
         tri.use(cuda_graph=True)
     for i, (a, b) in enumerate(zip(eager, graphed, strict=True)):
         torch.testing.assert_close(b, a, **TOLERANCES[torch.float32], msg=lambda m, i=i: f"step {i}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: counts the CUDA kernels of an eager decode step")
+def test_cuda_kernels_per_decode_step(pair):
+    """On the GPU the profiler sees what the interpreter count above predicts: 5 kernels a layer and 2 a step."""
+    from torch.autograd import DeviceType
+
+    _, tri = pair
+    tri.use(cuda_graph=False)
+    try:
+        tri.forward(torch.tensor([[1, 2, 3]], device=DEVICE), 0)
+        tokens, positions = torch.tensor([[4]], device=DEVICE), torch.tensor([3], device=DEVICE)
+        tri.decode(tokens, positions)  # compile and autotune outside the profile
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            tri.decode(tokens, positions)
+            torch.cuda.synchronize()
+    finally:
+        tri.use(cuda_graph=True)
+    kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith("Mem")]
+    assert len(kernels) == 5 * tri.args.n_layers + 2, kernels
