@@ -165,7 +165,7 @@ def _decode_split_kernel(
         new_row = b64 * stride_nb + h_kv * stride_nh + offs_d[None, :]  # (1, D)
         k_new = _rotate_pairs(tl.load(Knew + new_row), cos, sin, 1, HEAD_DIM).to(K.dtype.element_ty)
         v_new = tl.load(Vnew + new_row)
-        write = (offs_d[None, :] < tl.where(last & (pos < S_max), HEAD_DIM, 0))  # (1, D): the last split's
+        write = offs_d[None, :] < tl.where(last & (pos < S_max), HEAD_DIM, 0)  # (1, D): the last split's
         slot = pos.to(tl.int64)
         tl.store(K + b64 * stride_kb + slot * stride_ks + h_kv * stride_kh + offs_d[None, :], k_new, mask=write)
         tl.store(V + b64 * stride_vb + slot * stride_vs + h_kv * stride_vh + offs_d[None, :], v_new, mask=write)
@@ -476,7 +476,8 @@ def rope_decode_attention(
     if cos_sin.shape[0] < S_max or cos_sin.shape[1] != D or not cos_sin.is_contiguous():
         raise ValueError(f"cos_sin: expected a contiguous (>= {S_max}, {D}) table, got {tuple(cos_sin.shape)}")
     ws = workspace
-    if not isinstance(ws, DecodeWorkspace) or B > ws.max_batch or (ws.n_heads, ws.n_kv_heads, ws.head_dim) != (Hq, Hkv, D):
+    shape_ok = isinstance(ws, DecodeWorkspace) and (ws.n_heads, ws.n_kv_heads, ws.head_dim) == (Hq, Hkv, D)
+    if not shape_ok or B > ws.max_batch:
         raise ValueError(f"workspace: expected a DecodeWorkspace for >= {B} sequences of ({Hq}, {Hkv}, {D}) heads")
     if ws.counters.device != q.device:
         raise ValueError(f"workspace: on {ws.counters.device}, q is on {q.device}")

@@ -118,7 +118,8 @@ _INTERPRET = interpreting(_gemv_kernel)
 def _config(N: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages). 16 output columns while wider blocks would leave SMs idle
     (N <= 16384: wo and w2 give 256 programs), and always with SwiGLU (it loads two weight tiles); 64 for the
-    output head. 128-wide K chunks (256 bytes of a bf16 row), 4 in flight; fp32 (tests only) 64-wide (32 for the head), 3 deep.
+    output head. 128-wide K chunks (256 bytes of a bf16 row), 4 in flight; fp32 (tests only) 64-wide (32 for the
+    head), 3 deep.
     From the compile gate: 256-wide bf16 chunks kept an 8-byte stack frame on sm_80, and SwiGLU with 64
     columns and 4 stages needed 216 KB of shared memory. Not tuned on a GPU."""
     block_n = 16 if N <= 16384 or swiglu else 64
@@ -192,14 +193,17 @@ def linear(
 
 def compile_variants() -> list[dict]:
     """Every (dtype, block shape, fusion) the launcher can pick: 16-column blocks with every fusion (N up to 16384,
-    Llama-3's wqkv, wo, w13, w2), 64-column ones without SwiGLU (the output head, 128256 rows). K is divisible
+    Llama-3's wqkv, wo, w13, w2), 64-column ones without SwiGLU (the output head, 128256 rows, whose fused decode
+    step form writes fp32 logits from half inputs). K is divisible
     by 16 at every Llama-3 width (Triton specialises on it)."""
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     variants = []
     for dtype in DTYPES:
         types = {n: ptr[dtype] for n in ("X", "W", "Gamma", "Res", "Out")} | {"eps": "fp32"}
-        for N, fusions in ((4096, ("plain", "norm", "add", "norm_swiglu")), (128256, ("plain", "norm", "add"))):
+        head = ("plain", "norm", "add") + (("norm_fp32_out",) if dtype != torch.float32 else ())  # the decode head
+        for N, fusions in ((4096, ("plain", "norm", "add", "norm_swiglu")), (128256, head)):
             for fusion in fusions:
+                types["Out"] = "*fp32" if fusion.endswith("fp32_out") else ptr[dtype]
                 block_n, block_k, num_warps, num_stages = _config(N, dtype, "swiglu" in fusion)
                 cx = {"BLOCK_N": block_n, "BLOCK_K": block_k, "NORM": "norm" in fusion, "ADD": fusion == "add"}
                 cx |= {"SWIGLU": "swiglu" in fusion, "DOT_FP32": dtype == torch.float32}

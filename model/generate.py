@@ -4,7 +4,9 @@ A batch of prompts of different lengths is right-padded and prefilled together; 
 prompt's own last token pick its first new token, and from then on every sequence decodes at its own
 position (slot len_b, len_b + 1, ...), overwriting the padding's cache slots before it ever reads them.
 Sampling (``model.sampling``) runs on the device and the stop check is batched, so without a streaming
-callback or stop strings the loop only synchronises with the host every ``SYNC_EVERY`` steps.
+callback or stop strings the loop only synchronises with the host every ``SYNC_EVERY`` steps; with them,
+the tokens come back through pinned memory a few steps behind the device. On CUDA a step is two replayed
+graphs, the model's decode step and the sampling step (``_DecodeLoop``).
 
 ``ChatSession`` keeps a conversation's history in the KV cache, one turn after another, with one random
 generator for the whole session.
@@ -13,12 +15,13 @@ generator for the whole session.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import SamplingParams, TokenCounts, sample
+from model.sampling import SampleRng, SamplingParams, TokenCounts, sample
 
 __all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
 
@@ -29,22 +32,6 @@ SYNC_EVERY = 16
 
 class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN or Inf logits (damaged weights, or activations that overflowed the dtype)."""
-
-
-def generator_seed(seed: int) -> int:
-    """The value ``torch.Generator.manual_seed`` gets for a user's ``seed`` (any Python int).
-
-    Seeds in [0, 2**32) are used as given. torch accepts only 64-bit values, and its CPU generator keeps the
-    low 32 bits, so a larger or negative seed is hashed to 32 bits (then 2**64 works, and seeds 2**32 apart
-    give different tokens)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if 0 <= seed < 2**32:
-        return seed
-    import hashlib
-
-    digest = hashlib.sha256(f"llama3-triton seed {seed}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 @dataclass
@@ -95,11 +82,13 @@ def generate(
 
     Stops a sequence at any of the model's stop tokens (128001, 128008, 128009), at the first of the
     ``stop`` strings (the text ends before it; the tokens end with the one that completed it) or at
-    max_new_tokens. Sampling: see ``model.sampling.SamplingParams``. ``seed`` makes sampling repeatable;
-    ``generator`` (a torch.Generator on the model's device) is used instead when given, so a caller can
-    draw several generations from one stream of random numbers (a chat session). ``on_token(index_in_batch,
-    token_id)`` streams token ids and ``on_text(index_in_batch, text)`` streams text, whole characters only
-    and never a piece of a stop string; either adds one host sync per step, as do stop strings.
+    max_new_tokens. Sampling: see ``model.sampling.SamplingParams``. ``seed`` makes sampling repeatable (the
+    same tokens on the CPU and the GPU: ``model.sampling.SampleRng``); ``generator`` (a SampleRng on the model's
+    device, or a torch.Generator, which keeps the loop out of the CUDA graph) is used instead when given, so a
+    caller can draw several generations from one stream of random numbers (a chat session).
+    ``on_token(index_in_batch, token_id)`` streams token ids and ``on_text(index_in_batch, text)`` streams text,
+    whole characters only and never a piece of a stop string; the tokens reach the host asynchronously
+    (``_DecodeLoop.arrived``), at most STREAM_LAG steps behind the device, with no host sync per step.
     ``start_pos`` continues after tokens already in the KV cache (chat turns; one prompt only).
     ``interruptible``: Ctrl-C (KeyboardInterrupt) ends the generation instead of propagating, with stop
     reason "interrupted" (single process only).
@@ -144,11 +133,7 @@ def generate(
     device = model.device
     stops = torch.tensor(list(stop_tokens if stop_tokens is not None else tok.stop_tokens), device=device)
     if params.temperature > 0 and generator is None:
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
-        else:
-            generator.manual_seed(generator_seed(seed))
+        generator = SampleRng(seed, device)  # seed None: a fresh random one (the global RNG is left alone)
     counts = TokenCounts(ids, model.args.vocab_size, device) if params.penalized else None
     interruptible = interruptible and not model.tp.enabled
 
@@ -171,75 +156,73 @@ def generate(
             counts.add(token)
         return token
 
+    def deliver(step: int, row: list[int]) -> None:
+        """Stream token ``step`` of every sequence (host-side: stop tokens, callbacks, stop strings)."""
+        for b, t in enumerate(row):
+            if stopped_at[b] is not None:
+                continue
+            if t in stop_set:
+                stopped_at[b] = step
+                continue
+            if on_token is not None:
+                on_token(b, t)
+            if texts_streamed is not None:
+                piece = texts_streamed[b].feed(t)
+                if piece and on_text is not None:
+                    on_text(b, piece)
+                if texts_streamed[b].hit is not None:
+                    stopped_at[b] = step
+
     sync(device)
     t0 = time.perf_counter()
     produced, reason_all = 0, None
+    # Streaming (callbacks or stop strings) reads every token on the host, but never waits for the newest: the
+    # device runs up to STREAM_LAG steps ahead and the tokens come back through a pinned buffer. Under tensor
+    # parallelism every rank must make the same choices (a rank that leaves the loop early would strand the
+    # others in a collective), so rank 0's is used.
+    streaming = model.tp.broadcast_object(on_token is not None or texts_streamed is not None)
     with torch.inference_mode():
+        loop = None
         try:
             logits = model.prefill(padded, start_pos, last=lengths - 1, check=False)[:, 0]  # (B, vocab)
-            # NaN/Inf logits are noted on the device (no host sync) and reported at the stop checks; sampling
-            # gets finite stand-ins so that it never fails first with a message about probabilities, nor, on
-            # CUDA, trips a device-side assert.
-            bad = ~torch.isfinite(logits).all(dim=-1)  # (B,)
-            next_tok = pick(torch.nan_to_num(logits))
+            loop = _DecodeLoop(model, pick, generator, counts, stops, start_pos + lengths, max_new_tokens, streaming)
+            loop.first(logits)  # token 0, from the prompt's last logits
             sync(device)
             t1 = t_first = time.perf_counter()
-            out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            positions = start_pos + lengths  # where each sequence's next token goes
-            # How often to ask the device whether every sequence is done (a host sync): every step when
-            # streaming or matching stop strings, else every SYNC_EVERY steps. Under tensor parallelism every
-            # rank must make the same choice (a rank that leaves the loop early would strand the others in a
-            # collective), so rank 0's is used.
-            streaming = model.tp.broadcast_object(on_token is not None or texts_streamed is not None)
-            check_every = 1 if streaming else SYNC_EVERY
-            for step in range(max_new_tokens):
-                out[:, step] = next_tok
-                done |= torch.isin(next_tok, stops)
+            for step in range(max_new_tokens):  # token `step` is on the device; make token step + 1
                 produced = step + 1
                 if streaming:
-                    _check_finite(bad, step)  # streaming syncs every step anyway: never show a token of NaN logits
-                    for b, t in enumerate(next_tok.tolist()):
-                        if stopped_at[b] is not None:
-                            continue
-                        if t in stop_set:
-                            stopped_at[b] = step
-                            continue
-                        if on_token is not None:
-                            on_token(b, t)
-                        if texts_streamed is not None:
-                            piece = texts_streamed[b].feed(t)
-                            if piece and on_text is not None:
-                                on_text(b, piece)
-                            if texts_streamed[b].hit is not None:
-                                stopped_at[b] = step
-                                done[b] = True
+                    for s, row in loop.arrived(step):
+                        deliver(s, row)
+                    if all(s is not None for s in stopped_at):
+                        break
                 if produced == max_new_tokens:
                     break
-                if step % check_every == check_every - 1:
-                    all_done, any_bad = torch.stack([done.all(), bad.any()]).tolist()  # one host sync for both
+                if not streaming and step % SYNC_EVERY == SYNC_EVERY - 1:
+                    all_done, any_bad = torch.stack([loop.done.all(), loop.bad.any()]).tolist()  # one host sync
                     if any_bad:
-                        _check_finite(bad, step)
+                        _check_finite(loop.bad, step)
                     if all_done:
                         break
-                logits = model.decode(next_tok[:, None], positions)
-                bad |= ~torch.isfinite(logits).all(dim=-1)
-                positions = positions + 1
-                if step == 0:  # the first step compiles kernels / captures the CUDA graph: time it apart
+                # A finished sequence keeps decoding (its tokens are discarded): the batch stays static.
+                loop.advance()
+                if step == 0:  # the first step compiles kernels / captures the CUDA graphs: time it apart
                     sync(device)
                     t_first = time.perf_counter()
-                # A finished sequence keeps decoding (its tokens are discarded): the batch stays static.
-                next_tok = pick(torch.nan_to_num(logits))
+            if streaming:  # the tokens still on their way, up to the last one made
+                for s, row in loop.arrived(produced - 1, wait=True):
+                    deliver(s, row)
         except KeyboardInterrupt:
             if not interruptible or produced == 0:
                 raise
             reason_all = "interrupted"
         sync(device)
         t2 = time.perf_counter()
-        _check_finite(bad, produced - 1)
+        _check_finite(loop.bad, produced - 1)
+        out = loop.out[:produced, 0].T  # (B, produced)
 
     texts, tokens, reasons = [], [], []
-    for b, row in enumerate(out[:, :produced].tolist()):
+    for b, row in enumerate(out.tolist()):
         cut = next((i for i, t in enumerate(row) if t in stop_set), None)
         if texts_streamed is not None and texts_streamed[b].hit is not None:
             kept, reason = row[: stopped_at[b] + 1], "stop_string"
@@ -268,7 +251,135 @@ def generate(
         decode_seconds=t2 - t_first,
         decode_steps=steps,
         sample_seconds=sample_seconds if timed_sampling else None,
+        extra={"cuda_graphs": loop is not None and loop.sample_graph is not None},  # decode + sampling replayed
     )
+
+
+STREAM_LAG = 4  # decode steps the device may run ahead of the host while streaming
+
+
+class _DecodeLoop:
+    """The decode loop's state on the device and its one step: decode the last tokens at their positions, sample
+    the next ones, write them down. ``rec[s]`` holds token s of every sequence and whether any logits so far were
+    NaN/Inf; ``step`` counts the tokens made (a device tensor, so that a CUDA graph can advance it).
+
+    On CUDA (no tensor parallelism, the model's decode graph available, ``SampleRng`` or greedy sampling) a step
+    is two graph replays and nothing else: the model's decode step, whose static input buffers are this loop's
+    ``tokens`` and ``positions``, then the sampling step recorded here, which reads the decode graph's logits and
+    writes the next tokens straight into those buffers. No host sync, no per-step launch from Python. Elsewhere
+    the same ``_sample_step`` runs eagerly.
+    """
+
+    def __init__(self, model, pick, generator, counts, stops, positions, max_new_tokens, streaming):
+        B, device = positions.shape[0], positions.device
+        self.model, self.pick, self.stops = model, pick, stops
+        self.rec = torch.zeros(max_new_tokens, 2, B, dtype=torch.long, device=device)  # (token, non-finite so far)
+        self.bad = torch.zeros(B, dtype=torch.bool, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.positions = positions.clone()  # where each sequence's next token goes
+        self.decode_graph = self.sample_graph = None
+        self._mutable = [self.rec, self.bad, self.done, self.step, self.tokens, self.positions]
+        self._mutable += [generator.counter] if isinstance(generator, SampleRng) else []
+        self._mutable += [counts.generated] if counts is not None else []
+        graphable = device.type == "cuda" and model.use_cuda_graph and not model.tp.enabled
+        if graphable and not isinstance(generator, torch.Generator):  # a torch.Generator would need registering
+            self._capture()
+        self.pinned = None
+        if streaming and device.type == "cuda":
+            self.pinned = torch.empty(self.rec.shape, dtype=torch.long, pin_memory=True)
+            self.events: dict[int, torch.cuda.Event] = {}
+        self.delivered = 0  # tokens handed to the host so far
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.rec[:, :1]  # (max_new, 1, B)
+
+    def first(self, logits: torch.Tensor) -> None:
+        """Token 0 of every sequence, from the prompts' last logits (B, vocab)."""
+        self.record(logits)
+        self._copy_out()
+
+    def record(self, logits: torch.Tensor) -> None:
+        """Sample token ``step`` from logits (B, vocab) and write it down."""
+        self.bad |= ~torch.isfinite(logits).all(dim=-1)
+        # Sampling gets finite stand-ins for NaN/Inf (noted in ``bad``, reported at the stop checks), so that it
+        # never fails first with a message about probabilities, nor, on CUDA, trips a device-side assert.
+        token = self.pick(torch.nan_to_num(logits))
+        self.rec.index_copy_(0, self.step, torch.stack([token, self.bad.long()])[None])
+        self.done |= torch.isin(token, self.stops)
+        self.tokens.copy_(token[:, None])
+        self.step += 1
+
+    def _sample_step(self, logits: torch.Tensor) -> None:
+        self.positions += 1
+        self.record(logits)
+
+    def advance(self) -> None:
+        """Make the next token of every sequence."""
+        if self.sample_graph is not None:
+            self.decode_graph.replay_static()
+            self.sample_graph.replay()
+            self._copy_out()
+        else:
+            self._sample_step(self.model.decode(self.tokens, self.positions))
+            self._copy_out()
+
+    def _copy_out(self) -> None:
+        """Streaming on CUDA: start copying the newest token to pinned host memory, with an event to wait on."""
+        if self.pinned is None:
+            return
+        s = len(self.events)
+        self.pinned[s].copy_(self.rec[s], non_blocking=True)
+        self.events[s] = torch.cuda.Event()
+        self.events[s].record()
+
+    def arrived(self, last: int, wait: bool = False) -> list[tuple[int, list[int]]]:
+        """Tokens delivered..last that have reached the host, in order: all of them with ``wait``, else those whose
+        copy is done and, to bound the lag, any older than STREAM_LAG steps. Raises on NaN/Inf logits first."""
+        rows = []
+        while self.delivered <= last:
+            s = self.delivered
+            if self.pinned is None:
+                token, bad = self.rec[s].tolist()
+            else:
+                event = self.events[s]
+                if not (wait or last - s >= STREAM_LAG or event.query()):
+                    break
+                event.synchronize()
+                token, bad = self.pinned[s].tolist()
+            if any(bad):
+                _check_finite(torch.tensor(bad, dtype=torch.bool), s)
+            rows.append((s, token))
+            self.delivered += 1
+        return rows
+
+    def _capture(self) -> None:
+        g = self.model.decode_graph(self.tokens, self.positions)
+        if g is None:
+            return
+        self.tokens, self.positions = g.tokens, g.positions  # the decode graph reads these
+        self._mutable[4:6] = [self.tokens, self.positions]
+        saved = [t.clone() for t in self._mutable]
+        try:
+            stream = torch.cuda.Stream()  # warm up (lazy initialisation) on a side stream, then undo its writes
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._sample_step(g.logits)
+            torch.cuda.current_stream().wait_stream(stream)
+            for t, old in zip(self._mutable, saved, strict=True):
+                t.copy_(old)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._sample_step(g.logits)
+        except Exception as e:  # an optimisation: fall back to eager sampling, say so once
+            warnings.warn(f"CUDA graph capture of sampling failed, sampling eagerly: {type(e).__name__}: {e}",
+                          stacklevel=3)  # fmt: skip
+            for t, old in zip(self._mutable, saved, strict=True):
+                t.copy_(old)
+            return
+        self.decode_graph, self.sample_graph = g, graph
 
 
 class StopStrings:
@@ -365,11 +476,7 @@ class ChatSession:
         self.system = system
         self.sampling = sampling  # generate()'s sampling keywords: temperature, top_p, top_k, min_p, penalties, stop
         SamplingParams(**{k: v for k, v in sampling.items() if k != "stop"})  # bad values fail here, not mid-chat
-        self.generator = torch.Generator(device=model.device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = SampleRng(seed, model.device)
         self.reset()
 
     def reset(self) -> None:

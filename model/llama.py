@@ -473,6 +473,22 @@ class Llama(nn.Module):
                 return graph.replay(tokens, positions)
         return self._decode_step(tokens, positions)
 
+    def decode_graph(self, tokens: torch.Tensor, positions: torch.Tensor) -> _DecodeGraph | None:
+        """The captured decode step for this batch size (captured now if needed), its static input buffers holding
+        ``tokens`` (B, 1) and ``positions`` (B,): a caller that writes the next inputs into ``graph.tokens`` and
+        ``graph.positions`` itself (generate's sampling graph) runs a step with ``graph.replay_static()``, and finds
+        the logits in ``graph.logits``. None where decode steps run eagerly (no CUDA, or graphs off, or failed)."""
+        if self.device.type != "cuda" or not self.use_cuda_graph:
+            return None
+        B = tokens.shape[0]
+        if B not in self._graphs:
+            self.decode(tokens, positions)  # captures (every rank under TP), then runs one step: same slot, same values
+        graph = self._graphs[B]
+        if graph is not None:
+            graph.tokens.copy_(tokens)
+            graph.positions.copy_(positions)
+        return graph
+
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence, tokens (B, 1) at positions (B,) -> logits (B, vocab) fp32: the fused step
         (embedding, 5 launches a block, the output head) or the prefill path with T = 1."""
@@ -530,8 +546,15 @@ class _DecodeGraph:
             return None
 
     def replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
+        if tokens.data_ptr() != self.tokens.data_ptr():
+            self.tokens.copy_(tokens)
+        if positions.data_ptr() != self.positions.data_ptr():
+            self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+
+    def replay_static(self) -> torch.Tensor:
+        """A step on whatever the static buffers hold (the caller wrote them, on the device)."""
         self.graph.replay()
         return self.logits
 

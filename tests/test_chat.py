@@ -12,6 +12,7 @@ import torch
 from model.cli import main
 from model.generate import ChatSession, ContextFull, generate
 from model.llama import Llama
+from model.sampling import SampleRng
 from model.tiny import make_tiny
 from model.tokenizer import ChatFormat
 
@@ -40,7 +41,7 @@ def test_one_generator_per_session(llm):
     # and a new session with the same seed repeats the conversation.
     a = ChatSession(llm, seed=7, **SAMPLING)
     r1, r2 = a.reply("hi", max_new_tokens=6), a.reply("hi", max_new_tokens=6)
-    g = torch.Generator().manual_seed(7)
+    g = SampleRng(7, llm.device)
     fmt = ChatFormat(llm.tokenizer)
     first = _history(llm, None, ["hi"])
     e1 = generate(llm, [first], max_new_tokens=6, generator=g, **SAMPLING)

@@ -46,7 +46,7 @@ def _run_both(q, k, v, positions, cos_sin, k_buf, v_buf, ws, **kw):
     assert got is out
     kr, vr = k_buf.float(), v_buf.float()
     f = [t.float() for t in (q, k, v)]
-    want = reference.rope_decode_attention(*f, positions, cos_sin, kr.transpose(1, 2), vr.transpose(1, 2))
+    want = reference.rope_decode_attention(*f, positions, cos_sin, kr.transpose(1, 2), vr.transpose(1, 2), None)
     return (got, kc, vc), (want, kr, vr)
 
 
@@ -108,8 +108,11 @@ def _bad_cases():
         ("k/v strides", lambda: rope_decode_attention(q, k.contiguous(), v, pos, cs, kc, vc, ws), "same strides"),
         ("positions dtype", lambda: rope_decode_attention(q, k, v, pos.float(), cs, kc, vc, ws), "positions: expected"),
         ("short table", lambda: rope_decode_attention(q, k, v, pos, cs[:8], kc, vc, ws), "cos_sin: expected"),
-        ("workspace", lambda: rope_decode_attention(q, k, v, pos, cs, kc, vc, DecodeWorkspace(1, 4, 2, 64, DEVICE)),
-         "workspace: expected"),  # fmt: skip
+        (
+            "workspace",
+            lambda: rope_decode_attention(q, k, v, pos, cs, kc, vc, DecodeWorkspace(1, 4, 2, 64, DEVICE)),
+            "workspace: expected",
+        ),  # fmt: skip
         ("splits", lambda: rope_decode_attention(q, k, v, pos, cs, kc, vc, ws, num_splits=0), "num_splits"),
     ]
 

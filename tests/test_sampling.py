@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import SamplingParams, TokenCounts, draw, filter_probs, reference_probs, sample
+from model.sampling import SampleRng, SamplingParams, TokenCounts, draw, filter_probs, reference_probs, sample
 
 V = 128256  # Llama-3's vocabulary
 ALPHA = 1e-3  # the chi-square test's significance level
@@ -109,7 +109,7 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: 
 
 
 def _draw_counts(sampler, logits_row: torch.Tensor, n: int, rows: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = SampleRng(seed)  # the generator generate() uses (and a CUDA graph can hold)
     batch = logits_row.expand(rows, -1).contiguous()
     counts = torch.zeros(logits_row.shape[-1], dtype=torch.long)
     for _ in range(n // rows):
@@ -195,3 +195,30 @@ def test_no_host_sync_on_cuda(params):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert token.shape == (3,)
+
+
+def test_sample_rng_is_repeatable_and_moves_on():
+    """Draw n of row b depends on (seed, n, b) alone: the same seed repeats the stream, each draw moves it on,
+    rows differ, and the numbers fill [0, 1) evenly (chi-square over 64 bins, 64k numbers)."""
+    a, b = SampleRng(123), SampleRng(123)
+    first = a.uniform(4)
+    assert torch.equal(first, b.uniform(4)) and int(a.counter) == 1
+    assert not torch.equal(a.uniform(4), first)  # the stream moves on
+    assert first.unique().numel() == 4  # rows draw different numbers
+    assert not torch.equal(SampleRng(124).uniform(4), first)
+    assert not torch.equal(SampleRng(123 + 2**32).uniform(4), first)  # both halves of a 64-bit seed count
+    u = torch.cat([a.uniform(64) for _ in range(1024)]).flatten()
+    assert (u >= 0).all() and (u < 1).all()
+    counts = torch.bincount((u * 64).long(), minlength=64)
+    assert chi_square_p_value(counts, torch.full((64,), 1 / 64)) > ALPHA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sample_rng_gives_the_same_tokens_on_cpu_and_gpu():
+    """One algorithm for both devices: the same seed draws the same numbers, and so the same tokens."""
+    cpu, gpu = SampleRng(9), SampleRng(9, "cuda")
+    assert torch.equal(cpu.uniform(8), gpu.uniform(8).cpu())
+    logits = _logits(3, rows=4)
+    params = SamplingParams(0.8, 0.9)
+    assert torch.equal(sample(logits, params, SampleRng(5)), sample(logits.cuda(), params, SampleRng(5, "cuda")).cpu())
