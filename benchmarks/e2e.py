@@ -38,7 +38,8 @@ a 16-token random prompt, then 128 new tokens (256 in full runs) with generate()
 (temperature 0.6, top-p 0.9) and greedy; ``model.generate`` for the Triton path, the same loop around the
 compiled step (sampling inside its graph) for the torch.compile peer. tokens/s = (new tokens - 1) / the loop's
 wall time: the prefill and the first token's sample are excluded and reported apart (also tokens/s with the
-prefill). Median of 3 timed runs (5 in full runs) after an untimed one.
+prefill). Median of 3 timed runs (5 in full runs) after an untimed one. Its floor is a decode step's at the
+loop's middle context (prompt + half the new tokens).
 
 Prefill: one 2k-token prompt at batch 1 (logits of the last token only, as generation does); tokens/s and
 TFLOP/s (2 FLOPs per weight per token + causal attention) as a fraction of the measured matmul ceiling.
@@ -276,7 +277,7 @@ def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None
         peer_default = peer is not None and (
             not ctx.cuda or not ctx.quick or ctx.time_left() >= COMPILE_EST_SECONDS.get(name, 90) + 30
         )
-        rec["generate"] = _generation_rows(ctx, model, args, peer, peer_default)
+        rec["generate"] = _generation_rows(ctx, model, args, peer, peer_default, es)
     finally:
         if peer is not None:
             peer.close()
@@ -532,7 +533,7 @@ def _generate_peer(ctx: Context, model, peer: _Peer, prompt: list[int], n_new: i
     return {"prefill_s": t1 - t0, "loop_s": t2 - t1, "total_s": t2 - t0, "tokens": out[0, : step + 1].tolist()}
 
 
-def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default: bool) -> list[dict]:
+def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default: bool, es: int) -> list[dict]:
     """Whole generation at batch 1: a short random prompt, then n_new tokens, with generate()'s default sampling
     and with greedy, for the Triton path (``model.generate``) and the compile peer. tokens/s = (n_new - 1) / the
     loop's wall time (prefill and the first token's sample excluded; reported apart, and in
@@ -557,6 +558,9 @@ def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default
                 "prompt_tokens": n_prompt,
                 "new_tokens": n_new,
                 "runs": runs,
+                # The floor of a step at the loop's middle context (the KV cache grows from the prompt's length).
+                "floor_context": n_prompt + n_new // 2,
+                **_floors(ctx, model, args, 1, n_prompt + n_new // 2, es),
             }
             if impl == "torch_compile":
                 row["compile"] = peer.recipe(params)
@@ -603,6 +607,8 @@ def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default
                 tokens_per_s=(n_new - 1) / loop,
                 tokens_per_s_with_prefill=n_new / total,
             )
+            if "floor_tokens_per_s" in row:
+                row["fraction_of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
             ctx.log(f"e2e generate {impl} {name} B=1: {row['tokens_per_s']:.1f} tokens/s over {n_new - 1} steps "
                     f"({row['tokens_per_s_with_prefill']:.1f} with the prefill of {n_prompt} tokens)")  # fmt: skip
             rows.append(row)
