@@ -302,6 +302,34 @@ def test_generation_rows_in_the_markdown_and_summary(tmp_path):
     assert "e2e 8B generate triton default B=1: 160.0 tokens/s (80% of floor), 128 new tokens" in summary
 
 
+def test_quick_runs_compile_the_goal_model_when_the_budget_allows_else_the_smallest():
+    """No GPU needed: the plan reads only the mode, the device type and the time left."""
+    import time
+
+    from benchmarks.e2e import _compile_plan
+
+    def plan(models, seconds_left=None, quick=True, compile_peers=True):
+        ctx = Context(device=torch.device("cuda"), dtype=torch.bfloat16, smoke=False, quick=quick,
+                      compile_peers=compile_peers)  # fmt: skip
+        if seconds_left is not None:
+            ctx.deadline = time.monotonic() + seconds_left
+        compiled, out = [], []
+        for i, name in enumerate(models):
+            ok, why = _compile_plan(ctx, models, i, compiled)
+            compiled += [name] if ok else []
+            out.append(ok or why)
+        return out
+
+    assert plan(["8B", "1B"]) == [True, "--quick: one model only (8B)"]
+    # 8B's compile needs ~270 s beside the base figures of 8B and 1B: with 200 s left it goes to 1B (~110 s).
+    assert plan(["8B", "1B"], 200) == ["time budget: ~270 s needed with the compile, 200 s left", True]
+    assert plan(["8B", "1B"], 100)[1] == "time budget: ~110 s needed with the compile, 100 s left"
+    assert plan(["1B", "3B"]) == [True, "--quick: one model only (1B)"]
+    assert plan(["1B", "8B"]) == ["--quick: 8B only", True]
+    assert plan(["8B", "1B", "3B"], quick=False) == [True, True, True]
+    assert plan(["8B"], compile_peers=False) == ["--no-compile"]
+
+
 def test_cli_has_a_bench_subcommand(monkeypatch):
     """`llama3-triton bench ARGS` runs the runner, `python -m benchmarks ARGS`, as its own process, with every flag."""
     import subprocess as sp
