@@ -1,4 +1,4 @@
-"""Causal prefill attention against SDPA's flash backend, the reference in torch eager, and its ``torch.compile``.
+"""Causal prefill attention against SDPA's flash and cuDNN backends, the reference in torch eager, and its compile.
 
 Prefill attention is compute-bound. FLOPs it must do, causal, for T queries at positions 0..T-1:
     query t scores t + 1 keys (2 hd FLOPs each) and sums as many values (2 hd each):
@@ -7,6 +7,12 @@ TFLOP/s below are these over the median time, for every implementation (the refe
 masked half too; it is charged only for the useful half, like the others). Bytes (q, k, v in; o out) are
 recorded for reference. Shapes: Llama-3 8B (32 q heads) and 70B (64), 8 kv heads (GQA 4 and 8), head dim
 128, B = 1, T from 128 to 16k; q is a view of the fused q|k|v product and k/v the model's cache views.
+
+SDPA is timed twice, pinned to one backend each time with ``torch.nn.attention.sdpa_kernel``: ``sdpa_flash``
+(FlashAttention-2, ``SDPBackend.FLASH_ATTENTION``) and ``sdpa_cudnn`` (cuDNN's fused attention,
+``SDPBackend.CUDNN_ATTENTION``, often the faster of the two on Hopper); where cuDNN attention cannot run (a CPU,
+a torch without it) its cell is a skip with the reason, and where a backend refuses the shape at run time the
+error is recorded.
 
 The reference materialises fp32 (T x T) score matrices per head: where they would not fit in memory
 (8B at 16k: ~96 GiB) it and its compiled twin are skipped, with the reason recorded.
@@ -20,17 +26,37 @@ import sys
 
 from benchmarks.common import Case, Context, Skip, available_bytes, compiled, describe, element_size, randn
 
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_unavailable(name: str, ctx: Context) -> Skip | None:
+    """Why SDPA backend ``name`` (a key of SDPA_BACKENDS) cannot run here, or None when it may: cuDNN attention
+    needs a CUDA GPU, a torch that has ``SDPBackend.CUDNN_ATTENTION`` (2.5 on) and cuDNN."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    if name == "sdpa_cudnn":
+        if not hasattr(SDPBackend, "CUDNN_ATTENTION"):
+            return Skip(f"torch {torch.__version__} has no SDPBackend.CUDNN_ATTENTION")
+        if not ctx.cuda:
+            return Skip("cuDNN attention needs a CUDA GPU")
+        if not torch.backends.cudnn.is_available():
+            return Skip("cuDNN is not available to this torch")
+    return None
+
 
 class Sdpa:
-    """``F.scaled_dot_product_attention`` restricted to the flash backend, on (B, H, T, hd) tensors.
+    """``F.scaled_dot_product_attention`` restricted to one backend (flash by default, or cuDNN's), on (B, H, T, hd)
+    tensors.
 
     GQA goes through ``enable_gqa=True`` (k/v read once per kv head, like our kernels). Where this torch's
-    flash backend refuses it, k/v are repeated to Hq heads once, on the first (untimed) call, and ``note``
+    backend refuses it, k/v are repeated to Hq heads once, on the first (untimed) call, and ``note``
     says so: then SDPA reads Hq / Hkv times the k/v bytes our kernels do.
     """
 
-    def __init__(self, q, k, v, causal: bool, out_view):
+    def __init__(self, q, k, v, causal: bool, out_view, backend: str = "FLASH_ATTENTION"):
         self.q, self.k, self.v, self.causal, self.out_view = q, k, v, causal, out_view
+        self.backend = backend
         self.gqa = q.shape[1] != k.shape[1]
         self.note: str | None = None
 
@@ -38,7 +64,7 @@ class Sdpa:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(getattr(SDPBackend, self.backend)):
             if self.gqa:
                 try:
                     o = F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=self.causal, enable_gqa=True)
@@ -50,6 +76,15 @@ class Sdpa:
                     self.gqa = False
                     self.note = f"enable_gqa refused ({describe(e)}); k/v repeated {rep}x before the timing"
             return self.out_view(F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=self.causal))
+
+
+def sdpa_peers(ctx: Context, q, k, v, causal: bool, out_view) -> dict:
+    """{"sdpa_flash": ..., "sdpa_cudnn": ...}: SDPA pinned to each backend (``sdpa_kernel``), or a Skip saying why
+    it cannot run here."""
+    return {
+        name: sdpa_unavailable(name, ctx) or Sdpa(q, k, v, causal=causal, out_view=out_view, backend=backend)
+        for name, backend in SDPA_BACKENDS.items()
+    }
 
 
 def causal_flops(B: int, Hq: int, hd: int, T: int, start_pos: int = 0) -> int:
@@ -82,7 +117,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
         skip_ref = Skip(f"the reference needs ~{need / 2**30:.0f} GiB for fp32 score matrices") if too_big else None
         impls["torch_eager"] = skip_ref or (lambda: reference.attention(q, k, v))
         impls["triton"] = lambda: triton_ops.attention(q, k, v)
-        impls["sdpa_flash"] = Sdpa(q_sdpa, k_store, v_store, causal=True, out_view=lambda o: o.transpose(1, 2))
+        impls.update(sdpa_peers(ctx, q_sdpa, k_store, v_store, causal=True, out_view=lambda o: o.transpose(1, 2)))
         if not ctx.compile_peers:
             impls["torch_compile"] = Skip("--no-compile")
         elif skip_ref:

@@ -1,4 +1,7 @@
-"""Split-KV decode attention (one new query per sequence) against the reference, its compile, and SDPA flash.
+"""Split-KV decode attention (one new query per sequence) against the reference, its compile, and SDPA.
+
+SDPA serves a one-query step too: it is timed pinned to its flash backend (``sdpa_flash``) and to cuDNN's
+(``sdpa_cudnn``; a skip with the reason where it cannot run), as in ``attention.py``.
 
 Decode attention is memory-bound: each step reads the whole K and V cache up to each sequence's length.
 Bytes it must move, for B sequences of length L:
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.attention import Sdpa
+from benchmarks.attention import sdpa_peers
 from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
 
 
@@ -50,7 +53,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
             return lambda: op(q, k_cache, v_cache, lengths)
 
         impls: dict = {"torch_eager": call(reference.decode_attention), "triton": call(triton_ops.decode_attention)}
-        impls["sdpa_flash"] = Sdpa(q[:, :, None, :], k_store, v_store, causal=False, out_view=lambda o: o[:, :, 0])
+        impls.update(sdpa_peers(ctx, q[:, :, None, :], k_store, v_store, causal=False, out_view=lambda o: o[:, :, 0]))
         impls["torch_compile"] = (
             call(compiled(reference.decode_attention, ctx)) if ctx.compile_peers else Skip("--no-compile")
         )

@@ -7,20 +7,39 @@ in host RAM; the scratch folder is /dev/shm when it has room, else the temp fold
 $LLAMA3_TRITON_SCRATCH).
 
 Decode: one ``decode_step`` (B new tokens at position L, each attending to L + 1 keys) at batch 1 and 8
-and contexts 128, 2k and 8k, the KV cache filled with random values; tokens/s = B / step time. Peers, all
-on the same loaded weights (a backend is only the ops module the driver calls, so it is switched in place):
+and contexts 128, 512, 2k and 8k (--quick: 512 and 8k, where the goals are judged), the KV cache filled with
+random values; tokens/s = B / step time. Peers, all on the same loaded weights (a backend is only the ops module
+the driver calls, so it is switched in place):
     triton         the driver as shipped: Triton kernels, the decode step replayed as a CUDA graph
     torch          backend="torch" (the reference ops), same driver, same CUDA graph; under capture the
                    reference cannot read the lengths on the host, so it attends over the whole static
                    cache with a mask and its step time does not depend on the context
     torch_eager    backend="torch" without the CUDA graph: every op launched from Python
     triton_eager   (full runs) the Triton kernels without the graph: what the graph saves
-    torch_compile  torch.compile(mode="reduce-overhead") of the torch backend's decode step (gpt-fast's
-                   recipe); a failure is recorded, never raised. Compiling costs about a minute per model
-                   and shape, so --quick compiles only the smallest model, at batch 1 and context 2k.
+    torch_compile  ``benchmarks/torch_decode.py``: a plain-PyTorch decode step written for compiling (gpt-fast's
+                   recipe: the model's own weights and bf16 static cache, SDPA over the cache with a mask built
+                   on the device, greedy sampling in the graph, no host sync), torch.compile(fullgraph=True,
+                   dynamic=False, mode="reduce-overhead"); each row records the recipe and its logits' largest
+                   difference from the Triton path's. One graph serves every context; each batch size and
+                   sampling setting is a compile (about a minute for a model, estimated), so --quick compiles
+                   one model at batch 1: 8B when it runs and the time budget leaves room for the compile beside
+                   the base figures of the models still to come, else the smallest model if it fits then. A
+                   failure is recorded, never raised.
+                   It replaces torch.compile of the torch backend's decode step, which graph-broke in every layer
+                   on the reference's host read of the lengths (``int(lengths.max())``) and upcast the cache to
+                   fp32: it measured how the reference ops compile, not what torch.compile can do for decode, and
+                   the torch and torch_eager rows already show those ops.
 Floor: the most tokens/s the measured copy bandwidth allows, B * bandwidth / bytes a step must read, where
 the bytes are the weights a step reads (``decode_bytes_per_token``: all but the embedding table) plus the
 KV cache read up to each sequence's length; also given against all weight bytes.
+
+Generation (``generate`` rows): whole generation at batch 1 as peers publish it, sampling and the loop included:
+a 16-token random prompt, then 128 new tokens (256 in full runs) with generate()'s default sampling
+(temperature 0.6, top-p 0.9) and greedy; ``model.generate`` for the Triton path, the same loop around the
+compiled step (sampling inside its graph) for the torch.compile peer. tokens/s = (new tokens - 1) / the loop's
+wall time: the prefill and the first token's sample are excluded and reported apart (also tokens/s with the
+prefill). Median of 3 timed runs (5 in full runs) after an untimed one. Its floor is a decode step's at the
+loop's middle context (prompt + half the new tokens).
 
 Prefill: one 2k-token prompt at batch 1 (logits of the last token only, as generation does); tokens/s and
 TFLOP/s (2 FLOPs per weight per token + causal attention) as a fraction of the measured matmul ceiling.
@@ -63,17 +82,25 @@ MODELS: dict[str, dict[str, Any]] = {
     ),
 }  # fmt: skip
 DEFAULT_MODELS = ("1B", "3B", "8B")
-# Rough seconds per model on an H100 in --quick mode (write, load, time), compile peer excluded: a model is
-# skipped, with the reason recorded, when less time than this is left of the run's budget.
+# Rough seconds per model on an H100 in --quick mode (write, load, time the decode and prefill points), compile
+# peer excluded: a model is skipped, with the reason recorded, when less time than this is left of the budget.
 EST_SECONDS = {"tiny": 0, "1B": 40, "3B": 60, "8B": 120}
-COMPILE_EST_SECONDS = 90
+# Rough seconds of one cold inductor compile (mode="reduce-overhead") of the torch.compile peer's whole decode
+# step, and of the generation rows (warm-up + timed runs of 128 tokens, two sampling settings, two paths).
+# Estimates, not yet measured on a GPU here: "about a minute" per model for the compile.
+COMPILE_EST_SECONDS = {"tiny": 0, "1B": 60, "3B": 75, "8B": 90}
+GENERATE_EST_SECONDS = {"tiny": 0, "1B": 10, "3B": 15, "8B": 20}
+# The model the decode goals are judged on: in --quick mode the compile peer goes to it (when it is in the run).
+GOAL_MODEL = "8B"
 
 
 def points(ctx: Context) -> tuple[list[int], list[int], int]:
-    """(batches, contexts, prefill length)."""
+    """(batches, contexts, prefill length). The goals are judged at batch 1, contexts 512 and 8k."""
     if ctx.smoke:
         return [1, 2], [12], 16
-    return [1, 8], [128, 2048, 8192], 2048
+    if ctx.quick:
+        return [1, 8], [512, 8192], 2048
+    return [1, 8], [128, 512, 2048, 8192], 2048
 
 
 def model_args(name: str):
@@ -146,16 +173,18 @@ def _use(model, backend: str, graph: bool) -> None:
 def run(ctx: Context, models: list[str]) -> dict:
     """Benchmark each model in turn; one failing model is recorded and the next one still runs."""
     out: dict[str, Any] = {"models": []}
-    smallest = min(models, key=lambda n: model_args(n).num_parameters())
-    for name in models:
-        compile_here = ctx.compile_peers and (not ctx.quick or name == smallest)
-        need = EST_SECONDS.get(name, 0) + (COMPILE_EST_SECONDS if compile_here and ctx.cuda else 0)
+    compiled: list[str] = []  # models that got the compile peer
+    for i, name in enumerate(models):
+        need = EST_SECONDS.get(name, 0)
         if ctx.time_left() < need:
             ctx.log(f"e2e {name}: skipped, ~{need} s needed and {max(ctx.time_left(), 0):.0f} s of the budget left")
             out["models"].append({"model": name, "skipped": f"time budget: ~{need} s needed"})
             continue
+        compile_here, why_not = _compile_plan(ctx, models, i, compiled)
+        if compile_here:
+            compiled.append(name)
         try:
-            out["models"].append(bench_model(ctx, name, compile_here))
+            out["models"].append(bench_model(ctx, name, compile_here, why_not))
         except Exception as e:
             if ctx.debug:
                 traceback.print_exc()
@@ -165,7 +194,32 @@ def run(ctx: Context, models: list[str]) -> dict:
     return out
 
 
-def bench_model(ctx: Context, name: str, compile_here: bool) -> dict:
+def _compile_plan(ctx: Context, models: list[str], i: int, compiled: list[str]) -> tuple[bool, str | None]:
+    """Whether model ``models[i]`` gets the torch.compile peer, and why not. Full runs compile every model.
+    --quick compiles one: the goal model (8B) when it is in the run, else (or when 8B's compile did not fit the
+    budget) the smallest. On a GPU with a time budget, the compile must fit beside the base figures of this
+    model and of the models still to come (``COMPILE_EST_SECONDS``, ``EST_SECONDS``)."""
+    if not ctx.compile_peers:
+        return False, "--no-compile"
+    name = models[i]
+    if ctx.quick:
+        smallest = min(models, key=lambda n: model_args(n).num_parameters())
+        if compiled:
+            return False, f"--quick: one model only ({compiled[0]})"
+        if name != GOAL_MODEL and name != smallest:
+            return False, f"--quick: {GOAL_MODEL if GOAL_MODEL in models else smallest} only"
+        if name == smallest and GOAL_MODEL in models and models.index(GOAL_MODEL) > i:
+            return False, f"--quick: {GOAL_MODEL} only"  # 8B comes later and goes first
+    if not ctx.cuda:
+        return True, None
+    need = sum(EST_SECONDS.get(n, 0) for n in models[i:]) + COMPILE_EST_SECONDS.get(name, 90)
+    need += GENERATE_EST_SECONDS.get(name, 0)
+    if ctx.time_left() < need:
+        return False, f"time budget: ~{need} s needed with the compile, {max(ctx.time_left(), 0):.0f} s left"
+    return True, None
+
+
+def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None = None) -> dict:
     import torch
 
     from model.llama import Llama
@@ -218,13 +272,23 @@ def bench_model(ctx: Context, name: str, compile_here: bool) -> dict:
         for B in batches:
             for L in contexts:
                 rec["decode"].append(_decode_point(ctx, model, args, impl, B, L, es))
-    if compile_here:
-        pts = [(b, L) for b in batches for L in contexts]
-        if ctx.quick or ctx.smoke:
-            pts = [(batches[0], contexts[len(contexts) // 2])]
-        rec["decode"] += _compiled_points(ctx, model, args, pts, es)
-    else:
-        rec["decode_compile_skipped"] = "--no-compile" if not ctx.compile_peers else "--quick: the smallest model only"
+    peer = _Peer(ctx, model) if compile_here else None
+    try:
+        if peer is not None:
+            # One compiled graph serves every context (positions are device tensors); each batch size recompiles,
+            # so --quick times batch 1 only (the goals' batch).
+            pts = [(b, L) for b in batches for L in contexts if b == batches[0] or not (ctx.quick or ctx.smoke)]
+            rec["decode"] += _compiled_points(ctx, model, args, peer, pts, es)
+        else:
+            rec["decode_compile_skipped"] = why_not or "not run"
+        # Default sampling in the compile peer is a second compile: in --quick runs only if it fits the budget.
+        peer_default = peer is not None and (
+            not ctx.cuda or not ctx.quick or ctx.time_left() >= COMPILE_EST_SECONDS.get(name, 90) + 30
+        )
+        rec["generate"] = _generation_rows(ctx, model, args, peer, peer_default, es)
+    finally:
+        if peer is not None:
+            peer.close()
 
     rec["prefill"] = []
     outputs = {}
@@ -290,53 +354,100 @@ def _finish_decode_row(ctx: Context, row: dict, timing: dict) -> None:
             f"{row['tokens_per_s']:.1f} tokens/s{frac}")  # fmt: skip
 
 
-def _compiled_points(ctx: Context, model, args, pts: list[tuple[int, int]], es: int) -> list[dict]:
-    """torch.compile of the torch backend's decode step, mode="reduce-overhead" on CUDA (CUDA graphs through
-    cudagraph trees, the KV cache marked as static addresses), fullgraph=False: the reference's host read of
-    the lengths is a graph break, as it would be for any user compiling this model."""
-    import torch
-    import torch._dynamo
+class _Peer:
+    """The compiled torch.compile peer (``benchmarks.torch_decode``) of one model: one compiled step per sampling
+    setting (a new batch size recompiles inside it), built on first use, dropped by ``close``."""
 
-    _use(model, "torch", False)
-    for t in [*model.k_cache, *model.v_cache]:
+    def __init__(self, ctx: Context, model):
+        self.ctx, self.model = ctx, model
+        self._steps: dict = {}
+        self._compiled: set = set()  # (params, batch) pairs already compiled
+
+    def get(self, params):
+        from benchmarks.torch_decode import TorchDecode
+
+        if params not in self._steps:
+            peer = TorchDecode(self.model, params)
+            self._steps[params] = (peer, peer.compile(backend=self.ctx.compile_backend))
+        return self._steps[params]
+
+    def call(self, params, tokens, positions):
+        """Run the compiled step (compiling it on the first call of a batch size): (next tokens, logits)."""
+        import torch
+
+        _, step = self.get(params)
+        if self.ctx.cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs may now be overwritten
+        with torch.inference_mode():
+            return step(tokens, positions)
+
+    def warm(self, params, tokens, positions) -> float | None:
+        """Compile (and let cudagraph trees warm up and record) for this batch size; seconds it took, or None when
+        this (params, batch) was compiled before."""
+        key = (params, tokens.shape[0])
+        if key in self._compiled:
+            return None
+        t0 = time.perf_counter()
+        for _ in range(3):  # compile, then cudagraph trees' warm-up and recording runs
+            self.call(params, tokens, positions)
+        sync(self.ctx)
+        self._compiled.add(key)
+        return time.perf_counter() - t0
+
+    def recipe(self, params) -> dict:
+        peer, _ = self.get(params)
+        mode = "reduce-overhead" if self.ctx.cuda and self.ctx.compile_backend == "inductor" else None
+        return {**peer.recipe, "backend": self.ctx.compile_backend, **({"mode": mode} if mode else {})}
+
+    def close(self) -> None:
+        import torch
+
+        self._steps.clear()
         try:
-            torch._dynamo.mark_static_address(t)
-        except Exception:  # older torch: cudagraph trees then copy the cache in, slower but correct
-            break
+            torch._dynamo.reset()
+            if self.ctx.cuda:
+                from torch._inductor import cudagraph_trees
 
-    def step(tokens, positions):
-        return model.decode(tokens, positions)  # eager: the model's own graph capture is off
+                cudagraph_trees.reset_cudagraph_trees()
+        except Exception:
+            pass
+        free_memory()
 
-    kw: dict[str, Any] = {"fullgraph": False, "dynamic": False, "backend": ctx.compile_backend}
-    if ctx.compile_backend == "inductor" and ctx.cuda:
-        kw["mode"] = "reduce-overhead"
-    compiled = torch.compile(step, **kw)
-    mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+
+def sync(ctx: Context) -> None:
+    import torch
+
+    if ctx.cuda:
+        torch.cuda.synchronize(ctx.device)
+
+
+def _compiled_points(ctx: Context, model, args, peer: _Peer, pts: list[tuple[int, int]], es: int) -> list[dict]:
+    """The torch.compile peer's decode step (``benchmarks.torch_decode``: the whole step in one graph, greedy
+    sampling inside it, compiled with fullgraph=True and mode="reduce-overhead") at each (batch, context). Its
+    logits are compared with the Triton path's on the same inputs (``max_abs_diff_vs_triton``)."""
+    import torch
+
+    from benchmarks.torch_decode import GREEDY
+
     rows = []
+    _use(model, "triton", True)  # the driver as shipped: its logits are the comparison's reference
     for B, L in pts:
         row: dict[str, Any] = {"impl": "torch_compile", "batch": B, "context": L, **_floors(ctx, model, args, B, L, es)}
-        row["compile"] = {"backend": ctx.compile_backend, **({"mode": kw["mode"]} if "mode" in kw else {})}
         if ctx.over_budget():
             row["skipped"] = "time budget spent"
             rows.append(row)
             continue
         tokens = torch.randint(0, args.vocab_size, (B, 1), device=ctx.device)
         positions = torch.full((B,), L, dtype=torch.long, device=ctx.device)
-
-        def call(tokens=tokens, positions=positions):
-            if mark_step is not None and ctx.cuda:
-                mark_step()
-            with torch.inference_mode():
-                return compiled(tokens, positions)
-
         try:
-            t0 = time.perf_counter()
-            for _ in range(3):  # compile, then cudagraph trees' warm-up and recording runs
-                call()
-            if ctx.cuda:
-                torch.cuda.synchronize()
-            row["compile_s"] = time.perf_counter() - t0
-            timing, _ = time_call(call, ctx, graph=False)
+            row["compile"] = peer.recipe(GREEDY)
+            compile_s = peer.warm(GREEDY, tokens, positions)
+            if compile_s is not None:
+                row["compile_s"] = compile_s
+            expected = model.decode(tokens, positions).float().clone()
+            row["max_abs_diff_vs_triton"] = float((peer.call(GREEDY, tokens, positions)[1] - expected).abs().max())
+            row["max_abs_logit_triton"] = float(expected.abs().max())
+            timing, _ = time_call(lambda t=tokens, p=positions: peer.call(GREEDY, t, p), ctx, graph=False)
         except Exception as e:
             if ctx.debug:
                 traceback.print_exc()
@@ -346,15 +457,169 @@ def _compiled_points(ctx: Context, model, args, pts: list[tuple[int, int]], es: 
             continue
         _finish_decode_row(ctx, row, timing)
         rows.append(row)
-    try:
-        torch._dynamo.reset()
-        if ctx.cuda:
-            from torch._inductor import cudagraph_trees
+    return rows
 
-            cudagraph_trees.reset_cudagraph_trees()
-    except Exception:
-        pass
-    free_memory()
+
+# ---- whole generation: prefill, then the decode + sample loop ------------------------------------------------
+
+
+def gen_settings(ctx: Context) -> tuple[int, int, int]:
+    """(prompt tokens, new tokens, timed runs) of the generation rows."""
+    if ctx.smoke:
+        return 4, 4, 1
+    return (16, 128, 3) if ctx.quick else (16, 256, 5)
+
+
+def _sampling_settings():
+    """(name, SamplingParams) of the generation rows: generate()'s defaults and greedy."""
+    from model.sampling import SamplingParams
+
+    return [("default", SamplingParams()), ("greedy", SamplingParams(temperature=0.0))]
+
+
+def _generate_triton(model, prompt: list[int], n_new: int, params, seed: int) -> dict:
+    """``model.generate`` as a user calls it (no stop tokens, so every run makes n_new tokens): its own timers
+    split the prefill (with the first token's sample) from the loop of n_new - 1 decode + sample steps."""
+    t0 = time.perf_counter()
+    out = model.generate(
+        [prompt],
+        max_new_tokens=n_new,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=seed,
+        stop_tokens=[],
+    )
+    total = time.perf_counter() - t0
+    if len(out.tokens[0]) != n_new:
+        raise RuntimeError(f"generate made {len(out.tokens[0])} tokens, expected {n_new}")
+    loop = out.first_decode_seconds + out.decode_seconds
+    return {"prefill_s": out.prefill_seconds, "loop_s": loop, "total_s": total, "tokens": out.tokens[0]}
+
+
+def _generate_peer(ctx: Context, model, peer: _Peer, prompt: list[int], n_new: int, params, seed: int) -> dict:
+    """The same loop as ``model.generate`` with the compiled peer's step (sampling inside its graph): prefill
+    with the model's own prefill (Triton backend) and sample the first token; then per step the compiled step,
+    the token stored, the stop check on the device, a host sync every ``SYNC_EVERY`` steps as generate does."""
+    import torch
+
+    from model.generate import SYNC_EVERY
+    from model.sampling import sample
+
+    torch.manual_seed(seed)
+    device = ctx.device
+    B = 1
+    stops = torch.tensor([], dtype=torch.long, device=device)  # none, as in the Triton rows
+    sync(ctx)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        tokens = torch.tensor([prompt], device=device)
+        lengths = torch.tensor([len(prompt)], device=device)
+        logits = model.prefill(tokens, 0, last=lengths - 1, check=False)[:, 0]
+        tok = sample(logits, params, None)
+        sync(ctx)
+        t1 = time.perf_counter()
+        out = torch.empty(B, n_new, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        bad = torch.zeros(B, dtype=torch.bool, device=device)
+        positions = lengths.clone()
+        for step in range(n_new):
+            out[:, step] = tok
+            done |= torch.isin(tok, stops)
+            if step + 1 == n_new:
+                break
+            if step % SYNC_EVERY == SYNC_EVERY - 1:
+                all_done, _ = torch.stack([done.all(), bad.any()]).tolist()
+                if all_done:
+                    break
+            tok, logits = peer.call(params, tok[:, None].clone(), positions)
+            bad |= ~torch.isfinite(logits).all(dim=-1)
+            tok = tok.clone()  # the replay's output buffer is reused by the next replay
+            positions = positions + 1
+        sync(ctx)
+        t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "loop_s": t2 - t1, "total_s": t2 - t0, "tokens": out[0, : step + 1].tolist()}
+
+
+def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default: bool, es: int) -> list[dict]:
+    """Whole generation at batch 1: a short random prompt, then n_new tokens, with generate()'s default sampling
+    and with greedy, for the Triton path (``model.generate``) and the compile peer. tokens/s = (n_new - 1) / the
+    loop's wall time (prefill and the first token's sample excluded; reported apart, and in
+    tokens_per_s_with_prefill = n_new / the whole call). The median of ``runs`` timed runs after one untimed one
+    (CUDA-graph capture, compilation)."""
+    import numpy as np
+    import torch
+
+    n_prompt, n_new, runs = gen_settings(ctx)
+    g = torch.Generator().manual_seed(n_prompt)
+    prompt = torch.randint(0, 128000, (n_prompt,), generator=g).tolist()  # ordinary tokens, no special ids
+    rows = []
+    _use(model, "triton", True)  # generate's path, and the peer's prefill
+    impls = [("triton", True)] + ([("torch_compile", peer_default)] if peer is not None else [])
+    for impl, with_default in impls:
+        for name, params in _sampling_settings():
+            row: dict[str, Any] = {
+                "impl": impl,
+                "batch": 1,
+                "sampling": name,
+                "sampling_params": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k},
+                "prompt_tokens": n_prompt,
+                "new_tokens": n_new,
+                "runs": runs,
+                # The floor of a step at the loop's middle context (the KV cache grows from the prompt's length).
+                "floor_context": n_prompt + n_new // 2,
+                **_floors(ctx, model, args, 1, n_prompt + n_new // 2, es),
+            }
+            if impl == "torch_compile":
+                row["compile"] = peer.recipe(params)
+            else:
+                row["how"] = "model.generate: the Triton backend, the driver's CUDA-graph decode step, eager sampling"
+            if name == "default" and not with_default:
+                row["skipped"] = "time budget: a second compile (default sampling) did not fit"
+                rows.append(row)
+                continue
+            if ctx.over_budget():
+                row["skipped"] = "time budget spent"
+                rows.append(row)
+                continue
+            try:
+                if impl == "triton":
+
+                    def once(seed, params=params):
+                        return _generate_triton(model, prompt, n_new, params, seed)
+                else:
+                    tok = torch.zeros(1, 1, dtype=torch.long, device=ctx.device)
+                    compile_s = peer.warm(params, tok, torch.full((1,), n_prompt, device=ctx.device))
+                    if compile_s is not None:
+                        row["compile_s"] = compile_s
+
+                    def once(seed, params=params):
+                        return _generate_peer(ctx, model, peer, prompt, n_new, params, seed)
+
+                once(0)  # untimed: graph capture, compilation, allocator growth
+                timed = [once(1 + r) for r in range(runs)]
+            except Exception as e:
+                if ctx.debug:
+                    traceback.print_exc()
+                row["error"] = describe(e)
+                ctx.log(f"e2e generate {impl} {name}: error: {row['error']}")
+                rows.append(row)
+                continue
+            loop = float(np.median([t["loop_s"] for t in timed]))
+            total = float(np.median([t["total_s"] for t in timed]))
+            row.update(
+                loop_s=loop,
+                loop_s_runs=[t["loop_s"] for t in timed],
+                prefill_s=float(np.median([t["prefill_s"] for t in timed])),
+                total_s=total,
+                tokens_per_s=(n_new - 1) / loop,
+                tokens_per_s_with_prefill=n_new / total,
+            )
+            if "floor_tokens_per_s" in row:
+                row["fraction_of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
+            ctx.log(f"e2e generate {impl} {name} B=1: {row['tokens_per_s']:.1f} tokens/s over {n_new - 1} steps "
+                    f"({row['tokens_per_s_with_prefill']:.1f} with the prefill of {n_prompt} tokens)")  # fmt: skip
+            rows.append(row)
     return rows
 
 

@@ -10,8 +10,9 @@ Output: results.json, results.md and plots/ in --out (default benchmarks/results
 smoke runs, and so every CPU run, go to ~/.cache/llama3-triton/bench/smoke-<device>-<date>).
 
 Modes: the default sweep (every size, every peer, all three models: ~15-25 minutes on an H100, compiles
-included); --quick (the sizes the goals are judged at, torch.compile of the end-to-end step for the smallest
-model only: what `make gpu-check` runs inside its 10-minute device call, with --time-budget as a backstop);
+included); --quick (the sizes the goals are judged at, the torch.compile peer of the end-to-end step for one
+model at batch 1, 8B when the budget allows, else the smallest: what `make gpu-check` runs inside its 10-minute
+device call, with --time-budget as a backstop);
 --smoke (tiny shapes; automatic without a GPU, where the kernels run in Triton's interpreter and
 torch.compile uses its "eager" backend, tracing without code generation, since a cold inductor compile
 takes ~30 s on a 2-core CI machine). A failing implementation, case, model or section is recorded with its
@@ -71,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="fewer sizes (those the goals are judged at) and torch.compile of the end-to-end step for the "
-        "smallest model only; fits `make gpu-check`'s 10-minute device call",
+        help="fewer sizes (those the goals are judged at) and the torch.compile peer of the end-to-end step for "
+        "one model (8B when the time budget allows, else the smallest); fits `make gpu-check`'s 10-minute device call",
     )
     p.add_argument(
         "--only",
