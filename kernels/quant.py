@@ -108,6 +108,7 @@ def _qgemv_kernel(
     if GROUP > 0:
         offs_g = tl.arange(0, BLOCK_K // GROUP)  # the chunk's groups
         s_off = cols64[:, None] * stride_sn + offs_g[None, :]
+        s_off_b = cols64[:, None] * stride_sn + (offs_b // (GROUP // 2))[None, :]  # 4-bit: each byte's group
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     acc_up = tl.zeros([16, BLOCK_N], tl.float32)
     sumsq = tl.zeros([16], tl.float32)
@@ -140,24 +141,24 @@ def _qgemv_kernel(
             qp = q_ptrs + half * up_rows * stride_qn
             q = tl.load(qp, mask=w_mask, other=0)
             if GROUP > 0:
-                so = s_off + g0 + half * up_rows * stride_sn
-                s = tl.load(S + so, mask=g_mask, other=0.0).to(tl.float32)
-                if HAS_MIN:
-                    m = tl.load(Z + so, mask=g_mask, other=0.0).to(tl.float32)
+                if BITS == 4:
+                    so_b = s_off_b + g0 + half * up_rows * stride_sn
+                else:
+                    so = s_off + g0 + half * up_rows * stride_sn
+                    s = tl.load(S + so, mask=g_mask, other=0.0).to(tl.float32)
             if BITS == 4:
+                # byte column c of the chunk is in group c // (GROUP / 2): each byte's scale (and offset) is read
+                # from the chunk's few scales, L1-resident, in the byte tile's own layout (no register shuffle)
+                sc = tl.load(S + so_b, mask=w_mask, other=0.0).to(tl.float32)
                 lo = (q & 0xF).to(tl.float32)
                 hi = (q >> 4).to(tl.float32)
-                if not HAS_MIN:
-                    lo = lo - 8.0
-                    hi = hi - 8.0
-                # byte column c of the chunk belongs to group c // (GROUP / 2): scale the groups in registers
-                lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2]) * s[:, :, None]
-                hi = tl.reshape(hi, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2]) * s[:, :, None]
                 if HAS_MIN:
-                    lo = lo + m[:, :, None]
-                    hi = hi + m[:, :, None]
-                w_lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // 2]).to(x.dtype)
-                w_hi = tl.reshape(hi, [BLOCK_N, BLOCK_K // 2]).to(x.dtype)
+                    mn = tl.load(Z + so_b, mask=w_mask, other=0.0).to(tl.float32)
+                    w_lo = (lo * sc + mn).to(x.dtype)
+                    w_hi = (hi * sc + mn).to(x.dtype)
+                else:
+                    w_lo = ((lo - 8.0) * sc).to(x.dtype)
+                    w_hi = ((hi - 8.0) * sc).to(x.dtype)
                 part = tl.dot(x, tl.trans(w_lo), input_precision="ieee")
                 part = tl.dot(x_hi, tl.trans(w_hi), part, input_precision="ieee")
             else:
@@ -197,9 +198,11 @@ _INTERPRET = interpreting(_qgemv_kernel)
 
 def _config(N: int, bits: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): 128 bytes of each weight row per chunk (256 4-bit weights, 128
-    int8 ones), 16 output rows (64 for the output head, N > 16384, without SwiGLU), as kernels/gemv.py and for
-    the same reason (enough programs for every SM at N = 4096). Not tuned on a GPU."""
-    block_n = 16 if N <= 16384 or swiglu else 64
+    int8 ones: a 16-byte load per thread), 16 output rows (8-bit: 64 for the output head, N > 16384, without
+    SwiGLU), as kernels/gemv.py and for the same reason (enough programs for every SM at N = 4096). From the
+    compile gate: a 64-row 4-bit block (unpacked to two fp32 tiles) kept a 120-byte stack frame on sm_80, so
+    4-bit stays at 16 rows, 8016 programs for a 128256-row head. Not tuned on a GPU."""
+    block_n = 16 if N <= 16384 or swiglu or bits == 4 else 64
     block_k = 256 if bits == 4 else 128
     return (block_n, block_k, 4, 3)
 
@@ -319,6 +322,8 @@ def compile_variants() -> list[dict]:
                     cx |= {"NORM": "norm" in fusion, "ADD": fusion == "add", "SWIGLU": "swiglu" in fusion}
                     cx |= {"DOT_FP32": False}
                     name = f"qgemv_{layout}_{str(dtype).split('.')[-1]}_n{block_n}_{fusion}"
+                    if any(v["name"] == name for v in variants):
+                        continue  # 4-bit: the head's block is the 16-row one
                     variants.append(
                         variant(name, _qgemv_kernel, types, cx, num_warps, num_stages, divisible=["K"])
                     )
