@@ -246,7 +246,40 @@ def bytes_per_weight(fmt: str, K: int) -> float:
     return {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32}[fmt]
 
 
+def product_shapes(args) -> dict[str, tuple[int, int, int]]:
+    """Llama's matrix products read per decoded token: name -> (N, K, count over the layers)."""
+    q_rows = args.n_heads * args.head_dim
+    kv_rows = args.n_kv_heads * args.head_dim
+    L = args.n_layers
+    return {
+        "wqkv": (q_rows + 2 * kv_rows, args.dim, L),
+        "wo": (args.dim, q_rows, L),
+        "w13": (2 * args.hidden_dim, args.dim, L),
+        "w2": (args.dim, args.hidden_dim, L),
+        "output": (args.vocab_size, args.dim, 1),
+    }
+
+
+def int4_group_for(args) -> int | None:
+    """The largest int4 group (128, 64, 32) that divides every product's K, or None."""
+    ks = {k for _, k, _ in product_shapes(args).values()}
+    return next((g for g in (128, 64, 32) if all(k % g == 0 for k in ks)), None)
+
+
+def decode_weight_bytes(args, fmt: str, norm_bytes: int = 2) -> int:
+    """Weight bytes a decode step reads with every product in ``fmt`` (the loader's choices: an int4 run keeps
+    the head at int8), plus the norms (``norm_bytes`` each); the embedding row is not counted."""
+    total = 0.0
+    for name, (N, K, count) in product_shapes(args).items():
+        f = "int8" if name == "output" and fmt.startswith("int4") else fmt
+        total += N * K * count * bytes_per_weight(f, K)
+    return int(total) + (2 * args.n_layers + 1) * args.dim * norm_bytes
+
+
 __all__ = [
+    "product_shapes",
+    "int4_group_for",
+    "decode_weight_bytes",
     "QUANTIZE_CHOICES",
     "QuantLinear",
     "parse",
