@@ -26,12 +26,17 @@ every load is a contiguous 16-byte vector per thread:
              their bytes; a chunk of 256 weights is 128 contiguous bytes a row)
     scales   fp16 (N, K/G)         a row's scales, contiguous: 8 of them (16 bytes) per 256-weight chunk at G = 32
     mins     fp16 (N, K/G)         the offsets m (int4 and Q4_1 only)
+The weight bytes are read as 16-byte vectors (a 16 x 128-byte tile per chunk over 128 threads). The scales are a
+1/16 (int4 g32) to 1/64 of those bytes: the 8-bit grouped kernel loads them as a (BLOCK_N, groups) tile and
+broadcasts in registers; the 4-bit kernels index each byte's scale and offset directly (the chunk's few scales,
+L1-resident), since the broadcast's register reshape kept a 144-byte stack frame in the compile gate.
 GGUF's Q8_0/Q4_0/Q4_1 blocks are split into these planes when loaded: the same numbers, no precision change.
 
 Bytes and floor. As for the bf16 GEMV, batch-1 decode is bound by the bytes of the weight: N * K * bytes per
 weight / bandwidth. Against bf16's 2 bytes a weight, int8 per channel reads 0.50x and int4 g128 0.27x, so the
 weight-read floor of Llama-3-8B's decode step (15.0 GB in bf16; its embedding table is not read) drops to 7.5 GB
-(int8) and 4.0 GB (int4 g128), at an H200's 4.8 TB/s (spec sheet, not measured here) 1.6 ms and 0.8 ms a token.
+(int8) and 4.2 GB (int4 g128 with the loader's int8 head), at an H200's 4.8 TB/s (spec sheet, not measured here)
+3.1, 1.6 and 0.9 ms a token.
 Dequantizing costs an integer unpack and an FMA per weight per program, not per row of x: at M <= 8 the GPU
 has the ALU time to spare. (Predicted from bytes; no GPU run measured these kernels yet.)
 
