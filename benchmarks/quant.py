@@ -122,7 +122,7 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
         from kernels.reference import dequantize
 
         x = randn((M, K), ctx, seed=M)
-        w = randn((rows, K), ctx, seed=N) * K**-0.5
+        w = randn((rows, K), ctx, seed=N) * K**-0.5  # bf16 cases time it; quantized ones read their planes
         res = randn((M, N), ctx, seed=K) if fusion == "add" else None
         gamma = randn((K,), ctx, seed=K + 1) if "norm" in fusion else None
         swiglu = "swiglu" in fusion
@@ -132,13 +132,18 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
                 "triton": lambda: gemv.linear(x, w, rms_weight=gamma, residual=res, swiglu=swiglu),
             }
         q, s, m, group = _planes(fmt, w)
-        del w
         impls: dict = {
             "torch_eager": lambda: _torch_sequence(x, dequantize(q, s, m, group, x.dtype), res, gamma, swiglu),
             "triton": lambda: quant.quant_linear(x, q, s, m, group, rms_weight=gamma, residual=res, swiglu=swiglu),
         }
         # torch's kernels do the product alone: the norm, SwiGLU and add around it as torch ops (as torch_eager)
-        mm = _torch_int8pack(q, s) if fmt == "int8" else _torch_int4pack(x, q, s, m, group) if fmt == "int4-g128" else None
+        mm = (
+            _torch_int8pack(q, s)
+            if fmt == "int8"
+            else _torch_int4pack(x, q, s, m, group)
+            if fmt == "int4-g128"
+            else None
+        )
         if mm is None:
             impls["torch_weight_only"] = Skip(f"torch has no kernel for GGUF's {fmt} blocks")
         elif isinstance(mm, Skip):

@@ -217,20 +217,29 @@ def check_layout(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     ``group`` = K means one scale per row."""
     bits = {torch.int8: 8, torch.uint8: 4}.get(getattr(qweight, "dtype", None))
     if bits is None:
-        raise ValueError(f"qweight: expected an int8 (8-bit) or uint8 (two 4-bit weights a byte) tensor, got {qweight!r:.60}")
+        raise ValueError(
+            f"qweight: expected an int8 (8-bit) or uint8 (two 4-bit weights a byte) tensor, got {qweight!r:.60}"
+        )
     if qweight.dim() != 2 or not qweight.is_contiguous() or qweight.shape[1] * (8 // bits) != K:
         raise ValueError(f"qweight: expected a contiguous (N, {K * bits // 8}) tensor, got {tuple(qweight.shape)}")
     if not (isinstance(group, int) and group > 0 and K % group == 0):
         raise ValueError(f"group: expected a group size that divides K={K}, got {group!r}")
     if group != K and (group % 32 or (bits == 4 and group not in GROUPS_INT4)):
-        raise ValueError(f"group: {bits}-bit layouts take groups of {'32, 64 or 128' if bits == 4 else '32'} or K, got {group}")
+        raise ValueError(
+            f"group: {bits}-bit layouts take groups of {'32, 64 or 128' if bits == 4 else '32'} or K, got {group}"
+        )
     if bits == 4 and K % 32:
         raise ValueError(f"K: 4-bit layouts need a multiple of 32 weights a row, got {K}")
     want = (qweight.shape[0], K // group)
     for name, t in (("scales", scales), ("mins", mins)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float16 or tuple(t.shape) != want or not t.is_contiguous():
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.dtype != torch.float16
+            or tuple(t.shape) != want
+            or not t.is_contiguous()
+        ):
             raise ValueError(f"{name}: expected a contiguous float16 tensor of shape {want}, got {t!r:.80}")
         if t.device != qweight.device:
             raise ValueError(f"{name}: expected a tensor on {qweight.device} (the device of qweight), got {t.device}")
@@ -291,7 +300,8 @@ def quant_linear(
         x2, qweight, scales, mins if mins is not None else scales,
         rms_weight if rms_weight is not None else x2, r2, out2,
         M, N, K, x2.stride(0), qweight.stride(0), scales.stride(0), r2.stride(0), out2.stride(0), float(eps),
-        BLOCK_N=block_n, BLOCK_K=block_k, GROUP=0 if group == K and bits == 8 else group, BITS=bits, HAS_MIN=mins is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUP=0 if group == K and bits == 8 else group, BITS=bits,
+        HAS_MIN=mins is not None,
         NORM=rms_weight is not None, ADD=residual is not None, SWIGLU=swiglu,
         DOT_FP32=x.dtype == torch.float32 or (_INTERPRET and x.dtype == torch.bfloat16),
         num_warps=num_warps, num_stages=num_stages,
@@ -329,7 +339,5 @@ def compile_variants() -> list[dict]:
                     name = f"qgemv_{layout}_{str(dtype).split('.')[-1]}_n{block_n}_{fusion}"
                     if any(v["name"] == name for v in variants):
                         continue  # 4-bit: the head's block is the 16-row one
-                    variants.append(
-                        variant(name, _qgemv_kernel, types, cx, num_warps, num_stages, divisible=["K"])
-                    )
+                    variants.append(variant(name, _qgemv_kernel, types, cx, num_warps, num_stages, divisible=["K"]))
     return variants

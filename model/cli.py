@@ -518,9 +518,10 @@ def _print_quant_floors(a, args, ckpt) -> None:
     bw = args.bandwidth * 1e9
     g = quant.int4_group_for(a)
     formats = ["bf16", "int8"] + ([f"int4-g{g}"] if g else []) + ["Q8_0", "Q4_0", "Q4_1"]
+    assumed = ", assumed: an H200 spec sheet" if args.bandwidth == H200_GBPS else ""
     print(
         f"decode weight bytes per token and floor at batch 1 (products in the format, norms bf16, the int4 head "
-        f"int8; floor = bytes / {args.bandwidth:g} GB/s{', assumed: an H200 spec sheet' if args.bandwidth == H200_GBPS else ''}):"
+        f"int8; floor = bytes / {args.bandwidth:g} GB/s{assumed}):"
     )
     base = quant.decode_weight_bytes(a, "bf16")
     for f in formats:

@@ -245,7 +245,9 @@ class Llama(nn.Module):
 
         if spec is not None and spec[0] == "gguf":
             if ckpt.layout != "gguf":
-                raise ValueError(f"quantize='gguf' keeps a GGUF file's blocks; {ckpt.dir} is a {ckpt.layout} checkpoint")
+                raise ValueError(
+                    f"quantize='gguf' keeps a GGUF file's blocks; {ckpt.dir} is a {ckpt.layout} checkpoint"
+                )
             if tp.enabled:
                 raise ValueError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
 

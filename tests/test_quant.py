@@ -26,15 +26,15 @@ TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
     "of a wife. However little known the feelings or views of such a man may be on his first entering a "
     "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
-    "the rightful property of some one or other of their daughters. \"My dear Mr. Bennet,\" said his lady to him "
-    "one day, \"have you heard that Netherfield Park is let at last?\" Mr. Bennet replied that he had not. \"But "
-    "it is,\" returned she; \"for Mrs. Long has just been here, and she told me all about it.\" Mr. Bennet made no "
-    "answer. \"Do you not want to know who has taken it?\" cried his wife impatiently. \"You want to tell me, and "
-    "I have no objection to hearing it.\" This was invitation enough. \"Why, my dear, you must know, Mrs. Long "
+    'the rightful property of some one or other of their daughters. "My dear Mr. Bennet," said his lady to him '
+    'one day, "have you heard that Netherfield Park is let at last?" Mr. Bennet replied that he had not. "But '
+    'it is," returned she; "for Mrs. Long has just been here, and she told me all about it." Mr. Bennet made no '
+    'answer. "Do you not want to know who has taken it?" cried his wife impatiently. "You want to tell me, and '
+    'I have no objection to hearing it." This was invitation enough. "Why, my dear, you must know, Mrs. Long '
     "says that Netherfield is taken by a young man of large fortune from the north of England; that he came down "
     "on Monday in a chaise and four to see the place, and was so much delighted with it, that he agreed with Mr. "
     "Morris immediately; that he is to take possession before Michaelmas, and some of his servants are to be in "
-    "the house by the end of next week.\""
+    'the house by the end of next week."'
 )
 
 # ---- the kernel against its definition ---------------------------------------------------------------------
@@ -231,7 +231,9 @@ def test_tiny_llama3_quantized_perplexity(tiny):
     print(f"\ntiny Llama-3 (random weights, dim 256): perplexity {p0:.2f} (fp32)")
     for q, bound in (("int8", 0.01), ("int4-g32", 0.05), ("int4-g64", 0.05)):
         llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q)
-        assert isinstance(llm.layers[0].feed_forward.w2, quant.QuantLinear) and isinstance(llm.output, quant.QuantLinear)
+        assert isinstance(llm.layers[0].feed_forward.w2, quant.QuantLinear) and isinstance(
+            llm.output, quant.QuantLinear
+        )
         p, top = _perplexity(llm, ids)
         same = int((top == top0).sum())
         print(f"  {q}: perplexity {p:.2f} ({p / p0 - 1:+.2%}), greedy agreement {same}/{len(ids)}")
