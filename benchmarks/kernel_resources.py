@@ -34,6 +34,7 @@ KERNEL_MODULES = [
     "kernels.attention",
     "kernels.decode",
     "kernels.gemv",
+    "kernels.quant",
 ]
 ARCHS = [80, 90]
 # Opt-in shared memory per block: A100 163 KB (sm_80), H100 227 KB (sm_90).

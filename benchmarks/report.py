@@ -16,7 +16,7 @@ from benchmarks.common import fmt_time
 from model import _files
 
 ELEMENTWISE = ("rms_norm", "add_rms_norm", "rope", "swiglu")
-KERNEL_ORDER = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv")
+KERNEL_ORDER = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant")
 IMPL_ORDER = (
     "triton", "sdpa_flash", "sdpa_cudnn", "torch_compile", "torch_eager", "torch", "triton_eager", "torch_backend",
 )  # fmt: skip
@@ -161,6 +161,29 @@ def evaluate_goals(results: dict) -> list[dict]:
             measured.append(f"{rec['model']}: {ratio:.2f}x cuBLAS + torch ops")
             passed.append(ratio >= 1.0)
     add("decode products (GEMV) at batch 1: at or above cuBLAS on every 8B shape", measured, passed)
+
+    # 6. Issue 13: 8B batch-1 decode int8 >= 1.8x and int4 >= 3x bf16 tokens/s, each >= 85% of its own floor.
+    #    Judged here on a proxy, the sum of one step's timed products per format (benchmarks/quant.py), until the
+    #    end-to-end benchmark decodes quantized models; named as a proxy in the line.
+    from benchmarks.quant import decode_proxy
+
+    measured, passed = [], []
+    step = decode_proxy(_kernel_records(results, "quant"))
+    copy = results.get("ceilings", {}).get("copy_gbps")
+    if "bf16" in step and copy:
+        for fmt, need in (("int8", 1.8), ("int4-g128", 3.0)):
+            if fmt not in step:
+                continue
+            speedup = step["bf16"]["ms"] / step[fmt]["ms"]
+            floor = step[fmt]["bytes"] / (copy * 1e9) * 1e3 / step[fmt]["ms"]
+            measured.append(f"{fmt}: {speedup:.2f}x bf16, {floor:.0%} of its floor")
+            passed.append(speedup >= need and floor >= 0.85)
+    add(
+        "8B decode at batch 1 (proxy: the sum of a step's products): int8 >= 1.8x and int4 >= 3x bf16, each >= 85% "
+        "of its floor",
+        measured,
+        passed,
+    )
     return goals
 
 

@@ -44,7 +44,7 @@ from benchmarks.common import (
 )
 
 SECTIONS = ("kernels", "e2e", "cpu", "tp")
-KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv")
+KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant")
 MODEL_CHOICES = ("1B", "3B", "8B")
 # 8B first: it carries the headline goal, so a tight time budget drops a smaller model rather than it.
 DEFAULT_MODELS = ("8B", "1B", "3B")
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_kernels(ctx: Context, names: list[str]) -> list[dict]:
-    from benchmarks import attention, decode, gemv, rmsnorm, rope, swiglu
+    from benchmarks import attention, decode, gemv, quant, rmsnorm, rope, swiglu
 
     cases = []
     for name in KERNELS:  # a fixed order, whatever the order on the command line
@@ -288,6 +288,8 @@ def run_kernels(ctx: Context, names: list[str]) -> list[dict]:
             cases += attention.cases(ctx)
         elif name == "gemv":
             cases += gemv.cases(ctx)
+        elif name == "quant":
+            cases += quant.cases(ctx)
         else:
             cases += decode.cases(ctx)
     return run_cases(cases, ctx, "kernels")

@@ -27,6 +27,8 @@ __all__ = [
     "decode_attention",
     "swiglu",
     "linear",
+    "dequantize",
+    "quant_linear",
 ]
 
 
@@ -275,3 +277,48 @@ def rope_decode_attention(
     ``decode_attention``, which the Triton kernel does in one launch (``workspace`` is its scratch; unused here)."""
     q_rot = rope_write_cache(q[:, None], k[:, None], v[:, None], positions[:, None], cos_sin, k_cache, v_cache)
     return decode_attention(q_rot[:, 0], k_cache, v_cache, positions + 1, scale=scale)
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    group: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The (N, K) weight a quantized layout of ``kernels/quant.py`` stands for, in ``dtype`` (computed in fp32).
+
+    ``qweight`` int8 (N, K): w = q * s. uint8 (N, K/2), two 4-bit weights a byte in GGUF's order (byte j of
+    32-block b: weight 32b + j in the low nibble, 32b + 16 + j in the high one): w = q * s + m with ``mins``,
+    else (q - 8) * s (Q4_0). ``scales``/``mins`` fp16 (N, K/group): one per ``group`` weights of a row."""
+    N = qweight.shape[0]
+    if qweight.dtype == torch.int8:
+        q = qweight.float()  # (N, K)
+    else:
+        b = qweight.view(N, -1, 16)  # (N, K/32, 16): the bytes of each 32-block
+        q = torch.cat((b & 0xF, b >> 4), dim=-1).reshape(N, -1).float()  # (N, K): low nibbles, then high
+        if mins is None:
+            q = q - 8.0
+    K = q.shape[1]
+    w = q.view(N, K // group, group) * scales.float()[:, :, None]
+    if mins is not None:
+        w = w + mins.float()[:, :, None]
+    return w.reshape(N, K).to(dtype)
+
+
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    group: int,
+    *,
+    rms_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+) -> torch.Tensor:
+    """``kernels.quant.quant_linear``'s definition: ``linear`` (fusions included) of x with the dequantized
+    weight, all in fp32, returned in x's dtype."""
+    w = dequantize(qweight, scales, mins, group)
+    return linear(x, w, rms_weight=rms_weight, eps=eps, residual=residual, swiglu=swiglu)

@@ -13,6 +13,13 @@ import sys
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+QUANTIZE = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")  # model.quantize.QUANTIZE_CHOICES
+QUANTIZE_HELP = (
+    "weight-only quantization of the matrix products: int8 (per output channel), int4 (groups of 128 along K; "
+    "int4-g32/-g64/-g128 to choose; the head stays int8), gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they "
+    "are); default: none (GGUF blocks dequantized to --dtype)"
+)
+H200_GBPS = 4800  # H200 HBM3e, NVIDIA's spec sheet: an assumption for `info`'s floors, not a measurement
 TINY_SEED = 0
 
 
@@ -134,6 +141,7 @@ def _load(args, max_batch_size: int = 1):
         max_seq_len=args.max_seq_len,
         max_batch_size=max_batch_size,
         progress=sys.stderr.isatty(),
+        quantize=args.quantize,
     )
     _ctrl_c_to_python()  # loaded: from here Ctrl-C is a KeyboardInterrupt (chat stops a reply with it)
     return llm
@@ -488,6 +496,7 @@ def cmd_info(args) -> int:
     print(f"weight bytes read per decoded token: {read * size:,} (all but the embedding table, unless tied)")
     kv = a.kv_cache_bytes_per_token(size)
     print(f"KV-cache bytes per token: {kv:,} ({kv * 8192 / 2**20:.1f} MiB for 8192 tokens)")
+    _print_quant_floors(a, args, ckpt)
     if args.tp > 1:
         from model.checkpoint import _part_shape, check_tensor_parallel, expected_shapes
 
@@ -500,6 +509,41 @@ def cmd_info(args) -> int:
         print(f"  weight bytes read per decoded token per rank: {per_rank - (0 if a.tie_embeddings else emb):,}")
         print(f"  KV-cache bytes per token per rank: {kv // args.tp:,}")
     return 0
+
+
+def _print_quant_floors(a, args, ckpt) -> None:
+    """Weight bytes a decoded token reads, and the floor they set (bytes / bandwidth), per weight format."""
+    from model import quantize as quant
+
+    bw = args.bandwidth * 1e9
+    g = quant.int4_group_for(a)
+    formats = ["bf16", "int8"] + ([f"int4-g{g}"] if g else []) + ["Q8_0", "Q4_0", "Q4_1"]
+    assumed = ", assumed: an H200 spec sheet" if args.bandwidth == H200_GBPS else ""
+    print(
+        f"decode weight bytes per token and floor at batch 1 (products in the format, norms bf16, the int4 head "
+        f"int8; floor = bytes / {args.bandwidth:g} GB/s{assumed}):"
+    )
+    base = quant.decode_weight_bytes(a, "bf16")
+    for f in formats:
+        n = quant.decode_weight_bytes(a, f)
+        kind = "GGUF blocks, --quantize gguf" if f.startswith("Q") else ("--quantize " + f if f != "bf16" else "")
+        print(f"  {f:10s} {n / 1e6:12,.1f} MB  {n / bw * 1e3:8.3f} ms/token  {base / n:5.2f}x bf16  {kind}")
+    if not g:
+        print("  int4: no group of 128, 64 or 32 divides every product's K")
+    if getattr(args, "quantize", None):
+        from model.llama import Llama
+
+        llm = Llama.load(ckpt.dir if ckpt.layout != "gguf" else ckpt.path, device="cpu", dtype=torch_dtype(args),
+                         max_seq_len=1, quantize=args.quantize)  # fmt: skip
+        n = llm.decode_bytes_per_token()
+        print(f"loaded with --quantize {args.quantize}: {n:,} bytes read per decoded token, "
+              f"floor {n / bw * 1e3:.3f} ms/token at {args.bandwidth:g} GB/s")  # fmt: skip
+
+
+def torch_dtype(args):
+    import torch
+
+    return getattr(torch, DTYPES[args.dtype]) if args.dtype else torch.float32
 
 
 def cmd_make_tiny(args) -> int:
@@ -561,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=list(DTYPES), help="weights/activations dtype (default: bf16 on CUDA, fp32 on CPU)"
     )
     model.add_argument("--max-seq-len", type=_positive_int, help="KV-cache length (default: min(model context, 8192))")
+    model.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
     model.add_argument(
         "--threads",
         type=int,
@@ -653,6 +698,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=list(DTYPES), help="dtype for the byte counts (default: what would run: bf16 on CUDA, fp32)"
     )
     i.add_argument("--tp", type=_positive_int, default=1, help="also show per-rank bytes for N-way tensor parallel")
+    i.add_argument("--quantize", choices=QUANTIZE, help="also load the model so quantized and report its bytes")
+    i.add_argument(
+        "--bandwidth",
+        type=float,
+        default=H200_GBPS,
+        help=f"memory bandwidth in GB/s for the decode floors (default {H200_GBPS}: an H200's spec sheet, assumed)",
+    )
     i.set_defaults(func=cmd_info)
     t = sub.add_parser("make-tiny", parents=[common], help="write a tiny random Llama-3 checkpoint (Meta layout)")
     t.add_argument("dir", help="folder to create (must not exist or be empty)")

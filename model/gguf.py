@@ -329,6 +329,17 @@ class GGUFCheckpoint:
             )
         return w
 
+    def storage_type(self, name: str) -> str:
+        """The GGUF storage type of weight ``name`` (Meta's naming): "F32", "Q4_1", ..."""
+        return self._tensors[name].tensor_type.name
+
+    def blocks(self, name: str) -> torch.Tensor:
+        """Weight ``name``'s stored bytes as they are, one row of blocks per output row: uint8 (N, bytes a row),
+        copied out of the read-only mapping. The whole tensor (the loader refuses kept blocks under tensor
+        parallelism)."""
+        raw = np.asarray(self._tensors[name].data)
+        return torch.from_numpy(raw.reshape(-1, raw.shape[-1]).copy())
+
     def tensors(self):
         for name in self.names():
             yield name, self.tensor(name)

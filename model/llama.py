@@ -229,6 +229,7 @@ class Llama(nn.Module):
         max_batch_size: int = 1,
         progress: bool = False,
         tp: TensorParallel | None = None,
+        quantize: str | None = None,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face layout, detected) tensor by tensor onto ``device``.
 
@@ -237,20 +238,28 @@ class Llama(nn.Module):
 
         Inside an initialised torch.distributed process group (torchrun), each rank loads only its
         tensor-parallel slice of the weights; ``tp`` overrides the group read from torch.distributed.
+
+        ``quantize``: None, "int8" (per output channel), "int4" (= "int4-g128"), "int4-g32", "int4-g64",
+        "int4-g128" (groups along K, with scales and offsets), or "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks
+        kept as they are): the products wqkv, wo, w13, w2 and the output head become ``QuantLinear`` modules,
+        quantized tensor by tensor on ``device`` as they load (model/quantize.py says which and why).
         """
         tp = tp or distributed.current()
         if not tp.enabled:
-            return cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp)
+            return cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize)
         model, error = None, None
         try:
-            model = cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp)
+            model = cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize)
         except Exception as e:  # every rank must learn that one failed, or the others hang in a collective
             error = e
         tp.agree(error)
         return model
 
     @classmethod
-    def _load(cls, ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp) -> Llama:
+    def _load(cls, ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize=None) -> Llama:
+        from model import quantize as quant
+
+        spec = quant.parse(quantize)  # a bad value fails here, before anything is read
         device = torch.device(device) if device is not None else distributed.default_device(tp)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but torch sees no CUDA device")
@@ -271,9 +280,22 @@ class Llama(nn.Module):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
 
+        if spec is not None and spec[0] == "gguf":
+            if ckpt.layout != "gguf":
+                raise ValueError(
+                    f"quantize='gguf' keeps a GGUF file's blocks; {ckpt.dir} is a {ckpt.layout} checkpoint"
+                )
+            if tp.enabled:
+                raise ValueError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
+
         with torch.device("meta"):
             model = cls(args, backend, device, tp)
-        model.load_state_dict(_fused_state_dict(ckpt, device, dtype, progress), assign=True, strict=True)
+        quantized: dict[str, nn.Module] = {}
+        state = _fused_state_dict(ckpt, device, dtype, progress, quantize=spec, backend=backend, modules=quantized)
+        for name, module in quantized.items():  # QuantLinear in place of nn.Linear (or of the tied head's None)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        model.load_state_dict(state, assign=True, strict=True)
         model.eval().requires_grad_(False)
         model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
         model.setup_cache(max_batch_size, max_seq_len)
@@ -304,7 +326,9 @@ class Llama(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of every weight: parameters, and the quantized products' buffers (integers, scales, offsets)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: everything but the embedding table (one row of it), unless tied."""
@@ -331,6 +355,9 @@ class Llama(nn.Module):
             self.backend = backend
             if fused_decode is None:
                 self.fused_decode = backend == "triton" and not self.tp.enabled
+            for m in self.modules():  # quantized products pick their kernels by backend too
+                if hasattr(m, "gemv") and hasattr(m, "backend"):
+                    m.backend = backend
         if ops is not None:
             self.ops = ops
         if cuda_graph is not None:
@@ -499,14 +526,14 @@ class Llama(nn.Module):
         x = self.tok_embeddings(tokens[:, 0])  # (B, dim): the residual stream
         for i, layer in enumerate(self.layers):
             x = layer.decode(x, step, self.k_cache[i][:B].transpose(1, 2), self.v_cache[i][:B].transpose(1, 2))
-        out_w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = torch.empty((B, out_w.shape[0]), dtype=torch.float32, device=x.device)
-        head = self.ops.linear
+        head = self.tok_embeddings if self.output is None else self.output  # tied, or its own (maybe quantized)
+        logits = torch.empty((B, self.vocab_local), dtype=torch.float32, device=x.device)
         if x.device.type == "cpu" and self.ops is not reference:
             # Triton's interpreter (no GPU) reads ~4M weights a second: a 128k-row head would take seconds a token.
-            # The head-wide kernel is tested on its own (tests/test_gemv.py); here PyTorch computes the same thing.
-            head = reference.linear
-        return head(x, out_w, rms_weight=self.norm, eps=step.eps, out=logits)  # the final RMSNorm and the head
+            # The head-wide kernels are tested on their own (tests/test_gemv.py, test_quant.py); PyTorch computes
+            # the same thing here.
+            return reference.linear(x, head.weight, rms_weight=self.norm, eps=step.eps, out=logits)
+        return _product(self.ops, head, x, rms_weight=self.norm, eps=step.eps, out=logits)  # final RMSNorm + head
 
     def generate(self, prompts, **kwargs):
         """Generate text for one prompt or a batch; see ``model.generate.generate`` for the arguments."""
@@ -559,35 +586,96 @@ class _DecodeGraph:
         return self.logits
 
 
-def _fused_state_dict(ckpt: Checkpoint, device, dtype, progress: bool) -> dict[str, torch.Tensor]:
-    """Stream the checkpoint into our parameter names, fusing wq|wk|wv and w1|w3, cast and moved per tensor."""
+def _fused_state_dict(
+    ckpt: Checkpoint,
+    device,
+    dtype,
+    progress: bool,
+    quantize: tuple[str, int] | None = None,
+    backend: str = "torch",
+    modules: dict[str, nn.Module] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Stream the checkpoint into our parameter names, fusing wq|wk|wv and w1|w3, cast and moved per tensor.
+
+    ``quantize`` (from ``model.quantize.parse``): each product is quantized (or its GGUF blocks kept) as soon as
+    it is read, on ``device``, and its QuantLinear goes into ``modules`` under its module name, its buffers into
+    the returned state; the dense tensor is dropped at once."""
     from tqdm import tqdm
+
+    from model import quantize as quant
 
     names = ckpt.names()
     bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr)
+    modules = {} if modules is None else modules
 
     def get(name: str) -> torch.Tensor:
         t = ckpt.tensor(name).to(device=device, dtype=dtype)
         bar.update(1)
         return t
 
+    state: dict[str, torch.Tensor] = {}
+
+    def product(module: str, parts: list[str]) -> None:
+        """One matrix product's weight, the rows of ``parts`` stacked: dense, quantized or kept blocks."""
+        kind = quantize[0] if quantize is not None else None
+        if kind == "gguf":
+            types = [ckpt.storage_type(n) for n in parts]
+            if all(t in quant.GGUF_KEPT for t in types) and len(set(types)) == 1:
+                planes = [quant.gguf_planes(types[0], ckpt.blocks(n).to(device)) for n in parts]
+                bar.update(len(parts))
+                q, s, m = (None if p[0] is None else torch.cat(p) for p in zip(*planes, strict=True))
+                lin = quant.QuantLinear(q, s, m, format=types[0], dtype=dtype, backend=backend)
+                _put(module, lin)
+                return
+            kept = [t for t in types if t in quant.GGUF_KEPT]
+            other = next((t for t in types if t not in quant.GGUF_KEPT and t not in ("F32", "F16", "BF16")), None)
+            if other is not None or kept:
+                what = f"stored as {other}" if other else f"mixes {' and '.join(sorted(set(types)))}"
+                raise ValueError(
+                    f"{ckpt.path}: {parts[0]} is {what}; quantize='gguf' keeps Q8_0, Q4_0 and Q4_1 blocks (one type "
+                    "per fused product): load without it to dequantize"
+                )
+            kind = None  # a dense tensor in a GGUF file stays dense
+        w = torch.cat([get(n) for n in parts]) if len(parts) > 1 else get(parts[0])
+        if kind is None:
+            state[module + ".weight"] = w
+            return
+        _put(module, _quantized(w, module))
+
+    def _quantized(w: torch.Tensor, module: str) -> nn.Module:
+        # int4 runs leave the output head at int8: it is the most sensitive product (on SmolLM2 an int4 head
+        # alone costs +11% perplexity at g32, int8 +0.03%), as llama.cpp's 4-bit mixes keep it at 6-8 bits.
+        kind = "int8" if module == "output" else quantize[0]
+        try:
+            return quant.quantize_weight(w, kind, quantize[1], dtype, backend)
+        except ValueError as e:
+            raise ValueError(f"{module}: {e}") from None
+
+    def _put(module: str, lin: nn.Module) -> None:
+        modules[module] = lin
+        for k, v in lin.state_dict().items():
+            state[f"{module}.{k}"] = v
+
     args = ckpt.args
-    state: dict[str, torch.Tensor] = {"tok_embeddings.weight": get("tok_embeddings.weight")}
+    state["tok_embeddings.weight"] = get("tok_embeddings.weight")
     for i in range(args.n_layers):
         p = f"layers.{i}."
         state[p + "attention_norm"] = get(p + "attention_norm.weight")
-        state[p + "attention.wqkv.weight"] = torch.cat(
-            [get(p + "attention.wq.weight"), get(p + "attention.wk.weight"), get(p + "attention.wv.weight")]
-        )
-        state[p + "attention.wo.weight"] = get(p + "attention.wo.weight")
+        product(p + "attention.wqkv", [p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"])
+        product(p + "attention.wo", [p + "attention.wo.weight"])
         state[p + "ffn_norm"] = get(p + "ffn_norm.weight")
-        state[p + "feed_forward.w13.weight"] = torch.cat(
-            [get(p + "feed_forward.w1.weight"), get(p + "feed_forward.w3.weight")]
-        )
-        state[p + "feed_forward.w2.weight"] = get(p + "feed_forward.w2.weight")
+        product(p + "feed_forward.w13", [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"])
+        product(p + "feed_forward.w2", [p + "feed_forward.w2.weight"])
     state["norm"] = get("norm.weight")
     if not args.tie_embeddings:
-        state["output.weight"] = get("output.weight")
+        product("output", ["output.weight"])
+    elif quantize is not None and quantize[0] != "gguf":
+        # A tied head gets its own quantized copy: decode reads it instead of the dense embedding.
+        _put("output", _quantized(state["tok_embeddings.weight"], "output"))
+    elif quantize is not None and ckpt.storage_type("tok_embeddings.weight") in quant.GGUF_KEPT:
+        kind = ckpt.storage_type("tok_embeddings.weight")
+        q, s, m = quant.gguf_planes(kind, ckpt.blocks("tok_embeddings.weight").to(device))
+        _put("output", quant.QuantLinear(q, s, m, format=kind, dtype=dtype, backend=backend))
     bar.close()
     return state
 

