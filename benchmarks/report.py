@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import decode_profile
 from benchmarks.common import fmt_time
 from model import _files
 
 ELEMENTWISE = ("rms_norm", "add_rms_norm", "rope", "swiglu")
 KERNEL_ORDER = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant")
 IMPL_ORDER = (
-    "triton", "sdpa_flash", "sdpa_cudnn", "torch_compile", "torch_eager", "torch", "triton_eager", "torch_backend",
+    "triton", "triton_unfused", "triton_int8", "triton_int4", "sdpa_flash", "sdpa_cudnn", "torch_compile",
+    "torch_eager", "torch", "triton_eager", "torch_backend",
 )  # fmt: skip
 
 
@@ -162,9 +164,23 @@ def evaluate_goals(results: dict) -> list[dict]:
             passed.append(ratio >= 1.0)
     add("decode products (GEMV) at batch 1: at or above cuBLAS on every 8B shape", measured, passed)
 
-    # 6. Issue 13: 8B batch-1 decode int8 >= 1.8x and int4 >= 3x bf16 tokens/s, each >= 85% of its own floor.
-    #    Judged here on a proxy, the sum of one step's timed products per format (benchmarks/quant.py), until the
-    #    end-to-end benchmark decodes quantized models; named as a proxy in the line.
+    # 6. Issue 13: 8B batch-1 decode int8 >= 1.8x and int4 >= 3x bf16 tokens/s, each >= 85% of its own floor, from
+    #    the end-to-end rows (triton_int8, triton_int4 beside triton at the same context).
+    measured, passed = [], []
+    for L in (512, 8192):
+        bf16 = _e2e_row(results, "8B", "triton", L)
+        for fmt, need in (("int8", 1.8), ("int4", 3.0)):
+            q = _e2e_row(results, "8B", f"triton_{fmt}", L)
+            if bf16 and q:
+                speedup = q["tokens_per_s"] / bf16["tokens_per_s"]
+                measured.append(f"L={L} {fmt}: {speedup:.2f}x bf16, {q['fraction_of_floor']:.0%} of its floor")
+                passed.append(speedup >= need and q["fraction_of_floor"] >= 0.85)
+            else:
+                passed.append(None)
+    add("8B quantized decode at batch 1: int8 >= 1.8x and int4 >= 3x bf16, each >= 85% of its floor", measured, passed)
+
+    # The same question asked of the products alone (benchmarks/quant.py): the sum of one step's timed products
+    # per format. A proxy, named as one; informative where the end-to-end rows are missing.
     from benchmarks.quant import decode_proxy
 
     measured, passed = [], []
@@ -335,6 +351,8 @@ def render_markdown(results: dict) -> str:
                 lines.append(f"\ntorch_compile: not run for this model ({m['decode_compile_skipped']}).")
             lines.append("")
             lines += _generation_markdown(m)
+            if m.get("decode_profile"):
+                lines += decode_profile.markdown(m["model"], m["decode_profile"])
             pre = m.get("prefill", [])
             if pre:
                 lines += ["| prefill | prompt | tokens/s | TFLOP/s (of matmul ceiling) | median [p20-p80] |"]
@@ -630,6 +648,19 @@ def summary_text(results: dict, out: Path, problems: list[str]) -> str:
                     f"  e2e {m['model']} decode B={r['batch']} L={r['context']}: {r['tokens_per_s']:.1f} tokens/s{frac}"
                     + vs
                 )
+        prof = m.get("decode_profile") or {}
+        if "kernel_sum_ms" in prof:
+            of = (
+                f" = {prof['floor_fraction_of_kernel_sum']:.0%} at the floor"
+                if "floor_fraction_of_kernel_sum" in prof
+                else ""
+            )
+            gaps = f", graph step {prof['graph_step_ms']:.3f} ms" if "graph_step_ms" in prof else ""
+            lines.append(
+                f"  e2e {m['model']} decode profile B={prof['batch']} L={prof['context']}: "
+                f"{prof['launches_seen']} kernels, "
+                f"{prof['kernel_sum_ms']:.3f} ms of kernels{of}{gaps}"
+            )
         for r in m.get("generate", []):
             if "tokens_per_s" in r:
                 frac = f" ({r['fraction_of_floor']:.0%} of floor)" if "fraction_of_floor" in r else ""

