@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from model.sampling import SamplingParams, TokenCounts, sample
+    from model.sampling import SampleRng, SamplingParams, TokenCounts, sample
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             impls = {"model.sampling.sample": sample}
             if not args.no_sort:
                 impls["sort + multinomial"] = _sorted_sample
+            rng = SampleRng(0, device)  # generate()'s generator; the sorted way draws with torch's
             for impl, fn in impls.items():
-                t = _time(lambda f=fn, a=(logits, params, g, counts): f(*a), device, args.reps)
+                gen = rng if fn is sample else g
+                t = _time(lambda f=fn, a=(logits, params, gen, counts): f(*a), device, args.reps)
                 rows.append({"sampler": impl, "config": name, "batch": batch, **t})
                 print(
                     f"| {impl} | {name} | {batch} | {t['median_ms']:.2f} | {t['p20_ms']:.2f}-{t['p80_ms']:.2f} "

@@ -17,7 +17,7 @@ instead of the embedding, at the cost of the copy's memory (for "gguf", the embe
 stored as Q8_0/Q4_0/Q4_1, else no copy and the dense embedding serves as the head, as without quantization).
 
 Each tensor is quantized on the target device as it is loaded, its rows in slices of at most 16 M weights, so
-peak memory stays near the quantized model plus one dense tensor (tests/test_quant.py measures it).
+peak memory stays near the quantized model plus one dense tensor (tests/test_loading_memory.py measures it).
 
 ``QuantLinear`` replaces ``nn.Linear``: ``forward(x)`` for any number of rows, ``gemv(x, ...)`` with the fused
 decode product's keywords (``kernels.gemv.linear``'s), and ``weight`` (the dequantized matrix, for readers such
@@ -36,7 +36,8 @@ from kernels import reference
 
 QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")
 GGUF_KEPT = ("Q8_0", "Q4_0", "Q4_1")
-_SLICE = 1 << 24  # weights per slice when quantizing or dequantizing a big matrix: bounds the fp32 temporaries
+_SLICE = 1 << 22  # weights per slice when quantizing or dequantizing a big matrix: bounds the fp32 temporaries
+# (16 MB each; at 1 << 24 quantizing a 128k-row head took 320 MB of them, more than its int8 result)
 _FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal fp16: scales stay at full fp16 precision
 
 
@@ -62,11 +63,11 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(N, 1, dtype=torch.float16, device=w.device)
     step = max(_SLICE // K, 1)
     for r in range(0, N, step):
-        wf = w[r : r + step].float()
-        amax = wf.abs().amax(1, keepdim=True)
+        wf = w[r : r + step].to(torch.float32, copy=True)  # a copy even from fp32: modified in place below
+        amax = torch.maximum(wf.amax(1, keepdim=True), -wf.amin(1, keepdim=True))  # max |w| without an abs copy
         _check_finite(amax)
         sc = (amax / 127).clamp_min(_FP16_TINY).half()  # the stored scale: quantize against it, not the exact one
-        q[r : r + step] = torch.round(wf / sc.float()).clamp_(-127, 127).to(torch.int8)
+        q[r : r + step] = wf.div_(sc.float()).round_().clamp_(-127, 127).to(torch.int8)  # in place: one temporary
         s[r : r + step] = sc
     return q, s
 
@@ -76,18 +77,20 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     m the group's minimum and s its range / 15 (both rounded to fp16 first, q against the rounded values)."""
     N, K = w.shape
     if K % group or K % 32:
-        raise ValueError(f"int4 group size {group} does not divide K={K} (try int4-g64 or int4-g32)")
+        fits = [f"int4-g{g}" for g in (128, 64, 32) if K % g == 0 and g != group]
+        hint = f"try {' or '.join(fits)}" if fits else "no int4 group (128, 64, 32) divides it: try int8"
+        raise ValueError(f"int4 group size {group} does not divide K={K} ({hint})")
     packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(N, K // group, dtype=torch.float16, device=w.device)
     mins = torch.empty_like(scales)
     step = max(_SLICE // K, 1)
     for r in range(0, N, step):
-        wf = w[r : r + step].float().unflatten(1, (K // group, group))  # (n, K/G, G)
+        wf = w[r : r + step].to(torch.float32, copy=True).unflatten(1, (K // group, group))  # (n, K/G, G), a copy
         lo, hi = wf.amin(-1), wf.amax(-1)
         _check_finite(torch.stack((lo, hi)))
         m = lo.half()
         s = ((hi - m.float()) / 15).clamp_min(_FP16_TINY).half()
-        q = torch.round((wf - m.float()[..., None]) / s.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+        q = wf.sub_(m.float()[..., None]).div_(s.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
         packed[r : r + step] = pack_int4(q.flatten(1))
         scales[r : r + step], mins[r : r + step] = s, m
     return packed, scales, mins

@@ -112,7 +112,7 @@ def test_smoke_json_has_the_expected_keys(smoke):
     cpu = r["cpu"]
     assert cpu["results"]["torch_backend"]["tokens_per_s"] > 0 and cpu["results"]["transformers"]["tokens_per_s"] > 0
     assert cpu["speedup_vs_transformers"] > 0
-    assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 8  # 6 + quantized decode (issue 13) e2e and its proxy
+    assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 8  # 6, and issue 13 e2e + its proxy
     tp = r["tp"]
     if CUDA and torch.cuda.device_count() < 2:
         assert tp == {"measured": False, "note": tp["note"]} and "needs at least 2 GPUs" in tp["note"]
