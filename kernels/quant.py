@@ -26,7 +26,8 @@ every load is a contiguous 16-byte vector per thread:
              their bytes; a chunk of 256 weights is 128 contiguous bytes a row)
     scales   fp16 (N, K/G)         a row's scales, contiguous: 8 of them (16 bytes) per 256-weight chunk at G = 32
     mins     fp16 (N, K/G)         the offsets m (int4 and Q4_1 only)
-The weight bytes are read as 16-byte vectors (a 16 x 128-byte tile per chunk over 128 threads). The scales are a
+The weight bytes are read as vectors: a 16 x 128-byte tile per chunk, 16 bytes a thread over 4 warps (8-bit), 8
+bytes over 8 warps (4-bit, whose unpacked tiles need the registers). The scales are a
 1/16 (int4 g32) to 1/64 of those bytes: the 8-bit grouped kernel loads them as a (BLOCK_N, groups) tile and
 broadcasts in registers; the 4-bit kernels index each byte's scale and offset directly (the chunk's few scales,
 L1-resident), since the broadcast's register reshape kept a 144-byte stack frame in the compile gate.
@@ -206,10 +207,12 @@ def _config(N: int, bits: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, i
     int8 ones: a 16-byte load per thread), 16 output rows (8-bit: 64 for the output head, N > 16384, without
     SwiGLU), as kernels/gemv.py and for the same reason (enough programs for every SM at N = 4096). From the
     compile gate: a 64-row 4-bit block (unpacked to two fp32 tiles) kept a 120-byte stack frame on sm_80, so
-    4-bit stays at 16 rows, 8016 programs for a 128256-row head. Not tuned on a GPU."""
+    4-bit stays at 16 rows, 8016 programs for a 128256-row head; and 4-bit runs 8 warps: at 4, triton 3.6 (the GPU
+    image's) needed 255 registers and kept an 8-16 byte stack frame (triton 3.9 fit in 234). Not tuned on a GPU."""
     block_n = 16 if N <= 16384 or swiglu or bits == 4 else 64
-    block_k = 256 if bits == 4 else 128
-    return (block_n, block_k, 4, 3)
+    if bits == 4:
+        return (block_n, 256, 8, 3)
+    return (block_n, 128, 4, 3)
 
 
 def check_layout(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, K: int, group: int) -> int:

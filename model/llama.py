@@ -14,7 +14,20 @@
 
 Every elementwise/attention op goes through ``self.ops``, a backend of the ``kernels.Ops`` contract:
 ``kernels.triton_ops`` (the Triton kernels) for backend="triton", ``kernels.reference`` (plain PyTorch) for
-backend="torch". Matrix products stay with torch (cuBLAS).
+backend="torch". Prefill's matrix products stay with torch (cuBLAS).
+
+A decode step (one token per sequence) on the Triton backend takes a shorter road, ``TransformerBlock.decode``:
+five launches a layer instead of ten, because at batch 1 each launch costs microseconds while its bytes cost
+nanoseconds:
+
+    qkv = RMSNorm(x) @ wqkv.T                  ops.linear (the norm inside the GEMV, kernels/gemv.py)
+    o = attention(RoPE(q), cache + RoPE(k), v)  ops.rope_decode_attention (rotate, write the cache, attend, merge)
+    x = x + o @ wo.T                            ops.linear (the residual add inside)
+    a = swiglu(RMSNorm(x) @ w13.T)              ops.linear (the norm and SwiGLU inside)
+    x = x + a @ w2.T                            ops.linear
+    logits = RMSNorm(x) @ output.T              once per step, fp32 out
+
+A quantized product (model/quantize.py) brings its own dequantizing GEMV with the same fusions.
 
 The public steps: ``prefill(tokens, start_pos)`` runs a prompt (or a chunk of one) and fills the cache;
 ``decode(tokens, positions)`` runs one new token per sequence; ``forward`` checks its inputs and does either;
