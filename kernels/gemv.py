@@ -40,10 +40,44 @@ import triton.language as tl
 
 from kernels._launch import check_tensor, interpreting, variant
 
-__all__ = ["linear", "compile_variants"]
+__all__ = ["linear", "compile_variants", "fused_epilogue", "check_x", "check_fusions"]
 
 BLOCK_M = 16  # rows of x per program: the smallest tensor-core tile
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def fused_epilogue(
+    acc,  # (16, BLOCK_N) fp32: x @ W.T (SWIGLU: x @ W1.T), rows of x by output columns
+    acc_up,  # (16, BLOCK_N) fp32: x @ W3.T (SWIGLU only)
+    sumsq,  # (16,) fp32: sum of x^2 over K, per row (NORM only)
+    rows,  # (16,) rows of x
+    cols,  # (BLOCK_N,) output columns
+    row_ok,  # (16,) rows < M
+    col_ok,  # (BLOCK_N,) columns < N
+    K,
+    eps,
+    Res,  # (M, N) residual (ADD only)
+    stride_rm,
+    Out,  # (M, N) output, x's dtype or fp32
+    stride_om,
+    NORM: tl.constexpr,
+    ADD: tl.constexpr,
+    SWIGLU: tl.constexpr,
+):
+    """The end of every fused GEMV, whatever its weight format (this file's, kernels/quant.py's): the RMSNorm's
+    1 / rms(x) per row, SwiGLU, the residual, one rounding at the store."""
+    if NORM:
+        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        acc = acc * rstd[:, None]
+        acc_up = acc_up * rstd[:, None]
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ADD:
+        r = tl.load(Res + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+        acc += r.to(tl.float32)
+    tl.store(Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -99,17 +133,9 @@ def _gemv_kernel(
             acc_up = tl.dot(x, tl.trans(u), acc_up, input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if NORM:
-        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-        acc = acc * rstd[:, None]
-        acc_up = acc_up * rstd[:, None]
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    mask = row_ok[:, None] & col_ok[None, :]
-    if ADD:
-        r = tl.load(Res + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
-        acc += r.to(tl.float32)
-    tl.store(Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+    fused_epilogue(
+        acc, acc_up, sumsq, rows, cols, row_ok, col_ok, K, eps, Res, stride_rm, Out, stride_om, NORM, ADD, SWIGLU
+    )
 
 
 _INTERPRET = interpreting(_gemv_kernel)
@@ -128,6 +154,45 @@ def _config(N: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, int, int, in
     return (block_n, 128, 4, 4)
 
 
+def check_x(x: torch.Tensor, interpret: bool) -> int:
+    """K of a GEMV's input x (..., K), after checking it (shared with kernels/quant.py)."""
+    check_tensor("x", x, interpret=interpret, dtypes=DTYPES)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected shape (..., K) with K >= 1, got {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def check_fusions(x, w_name: str, w_rows: int, rms_weight, eps, residual, swiglu: bool, out, interpret: bool):
+    """The fusion arguments of a GEMV against x (..., K) and a weight of ``w_rows`` rows (shared with
+    kernels/quant.py). Returns (x2, out, out2, residual2, N): x as (M, K) rows, the output (allocated in x's dtype
+    if not given) and its (M, N) view, the residual's (M, N) view (out2 when there is none), and N."""
+    K = x.shape[-1]
+    if swiglu and w_rows % 2:
+        raise ValueError(f"{w_name}: swiglu needs an even number of rows (W1 then W3), got {w_rows}")
+    if swiglu and residual is not None:
+        raise ValueError("residual: not supported with swiglu (no Llama product needs both)")
+    N = w_rows // 2 if swiglu else w_rows
+    if rms_weight is not None:
+        check_tensor("rms_weight", rms_weight, like=x, like_name="x", shape=(K,))
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
+            raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+    x2 = x.reshape(-1, K)  # a view for any x whose rows share one stride (the model's activations)
+    shape = (*x.shape[:-1], N)
+    if residual is not None:
+        check_tensor("residual", residual, like=x, like_name="x", shape=shape)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:  # x's dtype, or fp32 (logits straight from bf16 weights)
+        check_tensor("out", out, interpret=interpret, dtypes=(x.dtype, torch.float32), shape=shape)
+        if out.device != x.device:
+            raise ValueError(f"out: expected a tensor on {x.device} (the device of x), got {out.device}")
+    out2 = out.reshape(-1, N)
+    if out2.data_ptr() != out.data_ptr():
+        raise ValueError("out: expected rows that flatten to one row stride (a view, not a copy)")
+    r2 = residual.reshape(-1, N) if residual is not None else out2
+    return x2, out, out2, r2, N
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -144,37 +209,14 @@ def linear(
     ``rms_weight`` (K,): multiply by RMSNorm(x) with that gamma instead of x: rows scaled by 1 / sqrt(mean(x^2) + eps).
     ``residual`` (..., N): add it. ``swiglu``: weight is (2N, K) = [W1; W3]; return silu(x W1.T) * (x W3.T).
     """
-    check_tensor("x", x, interpret=_INTERPRET, dtypes=DTYPES)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x: expected shape (..., K) with K >= 1, got {tuple(x.shape)}")
-    K = x.shape[-1]
+    K = check_x(x, _INTERPRET)
     check_tensor("weight", weight, like=x, like_name="x", ndim=2)
     if weight.shape[1] != K or not weight.is_contiguous():
         raise ValueError(f"weight: expected a contiguous (N, {K}) tensor, got {tuple(weight.shape)}, {weight.stride()}")
-    if swiglu and weight.shape[0] % 2:
-        raise ValueError(f"weight: swiglu needs an even number of rows (W1 then W3), got {weight.shape[0]}")
-    if swiglu and residual is not None:
-        raise ValueError("residual: not supported with swiglu (no Llama product needs both)")
-    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    if rms_weight is not None:
-        check_tensor("rms_weight", rms_weight, like=x, like_name="x", shape=(K,))
-        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
-            raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
-    x2 = x.reshape(-1, K)  # a view for any x whose rows share one stride (the model's activations)
+    x2, out, out2, r2, N = check_fusions(
+        x, "weight", weight.shape[0], rms_weight, eps, residual, swiglu, out, _INTERPRET
+    )
     M = x2.shape[0]
-    shape = (*x.shape[:-1], N)
-    if residual is not None:
-        check_tensor("residual", residual, like=x, like_name="x", shape=shape)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:  # x's dtype, or fp32 (logits straight from bf16 weights)
-        check_tensor("out", out, interpret=_INTERPRET, dtypes=(x.dtype, torch.float32), shape=shape)
-        if out.device != x.device:
-            raise ValueError(f"out: expected a tensor on {x.device} (the device of x), got {out.device}")
-    out2 = out.reshape(-1, N)
-    if out2.data_ptr() != out.data_ptr():
-        raise ValueError("out: expected rows that flatten to one row stride (a view, not a copy)")
-    r2 = residual.reshape(-1, N) if residual is not None else out2
     if M == 0:
         return out
     block_n, block_k, num_warps, num_stages = _config(N, x.dtype, swiglu)

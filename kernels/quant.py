@@ -59,7 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import check_tensor, interpreting, variant
+from kernels._launch import interpreting, variant
+from kernels.gemv import check_fusions, check_x, fused_epilogue
 
 __all__ = ["quant_linear", "compile_variants", "check_layout", "GROUPS_INT4"]
 
@@ -186,17 +187,9 @@ def _qgemv_kernel(
         if SWIGLU:
             s_up = tl.load(S + (cols64 + up_rows) * stride_sn, mask=col_ok, other=0.0).to(tl.float32)
             acc_up = acc_up * s_up[None, :]
-    if NORM:
-        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-        acc = acc * rstd[:, None]
-        acc_up = acc_up * rstd[:, None]
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    mask = row_ok[:, None] & col_ok[None, :]
-    if ADD:
-        r = tl.load(Res + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
-        acc += r.to(tl.float32)
-    tl.store(Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+    fused_epilogue(
+        acc, acc_up, sumsq, rows, cols, row_ok, col_ok, K, eps, Res, stride_rm, Out, stride_om, NORM, ADD, SWIGLU
+    )
 
 
 _INTERPRET = interpreting(_qgemv_kernel)
@@ -267,38 +260,13 @@ def quant_linear(
     """x (..., K) @ dequantize(W).T with the fusions of ``kernels.gemv.linear`` (same keywords, same meaning);
     W given as its planes (module docstring): ``qweight``, ``scales``, ``mins`` (None: symmetric), ``group``
     (weights per scale; K: per channel). Returns (..., N) in x's dtype."""
-    check_tensor("x", x, interpret=_INTERPRET, dtypes=DTYPES)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x: expected shape (..., K) with K >= 1, got {tuple(x.shape)}")
-    K = x.shape[-1]
+    K = check_x(x, _INTERPRET)
     bits = check_layout(qweight, scales, mins, K, group)
     if qweight.device != x.device:
         raise ValueError(f"qweight: expected a tensor on {x.device} (the device of x), got {qweight.device}")
-    rows_w = qweight.shape[0]
-    if swiglu and rows_w % 2:
-        raise ValueError(f"qweight: swiglu needs an even number of rows (W1 then W3), got {rows_w}")
-    if swiglu and residual is not None:
-        raise ValueError("residual: not supported with swiglu (no Llama product needs both)")
-    N = rows_w // 2 if swiglu else rows_w
-    if rms_weight is not None:
-        check_tensor("rms_weight", rms_weight, like=x, like_name="x", shape=(K,))
-        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
-            raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
-    x2 = x.reshape(-1, K)
+    w_rows = qweight.shape[0]
+    x2, out, out2, r2, N = check_fusions(x, "qweight", w_rows, rms_weight, eps, residual, swiglu, out, _INTERPRET)
     M = x2.shape[0]
-    shape = (*x.shape[:-1], N)
-    if residual is not None:
-        check_tensor("residual", residual, like=x, like_name="x", shape=shape)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:  # x's dtype, or fp32 (the decode step's logits, as kernels.gemv.linear allows)
-        check_tensor("out", out, interpret=_INTERPRET, dtypes=(x.dtype, torch.float32), shape=shape)
-        if out.device != x.device:
-            raise ValueError(f"out: expected a tensor on {x.device} (the device of x), got {out.device}")
-    out2 = out.reshape(-1, N)
-    if out2.data_ptr() != out.data_ptr():
-        raise ValueError("out: expected rows that flatten to one row stride (a view, not a copy)")
-    r2 = residual.reshape(-1, N) if residual is not None else out2
     if M == 0:
         return out
     block_n, block_k, num_warps, num_stages = _config(N, bits, x.dtype, swiglu)
