@@ -20,14 +20,14 @@ found by a radix select on the bits, most significant first: three passes (11 + 
 bits), each a histogram of the masses of the tokens still in the chosen bucket (``scatter_add_`` into 2048
 or 1024 bins), a suffix sum over the bins and a count to pick the next digit. Every pass reads the
 vocabulary once: the three cost about 0.5 ms per row on one CPU core, against ~3 ms for a 30-step
-bisection on the threshold. Whole ``sample`` calls (``python -m benchmarks.sampling``, one busy 2-core
-CPU, one thread): top-p 0.9 1.2-2 ms, top-k 50 + top-p 1.0 ms, against 11-16 ms for softmax + full sort +
-``torch.multinomial``. Tokens above tau stay; tokens equal to tau stay in token-id order while the mass ranked before
-them is below the target, which is what the sorted reference does with ties (top-k likewise keeps the
-first tied tokens by id). Masses are summed in fp64: with thousands of tokens kept (top_p 0.999), fp32
-sums in two different orders disagree by more than the boundary token's mass.
+bisection on the threshold. Whole ``sample`` calls with ``SampleRng`` (``python -m benchmarks.sampling``, one
+thread of a 2-core CPU also running the test suite): top-p 0.9 3.4 ms, top-k 50 + top-p 1.1 ms, against 13-14
+ms for softmax + full sort + ``torch.multinomial``. Tokens above tau stay; tokens equal to tau stay in
+token-id order while the mass ranked before them is below the target, which is what the sorted reference does
+with ties (top-k likewise keeps the first tied tokens by id). Masses are summed in fp64: with thousands of
+tokens kept (top_p 0.999), fp32 sums in two different orders disagree by more than the boundary token's mass.
 
-**The draw** is an inverse-CDF lookup: a cumulative sum of the kept probabilities and a ``searchsorted`` of
+**The draw** is an inverse-CDF lookup: a cumulative sum of the kept probabilities (fp64) and a ``searchsorted`` of
 one uniform number per row (no ``torch.multinomial``, whose CPU cost at this size was ~2 ms, and no
 exponential race, whose 128k random numbers cost as much).
 
