@@ -183,7 +183,9 @@ def check_fusions(x, w_name: str, w_rows: int, rms_weight, eps, residual, swiglu
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     else:  # x's dtype, or fp32 (logits straight from bf16 weights)
-        check_tensor("out", out, interpret=interpret, dtypes=(x.dtype, torch.float32), shape=shape)
+        check_tensor(
+            "out", out, interpret=interpret, dtypes=tuple(dict.fromkeys((x.dtype, torch.float32))), shape=shape
+        )
         if out.device != x.device:
             raise ValueError(f"out: expected a tensor on {x.device} (the device of x), got {out.device}")
     out2 = out.reshape(-1, N)

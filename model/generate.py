@@ -280,9 +280,9 @@ class _DecodeLoop:
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.positions = positions.clone()  # where each sequence's next token goes
         self.decode_graph = self.sample_graph = None
-        self._mutable = [self.rec, self.bad, self.done, self.step, self.tokens, self.positions]
-        self._mutable += [generator.counter] if isinstance(generator, SampleRng) else []
-        self._mutable += [counts.generated] if counts is not None else []
+        # What a sampling step writes besides the loop's own tensors (the capture's warm-up puts it back).
+        self._also_written = [generator.counter] if isinstance(generator, SampleRng) else []
+        self._also_written += [counts.generated] if counts is not None else []
         graphable = device.type == "cuda" and model.use_cuda_graph and not model.tp.enabled
         if graphable and not isinstance(generator, torch.Generator):  # a torch.Generator would need registering
             self._capture()
@@ -360,15 +360,15 @@ class _DecodeLoop:
         if g is None:
             return
         self.tokens, self.positions = g.tokens, g.positions  # the decode graph reads these
-        self._mutable[4:6] = [self.tokens, self.positions]
-        saved = [t.clone() for t in self._mutable]
+        written = [self.rec, self.bad, self.done, self.step, self.tokens, self.positions, *self._also_written]
+        saved = [t.clone() for t in written]
         try:
             stream = torch.cuda.Stream()  # warm up (lazy initialisation) on a side stream, then undo its writes
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._sample_step(g.logits)
             torch.cuda.current_stream().wait_stream(stream)
-            for t, old in zip(self._mutable, saved, strict=True):
+            for t, old in zip(written, saved, strict=True):
                 t.copy_(old)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -376,7 +376,7 @@ class _DecodeLoop:
         except Exception as e:  # an optimisation: fall back to eager sampling, say so once
             warnings.warn(f"CUDA graph capture of sampling failed, sampling eagerly: {type(e).__name__}: {e}",
                           stacklevel=3)  # fmt: skip
-            for t, old in zip(self._mutable, saved, strict=True):
+            for t, old in zip(written, saved, strict=True):
                 t.copy_(old)
             return
         self.decode_graph, self.sample_graph = g, graph

@@ -656,11 +656,8 @@ def _fused_state_dict(
         _put(module, _quantized(w, module))
 
     def _quantized(w: torch.Tensor, module: str) -> nn.Module:
-        # int4 runs leave the output head at int8: it is the most sensitive product (on SmolLM2 an int4 head
-        # alone costs +11% perplexity at g32, int8 +0.03%), as llama.cpp's 4-bit mixes keep it at 6-8 bits.
-        kind = "int8" if module == "output" else quantize[0]
         try:
-            return quant.quantize_weight(w, kind, quantize[1], dtype, backend)
+            return quant.quantize_product(module, w, quantize, dtype, backend)  # the head stays at int8
         except ValueError as e:
             raise ValueError(f"{module}: {e}") from None
 

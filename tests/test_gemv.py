@@ -73,6 +73,11 @@ def _bad_cases(device):
         ("eps", lambda: linear(x, w, rms_weight=x[0], eps=-1.0), "eps: expected a float >= 0"),
         ("gamma shape", lambda: linear(x, w, rms_weight=x[:, :4]), r"rms_weight: expected shape \(8,\)"),
         ("out shape", lambda: linear(x, w, out=x), r"out: expected shape \(2, 4\)"),
+        (
+            "out dtype",
+            lambda: linear(x.half(), w.half(), out=x[:, :4].double()),
+            "out: expected dtype float16, float32, got",
+        ),
     ]
 
 
