@@ -8,7 +8,12 @@ Each Llama-3-8B product of a decode step (and the output head), as ``kernels.gem
     w2    x + a @ w2.T                 (4096, 14336)
     head  RMSNorm(x) @ output.T        (128256, 4096)
 
-Peers, on the same tensors: ``torch_eager`` is what the model runs today in its own dtype -- cuBLAS's
+and the same five at Llama-3.2-1B (dim 2048, hidden 8192), whose N = 2048 products have only 128 tiles of 16
+columns: fewer programs than an H200 has SMs, the case split-K is for. ``triton`` is the launcher's own choice
+(split-K where ``kernels.gemv.plan_split_k`` says, through a GemvWorkspace as in the model), ``triton_whole``
+the same kernel with one program per tile (``split_k=1``): the pair says whether the split pays, per shape.
+
+Peers, on the same tensors: ``torch_eager`` is the unfused driver in its own dtype -- cuBLAS's
 F.linear with the norm, add or SwiGLU as separate torch ops -- and ``torch_compile`` is that sequence
 compiled. Bytes a product must move: the weight (N x K, or 2N x K), x, the output and the residual; at batch 1
 the weight is all of it, so GB/s against the copy ceiling says how close the product comes to its floor.
@@ -30,13 +35,24 @@ PRODUCTS_8B = {
     "w2": (4096, 14336, "add"),
     "head": (128256, 4096, "norm"),
 }
+PRODUCTS_1B = {
+    "qkv": (3072, 2048, "norm"),
+    "wo": (2048, 2048, "add"),
+    "w13": (8192, 2048, "norm_swiglu"),
+    "w2": (2048, 8192, "add"),
+    "head": (128256, 2048, "norm"),
+}
 PRODUCTS_TINY = {"qkv": (512, 256, "norm"), "w13": (384, 256, "norm_swiglu"), "w2": (256, 384, "add")}
 
 
 def cases(ctx: Context) -> list[Case]:
-    products = PRODUCTS_TINY if ctx.smoke else PRODUCTS_8B
-    model = "tiny" if ctx.smoke else "8B"
-    return [_case(ctx, model, name, *spec, M) for name, spec in products.items() for M in ctx.sizes("decode_batch")]
+    models = {"tiny": PRODUCTS_TINY} if ctx.smoke else {"8B": PRODUCTS_8B, "1B": PRODUCTS_1B}
+    return [
+        _case(ctx, model, name, *spec, M)
+        for model, products in models.items()
+        for name, spec in products.items()
+        for M in ctx.sizes("decode_batch")
+    ]
 
 
 def _torch_sequence(x, w, res, gamma, swiglu: bool, eps: float = 1e-5):
@@ -69,9 +85,11 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
         res = randn((M, N), ctx, seed=K) if fusion == "add" else None
         gamma = randn((K,), ctx, seed=K + 1) if "norm" in fusion else None
         swiglu = "swiglu" in fusion
+        ws = gemv.GemvWorkspace.for_device(x.device)  # the model's: no allocation in the timed call
         impls: dict = {
             "torch_eager": lambda: _torch_sequence(x, w, res, gamma, swiglu),
-            "triton": lambda: gemv.linear(x, w, rms_weight=gamma, residual=res, swiglu=swiglu),
+            "triton": lambda: gemv.linear(x, w, rms_weight=gamma, residual=res, swiglu=swiglu, workspace=ws),
+            "triton_whole": lambda: gemv.linear(x, w, rms_weight=gamma, residual=res, swiglu=swiglu, split_k=1),
         }
         if ctx.compile_peers:
             c = compiled(_torch_sequence, ctx)

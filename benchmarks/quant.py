@@ -126,15 +126,19 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
         res = randn((M, N), ctx, seed=K) if fusion == "add" else None
         gamma = randn((K,), ctx, seed=K + 1) if "norm" in fusion else None
         swiglu = "swiglu" in fusion
+        fused = {"rms_weight": gamma, "residual": res, "swiglu": swiglu}
+        ws = gemv.GemvWorkspace.for_device(x.device)  # split-K where the launcher picks it, as in the model
         if fmt == "bf16":
             return {
                 "torch_eager": lambda: _torch_sequence(x, w, res, gamma, swiglu),
-                "triton": lambda: gemv.linear(x, w, rms_weight=gamma, residual=res, swiglu=swiglu),
+                "triton": lambda: gemv.linear(x, w, workspace=ws, **fused),
+                "triton_whole": lambda: gemv.linear(x, w, split_k=1, **fused),
             }
         q, s, m, group = _planes(fmt, w)
         impls: dict = {
             "torch_eager": lambda: _torch_sequence(x, dequantize(q, s, m, group, x.dtype), res, gamma, swiglu),
-            "triton": lambda: quant.quant_linear(x, q, s, m, group, rms_weight=gamma, residual=res, swiglu=swiglu),
+            "triton": lambda: quant.quant_linear(x, q, s, m, group, workspace=ws, **fused),
+            "triton_whole": lambda: quant.quant_linear(x, q, s, m, group, split_k=1, **fused),
         }
         # torch's kernels do the product alone: the norm, SwiGLU and add around it as torch ops (as torch_eager)
         mm = (

@@ -93,9 +93,11 @@ class Ops(Protocol):
         residual: torch.Tensor | None = None,
         swiglu: bool = False,
         out: torch.Tensor | None = None,
+        workspace: object = None,
     ) -> torch.Tensor:
         """x (M, K) @ weight.T for few rows M, with the ops around it fused: RMSNorm(x) * rms_weight instead of
-        x, silu(x W1.T) * (x W3.T) of weight = [W1; W3], + residual. Into ``out`` (x's dtype or fp32) if given."""
+        x, silu(x W1.T) * (x W3.T) of weight = [W1; W3], + residual. Into ``out`` (x's dtype or fp32) if given.
+        ``workspace``: kernels.gemv's GemvWorkspace, the scratch of its split-K (one per model)."""
         ...
 
     def rope_decode_attention(

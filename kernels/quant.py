@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import interpreting, variant
-from kernels.gemv import check_fusions, check_x, fused_epilogue
+from kernels.gemv import check_fusions, check_x, split_args, split_k_epilogue, split_range
 
 __all__ = ["quant_linear", "compile_variants", "check_layout", "GROUPS_INT4"]
 
@@ -87,6 +87,9 @@ def _qgemv_kernel(
     stride_rm,  # row stride of the residual
     stride_om,  # row stride of out
     eps,  # RMSNorm epsilon (NORM only)
+    Part,  # split-K partials, fp32 (SPLIT only): kernels.gemv.GemvWorkspace's
+    Counter,  # split-K tickets, int32, one per output tile (SPLIT only)
+    K_SPLIT,  # weights of a row per split, a multiple of BLOCK_K (SPLIT only)
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # weights per reduction chunk (a multiple of GROUP)
     GROUP: tl.constexpr,  # weights per scale; 0: one scale per row (int8 per channel)
@@ -96,6 +99,7 @@ def _qgemv_kernel(
     ADD: tl.constexpr,  # add the residual
     SWIGLU: tl.constexpr,  # silu(x @ W1.T) * (x @ W3.T)
     DOT_FP32: tl.constexpr,  # fp32 inputs, or bf16 in the interpreter: dots in fp32 ("ieee")
+    SPLIT: tl.constexpr,  # split-K: program_id(2) sums K_SPLIT of K, the last split of a tile merges (gemv's)
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -104,13 +108,14 @@ def _qgemv_kernel(
     row_ok = rows < M
     col_ok = cols < N
     cols64 = cols.to(tl.int64)
+    k_lo, k_hi = split_range(K, K_SPLIT, SPLIT)
     offs_b = tl.arange(0, BLOCK_K * BITS // 8)  # byte columns of a chunk
     if BITS == 4:
         offs_lo = (offs_b // 16) * 32 + offs_b % 16  # the weight in each byte's low nibble; high: + 16
     else:
         offs_lo = offs_b
-    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_lo[None, :]
-    q_ptrs = Q + cols64[:, None] * stride_qn + offs_b[None, :]  # int64: N * K passes 2^31 (the output head)
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + (k_lo + offs_lo)[None, :]
+    q_ptrs = Q + cols64[:, None] * stride_qn + (k_lo * BITS // 8 + offs_b)[None, :]  # int64: the head's N * K
     up_rows = N.to(tl.int64)  # SWIGLU: W3's rows start N rows further down
     if GROUP > 0:
         offs_g = tl.arange(0, BLOCK_K // GROUP)  # the chunk's groups
@@ -119,7 +124,7 @@ def _qgemv_kernel(
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     acc_up = tl.zeros([16, BLOCK_N], tl.float32)
     sumsq = tl.zeros([16], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = k0 + offs_lo < K  # 4-bit: the high nibble's weight is in the same 32-block, so valid alike
         x_mask = row_ok[:, None] & k_ok[None, :]
         w_mask = col_ok[:, None] & k_ok[None, :]
@@ -187,9 +192,10 @@ def _qgemv_kernel(
         if SWIGLU:
             s_up = tl.load(S + (cols64 + up_rows) * stride_sn, mask=col_ok, other=0.0).to(tl.float32)
             acc_up = acc_up * s_up[None, :]
-    fused_epilogue(
-        acc, acc_up, sumsq, rows, cols, row_ok, col_ok, K, eps, Res, stride_rm, Out, stride_om, NORM, ADD, SWIGLU
-    )
+    split_k_epilogue(
+        acc, acc_up, sumsq, rows, cols, row_ok, col_ok, K, eps, Res, stride_rm, Out, stride_om, Part, Counter,
+        NORM, ADD, SWIGLU, SPLIT, BLOCK_N,
+    )  # fmt: skip
 
 
 _INTERPRET = interpreting(_qgemv_kernel)
@@ -206,6 +212,12 @@ def _config(N: int, bits: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, i
     if bits == 4:
         return (block_n, 256, 8, 3)
     return (block_n, 128, 4, 3)
+
+
+def _split_stages(bits: int, split: bool, num_stages: int) -> int:
+    """Split-K 4-bit launches run 2 stages: at 3, triton 3.9 kept a 16-byte stack frame in Q4_0's bf16 plain
+    and add variants on sm_90 (128 registers; triton 3.6 fit them); they have more programs to hide latency."""
+    return 2 if split and bits == 4 else num_stages
 
 
 def check_layout(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, K: int, group: int) -> int:
@@ -256,10 +268,12 @@ def quant_linear(
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
     out: torch.Tensor | None = None,
+    split_k: int | None = None,
+    workspace=None,
 ) -> torch.Tensor:
-    """x (..., K) @ dequantize(W).T with the fusions of ``kernels.gemv.linear`` (same keywords, same meaning);
-    W given as its planes (module docstring): ``qweight``, ``scales``, ``mins`` (None: symmetric), ``group``
-    (weights per scale; K: per channel). Returns (..., N) in x's dtype."""
+    """x (..., K) @ dequantize(W).T with the fusions and split-K of ``kernels.gemv.linear`` (same keywords, same
+    meaning); W given as its planes (module docstring): ``qweight``, ``scales``, ``mins`` (None: symmetric),
+    ``group`` (weights per scale; K: per channel). Returns (..., N) in x's dtype."""
     K = check_x(x, _INTERPRET)
     bits = check_layout(qweight, scales, mins, K, group)
     if qweight.device != x.device:
@@ -270,15 +284,20 @@ def quant_linear(
     if M == 0:
         return out
     block_n, block_k, num_warps, num_stages = _config(N, bits, x.dtype, swiglu)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))
-    _qgemv_kernel[grid](
+    if split_k is None and block_n != 16:  # the 8-bit head's wide blocks (kernels/gemv.py's rule)
+        split_k = 1
+    tiles = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))
+    splits, k_split, part, counters = split_args(tiles[0] * tiles[1], K, block_k, block_n, x2, split_k, workspace)
+    num_stages = _split_stages(bits, splits > 1, num_stages)
+    _qgemv_kernel[(*tiles, splits)](
         x2, qweight, scales, mins if mins is not None else scales,
         rms_weight if rms_weight is not None else x2, r2, out2,
         M, N, K, x2.stride(0), qweight.stride(0), scales.stride(0), r2.stride(0), out2.stride(0), float(eps),
+        part, counters, k_split,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP=0 if group == K and bits == 8 else group, BITS=bits,
         HAS_MIN=mins is not None,
         NORM=rms_weight is not None, ADD=residual is not None, SWIGLU=swiglu,
-        DOT_FP32=x.dtype == torch.float32 or (_INTERPRET and x.dtype == torch.bfloat16),
+        DOT_FP32=x.dtype == torch.float32 or (_INTERPRET and x.dtype == torch.bfloat16), SPLIT=splits > 1,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -298,22 +317,26 @@ LAYOUTS = (
 def compile_variants() -> list[dict]:
     """Every (layout, dtype, block shape, fusion) the launcher can pick, for fp16 and bf16 activations (the GPU's;
     fp32 runs only in the interpreter's tests): 16-column blocks with every fusion (Llama-3's wqkv, wo, w13,
-    w2), 64-column ones with the norm (the output head). K divisible by 16 at every Llama-3 width."""
+    w2), whole or split-K, 64-column ones with the norm (the output head). K divisible by 16 at every Llama-3 width."""
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
     variants = []
     for layout, bits, group, has_min in LAYOUTS:
         for dtype in (torch.float16, torch.bfloat16):
             types = {n: ptr[dtype] for n in ("X", "Gamma", "Res", "Out")} | {"eps": "fp32"}
             types |= {"Q": "*i8" if bits == 8 else "*u8", "S": "*fp16", "Z": "*fp16"}
+            types |= {"Part": "*fp32", "Counter": "*i32"}
             for N, fusions in ((4096, ("plain", "norm", "add", "norm_swiglu")), (128256, ("norm", "norm_fp32_out"))):
-                for fusion in fusions:
+                for fusion, split in ((f, s) for f in fusions for s in (False, True)):
                     types["Out"] = "*fp32" if fusion.endswith("fp32_out") else ptr[dtype]  # the decode step's head
                     block_n, block_k, num_warps, num_stages = _config(N, bits, dtype, "swiglu" in fusion)
+                    num_stages = _split_stages(bits, split, num_stages)
                     cx = {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": group, "BITS": bits, "HAS_MIN": has_min}
                     cx |= {"NORM": "norm" in fusion, "ADD": fusion == "add", "SWIGLU": "swiglu" in fusion}
-                    cx |= {"DOT_FP32": False}
-                    name = f"qgemv_{layout}_{str(dtype).split('.')[-1]}_n{block_n}_{fusion}"
-                    if any(v["name"] == name for v in variants):
-                        continue  # 4-bit: the head's block is the 16-row one
-                    variants.append(variant(name, _qgemv_kernel, types, cx, num_warps, num_stages, divisible=["K"]))
+                    cx |= {"DOT_FP32": False, "SPLIT": split}
+                    name = f"qgemv_{layout}_{str(dtype).split('.')[-1]}_n{block_n}_{fusion}{'_splitk' * split}"
+                    if any(v["name"] == name for v in variants) or (split and block_n != 16):
+                        continue  # 4-bit: the head's block is the 16-row one; split-K: 16-row blocks only
+                    variants.append(
+                        variant(name, _qgemv_kernel, types, cx, num_warps, num_stages, divisible=["K", "K_SPLIT"])
+                    )
     return variants

@@ -244,10 +244,12 @@ def linear(
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
     out: torch.Tensor | None = None,
+    workspace: object = None,
 ) -> torch.Tensor:
     """x (..., K) @ weight.T in fp32, with the fusions of ``kernels.gemv.linear``: ``rms_weight`` replaces x by
     RMSNorm(x) with that gamma, x / sqrt(mean(x^2) + eps) * rms_weight, first; ``swiglu`` reads weight as
-    [W1; W3] and returns silu(x W1.T) * (x W3.T), ``residual`` is added last. Returned in x's dtype."""
+    [W1; W3] and returns silu(x W1.T) * (x W3.T), ``residual`` is added last. Returned in x's dtype.
+    ``workspace``: the Triton kernel's split-K scratch (how it sums K, not what); unused here."""
     xf = x.float()
     if rms_weight is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * rms_weight.float()

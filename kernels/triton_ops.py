@@ -6,7 +6,7 @@ set ``TRITON_INTERPRET=1`` first (the model driver does it for ``backend="triton
 
 from kernels.attention import attention
 from kernels.decode import DecodeWorkspace, decode_attention, rope_decode_attention
-from kernels.gemv import linear
+from kernels.gemv import GemvWorkspace, linear
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope import rope, rope_write_cache
 from kernels.swiglu import swiglu
@@ -22,4 +22,5 @@ __all__ = [
     "linear",
     "rope_decode_attention",
     "DecodeWorkspace",  # the scratch rope_decode_attention keeps between launches (one per model)
+    "GemvWorkspace",  # the scratch of linear's split-K (one per model)
 ]

@@ -171,16 +171,16 @@ class TransformerBlock(nn.Module):
         the residual adds and SwiGLU inside the products: nothing but the residual stream (B, dim), q|k|v, the
         attention output and the FFN activation goes through memory between them.
         """
-        ops, eps, a, f = step.ops, step.eps, self.attention, self.feed_forward
+        ops, eps, ws, a, f = step.ops, step.eps, step.gemv_workspace, self.attention, self.feed_forward
         B, Hq, Hkv, hd = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
-        qkv = _product(ops, a.wqkv, x, rms_weight=self.attention_norm, eps=eps)  # 1: (B, (Hq + 2 Hkv) hd)
+        qkv = _product(ops, a.wqkv, x, rms_weight=self.attention_norm, eps=eps, workspace=ws)  # 1: (B, (Hq+2Hkv) hd)
         q = qkv[:, : Hq * hd].unflatten(-1, (Hq, hd))
         k = qkv[:, Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))
         v = qkv[:, (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))
         o = ops.rope_decode_attention(q, k, v, step.positions, step.cos_sin, k_cache, v_cache, step.workspace)  # 2
-        x = _product(ops, a.wo, o.reshape(B, Hq * hd), residual=x)  # 3: x + o @ wo.T
-        g = _product(ops, f.w13, x, rms_weight=self.ffn_norm, eps=eps, swiglu=True)  # 4: swiglu(RMSNorm(x) @ w13.T)
-        return _product(ops, f.w2, g, residual=x)  # 5: x + g @ w2.T
+        x = _product(ops, a.wo, o.reshape(B, Hq * hd), residual=x, workspace=ws)  # 3: x + o @ wo.T
+        g = _product(ops, f.w13, x, rms_weight=self.ffn_norm, eps=eps, swiglu=True, workspace=ws)  # 4: SwiGLU
+        return _product(ops, f.w2, g, residual=x, workspace=ws)  # 5: x + g @ w2.T
 
 
 @dataclass
@@ -191,6 +191,7 @@ class DecodeStep:
     positions: torch.Tensor  # (B,) slot of each sequence's new token (its cache length is one more)
     cos_sin: torch.Tensor  # (max_seq_len, hd) RoPE table
     workspace: object  # kernels.decode.DecodeWorkspace (the attention's split partials), None for the reference
+    gemv_workspace: object  # kernels.gemv.GemvWorkspace (the products' split-K partials), None for the reference
     eps: float  # RMSNorm epsilon
 
 
@@ -227,7 +228,7 @@ class Llama(nn.Module):
         self.v_cache: list[torch.Tensor] = []
         self.use_cuda_graph = True
         self.fused_decode = backend == "triton" and not tp.enabled
-        self.decode_workspace = None
+        self.decode_workspace = self.gemv_workspace = None
         self._graphs: dict[int, _DecodeGraph | None] = {}
 
     # ---- loading ----------------------------------------------------------------------------------
@@ -383,13 +384,16 @@ class Llama(nn.Module):
         self._graphs.clear()
 
     def _make_decode_workspace(self) -> None:
-        """The fused step's attention scratch (kernels.decode.DecodeWorkspace) for the Triton kernels, else None."""
-        self.decode_workspace = None
+        """The fused step's scratch for the Triton kernels (kernels.decode.DecodeWorkspace for the attention,
+        kernels.gemv.GemvWorkspace for the products' split-K), else None."""
+        self.decode_workspace = self.gemv_workspace = None
         if self.fused_decode and self.max_batch_size and getattr(self.ops, "DecodeWorkspace", None) is not None:
             a = self.args
             self.decode_workspace = self.ops.DecodeWorkspace(
                 self.max_batch_size, a.n_heads, a.n_kv_heads, a.head_dim, self.device
             )
+            gemv_workspace = getattr(self.ops, "GemvWorkspace", None)
+            self.gemv_workspace = gemv_workspace.for_device(self.device) if gemv_workspace is not None else None
 
     def has_decode_graph(self, batch: int) -> bool:
         """Whether decode steps of this batch size replay a captured CUDA graph (False: eager, or not yet run)."""
@@ -534,7 +538,9 @@ class Llama(nn.Module):
         (embedding, 5 launches a block, the output head) or the prefill path with T = 1."""
         if not self.fused_decode:
             return self._run(tokens, positions[:, None], None)[:, 0]
-        step = DecodeStep(self.ops, positions, self.rope_cos_sin, self.decode_workspace, self.args.norm_eps)
+        step = DecodeStep(
+            self.ops, positions, self.rope_cos_sin, self.decode_workspace, self.gemv_workspace, self.args.norm_eps
+        )
         B = tokens.shape[0]
         x = self.tok_embeddings(tokens[:, 0])  # (B, dim): the residual stream
         for i, layer in enumerate(self.layers):
@@ -546,7 +552,8 @@ class Llama(nn.Module):
             # The head-wide kernels are tested on their own (tests/test_gemv.py, test_quant.py); PyTorch computes
             # the same thing here.
             return reference.linear(x, head.weight, rms_weight=self.norm, eps=step.eps, out=logits)
-        return _product(self.ops, head, x, rms_weight=self.norm, eps=step.eps, out=logits)  # final RMSNorm + head
+        ws = step.gemv_workspace
+        return _product(self.ops, head, x, rms_weight=self.norm, eps=step.eps, out=logits, workspace=ws)  # norm + head
 
     def generate(self, prompts, **kwargs):
         """Generate text for one prompt or a batch; see ``model.generate.generate`` for the arguments."""

@@ -200,8 +200,9 @@ class QuantLinear(nn.Module):
         residual: torch.Tensor | None = None,
         swiglu: bool = False,
         out: torch.Tensor | None = None,
+        workspace: object = None,
     ) -> torch.Tensor:
-        """``kernels.gemv.linear(x, W, rms_weight=, eps=, residual=, swiglu=, out=)`` with this module's W,
+        """``kernels.gemv.linear(x, W, rms_weight=, eps=, residual=, swiglu=, out=, workspace=)`` with this module's W,
         exactly its semantics: on the triton backend the fused Triton dequantize-GEMV (kernels/quant.py), on the
         torch backend its plain-PyTorch definition (kernels.reference.quant_linear), written into ``out`` if given."""
         if self.backend == "triton":
@@ -209,7 +210,7 @@ class QuantLinear(nn.Module):
 
             return quant_linear(
                 x, self.qweight, self.scales, self.mins, self.group,
-                rms_weight=rms_weight, eps=eps, residual=residual, swiglu=swiglu, out=out,
+                rms_weight=rms_weight, eps=eps, residual=residual, swiglu=swiglu, out=out, workspace=workspace,
             )  # fmt: skip
         y = reference.quant_linear(
             x, self.qweight, self.scales, self.mins, self.group,

@@ -69,8 +69,11 @@ def test_smoke_json_has_the_expected_keys(smoke):
         peers = {"torch_eager", "triton", "torch_compile"} | (
             {"sdpa_flash", "sdpa_cudnn"} if rec["kernel"] in ("attention", "decode_attention") else set()
         )
+        if rec["kernel"] == "gemv":  # the launcher's split-K choice beside one program per tile
+            peers |= {"triton_whole"}
         if rec["kernel"] == "quant":  # beside bf16's GEMV: the formats, and torch's own weight-only kernel
-            peers = {"torch_eager", "triton"} | ({"torch_weight_only"} if rec["shape"]["format"] != "bf16" else set())
+            peers = {"torch_eager", "triton", "triton_whole"}
+            peers |= {"torch_weight_only"} if rec["shape"]["format"] != "bf16" else set()
         assert set(rec["results"]) == peers, rec
         if not CUDA and "sdpa_cudnn" in peers:  # recorded as a skip with the reason, never as a figure
             assert rec["results"]["sdpa_cudnn"] == {"skipped": "cuDNN attention needs a CUDA GPU"}, rec

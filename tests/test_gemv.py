@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import gemv
 from kernels import reference as ref
-from kernels.gemv import linear
+from kernels.gemv import GemvWorkspace, linear, plan_split_k
 from tests.tolerances import DTYPES, assert_close, poisoned_like
 
 FUSIONS = ["plain", "norm", "add", "swiglu", "norm_swiglu", "norm_add"]
@@ -97,3 +98,89 @@ def test_fp32_output_from_half_inputs(dtype, device):
     assert got is out and not torch.isnan(out).any()
     expected = ref.linear(x.float(), w.float(), rms_weight=kw["rms_weight"].float())
     assert_close(got, expected, dtype, "fp32 out")
+
+
+# ---- split-K: several programs share an output tile's K, the last to finish merges (one launch) ----------------
+
+# (M, N, K, split_k): 2 and 3 splits, and more splits asked than K has chunks (K = 300: 5 of 64)
+SPLIT_SHAPES = [(1, 40, 1000, 2), (3, 24, 700, 3), (17, 16, 300, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+def test_split_k_matches_reference(shape, fusion, dtype, device):
+    M, N, K, split_k = shape
+    x, w, kw = _inputs(M, N, K, dtype, device, fusion, seed=M * 1000 + K)
+    ws = GemvWorkspace(1 << 16, 64, device)
+    out = poisoned_like(torch.empty(M, N, dtype=dtype, device=device))
+    got = linear(x, w, out=out, split_k=split_k, workspace=ws, **kw)
+    assert got is out and not torch.isnan(out).any(), "an output element was not written"
+    expected = ref.linear(x.float(), w.float(), **{k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    assert_close(got, expected, dtype, f"split-K {split_k} {fusion} {shape}")
+    assert not ws.counters.any(), "every tile's ticket counter is left at zero for the next launch"
+    # the merge adds the splits in order, whichever finished last: the same bits with a temporary workspace
+    assert torch.equal(linear(x, w, split_k=split_k, **kw), got)
+
+
+def test_split_k_plan(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(gemv, "split_target", lambda device: 264)  # an H200: 132 SMs, 2 programs each
+    # Llama-3.2-1B's wo (N = 2048: 128 tiles of 16 columns), K = 2048: 3 splits wanted, 2 of >= 1024 allowed
+    assert plan_split_k(128, 2048, 128, cuda, None) == (2, 1024)
+    assert plan_split_k(128, 8192, 128, cuda, None) == (3, 2816)  # its w2: 3 splits of 22 chunks (the last 20)
+    assert plan_split_k(256, 14336, 128, cuda, None) == (2, 7168)  # 8B's w2: 256 tiles
+    assert plan_split_k(384, 4096, 128, cuda, None) == (1, 4096)  # 8B's qkv: 384 tiles fill the GPU already
+    assert plan_split_k(128, 1000, 128, cuda, None) == (1, 1000)  # K too short to share
+    assert plan_split_k(1, 1 << 20, 128, cuda, None)[0] == gemv.MAX_SPLITS
+    assert plan_split_k(4, 300, 64, cuda, 16) == (5, 64)  # asked for 16: K has 5 chunks
+    monkeypatch.undo()
+    assert plan_split_k(1, 1 << 20, 128, torch.device("cpu"), None) == (1, 1 << 20)  # interpreter: never by default
+
+
+def test_split_k_workspace_for_the_default_plan(monkeypatch):
+    """GemvWorkspace.for_device holds every split the launcher picks by itself, for any number of tiles."""
+    monkeypatch.setattr(gemv, "split_target", lambda device: 264)
+    ws = GemvWorkspace.for_device("cpu")
+    for tiles in range(1, 300):
+        splits, _ = plan_split_k(tiles, 1 << 20, 128, torch.device("cuda", 0), None)
+        assert splits == 1 or (ws.fits(tiles, splits, 16) and ws.fits(tiles, splits, 64)), tiles
+        assert (splits > 1) == (tiles < 264)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"split_k": 0}, r"split_k: expected None or an int in \[1, 16\], got 0"),
+        ({"split_k": 17}, "split_k: expected None or an int"),
+        ({"split_k": 2.0}, "split_k: expected None or an int"),
+        ({"workspace": object()}, "workspace: expected a kernels.gemv.GemvWorkspace, got object"),
+        ({"workspace": "meta"}, "workspace: on meta, x is on"),
+    ],
+)
+def test_split_k_bad_arguments(kw, match, device):
+    if kw.get("workspace") == "meta":
+        kw = {"workspace": GemvWorkspace(16, 1, "meta")}
+    x, w = torch.randn(2, 8, device=device), torch.randn(4, 8, device=device)
+    with pytest.raises(ValueError, match=match):
+        linear(x, w, **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the splits of a tile run concurrently only there")
+@pytest.mark.parametrize("fusion", ["add", "norm_swiglu"])
+def test_split_k_on_the_gpu_is_deterministic_at_a_llama_shape(fusion):
+    """Llama-3.2-1B's w2 (N = 2048, K = 8192) and a w13-like product, bf16, with the launcher's own split (forced
+    to 3 where the device has too many SMs for the default to split): the result within tolerance of the whole-K
+    kernel, and bit-identical over 20 launches whose splits finish in whatever order."""
+    N, K = (2048, 8192) if fusion == "add" else (1024, 2048)
+    x, w, kw = _inputs(1, N, K, torch.bfloat16, "cuda", fusion, seed=5)
+    ws = GemvWorkspace.for_device("cuda")
+    tiles = N // 16
+    splits, _ = plan_split_k(tiles, K, 128, torch.device("cuda"), None)
+    split_k = None if splits > 1 else 3
+    first = linear(x, w, workspace=ws if split_k is None else None, split_k=split_k, **kw)
+    whole = linear(x, w, split_k=1, **kw)
+    assert_close(first, whole, torch.bfloat16, f"split-K {fusion}")
+    for _ in range(20):
+        assert torch.equal(linear(x, w, workspace=ws if split_k is None else None, split_k=split_k, **kw), first)
+    assert not ws.counters.any()

@@ -171,6 +171,35 @@ def test_kernel_launches_per_unfused_decode_step(pair, monkeypatch):
     assert len(launches) == 1 + 6 * n_layers, launches
 
 
+def test_fused_decode_step_with_split_k(pair, monkeypatch):
+    """Split-K in the fused step's products (forced at these tiny widths: as if the device had many SMs, 64-weight
+    splits): the same logits as without it, every launch still one per product (the last split merges), and the
+    model's GemvWorkspace left with its counters at zero."""
+    import kernels.gemv as gemv
+
+    _, tri = pair
+    prompt, tok, pos = torch.tensor([[1, 2, 3]], device=DEVICE), torch.tensor([[4]], device=DEVICE), torch.tensor([3])
+    tri.forward(prompt, 0)
+    whole = tri.decode(tok, pos.to(DEVICE))
+    monkeypatch.setattr(gemv, "split_target", lambda device: 64)
+    monkeypatch.setattr(gemv, "MIN_K_PER_SPLIT", 64)
+    splits: list[int] = []
+    plan = gemv.plan_split_k
+    monkeypatch.setattr(gemv, "plan_split_k", lambda *a: splits.append(plan(*a)[0]) or plan(*a))
+    tri.use(fused_decode=True)  # a workspace sized for the patched device
+    try:
+        split = tri.decode(tok, pos.to(DEVICE))
+        assert max(splits) > 1, splits
+        torch.testing.assert_close(split, whole, **TOLERANCES[torch.float32])
+        assert not tri.gemv_workspace.counters.any()
+        if INTERPRET:
+            launches, _ = _count_launches(tri, monkeypatch, tok, pos)
+            assert len(launches) == 5 * tri.args.n_layers + 1, launches
+    finally:
+        monkeypatch.undo()
+        tri.use(fused_decode=True)
+
+
 def test_fused_and_unfused_decode_agree_over_a_ragged_batch(pair):
     """The fused step (Triton) against the prefill path at T = 1 on the torch backend, step after step, with
     per-sequence positions (a ragged batch): logits and the KV cache each step leaves behind."""

@@ -94,6 +94,26 @@ def test_quant_linear_matches_reference_fp32(layout, fusion, shape, device):
     assert_close(got, ref.quant_linear(x, q, s, m, group, **kw), torch.float32, f"{layout} {fusion} {shape}")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fusion", ["norm", "add", "norm_swiglu"])
+def test_quant_linear_split_k(layout, fusion, device):
+    """Split-K (kernels/gemv.py's, shared): 3 programs share each tile's K = 768 (int8: 6 chunks, 4-bit: 3), the
+    last of them merges in split order; the counters are left at zero."""
+    from kernels.gemv import GemvWorkspace
+
+    M, N, K = 3, 40, 768
+    g = torch.Generator().manual_seed(11 + LAYOUTS.index(layout))
+    q, s, m, group = _planes(layout, 2 * N if "swiglu" in fusion else N, K, g)
+    x, kw = _x(M, N, K, torch.float32, fusion, g)
+    q, s, m, x = q.to(device), s.to(device), None if m is None else m.to(device), x.to(device)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    ws = GemvWorkspace(1 << 14, 8, device)
+    got = quant_linear(x, q, s, m, group, split_k=3, workspace=ws, **kw)
+    assert_close(got, ref.quant_linear(x, q, s, m, group, **kw), torch.float32, f"{layout} {fusion} split-K")
+    assert not ws.counters.any()
+    assert torch.equal(quant_linear(x, q, s, m, group, split_k=3, **kw), got)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fusion", ["norm", "add", "norm_swiglu"])
@@ -271,14 +291,15 @@ def test_fused_decode_step_runs_the_quantized_kernels(tiny, q):
     for name in ("wqkv", "wo"):
         lin = getattr(tri.layers[1].attention, name)
         gemv = lin.gemv
-        lin.gemv = lambda x, _g=gemv, _n=name, **k: (fused.append((_n, sorted(k))), _g(x, **k))[1]
+        lin.gemv = lambda x, _g=gemv, _n=name, **k: (fused.append((_n, sorted(k), k["workspace"])), _g(x, **k))[1]
     prompt = torch.tensor([[128000, 791, 6460, 374]])
     for m in (tri, ref):
         m.forward(prompt, 0)
     for i, tok in enumerate((1234, 99, 5000)):
         t, pos = torch.tensor([[tok]]), torch.tensor([4 + i])
         assert_close(tri.decode(t, pos), ref.decode(t, pos), torch.float32, f"decode step {i} ({q})")
-    assert fused[:2] == [("wqkv", ["eps", "rms_weight"]), ("wo", ["residual"])], fused
+    ws = tri.gemv_workspace  # the model's split-K scratch, passed to every product of the step
+    assert fused[:2] == [("wqkv", ["eps", "rms_weight", "workspace"], ws), ("wo", ["residual", "workspace"], ws)]
     for layer in range(tri.args.n_layers):
         assert_close(tri.k_cache[layer][0, :, :7], ref.k_cache[layer][0, :, :7], torch.float32, "k cache")
 
