@@ -10,6 +10,14 @@ comes from the compiler's metadata (cuobjdump's SHARED column only shows static 
     python -m benchmarks.kernel_resources --json F   # and the rows as JSON (the compile gate test reads it)
 
 Run it without TRITON_INTERPRET=1: under the interpreter, @triton.jit functions cannot be compiled.
+
+From the registers and shared memory it also predicts residency: how many programs (CTAs) of a configuration fit
+on one SM at once. For the kernels that stream a weight (the GEMVs: a variant's ``stream_bytes`` per pipeline
+stage) that gives the weight bytes each SM keeps in flight, CTAs x (stages - 1) x stream_bytes, which by Little's
+law bounds the bandwidth: an H100/H200 (sm_90) needs about 4.8 TB/s x ~0.7 us / 132 SMs ~ 25 KB a SM to run at
+its bandwidth, an A100 (sm_80) 2.0 TB/s x ~0.6 us / 108 ~ 11 KB (spec-sheet bandwidths, a loaded-DRAM latency
+assumed, not measured here). The gate asks for 24 KB and 12 KB. A prediction from the compiler's output, not a
+timing: it catches a configuration that cannot reach the bandwidth, not one that does.
 """
 
 from __future__ import annotations
@@ -40,6 +48,17 @@ ARCHS = [80, 90]
 # Opt-in shared memory per block: A100 163 KB (sm_80), H100 227 KB (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TENSOR_CORE_OPS = {80: ("HMMA",), 90: ("HMMA", "HGMMA")}
+# Per SM: shared memory for resident CTAs (1 KB of it reserved per CTA), and the weight bytes a streaming kernel
+# must keep in flight (see the docstring). Both archs: 64K registers, 64 warps and 32 CTAs at most.
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+MIN_IN_FLIGHT = {80: 12 * 1024, 90: 24 * 1024}
+
+
+def ctas_per_sm(arch: int, num_warps: int, registers: int, shared_bytes: int) -> int:
+    """Programs of a compiled kernel resident on one SM at once: the least of the warp, register (allocated per
+    warp in units of 256, i.e. 8 a thread) and shared-memory limits."""
+    regs = -(-max(registers, 1) // 8) * 8
+    return min(64 // num_warps, 65536 // (num_warps * 32 * regs), SHARED_PER_SM[arch] // (shared_bytes + 1024), 32)
 
 
 def _cuobjdump() -> str:
@@ -87,6 +106,9 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     # Local memory can be used without a spill (a stack array that libdevice's sin/cos slow path keeps, say):
     # count the SASS instructions that touch it, as well as the frame and spill sizes cuobjdump reports.
     row["local_memory_ops"] = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))
+    row["ctas_per_sm"] = ctas_per_sm(arch, v["num_warps"], row["registers"], row["shared_bytes"])
+    if "stream_bytes" in v:
+        row["in_flight_bytes"] = row["ctas_per_sm"] * max(v["num_stages"] - 1, 1) * v["stream_bytes"]
     return row
 
 
@@ -115,6 +137,11 @@ def problems(row: dict) -> list[str]:
         out.append(f"shared memory {row['shared_bytes']} B exceeds the {SHARED_LIMIT[arch]} B limit of {row['arch']}")
     if row["uses_dot"] and not set(row["tensor_core_ops"]) & set(TENSOR_CORE_OPS[arch]):
         out.append(f"no tensor-core instruction ({'/'.join(TENSOR_CORE_OPS[arch])}) in the SASS")
+    if row.get("in_flight_bytes", MIN_IN_FLIGHT[arch]) < MIN_IN_FLIGHT[arch]:
+        out.append(
+            f"{row['in_flight_bytes'] // 1024} KB of weight in flight per SM ({row['ctas_per_sm']} CTAs resident), "
+            f"below the {MIN_IN_FLIGHT[arch] // 1024} KB its bandwidth needs"
+        )
     return out
 
 
@@ -155,19 +182,21 @@ def run(jobs: int = 2, progress: bool = True) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| kernel | config | arch | warps | stages | regs | shared B | spills B | stack B | tensor cores | gate |",
-        "|" + "---|" * 11,
+        "| kernel | config | arch | warps | stages | regs | shared B | spills B | stack B | tensor cores | CTAs/SM "
+        "| in flight KB/SM | gate |",
+        "|" + "---|" * 13,
     ]
     for r in rows:
         bad = problems(r)
         if "error" in r:
-            lines.append(f"| {r['module']} | {r['name']} | {r['arch']} | | | | | | | | FAIL: {bad[0]} |")
+            lines.append(f"| {r['module']} | {r['name']} | {r['arch']} | | | | | | | | | | FAIL: {bad[0]} |")
             continue
+        in_flight = f"{r['in_flight_bytes'] / 1024:.0f}" if "in_flight_bytes" in r else "-"
         lines.append(
             f"| {r['module'].removeprefix('kernels.')} | {r['name']} | {r['arch']} "
             f"| {r['num_warps']} | {r['num_stages']} "
             f"| {r['registers']} | {r['shared_bytes']} | {r['local_bytes']} | {r['stack_bytes']} "
-            f"| {','.join(r['tensor_core_ops']) or '-'} "
+            f"| {','.join(r['tensor_core_ops']) or '-'} | {r['ctas_per_sm']} | {in_flight} "
             f"| {'ok' if not bad else 'FAIL: ' + '; '.join(bad)} |"
         )
     return "\n".join(lines)

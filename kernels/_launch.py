@@ -121,13 +121,16 @@ def variant(
     archs: Sequence[int] = ARCHS,
     divisible: Sequence[str] = (),
     unaligned: Sequence[str] = (),
+    stream_bytes: int | None = None,
 ) -> dict:
     """One entry of a kernel file's ``compile_variants()``: what ``benchmarks/kernel_resources.py`` compiles.
 
     ``types`` gives the Triton type of the pointer and float arguments ("*bf16", "fp32"); every other run-time
     argument is an "i32". ``attrs`` marks what Triton specialises at launch on every realistic call: pointers
     16-byte aligned (but those in ``unaligned``), strides and the sizes in ``divisible`` divisible by 16.
-    ``archs`` are the compute capabilities the launcher may pick the configuration on.
+    ``archs`` are the compute capabilities the launcher may pick the configuration on. ``stream_bytes``: for a
+    kernel that streams one operand from memory (a GEMV's weight), the bytes of it one pipeline stage loads; the
+    gate then predicts the bytes each SM keeps in flight (benchmarks/kernel_resources.py).
     """
     names = list(fn.arg_names)
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
@@ -147,7 +150,7 @@ def variant(
         "archs": list(archs),
         "num_warps": num_warps,
         "num_stages": num_stages,
-    }
+    } | ({"stream_bytes": stream_bytes} if stream_bytes else {})
 
 
 # ---- triton < 3.8's interpreter with numpy >= 2.4 ------------------------------------------------------------

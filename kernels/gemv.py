@@ -37,8 +37,8 @@ ticket adds the slots in split order -- the same bits whichever finished last --
 norm's 1/rms, SwiGLU, the residual, one rounding), then leaves the counter at zero: still one launch per product.
 The partials cost M * BLOCK_N * 4 bytes per program, against the 16 * K_SPLIT * 2 of weight it reads (1/256 at
 batch 1 and 1024-weight splits). ``plan_split_k`` splits until the launch has 2 programs per SM, each split at
-least 1024 weights long: at an H200's 132 SMs, 1B's wo into 2, its w2 into 3, 8B's wo and w2 into 2, the rest
-(and the head's 64-column tiles) whole. That rule is a prediction, not a measurement: benchmarks/gemv.py times
+least 1024 weights long: at an H200's 132 SMs, 1B's qkv and wo into 2, its w2 into 3, 8B's wo and w2 into 2,
+the rest (and the output head) whole. That rule is a prediction, not a measurement: benchmarks/gemv.py times
 each shape split and whole (``triton`` / ``triton_whole``) beside cuBLAS so a GPU run can say where it pays.
 kernels/quant.py's dequantizing GEMVs share the same split and merge.
 
@@ -64,6 +64,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 16  # split-K: most splits of K per output tile
 MIN_K_PER_SPLIT = 1024  # split-K: fewest weights of a row per split (8 chunks of 128: the pipeline runs full)
 PROGRAMS_PER_SM = 2  # split-K: split until the launch has this many programs per SM (a prediction; see below)
+SPLIT_MAX_N = 16384  # split-K by default only up to this N: the output head (2004+ tiles) never needs it
 
 
 @triton.jit
@@ -404,7 +405,7 @@ def linear(
     if M == 0:
         return out
     block_n, block_k, num_warps, num_stages = _config(N, x.dtype, swiglu)
-    if split_k is None and block_n != 16:  # the head's wide blocks: 2004 tiles at Llama-3's vocabulary, never split
+    if split_k is None and N > SPLIT_MAX_N:
         split_k = 1
     if _INTERPRET:  # the interpreter pays per program, not per byte: few wide programs (the output head: 126, not 2004)
         block_n = max(block_n, min(1024, triton.next_power_of_2(N)))
@@ -435,12 +436,16 @@ def compile_variants() -> list[dict]:
             for fusion in fusions:
                 types["Out"] = "*fp32" if fusion.endswith("fp32_out") else ptr[dtype]
                 block_n, block_k, num_warps, num_stages = _config(N, dtype, "swiglu" in fusion)
-                # split-K where a launch has few tiles: the 16-column blocks (N <= 16384), not the head's
-                for split in (False, True) if block_n == 16 else (False,):
+                # split-K where a launch may have few tiles (N <= SPLIT_MAX_N), not the head
+                for split in (False, True) if N <= SPLIT_MAX_N else (False,):
                     cx = {"BLOCK_N": block_n, "BLOCK_K": block_k, "NORM": "norm" in fusion, "ADD": fusion == "add"}
                     cx |= {"SWIGLU": "swiglu" in fusion, "DOT_FP32": dtype == torch.float32, "SPLIT": split}
                     name = f"gemv_{str(dtype).split('.')[-1]}_n{block_n}_k{block_k}_{fusion}{'_splitk' * split}"
+                    # the weight bytes a stage streams (W, and W3), judged for the GPU's dtypes (fp32: tests only)
+                    tile = block_n * block_k * dtype.itemsize * (2 if "swiglu" in fusion else 1)
+                    tile = tile if dtype != torch.float32 else None
                     variants.append(
-                        variant(name, _gemv_kernel, types, cx, num_warps, num_stages, divisible=["K", "K_SPLIT"])
-                    )
+                        variant(name, _gemv_kernel, types, cx, num_warps, num_stages, divisible=["K", "K_SPLIT"],
+                                stream_bytes=tile)
+                    )  # fmt: skip
     return variants

@@ -23,11 +23,12 @@ Memory layout (what the loader builds, ``model/quantize.py``), planes rather tha
 every load is a contiguous 16-byte vector per thread:
     qweight  int8 (N, K), or uint8 (N, K/2) for 4 bits: byte j of each 32-weight block b of a row holds weight
              32b + j in its low nibble and 32b + 16 + j in its high one (GGUF's own order: Q4_0/Q4_1 blocks keep
-             their bytes; a chunk of 256 weights is 128 contiguous bytes a row)
-    scales   fp16 (N, K/G)         a row's scales, contiguous: 8 of them (16 bytes) per 256-weight chunk at G = 32
+             their bytes; a chunk of 128 weights is 64 contiguous bytes a row)
+    scales   fp16 (N, K/G)         a row's scales, contiguous: 4 of them (8 bytes) per 128-weight chunk at G = 32
     mins     fp16 (N, K/G)         the offsets m (int4 and Q4_1 only)
-The weight bytes are read as vectors: a 16 x 128-byte tile per chunk, 16 bytes a thread over 4 warps (8-bit), 8
-bytes over 8 warps (4-bit, whose unpacked tiles need the registers). The scales are a
+The weight bytes are read as vectors: a 16 x 128-byte tile per chunk, 16 bytes a thread over 4 warps (8-bit), a
+32 x 64-byte one, 16 bytes a thread too (4-bit: narrower chunks keep the unpacked tiles in few registers, so
+several programs fit on an SM; ``_config`` says why). The scales are a
 1/16 (int4 g32) to 1/64 of those bytes: the 8-bit grouped kernel loads them as a (BLOCK_N, groups) tile and
 broadcasts in registers; the 4-bit kernels index each byte's scale and offset directly (the chunk's few scales,
 L1-resident), since the broadcast's register reshape kept a 144-byte stack frame in the compile gate.
@@ -41,8 +42,9 @@ weight-read floor of Llama-3-8B's decode step (15.0 GB in bf16; its embedding ta
 Dequantizing costs an integer unpack and an FMA per weight per program, not per row of x: at M <= 8 the GPU
 has the ALU time to spare. (Predicted from bytes; no GPU run measured these kernels yet.)
 
-Tiling. As kernels/gemv.py: one program per BLOCK_N output rows and 16 rows of x, walking K in chunks of 256
-(4-bit: 128 bytes a row) or 128 (8-bit: 128 bytes) weights, several chunks in flight. A 4-bit chunk is unpacked
+Tiling. As kernels/gemv.py: one program per BLOCK_N output rows (16; 32 for 4-bit) and 16 rows of x, walking K
+in chunks of 128 weights (128 bytes a row for 8-bit, 64 for 4-bit), 5 chunks in flight; split-K, where a launch
+has too few tiles, is kernels/gemv.py's. A 4-bit chunk is unpacked
 into its low and high nibbles, each multiplied by the matching columns of x (read at the block's positions
 32b + j and 32b + 16 + j, no shuffle of the weights), two tensor-core products per chunk. Per-channel int8
 applies its scale once to the accumulator, after the K loop; grouped layouts scale each group in registers.
@@ -60,7 +62,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import interpreting, variant
-from kernels.gemv import check_fusions, check_x, split_args, split_k_epilogue, split_range
+from kernels.gemv import SPLIT_MAX_N, check_fusions, check_x, split_args, split_k_epilogue, split_range
 
 __all__ = ["quant_linear", "compile_variants", "check_layout", "GROUPS_INT4"]
 
@@ -202,22 +204,19 @@ _INTERPRET = interpreting(_qgemv_kernel)
 
 
 def _config(N: int, bits: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): 128 bytes of each weight row per chunk (256 4-bit weights, 128
-    int8 ones: a 16-byte load per thread), 16 output rows (8-bit: 64 for the output head, N > 16384, without
-    SwiGLU), as kernels/gemv.py and for the same reason (enough programs for every SM at N = 4096). From the
-    compile gate: a 64-row 4-bit block (unpacked to two fp32 tiles) kept a 120-byte stack frame on sm_80, so
-    4-bit stays at 16 rows, 8016 programs for a 128256-row head; and 4-bit runs 8 warps: at 4, triton 3.6 (the GPU
-    image's) needed 255 registers and kept an 8-16 byte stack frame (triton 3.9 fit in 234). Not tuned on a GPU."""
-    block_n = 16 if N <= 16384 or swiglu or bits == 4 else 64
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages), chosen with the compile gate's residency prediction
+    (benchmarks/kernel_resources.py: programs resident per SM x stages in flight x weight bytes a stage, which an
+    H200 needs at ~25 KB a SM). Not tuned on a GPU.
+
+    8-bit: 128 weights (128 bytes) of 16 rows a chunk, 16-byte loads over 4 warps, 5 stages (3 kept only
+    20-24 KB in flight with the norm); 64 rows for the output head (N > 16384, without SwiGLU).
+    4-bit: 128 weights (64 bytes) of 32 rows a chunk over 4 warps, 5 stages. The first layout, 256 weights of 16
+    rows over 8 warps at 3 stages, held 130-200 registers a thread: one program a SM, 4-8 KB in flight, a
+    predicted quarter of the bandwidth; this one fits 3-4 programs a SM (32-48 KB). Wider chunks at 4 warps needed
+    255 registers and a stack frame (triton 3.6), 64-row blocks a 120-byte stack frame on sm_80."""
     if bits == 4:
-        return (block_n, 256, 8, 3)
-    return (block_n, 128, 4, 3)
-
-
-def _split_stages(bits: int, split: bool, num_stages: int) -> int:
-    """Split-K 4-bit launches run 2 stages: at 3, triton 3.9 kept a 16-byte stack frame in Q4_0's bf16 plain
-    and add variants on sm_90 (128 registers; triton 3.6 fit them); they have more programs to hide latency."""
-    return 2 if split and bits == 4 else num_stages
+        return (32, 128, 4, 5)
+    return (16 if N <= 16384 or swiglu else 64, 128, 4, 5)
 
 
 def check_layout(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, K: int, group: int) -> int:
@@ -284,11 +283,10 @@ def quant_linear(
     if M == 0:
         return out
     block_n, block_k, num_warps, num_stages = _config(N, bits, x.dtype, swiglu)
-    if split_k is None and block_n != 16:  # the 8-bit head's wide blocks (kernels/gemv.py's rule)
+    if split_k is None and N > SPLIT_MAX_N:  # the output head (kernels/gemv.py's rule)
         split_k = 1
     tiles = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))
     splits, k_split, part, counters = split_args(tiles[0] * tiles[1], K, block_k, block_n, x2, split_k, workspace)
-    num_stages = _split_stages(bits, splits > 1, num_stages)
     _qgemv_kernel[(*tiles, splits)](
         x2, qweight, scales, mins if mins is not None else scales,
         rms_weight if rms_weight is not None else x2, r2, out2,
@@ -329,14 +327,15 @@ def compile_variants() -> list[dict]:
                 for fusion, split in ((f, s) for f in fusions for s in (False, True)):
                     types["Out"] = "*fp32" if fusion.endswith("fp32_out") else ptr[dtype]  # the decode step's head
                     block_n, block_k, num_warps, num_stages = _config(N, bits, dtype, "swiglu" in fusion)
-                    num_stages = _split_stages(bits, split, num_stages)
                     cx = {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": group, "BITS": bits, "HAS_MIN": has_min}
                     cx |= {"NORM": "norm" in fusion, "ADD": fusion == "add", "SWIGLU": "swiglu" in fusion}
                     cx |= {"DOT_FP32": False, "SPLIT": split}
                     name = f"qgemv_{layout}_{str(dtype).split('.')[-1]}_n{block_n}_{fusion}{'_splitk' * split}"
-                    if any(v["name"] == name for v in variants) or (split and block_n != 16):
-                        continue  # 4-bit: the head's block is the 16-row one; split-K: 16-row blocks only
+                    if any(v["name"] == name for v in variants) or (split and N > SPLIT_MAX_N):
+                        continue  # 4-bit: the head's block is the others'; split-K: not the head's
+                    tile = block_n * block_k * bits // 8 * (2 if "swiglu" in fusion else 1)  # weight bytes a stage
                     variants.append(
-                        variant(name, _qgemv_kernel, types, cx, num_warps, num_stages, divisible=["K", "K_SPLIT"])
-                    )
+                        variant(name, _qgemv_kernel, types, cx, num_warps, num_stages, divisible=["K", "K_SPLIT"],
+                                stream_bytes=tile)
+                    )  # fmt: skip
     return variants

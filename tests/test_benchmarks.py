@@ -437,3 +437,21 @@ def test_smoke_summary_and_log_hold_only_the_runs_own_lines(smoke):
     # Other libraries' progress bars and torch.compile's warnings stay out of the log.
     for noise in ("Loading weights", "it/s]", "graph break", "Graph break", "UserWarning"):
         assert noise not in proc.stderr, noise
+
+
+def test_compile_gate_residency_prediction():
+    """kernel_resources' residency model, on configurations whose numbers the compile gate printed: the first 4-bit
+    GEMV layout (8 warps, 136 registers) fit one program on an sm_90 SM, 2 KB of weight a stage at 3 stages: 4 KB
+    in flight, under the 24 KB an H200 needs, which the gate now reports; the bf16 GEMV (4 warps, 40 registers,
+    24 KB of shared memory) fits 9."""
+    from benchmarks.kernel_resources import MIN_IN_FLIGHT, ctas_per_sm, problems
+
+    assert ctas_per_sm(90, 8, 136, 24576) == 1  # registers: 2 x 8 warps x 32 x 136 > 65536
+    assert ctas_per_sm(90, 4, 40, 24576) == 9  # shared memory: 228 KB / 25 KB
+    assert ctas_per_sm(80, 4, 40, 24576) == 6  # 164 KB on an A100
+    assert ctas_per_sm(90, 1, 16, 0) == 32  # the CTA limit
+    row = {"arch": "sm_90", "local_bytes": 0, "stack_bytes": 0, "shared_bytes": 24576, "uses_dot": False}
+    row |= {"tensor_core_ops": [], "ctas_per_sm": 1, "in_flight_bytes": 4096}
+    assert problems(row) == ["4 KB of weight in flight per SM (1 CTAs resident), below the 24 KB its bandwidth needs"]
+    assert problems(row | {"in_flight_bytes": MIN_IN_FLIGHT[90]}) == []
+    assert problems({k: v for k, v in row.items() if k != "in_flight_bytes"}) == []  # a kernel that streams nothing

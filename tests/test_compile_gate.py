@@ -1,5 +1,7 @@
 """The compile gate: every kernel configuration compiles for sm_80 and sm_90 with Triton's bundled ptxas
-(no GPU needed), without spills, within shared memory, and the attention kernels use tensor cores.
+(no GPU needed), without spills, within shared memory, the GEMVs with enough programs resident per SM to keep the
+weight bytes in flight that the bandwidth needs (benchmarks/kernel_resources.py's prediction), and the attention
+kernels use tensor cores.
 
 The interpreter forgives what the GPU compiler does not (layouts, register pressure, shared memory), so
 this is the CPU's check that the code a GPU would run is sound. The compiles run in a subprocess

@@ -264,18 +264,23 @@ def test_tiny_llama3_quantized_perplexity(tiny):
         Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=16, quantize="gguf")
 
 
+# The Triton backend's models: in the interpreter on a CPU, compiled on a GPU (a process has one or the other)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def test_tiny_decode_on_the_triton_backend_runs_the_kernel(tiny):
     """Decode steps (one row: the dequantize-GEMV in forward) equal the torch backend's dequantize-then-matmul."""
-    llm = Llama.load(tiny, backend="triton", device="cpu", dtype=torch.float32, max_seq_len=32, quantize="int4-g64")
+    kw = dict(device=TRITON_DEVICE, dtype=torch.float32, max_seq_len=32, quantize="int4-g64")
+    llm = Llama.load(tiny, backend="triton", **kw)
     calls = []
     lin = llm.layers[1].attention.wo
     lin.register_forward_hook(lambda *a: calls.append(1))
-    tokens = torch.tensor([[128000, 791, 6460, 374]])
+    tokens = torch.tensor([[128000, 791, 6460, 374]], device=TRITON_DEVICE)
     want = llm.forward(tokens, 0)[0, -1]  # prefill: 4 rows, ... then one decode step on each backend
-    got_t = llm.forward(torch.tensor([[1234]]), 4)[0, -1]
+    got_t = llm.forward(torch.tensor([[1234]], device=TRITON_DEVICE), 4)[0, -1]
     llm.use(backend="torch")
     assert lin.backend == "torch"
-    got_r = llm.forward(torch.tensor([[1234]]), 4)[0, -1]
+    got_r = llm.forward(torch.tensor([[1234]], device=TRITON_DEVICE), 4)[0, -1]
     assert calls and want.isfinite().all()
     assert_close(got_t, got_r, torch.float32, "triton vs torch backend decode step")
 
@@ -284,7 +289,7 @@ def test_tiny_decode_on_the_triton_backend_runs_the_kernel(tiny):
 def test_fused_decode_step_runs_the_quantized_kernels(tiny, q):
     """The fused decode step (Triton backend: 5 launches a layer) calls each quantized layer's own dequantize-GEMV
     with its fusions, and gives the logits and cache of the torch backend's unfused step on the same weights."""
-    kw = dict(device="cpu", dtype=torch.float32, max_seq_len=32, quantize=q)
+    kw = dict(device=TRITON_DEVICE, dtype=torch.float32, max_seq_len=32, quantize=q)
     tri, ref = Llama.load(tiny, backend="triton", **kw), Llama.load(tiny, backend="torch", **kw)
     assert tri.fused_decode and not ref.fused_decode
     fused = []
@@ -292,11 +297,11 @@ def test_fused_decode_step_runs_the_quantized_kernels(tiny, q):
         lin = getattr(tri.layers[1].attention, name)
         gemv = lin.gemv
         lin.gemv = lambda x, _g=gemv, _n=name, **k: (fused.append((_n, sorted(k), k["workspace"])), _g(x, **k))[1]
-    prompt = torch.tensor([[128000, 791, 6460, 374]])
+    prompt = torch.tensor([[128000, 791, 6460, 374]], device=TRITON_DEVICE)
     for m in (tri, ref):
         m.forward(prompt, 0)
     for i, tok in enumerate((1234, 99, 5000)):
-        t, pos = torch.tensor([[tok]]), torch.tensor([4 + i])
+        t, pos = torch.tensor([[tok]], device=TRITON_DEVICE), torch.tensor([4 + i], device=TRITON_DEVICE)
         assert_close(tri.decode(t, pos), ref.decode(t, pos), torch.float32, f"decode step {i} ({q})")
     ws = tri.gemv_workspace  # the model's split-K scratch, passed to every product of the step
     assert fused[:2] == [("wqkv", ["eps", "rms_weight", "workspace"], ws), ("wo", ["residual", "workspace"], ws)]
