@@ -73,8 +73,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) -> (packed uint8 (N, K/2), scales fp16 (N, K/G), mins fp16 (N, K/G)): w ~ q * s + m, q in 0..15,
-    m the group's minimum and s its range / 15 (both rounded to fp16 first, q against the rounded values)."""
+    """(N, K) -> (packed uint8 (N, K/2), scales fp16 (N, K/G), mins fp16 (N, K/G)): w ~ q * s + m, q in 0..15, with
+    each group's (s, m) the one of least squared error among min/max and the candidates of ``_int4_search``."""
     N, K = w.shape
     if K % group or K % 32:
         fits = [f"int4-g{g}" for g in (128, 64, 32) if K % g == 0 and g != group]
@@ -85,15 +85,70 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     mins = torch.empty_like(scales)
     step = max(_SLICE // K, 1)
     for r in range(0, N, step):
-        wf = w[r : r + step].to(torch.float32, copy=True).unflatten(1, (K // group, group))  # (n, K/G, G), a copy
-        lo, hi = wf.amin(-1), wf.amax(-1)
-        _check_finite(torch.stack((lo, hi)))
-        m = lo.half()
-        s = ((hi - m.float()) / 15).clamp_min(_FP16_TINY).half()
-        q = wf.sub_(m.float()[..., None]).div_(s.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-        packed[r : r + step] = pack_int4(q.flatten(1))
+        x = w[r : r + step].to(torch.float32).unflatten(1, (K // group, group))  # (n, K/G, G); read only
+        s, m = _int4_search(x)
+        q = torch.empty_like(x)
+        packed[r : r + step] = pack_int4(_int4_codes(x, s, m, q).to(torch.uint8).flatten(1))
         scales[r : r + step], mins[r : r + step] = s, m
     return packed, scales, mins
+
+
+# The search's candidates, after llama.cpp's make_qkx2_quants (ggml-quants.c, as its Q4_K calls it): spread each
+# group's [min, max] over n levels, n = 14, 14.2, ..., 16 (n < 15 leaves room past the ends, n > 15 clips the top),
+# and refit (s, m) to those codes by least squares, twice (codes -> fit -> codes -> fit). On Gaussian groups of 64
+# this takes the RMS error from 9.0% (min/max) to 8.2%; 21 steps or a third refit gained < 0.1% more, a centred
+# spread (clipping both ends) did slightly worse.
+_INT4_SPREADS = tuple(14 + 0.2 * i for i in range(11))
+_INT4_REFITS = 2
+
+
+def _int4_search(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (s, m), fp16 (n, K/G), of least squared error over x (n, K/G, G) fp32: min/max first, then the
+    least-squares candidates, each kept only if strictly better. Errors are those of the stored fp16 (s, m) with
+    the codes rounded against them, as the dequantizer computes them, so the result is never worse than min/max.
+    Works on ~3 slices of temporaries (x, codes, one scratch) whatever the number of candidates."""
+    lo, hi = x.amin(-1), x.amax(-1)
+    _check_finite(torch.stack((lo, hi)))
+    best_m = lo.half()
+    best_s = ((hi - best_m.float()) / 15).clamp_min(_FP16_TINY).half()
+    q, scratch = torch.empty_like(x), torch.empty_like(x)
+    best = _int4_error(x, _int4_codes(x, best_s, best_m, q), best_s, best_m, scratch)
+    sum_x = x.sum(-1)
+    # A constant group (hi == lo) gives 0 * inf = nan codes and a nan fit, and a fit beyond fp16 an inf s or m:
+    # their error is nan or inf, never below min/max's, so no such candidate is ever kept.
+    width = (hi - lo)[..., None]
+    for n in _INT4_SPREADS:
+        torch.sub(x, lo[..., None], out=q).mul_(n / width).round_().clamp_(0, 15)
+        for _ in range(_INT4_REFITS):
+            s, m = _int4_fit(x, q, sum_x, scratch)
+            err = _int4_error(x, _int4_codes(x, s, m, q), s, m, scratch)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+    return best_s, best_m
+
+
+def _int4_codes(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """round((x - m) / s) clamped to 0..15 (fp32, into ``out``): each weight's nearest level of the stored (s, m)."""
+    return torch.sub(x, m.float()[..., None], out=out).div_(s.float()[..., None]).round_().clamp_(0, 15)
+
+
+def _int4_error(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor, scratch: torch.Tensor):
+    """Each group's sum of squared errors of q * s + m (a product, then a sum: kernels.reference.dequantize's)."""
+    return torch.mul(q, s.float()[..., None], out=scratch).add_(m.float()[..., None]).sub_(x).square_().sum(-1)
+
+
+def _int4_fit(x: torch.Tensor, q: torch.Tensor, sum_x: torch.Tensor, scratch: torch.Tensor):
+    """The (s, m) minimising sum (q * s + m - x)^2 per group, the 2x2 normal equations solved in closed form, as
+    fp16 (s at least fp16's smallest normal). D is exact in fp32 (integer sums below 2^24); D = 0 (one level
+    used) gives nan, never kept."""
+    G = x.shape[-1]
+    sum_q, sum_qq = q.sum(-1), torch.mul(q, q, out=scratch).sum(-1)
+    sum_qx = torch.mul(q, x, out=scratch).sum(-1)
+    d = G * sum_qq - sum_q * sum_q
+    s = (G * sum_qx - sum_x * sum_q) / d
+    m = (sum_qq * sum_x - sum_q * sum_qx) / d
+    return s.clamp_min(_FP16_TINY).half(), m.half()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
