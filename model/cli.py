@@ -15,9 +15,10 @@ from pathlib import Path
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 QUANTIZE = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")  # model.quantize.QUANTIZE_CHOICES
 QUANTIZE_HELP = (
-    "weight-only quantization of the matrix products: int8 (per output channel), int4 (groups of 128 along K; "
-    "int4-g32/-g64/-g128 to choose; the head stays int8), gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they "
-    "are); default: none (GGUF blocks dequantized to --dtype)"
+    "weight-only quantization of the matrix products: int8 (per output channel), int4 (groups of 128 along K, or "
+    "per product 64 or 32 where 128 does not divide K; int4-g32/-g64/-g128 for exactly that group; the head stays "
+    "int8), gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are); default: none (GGUF blocks dequantized "
+    "to --dtype)"
 )
 H200_GBPS = 4800  # H200 HBM3e, NVIDIA's spec sheet: an assumption for `info`'s floors, not a measurement
 TINY_SEED = 0

@@ -4,8 +4,10 @@
 
     None            the weights in the model's dtype (bf16 on a GPU), as before
     "int8"          int8, one fp16 scale per output channel (symmetric: s = max|w| / 127)
-    "int4"          int4 in groups of 128 along K, an fp16 scale and offset per group (asymmetric, w = q * s + m);
-    "int4-g32", "int4-g64", "int4-g128"   the same with that group size (the group must divide every K)
+    "int4"          int4 in groups along K, an fp16 scale and offset per group (asymmetric, w = q * s + m): groups
+                    of 128, or for a product whose K 128 does not divide the largest of 64, 32 that does
+                    (``int4_group``: every Llama-3 product takes 128; SmolLM2's K = 576 takes 64)
+    "int4-g32", "int4-g64", "int4-g128"   exactly that group size (it must divide every K, else an error)
     "gguf"          a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are (split into planes, no precision
                     change); F32/F16/BF16 tensors stay dense. Opt-in: without it a GGUF file is dequantized to
                     the model's dtype as before (the exact reference the quantized paths are measured against).
@@ -52,15 +54,24 @@ _FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal fp16: scales sta
 
 
 def parse(quantize: str | None) -> tuple[str, int] | None:
-    """``quantize`` as (kind, group): ("int8", 0), ("int4", G) or ("gguf", 0); None for no quantization."""
+    """``quantize`` as (kind, group): ("int8", 0), ("int4", G), ("int4", 0) for plain "int4" (each tensor's group
+    chosen by ``int4_group``) or ("gguf", 0); None for no quantization."""
     if quantize is None or quantize == "none":
         return None
     if not isinstance(quantize, str) or quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or None), got {quantize!r}")
     if quantize.startswith("int4"):
         m = re.fullmatch(r"int4(?:-g(\d+))?", quantize)
-        return ("int4", int(m.group(1) or 128))
+        return ("int4", int(m.group(1) or 0))
     return (quantize, 0)
+
+
+def int4_group(K: int) -> int:
+    """Plain "int4"'s group for a product of width K: the largest of 128, 64, 32 that divides it (128 for every
+    Llama-3; SmolLM2's K = 576 takes 64). A smaller group only adds bytes (0.5625 or 0.625 a weight instead of
+    0.53) and lowers the error, as llama.cpp's k-quants fall back per tensor; "int4-gG" names one group and
+    fails where it does not fit. 128 (and so the usual error) where none does."""
+    return next((g for g in (128, 64, 32) if K % g == 0), 128)
 
 
 # ---- quantizers (plain PyTorch, on the weight's device) ------------------------------------------------------
@@ -286,10 +297,12 @@ class QuantLinear(nn.Module):
 
 
 def quantize_weight(w: torch.Tensor, kind: str, group: int, dtype: torch.dtype, backend: str) -> QuantLinear:
-    """A dense (N, K) weight (on its target device) as a QuantLinear of ``kind`` "int8" or "int4" (group G)."""
+    """A dense (N, K) weight (on its target device) as a QuantLinear of ``kind`` "int8" or "int4" (group G; 0:
+    ``int4_group(K)``)."""
     if kind == "int8":
         q, s = quantize_int8(w)
         return QuantLinear(q, s, None, format="int8", dtype=dtype, backend=backend)
+    group = group or int4_group(w.shape[1])
     q, s, m = quantize_int4(w, group)
     return QuantLinear(q, s, m, format=f"int4-g{group}", dtype=dtype, backend=backend)
 
@@ -358,6 +371,7 @@ def decode_weight_bytes(args, fmt: str, norm_bytes: int = 2) -> int:
 __all__ = [
     "product_shapes",
     "int4_group_for",
+    "int4_group",
     "decode_weight_bytes",
     "QUANTIZE_CHOICES",
     "QuantLinear",
