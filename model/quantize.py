@@ -253,7 +253,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N): the Triton dequantize-GEMV for up to 8 rows on the triton backend, else the
-        weight dequantized to x's dtype slice by slice (at most 16 M weights at a time) and torch's product."""
+        weight dequantized to x's dtype slice by slice (at most 4 M weights at a time) and torch's product."""
         if self._kernel(x):
             from kernels.quant import quant_linear
 
