@@ -15,9 +15,10 @@ from pathlib import Path
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 QUANTIZE = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")  # model.quantize.QUANTIZE_CHOICES
 QUANTIZE_HELP = (
-    "weight-only quantization of the matrix products: int8 (per output channel), int4 (groups of 128 along K; "
-    "int4-g32/-g64/-g128 to choose; the head stays int8), gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they "
-    "are); default: none (GGUF blocks dequantized to --dtype)"
+    "weight-only quantization of the matrix products: int8 (per output channel), int4 (groups of 128 along K, or "
+    "per product 64 or 32 where 128 does not divide K; int4-g32/-g64/-g128 for exactly that group; the head stays "
+    "int8), gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are); default: none (GGUF blocks dequantized "
+    "to --dtype)"
 )
 H200_GBPS = 4800  # H200 HBM3e, NVIDIA's spec sheet: an assumption for `info`'s floors, not a measurement
 TINY_SEED = 0
@@ -517,7 +518,8 @@ def _print_quant_floors(a, args, ckpt) -> None:
 
     bw = args.bandwidth * 1e9
     g = quant.int4_group_for(a)
-    formats = ["bf16", "int8"] + ([f"int4-g{g}"] if g else []) + ["Q8_0", "Q4_0", "Q4_1"]
+    # plain int4: each product's own group (128 on every Llama-3); a group every product takes, if not 128
+    formats = ["bf16", "int8", "int4"] + ([f"int4-g{g}"] if g and g != 128 else []) + ["Q8_0", "Q4_0", "Q4_1"]
     assumed = ", assumed: an H200 spec sheet" if args.bandwidth == H200_GBPS else ""
     print(
         f"decode weight bytes per token and floor at batch 1 (products in the format, norms bf16, the int4 head "
@@ -529,7 +531,7 @@ def _print_quant_floors(a, args, ckpt) -> None:
         kind = "GGUF blocks, --quantize gguf" if f.startswith("Q") else ("--quantize " + f if f != "bf16" else "")
         print(f"  {f:10s} {n / 1e6:12,.1f} MB  {n / bw * 1e3:8.3f} ms/token  {base / n:5.2f}x bf16  {kind}")
     if not g:
-        print("  int4: no group of 128, 64 or 32 divides every product's K")
+        print("  int4-gG: no group of 128, 64 or 32 divides every product's K")
     if getattr(args, "quantize", None):
         from model.llama import Llama
 

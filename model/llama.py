@@ -253,10 +253,11 @@ class Llama(nn.Module):
         Inside an initialised torch.distributed process group (torchrun), each rank loads only its
         tensor-parallel slice of the weights; ``tp`` overrides the group read from torch.distributed.
 
-        ``quantize``: None, "int8" (per output channel), "int4" (= "int4-g128"), "int4-g32", "int4-g64",
-        "int4-g128" (groups along K, with scales and offsets), or "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks
-        kept as they are): the products wqkv, wo, w13, w2 and the output head become ``QuantLinear`` modules,
-        quantized tensor by tensor on ``device`` as they load (model/quantize.py says which and why).
+        ``quantize``: None, "int8" (per output channel), "int4" (groups of 128, or 64/32 where 128 does not divide
+        a product's K), "int4-g32", "int4-g64", "int4-g128" (groups along K, with scales and offsets), or "gguf"
+        (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as they are): the products wqkv, wo, w13, w2 and the output head
+        become ``QuantLinear`` modules, quantized tensor by tensor on ``device`` as they load (model/quantize.py says
+        which and why).
         """
         tp = tp or distributed.current()
         if not tp.enabled:

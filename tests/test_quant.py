@@ -165,10 +165,71 @@ def test_quantizers_error_within_half_a_step():
     for group in (32, 64, 128):
         q, s, m = quant.quantize_int4(w, group)
         err = (ref.dequantize(q, s, m, group) - w).abs().view(48, -1, group)
-        # half a step, plus the rounding of the fp16 offset (the group's minimum) it is measured from
+        # Each weight rounds to its nearest level of the stored (s, m): within half a step, plus the rounding of
+        # the fp16 offset, unless the search clipped it (code 0 or 15; the group's squared error is bounded below)
         bound = s.float()[..., None] * 0.5 * (1 + 1e-3) + m.float().abs()[..., None] * 2**-11
-        assert (err <= bound).all(), (err - bound).max()
+        codes = ref.dequantize(q, torch.ones_like(s), torch.zeros_like(m), group).view(48, -1, group)
+        inner = (codes > 0) & (codes < 15)
+        assert inner.float().mean() > 0.8 and (err <= bound)[inner].all(), (err - bound)[inner].max()
         assert q.dtype == torch.uint8 and q.shape == (48, 128)
+
+
+def _int4_min_max(w: torch.Tensor, group: int):
+    """The plain min/max rule, the search's first candidate: m = the group's minimum, s = its range / 15 (both
+    fp16), q = round((w - m) / s) against the rounded values."""
+    x = w.float().unflatten(1, (-1, group))
+    m = x.amin(-1).half()
+    s = ((x.amax(-1) - m.float()) / 15).clamp_min(torch.finfo(torch.float16).tiny).half()
+    q = ((x - m.float()[..., None]) / s.float()[..., None]).round().clamp(0, 15)
+    return quant.pack_int4(q.flatten(1)), s, m
+
+
+def _group_sq_error(w: torch.Tensor, planes, group: int) -> torch.Tensor:
+    """(N, K/G) sums of squared error of the dequantized planes against w."""
+    return (ref.dequantize(*planes, group) - w.float()).unflatten(1, (-1, group)).square().sum(-1)
+
+
+def test_int4_search_never_worse_than_min_max_on_any_group(device, monkeypatch):
+    """The search keeps a candidate only if strictly better: no group of any weight distribution has a larger
+    squared error than min/max, heavy tails and sparse 30x outliers included, down to fp16's limits."""
+    g = torch.Generator().manual_seed(4)
+    N, K = 64, 1024
+    cases = {
+        "gaussian": torch.randn(N, K, generator=g),
+        "heavy tails (x / sqrt(u))": torch.randn(N, K, generator=g) / (torch.rand(N, K, generator=g) + 1e-3).sqrt(),
+        "1% outliers at 30x": torch.randn(N, K, generator=g) * (1 + 30 * (torch.rand(N, K, generator=g) < 0.01)),
+        "uniform": torch.rand(N, K, generator=g) * 2 - 1,
+        "three levels": torch.randint(0, 3, (N, K), generator=g) * 0.1,
+        "below fp16's normal scales": torch.randn(N, K, generator=g) * 1e-6,
+        "near fp16's largest": torch.randn(N, K, generator=g).clamp(-1, 1) * 6e4,
+        "constant": torch.full((N, K), 0.1),
+    }
+    for name, w in cases.items():
+        for group in (32, 64, 128):
+            new = quant.quantize_int4(w.to(device), group)
+            assert all(t.device.type == device.type for t in new)
+            new = [t.cpu() for t in new]
+            q = ref.dequantize(new[0], torch.ones_like(new[1]), torch.zeros_like(new[2]), group)
+            assert q.min() >= 0 and q.max() <= 15 and new[1].isfinite().all() and new[2].isfinite().all()
+            err, base = _group_sq_error(w, new, group), _group_sq_error(w, _int4_min_max(w, group), group)
+            assert (err <= base).all(), (name, group, (err - base).max())
+    # bf16 weights (a checkpoint's dtype) and small row slices (a big matrix's) give the same planes
+    w = torch.randn(48, 256, generator=g).bfloat16()
+    want = quant.quantize_int4(w.float(), 64)
+    monkeypatch.setattr(quant, "_SLICE", 512)  # 2 rows a slice
+    assert all(torch.equal(a, b) for a, b in zip(quant.quantize_int4(w, 64), want, strict=True))
+
+
+def test_int4_search_lowers_the_error_of_gaussian_weights(device):
+    """Measured here (256 x 1024, seed 5), RMS error relative to the weights: min/max 7.81% / 8.96% / 9.98% for
+    groups of 32 / 64 / 128, the search 6.93% / 8.16% / 9.20% (-11% / -9% / -8%)."""
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(5))
+    for group, bound, was in ((32, 0.0700, 0.0781), (64, 0.0825, 0.0896), (128, 0.0930, 0.0998)):
+        planes = [t.cpu() for t in quant.quantize_int4(w.to(device), group)]
+        rms = float(_group_sq_error(w, planes, group).sum().sqrt() / w.norm())
+        base = float(_group_sq_error(w, _int4_min_max(w, group), group).sum().sqrt() / w.norm())
+        assert base == pytest.approx(was, abs=5e-5), (group, base)  # the reference is what it was
+        assert rms < bound, (group, rms, base)
 
 
 def test_bytes_per_weight_of_the_layouts():
@@ -259,9 +320,24 @@ def test_tiny_llama3_quantized_perplexity(tiny):
         assert abs(p / p0 - 1) < bound, (q, p, p0)
         assert llm.decode_bytes_per_token() < base.decode_bytes_per_token() * (0.55 if q == "int8" else 0.45)
     with pytest.raises(ValueError, match="layers.0.feed_forward.w2: int4 group size 128 does not divide K=704"):
-        Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=16, quantize="int4")
+        Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=16, quantize="int4-g128")
     with pytest.raises(ValueError, match="quantize='gguf' keeps a GGUF file's blocks"):
         Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=16, quantize="gguf")
+
+
+def test_plain_int4_takes_per_tensor_the_largest_group_that_divides_k(tiny):
+    """Plain "int4" is groups of 128 where 128 divides K, else 64, else 32 (tiny: K = 256 takes 128, the FFN's 704
+    takes 64); "int4-gG" stays exactly G (above: int4-g128 fails on K = 704), and a K no group divides still fails."""
+    assert quant.parse("int4") == ("int4", 0) and quant.parse("int4-g128") == ("int4", 128)
+    assert [quant.int4_group(k) for k in (4096, 14336, 576, 704, 1536, 96)] == [128, 128, 64, 64, 128, 32]
+    assert quant.bytes_per_weight("int4", 576) == quant.bytes_per_weight("int4-g64", 576) == 0.5 + 4 / 64  # info's
+    llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=16, quantize="int4")
+    formats = {n: m.format for n, m in llm.named_modules() if isinstance(m, quant.QuantLinear) and ".1." not in n}
+    assert formats == {"layers.0.attention.wqkv": "int4-g128", "layers.0.attention.wo": "int4-g128",
+                       "layers.0.feed_forward.w13": "int4-g128", "layers.0.feed_forward.w2": "int4-g64",
+                       "output": "int8"}  # fmt: skip
+    with pytest.raises(ValueError, match=r"int4 group size 128 does not divide K=48 \(no int4 group .* try int8\)"):
+        quant.quantize_weight(torch.randn(4, 48), "int4", 0, torch.float32, "torch")
 
 
 # The Triton backend's models: in the interpreter on a CPU, compiled on a GPU (a process has one or the other)
@@ -370,13 +446,33 @@ def test_smollm2_int4_g32_within_5_percent(smol_reference):
 
 
 @smol
-@pytest.mark.slow  # a known gap, recorded (13 s): the default suite runs the checks that hold
+def test_smollm2_int4_weight_error():
+    """Groups of 32 land on the file's own Q4_1 grid exactly (min/max is exact there and the search keeps it);
+    groups of 64 straddle two Q4_1 blocks, and the search's RMS error is at most 0.85x min/max's. Measured here:
+    6.5-7.6% (min/max 7.8-9.2%), ratios 0.83-0.84."""
+    from model.gguf import GGUFCheckpoint
+
+    ckpt = GGUFCheckpoint(SMOL)
+    for name in ("layers.0.attention.wq", "layers.0.feed_forward.w1", "layers.15.feed_forward.w2",
+                 "layers.29.attention.wv"):  # fmt: skip
+        w = ckpt.tensor(f"{name}.weight").float()
+        assert torch.equal(ref.dequantize(*quant.quantize_int4(w, 32), 32), w), name
+        rms = float(_group_sq_error(w, quant.quantize_int4(w, 64), 64).sum().sqrt() / w.norm())
+        base = float(_group_sq_error(w, _int4_min_max(w, 64), 64).sum().sqrt() / w.norm())
+        print(f"\nSmolLM2 {name} int4-g64 RMS error {rms:.2%} (min/max {base:.2%})")
+        assert rms < 0.85 * base, (name, rms, base)
+
+
+@smol
+@pytest.mark.slow  # a known gap, recorded (~15 s each): the default suite runs the checks that hold
 @pytest.mark.xfail(
     strict=True,
-    reason="int4 in groups of 64 adds 7.8-8.1% RMS error to SmolLM2's (already Q4_1) weights, as it does to fresh "
-    "Gaussian weights (9.0%), and this 135M model's perplexity rises 27%; groups of 32 recover the file's own Q4_1 "
-    "grid exactly, and 128 does not divide its K = 576",
+    reason="int4 in groups of 64 adds 6.5-7.6% RMS error to SmolLM2's (already Q4_1) weights with the error-minimising "
+    "search (min/max rounding: 7.8-9.2%), as it adds 8.2% to fresh Gaussian weights, and this 135M model's perplexity "
+    "rises 24.2% (min/max: 27.1%; greedy agreement 182/256, was 177); plain int4 (g64, and g128 for w2's K = 1536): "
+    "+26.9%, 185/256; groups of 32 recover the file's own Q4_1 grid exactly, and 128 does not divide its K = 576",
 )
-def test_smollm2_int4_g64_within_5_percent(smol_reference):
-    _, ratio, _ = _smol_run(smol_reference, "int4-g64")
+@pytest.mark.parametrize("q", ["int4-g64", "int4"])
+def test_smollm2_int4_g64_within_5_percent(smol_reference, q):
+    _, ratio, _ = _smol_run(smol_reference, q)
     assert abs(ratio - 1) < 0.05
