@@ -86,9 +86,19 @@ except Exception as e:
 PYEOF
 } 2>&1 | tee "$logs/device.txt"
 
-echo "== pytest on the GPU, compiled kernels: ${GPU_TESTS[*]} (at most ${pytest_budget} s)" | tee "$logs/pytest.log"
+# A fresh machine compiles every kernel specialization the tests reach (~1 s of ptxas each, a few hundred): with
+# pytest-xdist (a .whl/ wheel) the tests run on up to 8 processes, which share Triton's on-disk cache and the GPU.
+xdist=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+    workers=${GPU_CHECK_WORKERS:-$(($(nproc) / 2))}
+    ((workers > 8)) && workers=8
+    ((workers >= 2)) && xdist=(-n "$workers")
+fi
+echo "== pytest on the GPU, compiled kernels: ${GPU_TESTS[*]} (at most ${pytest_budget} s${xdist[*]:+, ${xdist[1]} processes})" \
+    | tee "$logs/pytest.log"
 timeout --signal=INT --kill-after=15 "$pytest_budget" \
-    "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15 -k "$GPU_SELECT" "${GPU_TESTS[@]}" 2>&1 | tee -a "$logs/pytest.log"
+    "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15 "${xdist[@]}" -k "$GPU_SELECT" "${GPU_TESTS[@]}" 2>&1 \
+    | tee -a "$logs/pytest.log"
 pytest_rc=${PIPESTATUS[0]}
 echo "pytest exit status: $pytest_rc$( ((pytest_rc == 124 || pytest_rc == 2)) && echo ' (stopped at its time budget or interrupted)') after $(elapsed) s" \
     | tee -a "$logs/pytest.log"

