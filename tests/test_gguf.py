@@ -227,7 +227,8 @@ def test_tensor_parallel_ranks_read_their_slices(tmp_path):
 def test_tiny_gguf_loads_and_runs_like_the_same_weights_in_transformers(tmp_path, backend):
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, types={"attn_q": Q.Q8_0, "ffn_down": Q.Q4_K, "token_embd": Q.F16}, tied=False)
-    llm = Llama.load(path, backend=backend, device="cpu", dtype=torch.float32, max_seq_len=32)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # compiled there, not interpreted
+    llm = Llama.load(path, backend=backend, device=device, dtype=torch.float32, max_seq_len=32)
     assert llm.checkpoint_format == "gguf" and llm.tokenizer.n_words == 263
     ids = llm.tokenizer.encode("   tin")  # pre-split "  " + " tin"; merges: ĠĠ (256), then in (258), Ġt (259)
     assert ids == [256, 259, 258] and llm.tokenizer.decode(ids) == "   tin"
@@ -235,7 +236,7 @@ def test_tiny_gguf_loads_and_runs_like_the_same_weights_in_transformers(tmp_path
     tokens = torch.tensor([ids])
     with torch.no_grad():
         ref = hf(tokens).logits.float()
-    torch.testing.assert_close(llm.forward(tokens, 0), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(llm.forward(tokens.to(device), 0).cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
 def _llama3_freqs(head_dim: int, theta: float, factor: float) -> np.ndarray:
