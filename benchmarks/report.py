@@ -17,7 +17,9 @@ from benchmarks.common import fmt_time
 from model import _files
 
 ELEMENTWISE = ("rms_norm", "add_rms_norm", "rope", "swiglu")
-KERNEL_ORDER = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant")
+KERNEL_ORDER = (
+    "rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant", "gemv_configs",
+)  # fmt: skip
 IMPL_ORDER = (
     "triton", "triton_unfused", "triton_int8", "triton_int4", "sdpa_flash", "sdpa_cudnn", "torch_compile",
     "torch_eager", "torch", "triton_eager", "torch_backend",

@@ -45,6 +45,7 @@ from benchmarks.common import (
 
 SECTIONS = ("kernels", "e2e", "cpu", "tp")
 KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant")
+OPT_IN_KERNELS = ("gemv_configs",)  # tuning data, run only when named with --kernel
 MODEL_CHOICES = ("1B", "3B", "8B")
 # 8B first: it carries the headline goal, so a tight time budget drops a smaller model rather than it.
 DEFAULT_MODELS = ("8B", "1B", "3B")
@@ -83,7 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "tp needs 2+ GPUs)",
     )
     p.add_argument(
-        "--kernel", choices=KERNELS, action="append", help="with the kernels section: only this kernel (repeatable)"
+        "--kernel",
+        choices=KERNELS + OPT_IN_KERNELS,
+        action="append",
+        help="with the kernels section: only this kernel (repeatable); gemv_configs (GEMV tile configurations, "
+        "for tuning) runs only when named",
     )
     p.add_argument(
         "--models",
@@ -272,10 +277,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_kernels(ctx: Context, names: list[str]) -> list[dict]:
-    from benchmarks import attention, decode, gemv, quant, rmsnorm, rope, swiglu
+    from benchmarks import attention, decode, gemv, gemv_configs, quant, rmsnorm, rope, swiglu
 
     cases = []
-    for name in KERNELS:  # a fixed order, whatever the order on the command line
+    for name in KERNELS + OPT_IN_KERNELS:  # a fixed order, whatever the order on the command line
         if name not in names:
             continue
         if name in rmsnorm.KERNELS:
@@ -290,6 +295,8 @@ def run_kernels(ctx: Context, names: list[str]) -> list[dict]:
             cases += gemv.cases(ctx)
         elif name == "quant":
             cases += quant.cases(ctx)
+        elif name == "gemv_configs":
+            cases += gemv_configs.cases(ctx)
         else:
             cases += decode.cases(ctx)
     return run_cases(cases, ctx, "kernels")

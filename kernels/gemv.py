@@ -56,7 +56,7 @@ from kernels._launch import check_tensor, interpreting, variant
 
 __all__ = [
     "linear", "compile_variants", "fused_epilogue", "split_range", "split_k_epilogue", "check_x", "check_fusions",
-    "GemvWorkspace", "plan_split_k",
+    "GemvWorkspace", "plan_split_k", "check_config",
 ]  # fmt: skip
 
 BLOCK_M = 16  # rows of x per program: the smallest tensor-core tile
@@ -333,6 +333,24 @@ def split_args(
     return splits, k_split, workspace.part, workspace.counters
 
 
+def check_config(config, chunk: int) -> tuple[int, int, int, int]:
+    """A launcher's ``config`` override, (BLOCK_N, BLOCK_K, num_warps, num_stages), checked (shared with
+    kernels/quant.py): powers of two, BLOCK_N >= 16 (the tensor cores' tile), BLOCK_K a multiple of ``chunk`` (the
+    layout's smallest chunk), 1-16 warps, 1-8 stages. For tuning (benchmarks/gemv_configs.py): the compile gate
+    checks the launchers' own choices only."""
+    ok = isinstance(config, tuple) and len(config) == 4 and all(type(v) is int and v > 0 for v in config)
+    if ok:
+        bn, bk, w, s = config
+        ok = bn >= 16 and bn & (bn - 1) == 0 and bk % chunk == 0 and bk & (bk - 1) == 0 and w in (1, 2, 4, 8, 16)
+        ok = ok and s <= 8
+    if not ok:
+        raise ValueError(
+            f"config: expected (BLOCK_N, BLOCK_K, num_warps, num_stages): powers of two, BLOCK_N >= 16, BLOCK_K a "
+            f"multiple of {chunk}, 1-16 warps, 1-8 stages; got {config!r}"
+        )
+    return config
+
+
 def check_x(x: torch.Tensor, interpret: bool) -> int:
     """K of a GEMV's input x (..., K), after checking it (shared with kernels/quant.py)."""
     check_tensor("x", x, interpret=interpret, dtypes=DTYPES)
@@ -385,6 +403,7 @@ def linear(
     out: torch.Tensor | None = None,
     split_k: int | None = None,
     workspace: GemvWorkspace | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ weight.T, fused as the module docstring says; returns (..., N) in x's dtype, or written into
     ``out``, which may also be fp32 (the output head's logits, rounded once from the fp32 accumulator).
@@ -393,8 +412,11 @@ def linear(
     ``residual`` (..., N): add it. ``swiglu``: weight is (2N, K) = [W1; W3]; return silu(x W1.T) * (x W3.T).
     ``split_k``: split K over at most that many programs per output tile (None: ``plan_split_k``'s choice on a
     GPU, 1 in the interpreter); ``workspace``: the GemvWorkspace their partials go through (None: a temporary).
+    ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of the launcher's own (tuning only).
     """
     K = check_x(x, _INTERPRET)
+    if config is not None:
+        check_config(config, 16)
     check_tensor("weight", weight, like=x, like_name="x", ndim=2)
     if weight.shape[1] != K or not weight.is_contiguous():
         raise ValueError(f"weight: expected a contiguous (N, {K}) tensor, got {tuple(weight.shape)}, {weight.stride()}")
@@ -404,11 +426,11 @@ def linear(
     M = x2.shape[0]
     if M == 0:
         return out
-    block_n, block_k, num_warps, num_stages = _config(N, x.dtype, swiglu)
+    block_n, block_k, num_warps, num_stages = config or _config(N, x.dtype, swiglu)
     if split_k is None and N > SPLIT_MAX_N:
         split_k = 1
-    if _INTERPRET:  # the interpreter pays per program, not per byte: few wide programs (the output head: 126, not 2004)
-        block_n = max(block_n, min(1024, triton.next_power_of_2(N)))
+    if _INTERPRET and config is None:  # the interpreter pays per program, not per byte: few wide programs
+        block_n = max(block_n, min(1024, triton.next_power_of_2(N)))  # (the output head: 126, not 2004)
     tiles = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))
     splits, k_split, part, counters = split_args(tiles[0] * tiles[1], K, block_k, block_n, x2, split_k, workspace)
     _gemv_kernel[(*tiles, splits)](

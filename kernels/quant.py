@@ -62,7 +62,15 @@ import triton
 import triton.language as tl
 
 from kernels._launch import interpreting, variant
-from kernels.gemv import SPLIT_MAX_N, check_fusions, check_x, split_args, split_k_epilogue, split_range
+from kernels.gemv import (
+    SPLIT_MAX_N,
+    check_config,
+    check_fusions,
+    check_x,
+    split_args,
+    split_k_epilogue,
+    split_range,
+)  # fmt: skip
 
 __all__ = ["quant_linear", "compile_variants", "check_layout", "GROUPS_INT4"]
 
@@ -269,12 +277,16 @@ def quant_linear(
     out: torch.Tensor | None = None,
     split_k: int | None = None,
     workspace=None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ dequantize(W).T with the fusions and split-K of ``kernels.gemv.linear`` (same keywords, same
     meaning); W given as its planes (module docstring): ``qweight``, ``scales``, ``mins`` (None: symmetric),
-    ``group`` (weights per scale; K: per channel). Returns (..., N) in x's dtype."""
+    ``group`` (weights per scale; K: per channel). Returns (..., N) in x's dtype. ``config``: as gemv's (BLOCK_K a
+    multiple of 32 and of the group)."""
     K = check_x(x, _INTERPRET)
     bits = check_layout(qweight, scales, mins, K, group)
+    if config is not None:
+        check_config(config, 32 if group == K else max(32, group))
     if qweight.device != x.device:
         raise ValueError(f"qweight: expected a tensor on {x.device} (the device of x), got {qweight.device}")
     w_rows = qweight.shape[0]
@@ -282,7 +294,7 @@ def quant_linear(
     M = x2.shape[0]
     if M == 0:
         return out
-    block_n, block_k, num_warps, num_stages = _config(N, bits, x.dtype, swiglu)
+    block_n, block_k, num_warps, num_stages = config or _config(N, bits, x.dtype, swiglu)
     if split_k is None and N > SPLIT_MAX_N:  # the output head (kernels/gemv.py's rule)
         split_k = 1
     tiles = (triton.cdiv(N, block_n), triton.cdiv(M, BLOCK_M))

@@ -455,3 +455,33 @@ def test_compile_gate_residency_prediction():
     assert problems(row) == ["4 KB of weight in flight per SM (1 CTAs resident), below the 24 KB its bandwidth needs"]
     assert problems(row | {"in_flight_bytes": MIN_IN_FLIGHT[90]}) == []
     assert problems({k: v for k, v in row.items() if k != "in_flight_bytes"}) == []  # a kernel that streams nothing
+
+
+def test_gemv_configs_times_the_launchers_choice_beside_its_neighbours(tmp_path):
+    """The opt-in tuning sweep: left out of the default kernels, and when named, each format's first configuration is
+    what the launcher itself picks for those products (so its ``default_`` label is true), every one of them runs."""
+    from benchmarks import gemv_configs
+    from benchmarks.runner import KERNELS as RUNNER_KERNELS
+    from kernels import gemv, quant
+
+    assert "gemv_configs" not in RUNNER_KERNELS
+    for model in (gemv_configs.PRODUCTS_8B, gemv_configs.PRODUCTS_1B):
+        for N, _, fusion in (v for k, v in model.items() if k != "head"):
+            swiglu = "swiglu" in fusion
+            assert gemv_configs.CONFIGS["bf16"][0] == gemv._config(N, torch.bfloat16, swiglu)
+            assert gemv_configs.CONFIGS["int8"][0] == quant._config(N, 8, torch.bfloat16, swiglu)
+            assert gemv_configs.CONFIGS["int4-g128"][0] == quant._config(N, 4, torch.bfloat16, swiglu)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--only", "kernels", "--kernel", "gemv_configs",
+         "--no-progress", "--no-plots", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads((out / "results.json").read_text())["kernels"]
+    assert {r["kernel"] for r in recs} == {"gemv_configs"} and len(recs) == 3 * len(gemv_configs.CONFIGS)
+    for rec in recs:
+        names = [
+            gemv_configs.config_name(c, i == 0) for i, c in enumerate(gemv_configs.CONFIGS[rec["shape"]["format"]])
+        ]
+        assert list(rec["results"]) == names and all("median_ms" in v for v in rec["results"].values()), rec

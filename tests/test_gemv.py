@@ -184,3 +184,19 @@ def test_split_k_on_the_gpu_is_deterministic_at_a_llama_shape(fusion):
     for _ in range(20):
         assert torch.equal(linear(x, w, workspace=ws if split_k is None else None, split_k=split_k, **kw), first)
     assert not ws.counters.any()
+
+
+@pytest.mark.parametrize("config", [(32, 64, 4, 2), (64, 32, 2, 3), (16, 128, 8, 1)])
+def test_a_tuning_config_gives_the_same_result(config, device):
+    """``config=`` (benchmarks/gemv_configs.py) changes the tiling, never the result: fused, with split-K."""
+    x, w, kw = _inputs(3, 100, 600, torch.float32, device, "norm_add", seed=9)
+    expected = ref.linear(x, w, **kw)
+    assert_close(linear(x, w, config=config, **kw), expected, torch.float32, f"config {config}")
+    assert_close(linear(x, w, config=config, split_k=3, **kw), expected, torch.float32, f"config {config} split")
+
+
+@pytest.mark.parametrize("config", [(8, 128, 4, 4), (16, 24, 4, 4), (16, 128, 3, 4), (16, 128, 4, 9), [16, 128, 4, 4]])
+def test_a_bad_config_is_refused(config, device):
+    x, w = torch.randn(2, 64, device=device), torch.randn(16, 64, device=device)
+    with pytest.raises(ValueError, match=r"config: expected \(BLOCK_N, BLOCK_K, num_warps, num_stages\)"):
+        linear(x, w, config=config)

@@ -114,6 +114,24 @@ def test_quant_linear_split_k(layout, fusion, device):
     assert torch.equal(quant_linear(x, q, s, m, group, split_k=3, **kw), got)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quant_linear_tuning_configs(layout, device):
+    """``config=`` (benchmarks/gemv_configs.py): the first 4-bit layout (16 rows of 256 weights, 8 warps) and wider,
+    narrower tiles give the same result; a BLOCK_K that is not a multiple of the group is refused."""
+    M, N, K = 2, 40, 768
+    g = torch.Generator().manual_seed(13 + LAYOUTS.index(layout))
+    q, s, m, group = _planes(layout, N, K, g)
+    x, kw = _x(M, N, K, torch.float32, "norm", g)
+    q, s, m, x = q.to(device), s.to(device), None if m is None else m.to(device), x.to(device)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    expected = ref.quant_linear(x, q, s, m, group, **kw)
+    for config in ((16, 256, 8, 3), (64, 128, 4, 4), (32, 256, 4, 2)):
+        assert_close(quant_linear(x, q, s, m, group, config=config, **kw), expected, torch.float32, f"{config}")
+    if group == 128:
+        with pytest.raises(ValueError, match="BLOCK_K a multiple of 128"):
+            quant_linear(x, q, s, m, group, config=(16, 64, 4, 4), **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fusion", ["norm", "add", "norm_swiglu"])
