@@ -499,14 +499,14 @@ def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # and nothing half-written
 
 
-def test_empty_batch_is_named_as_such():
+def test_empty_batch_is_named_as_such(device):
     from kernels import triton_ops as kernels
 
-    q, cache = torch.randn(0, 2, 64), torch.randn(0, 8, 1, 64)
+    q, cache = torch.randn(0, 2, 64, device=device), torch.randn(0, 8, 1, 64, device=device)
     with pytest.raises(ValueError, match=r"q: expected a batch of at least one sequence \(B >= 1\)"):
-        kernels.decode_attention(q, cache, cache, torch.ones(0, dtype=torch.int32))
+        kernels.decode_attention(q, cache, cache, torch.ones(0, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="B >= 1"):
-        kernels.attention(torch.randn(0, 3, 2, 64), cache, cache)
+        kernels.attention(torch.randn(0, 3, 2, 64, device=device), cache, cache)
 
 
 # ---- 2b. the torch backend's prefill attention is O(chunk x S), not O(T x S) ----------------------------------
