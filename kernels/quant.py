@@ -43,7 +43,7 @@ Dequantizing costs an integer unpack and an FMA per weight per program, not per 
 has the ALU time to spare. (Predicted from bytes; no GPU run measured these kernels yet.)
 
 Tiling. As kernels/gemv.py: one program per BLOCK_N output rows (16; 32 for 4-bit) and 16 rows of x, walking K
-in chunks of 128 weights (128 bytes a row for 8-bit, 64 for 4-bit), 5 chunks in flight; split-K, where a launch
+in chunks of 128 weights (128 bytes a row for 8-bit, 64 for 4-bit), pipelined 5 stages deep; split-K, where a launch
 has too few tiles, is kernels/gemv.py's. A 4-bit chunk is unpacked
 into its low and high nibbles, each multiplied by the matching columns of x (read at the block's positions
 32b + j and 32b + 16 + j, no shuffle of the weights), two tensor-core products per chunk. Per-channel int8
@@ -220,7 +220,7 @@ def _config(N: int, bits: int, dtype: torch.dtype, swiglu: bool) -> tuple[int, i
     20-24 KB in flight with the norm); 64 rows for the output head (N > 16384, without SwiGLU).
     4-bit: 128 weights (64 bytes) of 32 rows a chunk over 4 warps, 5 stages. The first layout, 256 weights of 16
     rows over 8 warps at 3 stages, held 130-200 registers a thread: one program a SM, 4-8 KB in flight, a
-    predicted quarter of the bandwidth; this one fits 3-4 programs a SM (32-48 KB). Wider chunks at 4 warps needed
+    predicted quarter of the bandwidth; this one fits 3-5 programs a SM (32-64 KB). Wider chunks at 4 warps needed
     255 registers and a stack frame (triton 3.6), 64-row blocks a 120-byte stack frame on sm_80."""
     if bits == 4:
         return (32, 128, 4, 5)
