@@ -56,14 +56,15 @@ def cases(ctx: Context) -> list[Case]:
 
 
 def _torch_sequence(x, w, res, gamma, swiglu: bool, eps: float = 1e-5):
-    """The unfused sequence, in the tensors' dtype: what the model does around cuBLAS today."""
+    """The unfused sequence, in the tensors' dtype: what the model does around cuBLAS today. ``w``: the weight
+    (cuBLAS's F.linear), or a product x -> y of its own (benchmarks/quant.py: torch's weight-only kernels)."""
     import torch
     import torch.nn.functional as F
 
     if gamma is not None:
         xf = x.float()
         x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * gamma.float()).to(x.dtype)
-    y = F.linear(x, w)
+    y = w(x) if callable(w) else F.linear(x, w)
     if swiglu:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up

@@ -64,23 +64,6 @@ def _planes(fmt: str, w):
     return torch.randint(0, 256, (N, K // 2), generator=g, device=w.device, dtype=torch.uint8), s, None, 32
 
 
-def _sequence(x, mm, res, gamma, swiglu: bool, eps: float = 1e-5):
-    """benchmarks.gemv's unfused sequence with the product ``mm(x)`` (torch's weight-only kernel)."""
-    import torch
-    import torch.nn.functional as F
-
-    if gamma is not None:
-        xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * gamma.float()).to(x.dtype)
-    y = mm(x)
-    if swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    if res is not None:
-        y = res + y
-    return y
-
-
 def _torch_int8pack(q, s):
     """torch's weight-only int8 product x -> x @ (q * s).T, if this torch has the op: a callable, or a Skip."""
     import torch
@@ -155,7 +138,7 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
         else:
             try:
                 mm(x)
-                impls["torch_weight_only"] = lambda: _sequence(x, mm, res, gamma, swiglu)
+                impls["torch_weight_only"] = lambda: _torch_sequence(x, mm, res, gamma, swiglu)
             except Exception as e:  # e.g. no kernel for this device or dtype
                 impls["torch_weight_only"] = Skip(f"torch's weight-only kernel on {x.device.type}/{x.dtype}: "
                                                   f"{str(e).splitlines()[0][:100]}")  # fmt: skip
