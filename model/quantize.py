@@ -8,6 +8,8 @@
                     of 128, or for a product whose K 128 does not divide the largest of 64, 32 that does
                     (``int4_group``: every Llama-3 product takes 128; SmolLM2's K = 576 takes 64)
     "int4-g32", "int4-g64", "int4-g128"   exactly that group size (it must divide every K, else an error)
+                    with ``calibration=text`` (CLI ``--calibration FILE``), int4's codes are GPTQ's on that text's
+                    inputs (``gptq_int4``, model/calibrate.py); same layout, same kernels
     "gguf"          a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are (split into planes, no precision
                     change); F32/F16/BF16 tensors stay dense. Opt-in: without it a GGUF file is dequantized to
                     the model's dtype as before (the exact reference the quantized paths are measured against).
@@ -93,9 +95,12 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    w: torch.Tensor, group: int, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) -> (packed uint8 (N, K/2), scales fp16 (N, K/G), mins fp16 (N, K/G)): w ~ q * s + m, q in 0..15, with
-    each group's (s, m) the one of least squared error among min/max and the candidates of ``_int4_search``."""
+    each group's (s, m) the one of least squared error among min/max and the candidates of ``_int4_search``, the
+    error of column k weighted by ``importance[k]`` (K,) where given."""
     N, K = w.shape
     if K % group or K % 32:
         fits = [f"int4-g{g}" for g in (128, 64, 32) if K % g == 0 and g != group]
@@ -104,10 +109,13 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(N, K // group, dtype=torch.float16, device=w.device)
     mins = torch.empty_like(scales)
+    if importance is not None and importance.shape != (K,):
+        raise ValueError(f"importance must be ({K},): one weight a column of w, got {tuple(importance.shape)}")
+    h = None if importance is None else importance.to(w.device, torch.float32).reshape(K // group, group)
     step = max(_SLICE // K, 1)
     for r in range(0, N, step):
         x = w[r : r + step].to(torch.float32).unflatten(1, (K // group, group))  # (n, K/G, G); read only
-        s, m = _int4_search(x)
+        s, m = _int4_search(x, h)
         q = torch.empty_like(x)
         packed[r : r + step] = pack_int4(_int4_codes(x, s, m, q).to(torch.uint8).flatten(1))
         scales[r : r + step], mins[r : r + step] = s, m
@@ -123,26 +131,29 @@ _INT4_SPREADS = tuple(14 + 0.4 * i for i in range(6))
 _INT4_REFITS = 3
 
 
-def _int4_search(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_search(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's (s, m), fp16 (n, K/G), of least squared error over x (n, K/G, G) fp32: min/max first, then the
     least-squares candidates, each kept only if strictly better. Errors are those of the stored fp16 (s, m) with
     the codes rounded against them, as the dequantizer computes them, so the result is never worse than min/max.
-    Works on ~3 slices of temporaries (x, codes, one scratch) whatever the number of candidates."""
+    ``importance`` (K/G, G), optional: each column's weight in the error and the fits (GPTQ passes its inputs'
+    mean squares, as llama.cpp's imatrix does: an error where the input is large costs more). Works on ~3 slices of
+    temporaries (x, codes, one scratch) whatever the number of candidates."""
     lo, hi = x.amin(-1), x.amax(-1)
     _check_finite(torch.stack((lo, hi)))
     best_m = lo.half()
     best_s = ((hi - best_m.float()) / 15).clamp_min(_FP16_TINY).half()
     q, scratch = torch.empty_like(x), torch.empty_like(x)
-    best = _int4_error(x, _int4_codes(x, best_s, best_m, q), best_s, best_m, scratch)
-    sum_x = x.sum(-1)
+    h = importance
+    best = _int4_error(x, _int4_codes(x, best_s, best_m, q), best_s, best_m, scratch, h)
+    sums = (x.shape[-1], x.sum(-1)) if h is None else (h.sum(-1), torch.mul(x, h, out=scratch).sum(-1))
     # A constant group (hi == lo) gives 0 * inf = nan codes and a nan fit, and a fit beyond fp16 an inf s or m:
     # their error is nan or inf, never below min/max's, so no such candidate is ever kept.
     width = (hi - lo)[..., None]
     for n in _INT4_SPREADS:
         torch.sub(x, lo[..., None], out=q).mul_(n / width).round_().clamp_(0, 15)
         for _ in range(_INT4_REFITS):
-            s, m = _int4_fit(x, q, sum_x, scratch)
-            err = _int4_error(x, _int4_codes(x, s, m, q), s, m, scratch)
+            s, m = _int4_fit(x, q, sums, scratch, h)
+            err = _int4_error(x, _int4_codes(x, s, m, q), s, m, scratch, h)
             better = err < best
             best = torch.where(better, err, best)
             best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
@@ -154,22 +165,82 @@ def _int4_codes(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor, out: torch.Te
     return torch.sub(x, m.float()[..., None], out=out).div_(s.float()[..., None]).round_().clamp_(0, 15)
 
 
-def _int4_error(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor, scratch: torch.Tensor):
-    """Each group's sum of squared errors of q * s + m (a product, then a sum: kernels.reference.dequantize's)."""
-    return torch.mul(q, s.float()[..., None], out=scratch).add_(m.float()[..., None]).sub_(x).square_().sum(-1)
+def _int4_error(x, q, s, m, scratch, h=None):
+    """Each group's sum of squared errors of q * s + m (a product, then a sum: kernels.reference.dequantize's),
+    each weighted by h where given."""
+    e = torch.mul(q, s.float()[..., None], out=scratch).add_(m.float()[..., None]).sub_(x).square_()
+    return (e if h is None else e.mul_(h)).sum(-1)
 
 
-def _int4_fit(x: torch.Tensor, q: torch.Tensor, sum_x: torch.Tensor, scratch: torch.Tensor):
-    """The (s, m) minimising sum (q * s + m - x)^2 per group, the 2x2 normal equations solved in closed form, as
-    fp16 (s at least fp16's smallest normal). D is exact in fp32 (integer sums below 2^24); D = 0 (one level
-    used) gives nan, never kept."""
-    G = x.shape[-1]
-    sum_q, sum_qq = q.sum(-1), torch.mul(q, q, out=scratch).sum(-1)
-    sum_qx = torch.mul(q, x, out=scratch).sum(-1)
-    d = G * sum_qq - sum_q * sum_q
-    s = (G * sum_qx - sum_x * sum_q) / d
+def _int4_fit(x, q, sums, scratch, h=None):
+    """The (s, m) minimising sum h (q * s + m - x)^2 per group (h = 1 where not given), the 2x2 normal equations
+    solved in closed form, as fp16 (s at least fp16's smallest normal); ``sums``: (sum h, sum h x). D is exact in
+    fp32 for h = 1 (integer sums below 2^24); D = 0 (one level used) gives nan, never kept."""
+
+    def hsum(a, b=None):  # each group's sum of h a b, through the scratch slice
+        t = scratch.copy_(a) if b is None else torch.mul(a, b, out=scratch)
+        return (t if h is None else t.mul_(h)).sum(-1)
+
+    sum_w, sum_x = sums
+    sum_q, sum_qq, sum_qx = hsum(q), hsum(q, q), hsum(q, x)
+    d = sum_w * sum_qq - sum_q * sum_q
+    s = (sum_w * sum_qx - sum_x * sum_q) / d
     m = (sum_qq * sum_x - sum_q * sum_qx) / d
     return s.clamp_min(_FP16_TINY).half(), m.half()
+
+
+def gptq_int4(
+    w: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 0.01, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_int4``'s layout (packed codes, fp16 scales and offsets), with the codes chosen by GPTQ (Frantar et
+    al. 2022) to keep the product's output, not the weight, close: minimise ||(W - Wq) X||^2 over calibration inputs
+    X (K, tokens), given as ``hessian`` = X X^T (K, K), summed over the tokens by model/calibrate.py.
+
+    Columns are rounded one at a time, in order of decreasing H_kk (the most active inputs first, "act-order"); each
+    column's rounding error e is spread over the columns not yet rounded, W[:, later] -= e H^-1[k, later] / H^-1[k, k]
+    (with H^-1's upper Cholesky factor, ``block`` columns at a time and then one product for the rest), so later
+    codes compensate for it. Each group's (s, m) is ``_int4_search``'s on the original weights, fixed before any
+    column moves ("static groups": the stored layout, and so the kernels, stay ``quantize_int4``'s whatever the
+    order). ``damp`` x mean(H_kk) is added to H's diagonal: a few hundred tokens give a singular X X^T. With H = I
+    no error moves and the result is ``quantize_int4``'s, code for code (tests/test_quant.py checks it).
+
+    Each group's (s, m) search weighs its columns by H_kk (``importance``), as llama.cpp's imatrix does. Measured on
+    SmolLM2-135M, groups of 64, perplexity over the reference's on TEXT (tests/test_quant.py), calibrated on ~2,950
+    tokens of other public-domain prose: the search alone +24.2%; both +5.9% (a prototype's runs: the weighted search
+    alone +9.7%, GPTQ with the unweighted search +12.2%; weighting by the damped diagonal, H_kk + 1% of its mean,
+    +7.2%). Costs K Python steps over (N, block) slices and one (K, K) Cholesky per product; it
+    holds W in fp32 plus H."""
+    N, K = w.shape
+    if hessian.shape != (K, K):
+        raise ValueError(f"hessian must be ({K}, {K}) for a weight of K={K}, got {tuple(hessian.shape)}")
+    H = hessian.to(device=w.device, dtype=torch.float64, copy=True)
+    # Each column's weight in its group's (s, m): its input's mean square, as llama.cpp's imatrix (mean 1, so H = c I
+    # weighs every column exactly 1.0, as no weights do; at least 1e-3, so a column never seen still counts)
+    importance = (H.diagonal() / H.diagonal().mean()).clamp_min(1e-3)
+    dead = H.diagonal() == 0  # an input never active: its column cannot matter, round it like the rest
+    H[dead, dead] = 1
+    H.diagonal().add_(damp * H.diagonal().mean())
+    packed, scales, mins = quantize_int4(w, group, importance)  # the static groups' (s, m); the layout's checks
+    W = w.to(torch.float32, copy=True)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True)
+    W, H = W[:, order], H[order][:, order]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    s_col = scales.float().repeat_interleave(group, 1)[:, order]  # each (permuted) column's group's (s, m)
+    m_col = mins.float().repeat_interleave(group, 1)[:, order]
+    codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        Wb, err = W[:, b0:b1], torch.empty(N, b1 - b0, device=w.device)
+        for i in range(b1 - b0):
+            k = b0 + i
+            q = (Wb[:, i] - m_col[:, k]).div_(s_col[:, k]).round_().clamp_(0, 15)
+            codes[:, k] = q.to(torch.uint8)
+            err[:, i] = (Wb[:, i] - (q * s_col[:, k] + m_col[:, k])) / U[k, k]
+            Wb[:, i:] -= err[:, i, None] * U[k, b0 + i : b1]  # the block's later columns compensate
+        W[:, b1:] -= err @ U[b0:b1, b1:]  # then every column after the block, in one product
+    out = torch.empty_like(codes)
+    out[:, order] = codes
+    return pack_int4(out), scales, mins
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -382,6 +453,7 @@ __all__ = [
     "parse",
     "quantize_int8",
     "quantize_int4",
+    "gptq_int4",
     "pack_int4",
     "gguf_planes",
     "quantize_weight",
