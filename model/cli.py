@@ -143,6 +143,7 @@ def _load(args, max_batch_size: int = 1):
         max_batch_size=max_batch_size,
         progress=sys.stderr.isatty(),
         quantize=args.quantize,
+        calibration=_read_calibration(args),
     )
     _ctrl_c_to_python()  # loaded: from here Ctrl-C is a KeyboardInterrupt (chat stops a reply with it)
     return llm
@@ -160,8 +161,28 @@ def _sampling_kwargs(args) -> dict:
     )
 
 
+def _read_calibration(args) -> str | None:
+    """--calibration's text (UTF-8), or None."""
+    path = getattr(args, "calibration", None)
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CliError(f"--calibration {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CliError(f"--calibration {path}: not valid UTF-8 (byte {e.start})") from None
+
+
 def check_arguments(args) -> None:
     """Every check that needs no weights, run before any are read: a typo must not cost a model load."""
+    if getattr(args, "calibration", None) is not None:
+        if not (args.quantize or "").startswith("int4"):
+            raise CliError(f"--calibration chooses int4 codes (GPTQ): it needs --quantize int4[-gG], got "
+                           f"{args.quantize or 'none'}")  # fmt: skip
+        if not Path(args.calibration).is_file():
+            why = "not a file" if Path(args.calibration).exists() else "no such file"
+            raise CliError(f"--calibration {args.calibration}: {why}")
     if hasattr(args, "temperature"):
         from model.sampling import validate
 
@@ -608,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--max-seq-len", type=_positive_int, help="KV-cache length (default: min(model context, 8192))")
     model.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
+    model.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="with --quantize int4[-gG]: a UTF-8 text whose inputs to each product choose the int4 codes (GPTQ, "
+        "model/calibrate.py): the model loads dense, runs the text, then quantizes; a few thousand tokens of text "
+        "like the model's input",
+    )
     model.add_argument(
         "--threads",
         type=int,

@@ -244,6 +244,7 @@ class Llama(nn.Module):
         progress: bool = False,
         tp: TensorParallel | None = None,
         quantize: str | None = None,
+        calibration: str | None = None,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face layout, detected) tensor by tensor onto ``device``.
 
@@ -258,23 +259,41 @@ class Llama(nn.Module):
         (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as they are): the products wqkv, wo, w13, w2 and the output head
         become ``QuantLinear`` modules, quantized tensor by tensor on ``device`` as they load (model/quantize.py says
         which and why).
+
+        ``calibration`` (int4 only): a text whose inputs to each product choose its int4 codes (GPTQ): the model is
+        loaded dense, the text run through it, then each product quantized (model/calibrate.py; peak memory is the
+        dense model's).
         """
         tp = tp or distributed.current()
+        load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize, calibration)
         if not tp.enabled:
-            return cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize)
+            return cls._load(*load)
         model, error = None, None
         try:
-            model = cls._load(ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize)
+            model = cls._load(*load)
         except Exception as e:  # every rank must learn that one failed, or the others hang in a collective
             error = e
         tp.agree(error)
         return model
 
     @classmethod
-    def _load(cls, ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize=None) -> Llama:
+    def _load(
+        cls, ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize=None,
+        calibration=None,
+    ) -> Llama:  # fmt: skip
+        from model import calibrate
         from model import quantize as quant
 
         spec = quant.parse(quantize)  # a bad value fails here, before anything is read
+        if calibration is not None:
+            if spec is None or spec[0] != "int4":
+                raise ValueError(
+                    f"calibration chooses int4 codes (GPTQ): it needs quantize='int4[-gG]', got {quantize!r}"
+                )
+            if not isinstance(calibration, str):
+                raise ValueError(f"calibration must be a str (the text), got {type(calibration).__name__}")
+            if tp.enabled:
+                raise ValueError("calibration is not supported under tensor parallelism")
         device = torch.device(device) if device is not None else distributed.default_device(tp)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but torch sees no CUDA device")
@@ -306,7 +325,10 @@ class Llama(nn.Module):
         with torch.device("meta"):
             model = cls(args, backend, device, tp)
         quantized: dict[str, nn.Module] = {}
-        state = _fused_state_dict(ckpt, device, dtype, progress, quantize=spec, backend=backend, modules=quantized)
+        dense = calibration is not None  # GPTQ needs the dense model's inputs: quantized after loading
+        state = _fused_state_dict(
+            ckpt, device, dtype, progress, quantize=None if dense else spec, backend=backend, modules=quantized
+        )
         for name, module in quantized.items():  # QuantLinear in place of nn.Linear (or of the tied head's None)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -317,6 +339,8 @@ class Llama(nn.Module):
         model.tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
         model.checkpoint_dir = Path(ckpt.dir)
         model.checkpoint_format = ckpt.layout
+        if dense:
+            calibrate.quantize_calibrated(model, spec, calibration)
         return model
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:

