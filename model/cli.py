@@ -166,12 +166,17 @@ def _read_calibration(args) -> str | None:
     path = getattr(args, "calibration", None)
     if path is None:
         return None
+    return _read_utf8("--calibration", path)
+
+
+def _read_utf8(flag: str, path: str) -> str:
+    """A file named by ``flag``, decoded as UTF-8; a missing, unreadable or undecodable one is a one-line CliError."""
     try:
         return Path(path).read_bytes().decode("utf-8")
     except OSError as e:
-        raise CliError(f"--calibration {path}: {e.strerror or e}") from None
+        raise CliError(f"{flag} {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise CliError(f"--calibration {path}: not valid UTF-8 (byte {e.start})") from None
+        raise CliError(f"{flag} {path}: not valid UTF-8 (byte {e.start})") from None
 
 
 def check_arguments(args) -> None:
@@ -220,12 +225,7 @@ def _read_prompts(args, tp) -> list[str]:
         def read() -> str:
             if path == "-":
                 return _read_stdin_text()
-            try:
-                return Path(path).read_bytes().decode("utf-8")
-            except OSError as e:
-                raise CliError(f"--prompts-file {path}: {e.strerror or e}") from None
-            except UnicodeDecodeError as e:
-                raise CliError(f"--prompts-file {path}: not valid UTF-8 (byte {e.start})") from None
+            return _read_utf8("--prompts-file", path)
 
         lines = [line for line in _on_rank0(tp, read).splitlines() if line.strip()]
         if not lines:
