@@ -154,7 +154,7 @@ def test_bad_input_one_line_and_exit_1(ckpt, capsys, monkeypatch, argv, stdin, m
 
 def test_generate_with_a_calibrated_int4_model(ckpt, tmp_path, capsys, monkeypatch):
     """--quantize int4 --calibration FILE loads a GPTQ-quantized model (its products QuantLinear) and generates; a
-    text too short to calibrate on is one line."""
+    text too short to calibrate on, or not UTF-8, is one line."""
     from model.llama import Llama
 
     loaded = []
@@ -170,6 +170,9 @@ def test_generate_with_a_calibrated_int4_model(ckpt, tmp_path, capsys, monkeypat
     rc, out, err = run([*argv, "--calibration", str(text)], capsys, monkeypatch)
     lines = err.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and "calibration text too short" in lines[0], err
+    text.write_bytes(b"\xffnot text")
+    rc, out, err = run([*argv, "--calibration", str(text)], capsys, monkeypatch)
+    assert rc == 1 and err.strip() == f"error: --calibration {text}: not valid UTF-8 (byte 0)", err
 
 
 def test_console_script_exit_code_and_debug_traceback(tmp_path):
