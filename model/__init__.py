@@ -1,5 +1,9 @@
 """The Llama-3 driver: checkpoints, tokenizer, the model, generation and the command line."""
 
+from model import _kernels_name
+
+_kernels_name.bind()  # `import kernels` is this project's, not Hugging Face's package of the same name
+
 __all__ = ["Llama"]
 
 

@@ -16,6 +16,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
+from model import _kernels_name  # noqa: E402  (binds `kernels` to this project's package)
+
+_kernels_name.hide_hub_kernels()  # transformers, the tests' reference, must not import our `kernels` as its own
+
 from tests.tolerances import INTERPRET  # noqa: E402
 
 
