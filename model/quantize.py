@@ -206,10 +206,11 @@ def gptq_int4(
 
     Each group's (s, m) search weighs its columns by H_kk (``importance``), as llama.cpp's imatrix does. Measured on
     SmolLM2-135M, groups of 64, perplexity over the reference's on TEXT (tests/test_quant.py), calibrated on ~2,950
-    tokens of other public-domain prose: the search alone +24.2%; both +5.9% (a prototype's runs: the weighted search
-    alone +9.7%, GPTQ with the unweighted search +12.2%; weighting by the damped diagonal, H_kk + 1% of its mean,
-    +7.2%). Costs K Python steps over (N, block) slices and one (K, K) Cholesky per product; it
-    holds W in fp32 plus H."""
+    tokens of other public-domain prose: the search alone +24.2%; both +5.8% to +6.7% (GPTQ's choices cascade: runs
+    whose H differ by 1e-6 land that far apart; tests/smol_gptq_spread.py). A prototype's single runs, so within
+    that noise: the weighted search alone +9.7%, GPTQ with the unweighted search +12.2%, weighting by the damped
+    diagonal (H_kk + 1% of its mean) +7.2%. Costs K Python steps over (block, N) rows and one (K, K) Cholesky per
+    product; it holds W in fp32 (transposed, in rounding order) plus H."""
     N, K = w.shape
     if hessian.shape != (K, K):
         raise ValueError(f"hessian must be ({K}, {K}) for a weight of K={K}, got {tuple(hessian.shape)}")
@@ -221,26 +222,30 @@ def gptq_int4(
     H[dead, dead] = 1
     H.diagonal().add_(damp * H.diagonal().mean())
     packed, scales, mins = quantize_int4(w, group, importance)  # the static groups' (s, m); the layout's checks
-    W = w.to(torch.float32, copy=True)
     order = torch.argsort(H.diagonal(), descending=True, stable=True)
-    W, H = W[:, order], H[order][:, order]
+    H = H[order][:, order]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
-    s_col = scales.float().repeat_interleave(group, 1)[:, order]  # each (permuted) column's group's (s, m)
-    m_col = mins.float().repeat_interleave(group, 1)[:, order]
-    codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
+    # Transposed, in rounding order: row k of each (K, N) matrix is the k-th column rounded, contiguous, so each step
+    # below reads and writes whole rows (and on a GPU, coalesced ones)
+    Wt = w.T[order].to(torch.float32).contiguous()
+    s_t = scales.T.repeat_interleave(group, 0)[order].float().contiguous()  # each row's group's (s, m), (K, N)
+    m_t = mins.T.repeat_interleave(group, 0)[order].float().contiguous()
+    codes = torch.empty(K, N, dtype=torch.uint8, device=w.device)
+    q, r = torch.empty(N, device=w.device), torch.empty(N, device=w.device)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
-        Wb, err = W[:, b0:b1], torch.empty(N, b1 - b0, device=w.device)
+        err = torch.empty(b1 - b0, N, device=w.device)
         for i in range(b1 - b0):
             k = b0 + i
-            q = (Wb[:, i] - m_col[:, k]).div_(s_col[:, k]).round_().clamp_(0, 15)
-            codes[:, k] = q.to(torch.uint8)
-            err[:, i] = (Wb[:, i] - (q * s_col[:, k] + m_col[:, k])) / U[k, k]
-            Wb[:, i:] -= err[:, i, None] * U[k, b0 + i : b1]  # the block's later columns compensate
-        W[:, b1:] -= err @ U[b0:b1, b1:]  # then every column after the block, in one product
+            torch.sub(Wt[k], m_t[k], out=q).div_(s_t[k]).round_().clamp_(0, 15)
+            codes[k] = q
+            torch.mul(q, s_t[k], out=r).add_(m_t[k])
+            torch.sub(Wt[k], r, out=err[i]).div_(U[k, k])
+            Wt[k + 1 : b1] -= torch.outer(U[k, k + 1 : b1], err[i])  # the block's later columns compensate
+        Wt[b1:] -= U[b0:b1, b1:].T @ err  # then every column after the block, in one product
     out = torch.empty_like(codes)
-    out[:, order] = codes
-    return pack_int4(out), scales, mins
+    out[order] = codes
+    return pack_int4(out.T.contiguous()), scales, mins
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
