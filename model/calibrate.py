@@ -78,14 +78,22 @@ def input_hessians(model, tokens: list[int], names: list[str] | None = None) -> 
     return sums
 
 
+def check(spec: tuple[str, int] | None, text) -> None:
+    """The arguments' own checks, run by the loader before any weight is read: ``spec`` (``model.quantize.parse``'s)
+    must be int4's, ``text`` a str."""
+    if spec is None or spec[0] != "int4":
+        raise ValueError(
+            f"calibration chooses int4 codes (GPTQ): it needs quantize='int4[-gG]', got {spec and spec[0]!r}"
+        )
+    if not isinstance(text, str):
+        raise ValueError(f"calibration must be a str (the text), got {type(text).__name__}")
+
+
 def quantize_calibrated(model, spec: tuple[str, int], text: str) -> None:
     """Quantize ``model``'s products in place with GPTQ under ``spec`` (``model.quantize.parse``'s; int4 only),
     calibrated on ``text``; the head as ``quantize_product`` does it. Raises ValueError for a text of fewer than
     MIN_TOKENS tokens or a group that does not divide a product's K, before any product is replaced."""
-    if spec[0] != "int4":
-        raise ValueError(f"calibration chooses int4 codes (GPTQ); quantize={spec[0]!r} takes none")
-    if not isinstance(text, str):
-        raise ValueError(f"calibration must be a str (the text), got {type(text).__name__}")
+    check(spec, text)
     tokens = model.tokenizer.encode(text, bos=True)
     if len(tokens) < MIN_TOKENS:
         raise ValueError(

@@ -286,12 +286,7 @@ class Llama(nn.Module):
 
         spec = quant.parse(quantize)  # a bad value fails here, before anything is read
         if calibration is not None:
-            if spec is None or spec[0] != "int4":
-                raise ValueError(
-                    f"calibration chooses int4 codes (GPTQ): it needs quantize='int4[-gG]', got {quantize!r}"
-                )
-            if not isinstance(calibration, str):
-                raise ValueError(f"calibration must be a str (the text), got {type(calibration).__name__}")
+            calibrate.check(spec, calibration)
             if tp.enabled:
                 raise ValueError("calibration is not supported under tensor parallelism")
         device = torch.device(device) if device is not None else distributed.default_device(tp)
