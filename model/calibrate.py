@@ -6,7 +6,7 @@ residual stream carry most of its energy. GPTQ (``model.quantize.gptq_int4``) ch
 close on real inputs, given H = sum over tokens of x x^T for each product. This module gets those sums:
 
     1. load the model unquantized (dense, in the model's dtype, on its device);
-    2. run the calibration text through it (prefill, chunks of at most 512 tokens, the plain-PyTorch ops), a
+    2. run the calibration text through it (prefill, chunks of CHUNK tokens, the plain-PyTorch ops), a
        forward pre-hook on each product adding x^T x (fp32) of its input; wq|wk|wv and w1|w3 are stored as one
        matrix each (model/llama.py), so they share one sum, as they share their input;
     3. replace each of those products by its GPTQ-quantized ``QuantLinear``, dropping the dense weight.
@@ -32,7 +32,17 @@ from kernels import reference
 from model import quantize as quant
 
 MIN_TOKENS = 128  # fewer: H is mostly damping, and GPTQ's codes follow a handful of tokens
-CHUNK = 512  # tokens per prefill pass
+# Tokens per prefill pass, each from position 0, whatever the caller's max_seq_len: the chunking is part of what
+# the codes are chosen on, so a serving setting must not change it. It matters more than its size suggests: each
+# chunk's first token is an attention sink that every later position reads (left out of the sums, it cost +111% to
+# +195%), and cutting the same text at 254
+# instead of 256 moved SmolLM2's int4 perplexity on HELDOUT from +4.0% to +5.3% and +7.0% (an exact run and a
+# perturbed one, tests/smol_gptq_spread.py's seed 0). The loader used to cut at min(512, max_seq_len), so the
+# CLI's default max_seq_len quantized SmolLM2 otherwise than the tests' 256 did (512: +4.7% to +4.9% on TEXT,
+# +6.0% to +6.2% on HELDOUT, the same two runs, against the +4.4% to +5.6% and +3.3% to +4.1% quoted). 256 is the
+# chunk every figure in README.md and tests/test_quant.py was measured with; on 2,910 tokens of other prose
+# (tests/data/calibration_more.txt: less noisy than 256) 128, 256 and 512 measured alike, +5.7%, +6.0%, +5.8%.
+CHUNK = 256
 HESSIAN_BUDGET = 4 << 30  # bytes of input sums held at once (fp32 (K, K) each)
 
 
@@ -45,8 +55,8 @@ def products(model) -> dict[str, nn.Linear]:
 @torch.inference_mode()
 def input_hessians(model, tokens: list[int], names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """For each product named (default: all of ``products``), H = sum of x^T x over the inputs x (K,) it sees when
-    ``tokens`` run through ``model`` (fp32, on the model's device), the text cut into chunks of at most CHUNK
-    tokens, each from position 0."""
+    ``tokens`` run through ``model`` (fp32, on the model's device), the text cut into chunks of CHUNK tokens (fewer
+    only where the model's context is shorter), each from position 0, whatever ``model.max_seq_len``."""
     sums: dict[str, torch.Tensor] = {}
     linears = products(model)
     names = list(linears) if names is None else names
@@ -63,7 +73,7 @@ def input_hessians(model, tokens: list[int], names: list[str] | None = None) -> 
 
     handles = [linears[name].register_forward_pre_hook(hook(name)) for name in names]
     ops, cache = model.ops, (model.max_batch_size, model.max_seq_len)
-    chunk = min(CHUNK, model.max_seq_len)
+    chunk = min(CHUNK, model.args.max_position_embeddings)
     try:
         model.use(ops=reference)  # a statistic of the inputs: any backend gives it; this one runs anywhere
         model.setup_cache(1, chunk)

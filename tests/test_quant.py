@@ -440,13 +440,14 @@ def test_int4_search_weighs_each_columns_error_by_its_importance():
         quant.quantize_int4(w, G, imp[:100])
 
 
-def test_calibration_sums_each_products_inputs(tiny):
+def test_calibration_sums_each_products_inputs(tiny, monkeypatch):
     """model/calibrate.py's hooks: layer 0's wqkv sees RMSNorm(embedding) of the text's tokens (with BOS), and its
     H is the sum of x x^T over them; every product has an H of its K; the model is as it was after (cache, ops)."""
     from model import calibrate
 
     llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=64)
     ops, cache_shape = llm.ops, llm.k_cache[0].shape
+    monkeypatch.setattr(calibrate, "CHUNK", 64)
     tokens = llm.tokenizer.encode(TEXT, bos=True)[:100]  # 100 tokens: two chunks of 64
     H = calibrate.input_hessians(llm, tokens)
     x = ref.rms_norm(llm.tok_embeddings(torch.tensor(tokens)), llm.layers[0].attention_norm, llm.args.norm_eps)
@@ -481,6 +482,29 @@ def test_calibration_holds_the_sums_of_as_many_layers_as_fit(tiny, monkeypatch):
     monkeypatch.setattr(calibrate, "HESSIAN_BUDGET", 1)
     Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256, quantize="int4", calibration=CALIBRATION)
     assert [(names[0], n) for names, n in seen] == [("layers.0.attention.wqkv", 0), ("layers.1.attention.wqkv", 4)]
+
+
+def test_calibrated_codes_do_not_depend_on_max_seq_len(tiny, monkeypatch):
+    """The calibration text is cut into CHUNK-token passes whatever the caller's max_seq_len (a serving setting):
+    the same checkpoint and text give the same codes at max_seq_len 32 and 256. It used to cut at
+    min(512, max_seq_len), and each chunk's first token (an attention sink) weighs in the codes."""
+    from model import calibrate
+
+    seen = []
+    hessians = calibrate.input_hessians
+
+    def spy(model, tokens, names):
+        seen.append(model.max_seq_len)
+        return hessians(model, tokens, names)
+
+    monkeypatch.setattr(calibrate, "input_hessians", spy)
+    kw = dict(device="cpu", dtype=torch.float32, quantize="int4", calibration=CALIBRATION)
+    short, long = (Llama.load(tiny, max_seq_len=n, **kw) for n in (32, 256))
+    assert seen == [32, 256] and short.max_seq_len == 32  # the model keeps its own cache size
+    planes = [(n, b) for n, b in short.named_buffers() if n.endswith(("qweight", "scales", "mins"))]
+    assert len(planes) == 3 * 8 + 2  # 2 layers x 4 int4 products, and the int8 head (no offsets)
+    other = dict(long.named_buffers())
+    assert all(torch.equal(b, other[n]) for n, b in planes)
 
 
 def test_calibrated_int4_load(tiny):
