@@ -8,7 +8,8 @@ close on real inputs, given H = sum over tokens of x x^T for each product. This 
     1. load the model unquantized (dense, in the model's dtype, on its device);
     2. run the calibration text through it (prefill, chunks of CHUNK tokens, the plain-PyTorch ops), a
        forward pre-hook on each product adding x^T x (fp32) of its input; wq|wk|wv and w1|w3 are stored as one
-       matrix each (model/llama.py), so they share one sum, as they share their input;
+       matrix each (model/llama.py), so they share one sum, as they share their input; then each distinct token of
+       the text alone at position 0, weighted (the sink pass: SINK_SHARE says why);
     3. replace each of those products by its GPTQ-quantized ``QuantLinear``, dropping the dense weight.
 
 The sums of a run of layers are held at once, up to HESSIAN_BUDGET bytes of them (at least one layer): all 30 of
@@ -34,15 +35,31 @@ from model import quantize as quant
 MIN_TOKENS = 128  # fewer: H is mostly damping, and GPTQ's codes follow a handful of tokens
 # Tokens per prefill pass, each from position 0, whatever the caller's max_seq_len: the chunking is part of what
 # the codes are chosen on, so a serving setting must not change it. It matters more than its size suggests: each
-# chunk's first token is an attention sink that every later position reads (left out of the sums, it cost +111% to
-# +195%), and cutting the same text at 254
-# instead of 256 moved SmolLM2's int4 perplexity on HELDOUT from +4.0% to +5.3% and +7.0% (an exact run and a
-# perturbed one, tests/smol_gptq_spread.py's seed 0). The loader used to cut at min(512, max_seq_len), so the
-# CLI's default max_seq_len quantized SmolLM2 otherwise than the tests' 256 did (512: +4.7% to +4.9% on TEXT,
-# +6.0% to +6.2% on HELDOUT, the same two runs, against the +4.4% to +5.6% and +3.3% to +4.1% quoted). 256 is the
-# chunk every figure in README.md and tests/test_quant.py was measured with; on 2,910 tokens of other prose
-# (tests/data/calibration_more.txt: less noisy than 256) 128, 256 and 512 measured alike, +5.7%, +6.0%, +5.8%.
+# chunk's first token is an attention sink that every later position reads (the sink pass below), and cutting the
+# same text at 254 instead of 256 moved SmolLM2's int4 perplexity on HELDOUT from +4.0% to +5.3% and +7.0% (no
+# sink pass; an exact run and a perturbed one, tests/smol_gptq_spread.py's seed 0). The loader used to cut at
+# min(512, max_seq_len), so the CLI's default max_seq_len quantized SmolLM2 otherwise than the tests' 256 did (512:
+# +4.7% to +4.9% on TEXT, +6.0% to +6.2% on HELDOUT, the same two runs, against +4.4% to +5.6% and +3.3% to +4.1%
+# at 256). On DEV cut every 256 tokens (below) 128, 256 and 512 measured alike: +5.7%, +6.0%, +5.8%.
 CHUNK = 256
+# The sink pass. A prompt's first token is the attention sink: its keys and values, in every layer, are read by
+# every later position (often with most of their attention), and its hidden state is a function of that token
+# alone. The chunks above show the products a dozen first tokens among ~2,950, so GPTQ spends almost nothing on
+# them. After the chunks, every distinct token of the text runs alone at position 0 (batches of SINK_BATCH), those
+# rows weighted to total SINK_SHARE of the text's tokens. Chosen on DEV (the 20 openings of
+# tests/data/calibration_more.txt, each from its start, with TEXT and HELDOUT: 3,379 tokens), SmolLM2, single runs:
+#
+#     share        plain int4: DEV   TEXT    HELDOUT     int4-g64: DEV   TEXT    HELDOUT
+#     none                 +6.0%   +4.9%   +4.1%                 +4.6%   +5.8%   +1.2%
+#     0.1                  +4.0%   +3.0%   +0.7%                 +4.9%   +5.4%   +0.8%
+#     0.2                  +4.4%   +1.9%   +1.1%                 +5.4%   +3.5%   +0.2%
+#
+# and for plain int4 on DEV cut every 256 tokens instead (windows mostly starting mid-sentence), with shares 0.05,
+# 0.1, 0.2, 0.3, 0.5, 1.0: +4.8%, +4.1%, +4.7%, +5.5%, +5.1%, +4.8% (none: +6.0%); TEXT +2.8%, +3.0%, +1.9%, +4.0%,
+# +6.4%, +6.8%. So 0.1: the least DEV for plain int4, the default; groups of 64 gain on the two texts and lose a
+# little on DEV. (Leaving each chunk's first token out of the sums instead cost +111% to +195%.)
+SINK_SHARE = 0.1
+SINK_BATCH = 512
 HESSIAN_BUDGET = 4 << 30  # bytes of input sums held at once (fp32 (K, K) each)
 
 
@@ -56,30 +73,40 @@ def products(model) -> dict[str, nn.Linear]:
 def input_hessians(model, tokens: list[int], names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """For each product named (default: all of ``products``), H = sum of x^T x over the inputs x (K,) it sees when
     ``tokens`` run through ``model`` (fp32, on the model's device), the text cut into chunks of CHUNK tokens (fewer
-    only where the model's context is shorter), each from position 0, whatever ``model.max_seq_len``."""
+    only where the model's context is shorter), each from position 0, whatever ``model.max_seq_len``; then the sink
+    pass (SINK_SHARE): each distinct token alone at position 0, those rows weighted to total SINK_SHARE x
+    len(tokens)."""
     sums: dict[str, torch.Tensor] = {}
     linears = products(model)
     names = list(linears) if names is None else names
+    weight = [1.0]  # each input row's weight in the sums: 1 in the chunks, the sink pass's below
 
     def hook(name):
         def add(module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()  # (tokens, K)
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()  # (rows, K)
             if name in sums:
-                sums[name].addmm_(x.T, x)
+                sums[name].addmm_(x.T, x, alpha=weight[0])
             else:
-                sums[name] = x.T @ x
+                sums[name] = (x.T @ x).mul_(weight[0])
 
         return add
 
     handles = [linears[name].register_forward_pre_hook(hook(name)) for name in names]
     ops, cache = model.ops, (model.max_batch_size, model.max_seq_len)
     chunk = min(CHUNK, model.args.max_position_embeddings)
+    firsts = sorted(set(tokens))  # the sink pass: each distinct token of the text alone at position 0
     try:
         model.use(ops=reference)  # a statistic of the inputs: any backend gives it; this one runs anywhere
         model.setup_cache(1, chunk)
         for i in range(0, len(tokens), chunk):
             part = torch.tensor([tokens[i : i + chunk]], device=model.device)
             model.prefill(part, 0)
+        if SINK_SHARE:
+            weight[0] = SINK_SHARE * len(tokens) / len(firsts)
+            model.setup_cache(SINK_BATCH, 1)
+            for i in range(0, len(firsts), SINK_BATCH):
+                part = torch.tensor(firsts[i : i + SINK_BATCH], device=model.device)[:, None]  # (B, 1)
+                model.prefill(part, 0)
     finally:
         for h in handles:
             h.remove()

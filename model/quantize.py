@@ -206,8 +206,9 @@ def gptq_int4(
 
     Each group's (s, m) search weighs its columns by H_kk (``importance``), as llama.cpp's imatrix does. Measured on
     SmolLM2-135M, groups of 64, perplexity over the reference's on TEXT (tests/test_quant.py), calibrated on ~2,950
-    tokens of other public-domain prose: the search alone +24.2%; both +5.8% to +6.7% (GPTQ's choices cascade: runs
-    whose H differ by 1e-6 land that far apart; tests/smol_gptq_spread.py). A prototype's single runs, so within
+    tokens of other public-domain prose: the search alone +24.2%; both +5.8% to +6.7% (+5.3% to +5.7% since the
+    sink pass of model/calibrate.py; GPTQ's choices cascade: runs whose H differ by 1e-6 land that far apart;
+    tests/smol_gptq_spread.py). A prototype's single runs, so within
     that noise: the weighted search alone +9.7%, GPTQ with the unweighted search +12.2%, weighting by the damped
     diagonal (H_kk + 1% of its mean) +7.2%. Costs K Python steps over (block, N) rows and one (K, K) Cholesky per
     product; it holds W in fp32 (transposed, in rounding order) plus H."""

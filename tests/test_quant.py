@@ -442,16 +442,28 @@ def test_int4_search_weighs_each_columns_error_by_its_importance():
 
 def test_calibration_sums_each_products_inputs(tiny, monkeypatch):
     """model/calibrate.py's hooks: layer 0's wqkv sees RMSNorm(embedding) of the text's tokens (with BOS), and its
-    H is the sum of x x^T over them; every product has an H of its K; the model is as it was after (cache, ops)."""
+    H is the sum of x x^T over them, plus the sink pass's: each distinct token once more (alone at position 0),
+    weighted so those rows total SINK_SHARE of the text's; every product has an H of its K; the model is as it was
+    after (cache, ops)."""
     from model import calibrate
 
     llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=64)
     ops, cache_shape = llm.ops, llm.k_cache[0].shape
     monkeypatch.setattr(calibrate, "CHUNK", 64)
+    monkeypatch.setattr(calibrate, "SINK_BATCH", 16)
     tokens = llm.tokenizer.encode(TEXT, bos=True)[:100]  # 100 tokens: two chunks of 64
+    firsts = sorted(set(tokens))
+    assert 16 < len(firsts) < 100  # several sink batches, and repeated tokens counted once
     H = calibrate.input_hessians(llm, tokens)
-    x = ref.rms_norm(llm.tok_embeddings(torch.tensor(tokens)), llm.layers[0].attention_norm, llm.args.norm_eps)
-    assert_close(H["layers.0.attention.wqkv"], x.T @ x, torch.float32, "layer 0's H")
+
+    def layer0_input(ids):
+        return ref.rms_norm(llm.tok_embeddings(torch.tensor(ids)), llm.layers[0].attention_norm, llm.args.norm_eps)
+
+    x, u = layer0_input(tokens), layer0_input(firsts)
+    want = x.T @ x + calibrate.SINK_SHARE * len(tokens) / len(firsts) * (u.T @ u)
+    assert_close(H["layers.0.attention.wqkv"], want, torch.float32, "layer 0's H")
+    monkeypatch.setattr(calibrate, "SINK_SHARE", 0.0)  # no sink pass: the text's rows alone
+    assert_close(calibrate.input_hessians(llm, tokens)["layers.0.attention.wqkv"], x.T @ x, torch.float32, "no sink")
     assert {n: h.shape[0] for n, h in H.items()} == {n: m.in_features for n, m in calibrate.products(llm).items()}
     assert llm.ops is ops and llm.k_cache[0].shape == cache_shape and llm.max_seq_len == 64
 
@@ -676,8 +688,8 @@ def test_smollm2_int4_weight_error():
     "search (min/max rounding: 7.8-9.2%), as it adds 8.2% to fresh Gaussian weights, and this 135M model's perplexity "
     "on TEXT rises 24.2% (min/max: 27.1%; greedy agreement 182/256, was 177); plain int4 (g64, and g128 for w2's "
     "K = 1536): +26.9%, 185/256; groups of 32 recover the file's own Q4_1 grid exactly, and 128 does not divide its "
-    "K = 576. Calibrated (GPTQ, test_smollm2_int4_calibrated_gptq) both are within 5% on HELDOUT; on TEXT groups of "
-    "64 calibrated measure +5.8% to +6.7%, and plain int4 straddles 5% (+4.4% to +5.6%: not a parameter here)",
+    "K = 576. Calibrated (GPTQ, test_smollm2_int4_calibrated_gptq) both are within 5% on HELDOUT, and plain int4 on "
+    "TEXT too (+2.3% to +3.7%); groups of 64 calibrated measure +5.3% to +5.7% on TEXT",
 )
 @pytest.mark.parametrize("q, calibrated", [("int4-g64", False), ("int4", False), ("int4-g64", True)])
 def test_smollm2_int4_g64_within_5_percent(smol_reference, q, calibrated):
@@ -700,18 +712,21 @@ def _smol_calibrated(smol_reference, q):
 @pytest.mark.slow  # ~30 s each: the dense load, the calibration pass and GPTQ over 120 products on the CPU
 @pytest.mark.parametrize("q", ["int4", "int4-g64"])
 def test_smollm2_int4_calibrated_gptq(smol_reference, q):
-    """GPTQ on CALIBRATION (~2,950 tokens of other public-domain prose) against the search alone, measured here:
+    """GPTQ on CALIBRATION (~2,950 tokens of other public-domain prose, and the sink pass: model/calibrate.py)
+    against the search alone, measured here:
 
         format      TEXT, search alone   TEXT, calibrated        HELDOUT, search alone   HELDOUT, calibrated
-        int4        +26.9% (185/256)     +4.4% to +5.6% (217+)   +28.0% (173/254)        +3.3% to +4.1% (203+)
-        int4-g64    +24.2% (182/256)     +5.8% to +6.7% (224+)   +11.9% (192/254)        +1.2% to +1.9% (204+)
+        int4        +26.9% (185/256)     +2.3% to +3.7% (218+)   +28.0% (173/254)        +0.5% to +1.1% (205+)
+        int4-g64    +24.2% (182/256)     +5.3% to +5.7% (220+)   +11.9% (192/254)        +0.1% to +0.9% (210+)
 
     (greedy agreement in brackets). Calibrated results are ranges: GPTQ's choices cascade, so a 1e-6 relative change
-    in the inputs' sums (another CPU's summation order does as much) moves TEXT's perplexity by up to a point;
-    python -m tests.smol_gptq_spread prints them (8 and 6 perturbed runs, and this machine's two exact ones).
-    On HELDOUT, used for no choice, both formats are within the issue's 5% in every run. On TEXT plain int4 straddles
-    5% (not asserted: it would pass or fail by chance) and groups of 64 stay above it (the strict xfail above). The
-    bounds here are what held in every run, with some margin: a regression check, far below the search's 24-28%."""
+    in the inputs' sums (another CPU's summation order does as much) moves TEXT's perplexity by up to a point and a
+    half; python -m tests.smol_gptq_spread prints them (6 and 4 perturbed runs, and this test's unperturbed one).
+    Plain int4, the default, is within the issue's 5% on both texts in every run, by 1.3 points or more; groups of
+    64 are within it on HELDOUT and stay above it on TEXT (the strict xfail above). Without the sink pass plain int4
+    straddled 5% on TEXT (+4.4% to +5.6%). The bounds are the issue's where it is met, else what held in every run
+    with some margin: a regression check, far below the search's 24-28%."""
     ratios, agree = _smol_calibrated(smol_reference, q)
-    assert abs(ratios[0] - 1) < 0.075 and abs(ratios[1] - 1) < 0.05, ratios
+    text_bound = 0.05 if q == "int4" else 0.075
+    assert abs(ratios[0] - 1) < text_bound and abs(ratios[1] - 1) < 0.05, ratios
     assert agree[0] >= 210 and agree[1] >= 195, agree  # search alone: 182-185 / 173-192
