@@ -46,7 +46,7 @@ CHUNK = 256
 # every later position (often with most of their attention), and its hidden state is a function of that token
 # alone. The chunks above show the products a dozen first tokens among ~2,950, so GPTQ spends almost nothing on
 # them. After the chunks, every distinct token of the text runs alone at position 0 (batches of SINK_BATCH), those
-# rows weighted to total SINK_SHARE of the text's tokens. Chosen on DEV (the 20 openings of
+# rows weighted to total SINK_SHARE of the text's tokens. Chosen on DEV (the paragraphs of
 # tests/data/calibration_more.txt, each from its start, with TEXT and HELDOUT: 3,379 tokens), SmolLM2, single runs:
 #
 #     share        plain int4: DEV   TEXT    HELDOUT     int4-g64: DEV   TEXT    HELDOUT
@@ -79,15 +79,15 @@ def input_hessians(model, tokens: list[int], names: list[str] | None = None) -> 
     sums: dict[str, torch.Tensor] = {}
     linears = products(model)
     names = list(linears) if names is None else names
-    weight = [1.0]  # each input row's weight in the sums: 1 in the chunks, the sink pass's below
+    weight = 1.0  # each input row's weight in the sums (the hooks read it when they run): the sink pass's below
 
     def hook(name):
         def add(module, inputs):
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()  # (rows, K)
             if name in sums:
-                sums[name].addmm_(x.T, x, alpha=weight[0])
+                sums[name].addmm_(x.T, x, alpha=weight)
             else:
-                sums[name] = (x.T @ x).mul_(weight[0])
+                sums[name] = (x.T @ x).mul_(weight)
 
         return add
 
@@ -102,7 +102,7 @@ def input_hessians(model, tokens: list[int], names: list[str] | None = None) -> 
             part = torch.tensor([tokens[i : i + chunk]], device=model.device)
             model.prefill(part, 0)
         if SINK_SHARE:
-            weight[0] = SINK_SHARE * len(tokens) / len(firsts)
+            weight = SINK_SHARE * len(tokens) / len(firsts)
             model.setup_cache(SINK_BATCH, 1)
             for i in range(0, len(firsts), SINK_BATCH):
                 part = torch.tensor(firsts[i : i + SINK_BATCH], device=model.device)[:, None]  # (B, 1)

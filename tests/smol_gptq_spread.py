@@ -69,14 +69,10 @@ def main(q: str, runs: int, calibration: str) -> None:
 
 
 def _nll(llm, windows: list[list[int]]) -> float:
-    """Mean negative log-likelihood of every window's tokens after its first, each window from position 0."""
-    total, n = 0.0, 0
-    for ids in windows:
-        llm.setup_cache(1, len(ids))
-        logits = llm.forward(torch.tensor([ids]), 0)[0].double()
-        total -= float(torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None]).sum())
-        n += len(ids) - 1
-    return total / n
+    """Mean negative log-likelihood over every window's tokens after its first (test_quant's perplexity, each
+    window weighted by its length)."""
+    logs = [math.log(tq._perplexity(llm, ids)[0]) * (len(ids) - 1) for ids in windows]
+    return sum(logs) / sum(len(ids) - 1 for ids in windows)
 
 
 if __name__ == "__main__":
