@@ -2,11 +2,11 @@ PYTHON ?= python3
 
 .PHONY: gpu-check gpu-check-prepare bench bench-quick bench-smoke
 
-# On a machine with a GPU, in at most 7 minutes: device facts, the tests that need the GPU with compiled
-# kernels, then the quick benchmark sweep (8B decode first) and a one-screen summary. With OUT=<folder>
-# every file goes there as soon as it is written. See benchmarks/README.md.
+# On a machine with a GPU, in at most 8 minutes: the 8B decode goal rows first, then the tests that need the GPU,
+# then the rest of the benchmarks; every file written as it is made (to OUT=<folder> when set). Without make:
+# python3 benchmarks/gpu_check.py. See benchmarks/README.md.
 gpu-check:
-	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+	$(PYTHON) benchmarks/gpu_check.py
 
 # On a machine that reaches PyPI: the wheels a GPU machine without network needs, into .whl/ (llama-models).
 gpu-check-prepare:

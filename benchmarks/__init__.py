@@ -1,7 +1,7 @@
 """Benchmarks: how close each kernel, and the whole decode loop, come to the device's limits.
 
     python -m benchmarks                 # everything: ceilings, kernels, end to end, CPU decode
-    python -m benchmarks --quick         # the sweep `make gpu-check` runs inside its 10-minute call
+    python -m benchmarks --quick         # the sizes the goals are judged at (benchmarks/gpu_check.py runs it)
     python -m benchmarks --only kernels --kernel attention
     python -m benchmarks.rmsnorm         # one kernel's benchmark (same flags)
     llama3-triton bench ...              # the same runner from the console script
@@ -18,7 +18,8 @@ to ``~/.cache/llama3-triton/bench/`` rather than the source tree.
 Modules: ``common`` (context, timing, ceilings), one per kernel (``rmsnorm``, ``rope``, ``swiglu``,
 ``attention``, ``decode``), ``e2e`` (decode/prefill tokens/s of whole models), ``cpu`` (CPU decode against
 Hugging Face transformers), ``report`` (JSON, Markdown, plots, the goals), ``runner`` (the command line),
-``gpu_check.sh`` (tests + benchmarks in one call on a GPU machine), ``gemv`` (the decode step's products),
+``gpu_check`` (the headline, the GPU tests and the rest in one call on a GPU machine), ``gemv`` (the decode
+step's products),
 ``sampling`` (the sampler's cost per token, standalone), and ``kernel_resources`` (the AOT compile gate's
 register/spill report). Nothing runs at import.
 

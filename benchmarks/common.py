@@ -108,6 +108,7 @@ class Context:
     use_cuda_graph: bool = True
     compile_peers: bool = True
     compile_backend: str = "inductor"
+    compile_peers_last: bool = False  # kernels: the torch.compile peers in a second pass, in the time left (--quick)
     progress: bool = False
     debug: bool = False
     deadline: float | None = None  # time.monotonic() after which no new work starts
@@ -117,6 +118,9 @@ class Context:
     cpu_min_reps: int = 3
     cpu_max_reps: int = 50
     cpu_min_seconds: float = 0.2
+    # Called after every measured row or case: the runner writes results.json and results.md there, so a run cut
+    # at any moment (budget, SIGINT, SIGTERM, a crash) keeps what it measured. A no-op outside the runner.
+    saver: Callable[[], None] | None = None
 
     @property
     def cuda(self) -> bool:
@@ -137,6 +141,10 @@ class Context:
 
     def over_budget(self) -> bool:
         return self.time_left() <= 0
+
+    def save(self) -> None:
+        if self.saver is not None:
+            self.saver()
 
     def log(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -531,10 +539,15 @@ class Case:
     setup: Callable[[], dict[str, Any]]
 
 
-def run_case(case: Case, ctx: Context) -> dict:
-    """Time every implementation of one case; a failing one is recorded as its error, never raised."""
+def run_case(case: Case, ctx: Context, skip_compiled: bool = False, only_compiled: dict | None = None) -> dict:
+    """Time every implementation of one case; a failing one is recorded as its error, never raised.
+
+    ``skip_compiled``: record the torch.compile peers as left for later instead of timing them. ``only_compiled``
+    (a record made that way): time just those peers into it, the reference run once untimed for the comparison."""
     import torch
 
+    if only_compiled is not None:
+        return _run_compiled_peers(case, ctx, only_compiled)
     rec: dict[str, Any] = {
         "kernel": case.kernel,
         "model": case.model,
@@ -564,6 +577,9 @@ def run_case(case: Case, ctx: Context) -> dict:
         if isinstance(fn, Skip):
             rec["results"][name] = {"skipped": fn.reason}
             continue
+        if skip_compiled and name.startswith("torch_compile"):
+            rec["results"][name] = {"skipped": _COMPILE_LATER}
+            continue
         try:
             timing, out = time_call(fn, ctx)
         except Exception as e:
@@ -591,6 +607,41 @@ def run_case(case: Case, ctx: Context) -> dict:
     del impls, reference
     if any(n.startswith("torch_compile") for n in rec["results"]):
         torch._dynamo.reset()  # drop this shape's compiled code before the next
+    free_memory()
+    return rec
+
+
+def _run_compiled_peers(case: Case, ctx: Context, rec: dict) -> dict:
+    import torch
+
+    try:
+        impls = case.setup()
+        reference = first_tensor(impls[REFERENCE_IMPL]())
+    except Exception as e:
+        for r in rec["results"].values():
+            if r.get("skipped") == _COMPILE_LATER:
+                r.clear()
+                r["error"] = f"setting up the inputs failed: {describe(e)}"
+        free_memory()
+        return rec
+    for name, fn in impls.items():
+        if rec["results"].get(name, {}).get("skipped") != _COMPILE_LATER:
+            continue
+        try:
+            timing, out = time_call(fn, ctx)
+        except Exception as e:
+            if ctx.debug:
+                traceback.print_exc()
+            rec["results"][name] = {"error": describe(e)}
+            continue
+        r = {**timing, **rates(timing["median_ms"], case.bytes, case.flops, case.bound, ctx.ceilings)}
+        t_out = first_tensor(out)
+        if reference is not None and t_out is not None and tuple(t_out.shape) == tuple(reference.shape):
+            r["max_abs_diff_vs_torch_eager"] = float((t_out.float() - reference.float()).abs().max())
+        rec["results"][name] = r
+        ctx.log(f"{rec['kernel']} {rec['model']} {rec['label']}: {name} {fmt_time(timing['median_ms'])}")
+    del impls, reference
+    torch._dynamo.reset()
     free_memory()
     return rec
 
@@ -627,14 +678,37 @@ class Progress:
         self._bar.close()
 
 
-def run_cases(cases: list[Case], ctx: Context, desc: str) -> list[dict]:
+def run_cases(cases: list[Case], ctx: Context, desc: str, records: list[dict] | None = None) -> list[dict]:
+    """Run ``cases`` in order, each record appended to ``records`` and saved (``ctx.save()``) as soon as it is
+    made. In --quick runs on a GPU the torch.compile peers (a cold inductor compile per shape, 10-30 s each) are
+    left for a second pass over the finished cases, run only with the time the budget leaves: every case's own
+    figures come first."""
+    records = [] if records is None else records
+    later = ctx.compile_peers_last
     bar = Progress(len(cases), desc, ctx)
-    records = []
+    mine: list[tuple[Case, dict]] = []
     try:
         for case in cases:
-            rec = run_case(case, ctx)
+            rec = run_case(case, ctx, skip_compiled=later)
             records.append(rec)
+            mine.append((case, rec))
+            ctx.save()
             bar.step(summarize_case(rec))
     finally:
         bar.close()
+    if later and ctx.compile_peers:
+        for case, rec in mine:
+            if "skipped" in rec or "error" in rec:
+                continue
+            if ctx.over_budget():
+                for r in rec["results"].values():
+                    if r.get("skipped") == _COMPILE_LATER:
+                        r["skipped"] = "time budget spent (torch.compile peers run last in --quick)"
+                ctx.save()
+                continue
+            run_case(case, ctx, only_compiled=rec)
+            ctx.save()
     return records
+
+
+_COMPILE_LATER = "--quick: torch.compile peers run after every case, in the time left"

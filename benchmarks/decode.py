@@ -1,4 +1,5 @@
-"""Split-KV decode attention (one new query per sequence) against the reference, its compile, and SDPA.
+"""Split-KV decode attention (one new query per sequence) against the reference, its compile, and SDPA; and the
+one-launch ``rope_decode_attention`` the model's fused decode step runs (RoPE, cache write and attention).
 
 SDPA serves a one-query step too: it is timed pinned to its flash backend (``sdpa_flash``) and to cuDNN's
 (``sdpa_cudnn``; a skip with the reason where it cannot run), as in ``attention.py``.
@@ -31,7 +32,56 @@ def cases(ctx: Context) -> list[Case]:
             # Quick mode: batch 1 over every context, the larger batch at the goal's 8k only.
             lens = contexts if (B == batches[0] or not ctx.quick) else [L for L in contexts if L == 8192]
             out += [_case(ctx, model, shape, B, L) for L in lens]
+            out += [_fused_case(ctx, model, shape, B, L) for L in lens]
     return out
+
+
+def _fused_case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
+    """The launch the model's fused decode step runs (``rope_decode_attention``): RoPE of q and the new k at position
+    L - 1, k and v written to that cache slot, attention over the L keys 0 .. L - 1, split-KV and merged in one
+    launch. Bytes: the decode case's plus the new k and v read and written once and the two RoPE table rows."""
+    import torch
+
+    Hq, Hkv, hd = s["n_heads"], s["n_kv_heads"], s["head_dim"]
+    es = element_size(ctx.dtype)
+
+    def setup() -> dict:
+        from kernels import reference, triton_ops
+
+        k_store = randn((B, Hkv, L, hd), ctx, seed=L)
+        v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
+        k_cache, v_cache = k_store.transpose(1, 2), v_store.transpose(1, 2)  # (B, L, Hkv, hd) views
+        q = randn((B, Hq, hd), ctx, seed=L + 2)
+        k, v = randn((B, Hkv, hd), ctx, seed=L + 3), randn((B, Hkv, hd), ctx, seed=L + 4)
+        positions = torch.full((B,), L - 1, dtype=torch.long, device=ctx.device)
+        inv_freq = reference.rope_inv_freq(hd, 500000.0).to(ctx.device)
+        cos_sin = reference.rope_table(inv_freq, L)
+        workspace = triton_ops.DecodeWorkspace(B, Hq, Hkv, hd, ctx.device)
+
+        def call(op):
+            return lambda: op(q, k, v, positions, cos_sin, k_cache, v_cache, workspace)
+
+        impls: dict = {
+            "torch_eager": call(reference.rope_decode_attention),
+            "triton": call(triton_ops.rope_decode_attention),
+        }
+        impls["torch_compile"] = (
+            call(compiled(reference.rope_decode_attention, ctx)) if ctx.compile_peers else Skip("--no-compile")
+        )
+        return impls
+
+    return Case(
+        kernel="rope_decode_attention",
+        model=model,
+        label=f"B={B} L={L}",
+        size=L,
+        size_name="context",
+        shape={"B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "head_dim": hd, "dtype": str(ctx.dtype).removeprefix("torch.")},
+        bytes=(2 * B * (L - 1) * Hkv * hd + 4 * B * Hkv * hd + 2 * B * Hq * hd) * es + 2 * B * hd * 4 + 8 * B,
+        flops=4 * B * Hq * hd * L,
+        bound="memory",
+        setup=setup,
+    )
 
 
 def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:

@@ -172,27 +172,63 @@ def _use(model, backend: str, graph: bool, fused: bool | None = None) -> None:
     free_memory()
 
 
-def run(ctx: Context, models: list[str]) -> dict:
-    """Benchmark each model in turn; one failing model is recorded and the next one still runs."""
-    out: dict[str, Any] = {"models": []}
-    compiled: list[str] = []  # models that got the compile peer
-    for i, name in enumerate(models):
-        need = EST_SECONDS.get(name, 0)
-        if ctx.time_left() < need:
-            ctx.log(f"e2e {name}: skipped, ~{need} s needed and {max(ctx.time_left(), 0):.0f} s of the budget left")
-            out["models"].append({"model": name, "skipped": f"time budget: ~{need} s needed"})
-            continue
-        compile_here, why_not = _compile_plan(ctx, models, i, compiled)
-        if compile_here:
-            compiled.append(name)
-        try:
-            out["models"].append(bench_model(ctx, name, compile_here, why_not))
-        except Exception as e:
-            if ctx.debug:
-                traceback.print_exc()
-            ctx.log(f"e2e {name}: error: {describe(e)}")
-            out["models"].append({"model": name, "error": describe(e)})
-        free_memory()
+PARTS = ("headline", "rest")
+
+
+def run(ctx: Context, models: list[str], out: dict | None = None, parts: tuple[str, ...] = PARTS) -> dict:
+    """Benchmark each model in two passes; one failing model is recorded and the next one still runs.
+
+    ``headline`` (the runner's section of that name, first in every run): per model, in the order given (8B
+    first), the fused Triton step at batch 1 at the goal contexts, then the same step with int8 and int4
+    products. ``rest`` (section ``e2e``): per model again, the other peers and batch sizes, the decode-step
+    profile, the torch.compile peer, whole generation and prefill. Each pass builds its model anew (the goal model
+    from weights drawn in memory, no 16 GB file round trip; the others through a checkpoint on disk and the real
+    loader, once); ``out`` (the runner's results["e2e"]) gets every row as it is measured, and ``ctx.save()`` is
+    called after each, so a run cut at any moment keeps what it measured. The goal model is never skipped on an
+    estimate: only a spent budget cuts its rows, one by one."""
+    out = {"models": []} if out is None else out
+    out.setdefault("models", [])
+    recs = {m["model"]: m for m in out["models"]}
+    for part in parts:
+        compiled: list[str] = []  # models that got the compile peer (rest pass)
+        for i, name in enumerate(models):
+            rec = recs.get(name)
+            if rec is None:
+                rec = recs[name] = {"model": name}
+                out["models"].append(rec)
+                ctx.save()
+            if "error" in rec:
+                continue
+            if part == "rest" and "headline" not in rec.get("parts", []) and "headline" not in parts:
+                # A rest pass with no headline before it (``--only e2e``): the headline rows are part of it.
+                todo = PARTS
+            else:
+                todo = (part,)
+            need = EST_SECONDS.get(name, 0) // (2 if part == "headline" else 1)
+            if name != GOAL_MODEL and ctx.time_left() < need:
+                why = f"time budget: ~{need} s needed, {max(ctx.time_left(), 0):.0f} s left"
+                ctx.log(f"e2e {name} ({part}): skipped, {why}")
+                rec.setdefault("skipped_parts", {})[part] = why
+                ctx.save()
+                continue
+            if ctx.over_budget():
+                rec.setdefault("skipped_parts", {})[part] = "time budget spent"
+                ctx.save()
+                continue
+            compile_here, why_not = (False, None)
+            if "rest" in todo:
+                compile_here, why_not = _compile_plan(ctx, models, i, compiled)
+                if compile_here:
+                    compiled.append(name)
+            try:
+                bench_model(ctx, rec, name, todo, compile_here, why_not)
+            except Exception as e:
+                if ctx.debug:
+                    traceback.print_exc()
+                ctx.log(f"e2e {name}: error: {describe(e)}")
+                rec["error"] = describe(e)
+            ctx.save()
+            free_memory()
     return out
 
 
@@ -221,47 +257,96 @@ def _compile_plan(ctx: Context, models: list[str], i: int, compiled: list[str]) 
     return True, None
 
 
-def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None = None) -> dict:
+def build_model(ctx: Context, rec: dict, name: str, max_seq_len: int, max_batch: int, via_file: bool):
+    """The model of shape ``name`` with random weights, on the device, through ``Llama.load``. ``via_file``: written
+    in Meta's layout to scratch space and read back by the real loader (what a user's checkpoint goes through);
+    else drawn in memory on the device and handed over as a ``MemoryCheckpoint`` (the goal model: writing and
+    reading 16 GB on the GPU machine's disk costs 30-60 s and ~19 GB of scratch)."""
     import torch
 
+    from model.checkpoint import MemoryCheckpoint
     from model.llama import Llama
+    from model.tiny import random_weights
+    from model.tokenizer import default_tokenizer_path
 
-    batches, contexts, prefill_len = points(ctx)
     args = model_args(name)
-    es = element_size(ctx.dtype)
-    rec: dict[str, Any] = {
-        "model": name,
-        "dtype": str(ctx.dtype).removeprefix("torch."),
-        "config": {k: v for k, v in args.to_dict().items() if k != "rope_scaling"},
-        "params": args.num_parameters(),
-    }
-    scratch = scratch_dir(args.num_parameters() * es)
+    load = dict(backend="triton", device=ctx.device, dtype=ctx.dtype, max_seq_len=max_seq_len,
+                max_batch_size=max_batch, progress=ctx.progress)  # fmt: skip
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    t0 = time.perf_counter()
+    if not via_file:
+        try:  # the timed steps take token ids; a tokenizer is needed only by what decodes text
+            tokenizer = default_tokenizer_path()
+        except Exception as e:
+            tokenizer, rec["tokenizer"] = None, f"none: {describe(e)}"
+        weights = random_weights(args, 0, ctx.dtype, ctx.device, on_host=False)
+        model = Llama.load(MemoryCheckpoint(args, weights, tokenizer), **load)
+        del weights
+        rec["built_in_memory_s"] = time.perf_counter() - t0
+        ctx.log(f"e2e {name}: {args.num_parameters() / 1e9:.2f} B parameters, built in memory in "
+                f"{rec['built_in_memory_s']:.1f} s")  # fmt: skip
+        return model, args
+    scratch = scratch_dir(args.num_parameters() * element_size(ctx.dtype))
     try:
-        t0 = time.perf_counter()
         write_checkpoint(scratch / "ckpt", name, ctx.dtype, ctx.device)
         rec["write_s"] = time.perf_counter() - t0
-        if ctx.cuda:
-            torch.cuda.reset_peak_memory_stats(ctx.device)
         t0 = time.perf_counter()
-        model = Llama.load(
-            scratch / "ckpt",
-            backend="triton",
-            device=ctx.device,
-            dtype=ctx.dtype,
-            max_seq_len=max(max(contexts) + 64, prefill_len),
-            max_batch_size=max(batches),
-            progress=ctx.progress,
-        )
+        model = Llama.load(scratch / "ckpt", **load)
         rec["load_s"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    ctx.log(f"e2e {name}: {rec['params'] / 1e9:.2f} B parameters, written in {rec['write_s']:.1f} s, "
+    ctx.log(f"e2e {name}: {args.num_parameters() / 1e9:.2f} B parameters, written in {rec['write_s']:.1f} s, "
             f"loaded in {rec['load_s']:.1f} s")  # fmt: skip
+    return model, args
+
+
+def bench_model(
+    ctx: Context, rec: dict, name: str, parts: tuple[str, ...], compile_here: bool, why_not: str | None = None
+) -> dict:
+    """Measure ``parts`` of model ``name`` into ``rec`` (rows appended as they are measured, ``ctx.save()`` after
+    each)."""
+
+    batches, contexts, prefill_len = points(ctx)
+    es = element_size(ctx.dtype)
+    args = model_args(name)
+    rec.update(
+        dtype=str(ctx.dtype).removeprefix("torch."),
+        config={k: v for k, v in args.to_dict().items() if k != "rope_scaling"},
+        params=args.num_parameters(),
+    )
+    rec.setdefault("decode", [])
+    # The goal model never goes through a file; another model's first pass does, so the loader is measured too.
+    via_file = name != GOAL_MODEL and "load_s" not in rec
+    model, args = build_model(ctx, rec, name, max(max(contexts) + 64, prefill_len), max(batches), via_file)
     rec["weight_bytes"] = model.weight_bytes()
     rec["decode_weight_bytes_per_token"] = model.decode_bytes_per_token()
     rec["kv_cache_bytes_per_token"] = args.kv_cache_bytes_per_token(es)
     for t in [*model.k_cache, *model.v_cache]:
         t.normal_()  # attention's cost depends on the lengths, not the values; but never time zeros
+
+    def add(rows: list, row: dict) -> None:
+        """Append ``row`` (in place of a row of the same point that an earlier pass skipped) and save the results."""
+        key = (row.get("impl"), row.get("batch"), row.get("context"), row.get("sampling"))
+        for i, r in enumerate(rows):
+            if "skipped" in r and (r.get("impl"), r.get("batch"), r.get("context"), r.get("sampling")) == key:
+                rows[i] = row
+                break
+        else:
+            rows.append(row)
+        ctx.save()
+
+    if "headline" in parts:
+        # The goal rows first: the fused Triton step (CUDA graph) at batch 1, each goal context; then int8, int4.
+        _use(model, "triton", True, True)
+        for L in contexts:
+            add(rec["decode"], _decode_point(ctx, model, args, "triton", batches[0], L, es))
+        _quantized_points(ctx, model, args, contexts, es, lambda row: add(rec["decode"], row))
+        rec.setdefault("parts", []).append("headline")
+        ctx.save()
+    if "rest" not in parts:
+        _release(ctx, rec, model)
+        return rec
 
     # (impl, backend, CUDA graph, fused decode step): triton_unfused is the Triton ops around cuBLAS's products,
     # 10 launches a layer (the driver before the fused step): what the fused GEMVs and attention gain or lose.
@@ -274,12 +359,13 @@ def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None
         peers.append(("torch_eager", "torch", False, None))
         if not ctx.quick and not ctx.smoke:
             peers.append(("triton_eager", "triton", False, True))
-    rec["decode"] = []
+    done = {(r["impl"], r["batch"], r["context"]) for r in rec["decode"] if "skipped" not in r}
     for impl, backend, graph, fused in peers:
         _use(model, backend, graph, fused)
         for B in batches:
             for L in contexts:
-                rec["decode"].append(_decode_point(ctx, model, args, impl, B, L, es))
+                if (impl, B, L) not in done:
+                    add(rec["decode"], _decode_point(ctx, model, args, impl, B, L, es))
     # Where the fused step's time goes, kernel by kernel, at batch 1 and the first context.
     _use(model, "triton", True, True)
     graph_ms = next(
@@ -290,21 +376,24 @@ def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None
         ),
         None,
     )
-    rec["decode_profile"] = decode_profile.profile(ctx, model, batches[0], contexts[0], graph_ms)
+    if not ctx.over_budget():
+        rec["decode_profile"] = decode_profile.profile(ctx, model, batches[0], contexts[0], graph_ms)
+        ctx.save()
     peer = _Peer(ctx, model) if compile_here else None
     try:
         if peer is not None:
             # One compiled graph serves every context (positions are device tensors); each batch size recompiles,
             # so --quick times batch 1 only (the goals' batch).
             pts = [(b, L) for b in batches for L in contexts if b == batches[0] or not (ctx.quick or ctx.smoke)]
-            rec["decode"] += _compiled_points(ctx, model, args, peer, pts, es)
+            _compiled_points(ctx, model, args, peer, pts, es, lambda row: add(rec["decode"], row))
         else:
             rec["decode_compile_skipped"] = why_not or "not run"
         # Default sampling in the compile peer is a second compile: in --quick runs only if it fits the budget.
         peer_default = peer is not None and (
             not ctx.cuda or not ctx.quick or ctx.time_left() >= COMPILE_EST_SECONDS.get(name, 90) + 30
         )
-        rec["generate"] = _generation_rows(ctx, model, args, peer, peer_default, es)
+        rec["generate"] = []
+        _generation_rows(ctx, model, args, peer, peer_default, es, lambda row: add(rec["generate"], row))
     finally:
         if peer is not None:
             peer.close()
@@ -314,56 +403,71 @@ def bench_model(ctx: Context, name: str, compile_here: bool, why_not: str | None
     for impl in ("triton", "torch"):
         _use(model, impl, False)
         row, out = _prefill_point(ctx, model, args, impl, prefill_len)
-        rec["prefill"].append(row)
+        add(rec["prefill"], row)
         if out is not None:
             outputs[impl] = out
     if len(outputs) == 2:
         rec["prefill_logits_max_abs_diff_triton_vs_torch"] = float((outputs["triton"] - outputs["torch"]).abs().max())
         rec["prefill_logits_max_abs"] = float(outputs["torch"].abs().max())
     del outputs
-    # Weight-only quantized decode (issue 13), the same model's products quantized in place, batch 1.
-    rec["decode"] += _quantized_points(ctx, model, args, contexts, es)
-    if ctx.cuda:
-        rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ctx.device)
-    del model
-    free_memory()
+    rec.setdefault("parts", []).append("rest")
+    _release(ctx, rec, model)
     return rec
 
 
+def _release(ctx: Context, rec: dict, model) -> None:
+    import torch
+
+    if ctx.cuda:
+        rec["peak_memory_bytes"] = max(rec.get("peak_memory_bytes", 0), torch.cuda.max_memory_allocated(ctx.device))
+    del model
+    free_memory()
+
+
 def _floors(ctx: Context, model, args, B: int, L: int, es: int) -> dict:
-    """Tokens/s ceilings from the measured copy bandwidth: bytes a step reads (weights + KV up to L + 1)."""
-    bw = ctx.ceilings.get("copy_gbps")
+    """Tokens/s ceilings of a step that reads its bytes (weights + KV up to L + 1) once: from the measured read
+    ceiling (a decode step mostly reads; ``floor_tokens_per_s``, what the fractions divide by), and beside it from
+    the copy ceiling (read + write; ``floor_tokens_per_s_copy``), which a read-mostly step can beat."""
+    read, copy = ctx.ceilings.get("read_gbps"), ctx.ceilings.get("copy_gbps")
     weights = model.decode_bytes_per_token()
     kv = B * (L + 1) * args.kv_cache_bytes_per_token(es)
     row: dict[str, Any] = {"bytes_per_step": weights + kv}
-    if bw:
-        row["floor_tokens_per_s"] = B * bw * 1e9 / (weights + kv)
-        row["floor_tokens_per_s_all_weights"] = B * bw * 1e9 / model.weight_bytes()
+    if read:
+        row["floor_bandwidth"] = "read"
+        row["floor_tokens_per_s"] = B * read * 1e9 / (weights + kv)
+        row["floor_tokens_per_s_all_weights"] = B * read * 1e9 / model.weight_bytes()
+    if copy:
+        row["floor_tokens_per_s_copy"] = B * copy * 1e9 / (weights + kv)
     return row
 
 
 QUANTIZED = ("int8", "int4")  # impl triton_int8, triton_int4: the loader's formats (int4 = groups of 128)
 
 
-def _quantized_points(ctx: Context, model, args, contexts: list[int], es: int) -> list[dict]:
+def _quantized_points(ctx: Context, model, args, contexts: list[int], es: int, add) -> None:
     """Decode rows of the fused step with the products quantized as ``Llama.load(quantize=...)`` would (the head at
     int8), built from the loaded weights on the device and swapped in place, then swapped back: no second
     checkpoint load. Floors use each format's own bytes (``decode_bytes_per_token`` counts the packed planes)."""
     from model import quantize as quant
 
-    rows: list[dict] = []
+    rows: list[dict] = []  # this function's rows, each also handed to ``add`` as it is made
+
+    def put(row: dict) -> None:
+        rows.append(row)
+        add(row)
+
     group = quant.int4_group_for(args)
     for fmt in QUANTIZED:
         if ctx.over_budget():
-            rows += [
-                {"impl": f"triton_{fmt}", "batch": 1, "context": L, "skipped": "time budget spent"} for L in contexts
-            ]
+            for L in contexts:
+                put({"impl": f"triton_{fmt}", "batch": 1, "context": L, "skipped": "time budget spent"})
             continue
         kind, g = quant.parse(fmt)
         if kind == "int4":  # groups of 128 on every Llama-3 (the loader's "int4"); the smoke model's K needs fewer
             if group is None:
                 why = "no int4 group (128, 64, 32) divides this model's K"
-                rows += [{"impl": f"triton_{fmt}", "batch": 1, "context": L, "skipped": why} for L in contexts]
+                for L in contexts:
+                    put({"impl": f"triton_{fmt}", "batch": 1, "context": L, "skipped": why})
                 continue
             g = group
         swapped = []
@@ -381,21 +485,18 @@ def _quantized_points(ctx: Context, model, args, contexts: list[int], es: int) -
             for L in contexts:
                 row = _decode_point(ctx, model, args, f"triton_{fmt}", 1, L, es)
                 row["quantize"] = f"int4-g{g}" if kind == "int4" else fmt
-                rows.append(row)
+                put(row)
         except Exception as e:
             if ctx.debug:
                 traceback.print_exc()
             done = {r["context"] for r in rows if r["impl"] == f"triton_{fmt}"}
-            rows += [
-                {"impl": f"triton_{fmt}", "batch": 1, "context": L, "error": describe(e)}
-                for L in contexts
-                if L not in done
-            ]
+            for L in contexts:
+                if L not in done:
+                    put({"impl": f"triton_{fmt}", "batch": 1, "context": L, "error": describe(e)})
         finally:
             for parent, name, old in reversed(swapped):
                 setattr(parent, name, old)
             _use(model, "triton", True, True)
-    return rows
 
 
 def _decode_point(ctx: Context, model, args, impl: str, B: int, L: int, es: int) -> dict:
@@ -498,7 +599,7 @@ def sync(ctx: Context) -> None:
         torch.cuda.synchronize(ctx.device)
 
 
-def _compiled_points(ctx: Context, model, args, peer: _Peer, pts: list[tuple[int, int]], es: int) -> list[dict]:
+def _compiled_points(ctx: Context, model, args, peer: _Peer, pts: list[tuple[int, int]], es: int, add) -> None:
     """The torch.compile peer's decode step (``benchmarks.torch_decode``: the whole step in one graph, greedy
     sampling inside it, compiled with fullgraph=True and mode="reduce-overhead") at each (batch, context). Its
     logits are compared with the Triton path's on the same inputs (``max_abs_diff_vs_triton``)."""
@@ -506,13 +607,12 @@ def _compiled_points(ctx: Context, model, args, peer: _Peer, pts: list[tuple[int
 
     from benchmarks.torch_decode import GREEDY
 
-    rows = []
     _use(model, "triton", True)  # the driver as shipped: its logits are the comparison's reference
     for B, L in pts:
         row: dict[str, Any] = {"impl": "torch_compile", "batch": B, "context": L, **_floors(ctx, model, args, B, L, es)}
         if ctx.over_budget():
             row["skipped"] = "time budget spent"
-            rows.append(row)
+            add(row)
             continue
         tokens = torch.randint(0, args.vocab_size, (B, 1), device=ctx.device)
         positions = torch.full((B,), L, dtype=torch.long, device=ctx.device)
@@ -530,11 +630,10 @@ def _compiled_points(ctx: Context, model, args, peer: _Peer, pts: list[tuple[int
                 traceback.print_exc()
             row["error"] = describe(e)
             ctx.log(f"e2e decode torch_compile B={B} L={L}: error: {row['error']}")
-            rows.append(row)
+            add(row)
             continue
         _finish_decode_row(ctx, row, timing)
-        rows.append(row)
-    return rows
+        add(row)
 
 
 # ---- whole generation: prefill, then the decode + sample loop ------------------------------------------------
@@ -618,7 +717,7 @@ def _generate_peer(ctx: Context, model, peer: _Peer, prompt: list[int], n_new: i
     return {"prefill_s": t1 - t0, "loop_s": t2 - t1, "total_s": t2 - t0, "tokens": out[0, : step + 1].tolist()}
 
 
-def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default: bool, es: int) -> list[dict]:
+def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default: bool, es: int, add) -> None:
     """Whole generation at batch 1: a short random prompt, then n_new tokens, with generate()'s default sampling
     and with greedy, for the Triton path (``model.generate``) and the compile peer. tokens/s = (n_new - 1) / the
     loop's wall time (prefill and the first token's sample excluded; reported apart, and in
@@ -630,7 +729,6 @@ def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default
     n_prompt, n_new, runs = gen_settings(ctx)
     g = torch.Generator().manual_seed(n_prompt)
     prompt = torch.randint(0, 128000, (n_prompt,), generator=g).tolist()  # ordinary tokens, no special ids
-    rows = []
     _use(model, "triton", True)  # generate's path, and the peer's prefill
     impls = [("triton", True)] + ([("torch_compile", peer_default)] if peer is not None else [])
     for impl, with_default in impls:
@@ -653,11 +751,11 @@ def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default
                 row["how"] = "model.generate: the Triton backend, the driver's CUDA-graph decode step, eager sampling"
             if name == "default" and not with_default:
                 row["skipped"] = "time budget: a second compile (default sampling) did not fit"
-                rows.append(row)
+                add(row)
                 continue
             if ctx.over_budget():
                 row["skipped"] = "time budget spent"
-                rows.append(row)
+                add(row)
                 continue
             try:
                 if impl == "triton":
@@ -680,7 +778,7 @@ def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default
                     traceback.print_exc()
                 row["error"] = describe(e)
                 ctx.log(f"e2e generate {impl} {name}: error: {row['error']}")
-                rows.append(row)
+                add(row)
                 continue
             loop = float(np.median([t["loop_s"] for t in timed]))
             total = float(np.median([t["total_s"] for t in timed]))
@@ -696,8 +794,7 @@ def _generation_rows(ctx: Context, model, args, peer: _Peer | None, peer_default
                 row["fraction_of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
             ctx.log(f"e2e generate {impl} {name} B=1: {row['tokens_per_s']:.1f} tokens/s over {n_new - 1} steps "
                     f"({row['tokens_per_s_with_prefill']:.1f} with the prefill of {n_prompt} tokens)")  # fmt: skip
-            rows.append(row)
-    return rows
+            add(row)
 
 
 def _prefill_point(ctx: Context, model, args, impl: str, T: int) -> tuple[dict, Any]:

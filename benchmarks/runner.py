@@ -1,18 +1,22 @@
 """The benchmark runner: ``python -m benchmarks`` (or ``llama3-triton bench``).
 
-One run, in this order, each section's figures written as soon as it ends (an interrupted run keeps them):
-  1. ceilings  the device's copy bandwidth and bf16 matrix-product rate, measured now (``common``);
+One run, in this order, every row or case written to results.json and results.md as soon as it is measured (a
+run cut at any moment, by --time-budget, SIGINT or SIGTERM, keeps them and records what was cut):
+  0. ceilings  the device's copy and read bandwidth and bf16 matrix-product rate, measured now (``common``);
+  1. headline  the end-to-end goal rows: 8B (then 1B, 3B) batch-1 decode through the fused Triton step at the goal
+               contexts, then with int8 and int4 products (``e2e``'s first pass);
   2. kernels   each Triton kernel against its peers over Llama-3 8B/70B shapes (``rmsnorm``, ``rope``,
-               ``swiglu``, ``attention``, ``decode``);
-  3. e2e       decode and prefill tokens/s of 1B/3B/8B-shaped models against the bandwidth floor (``e2e``);
-  4. cpu       CPU decode of the torch backend against transformers' generate (``cpu``).
+               ``swiglu``, ``attention``, ``decode``, ``gemv``, ``quant``);
+  3. e2e       the rest of the end-to-end figures: peers, batch 8, the profile, torch.compile, generation,
+               prefill (``e2e``'s second pass);
+  4. cpu       CPU decode of the torch backend against transformers' generate (``cpu``); then tp.
 Output: results.json, results.md and plots/ in --out (default benchmarks/results/<device>-<date> on a GPU;
 smoke runs, and so every CPU run, go to ~/.cache/llama3-triton/bench/smoke-<device>-<date>).
 
 Modes: the default sweep (every size, every peer, all three models: ~15-25 minutes on an H100, compiles
 included); --quick (the sizes the goals are judged at, the torch.compile peer of the end-to-end step for one
-model at batch 1, 8B when the budget allows, else the smallest: what `make gpu-check` runs inside its 10-minute
-device call, with --time-budget as a backstop);
+model at batch 1, 8B when the budget allows, else the smallest; the kernels' torch.compile peers last, in the
+time left: what benchmarks/gpu_check.py runs, with --time-budget);
 --smoke (tiny shapes; automatic without a GPU, where the kernels run in Triton's interpreter and
 torch.compile uses its "eager" backend, tracing without code generation, since a cold inductor compile
 takes ~30 s on a 2-core CI machine). A failing implementation, case, model or section is recorded with its
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -43,14 +48,16 @@ from benchmarks.common import (
     run_cases,
 )
 
-SECTIONS = ("kernels", "e2e", "cpu", "tp")
+# headline first in every run: the end-to-end goal rows (e2e.py's first pass), then the kernels, then the rest of
+# the end-to-end figures (its second pass), CPU decode and tensor parallel.
+SECTIONS = ("headline", "kernels", "e2e", "cpu", "tp")
 KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant")
 OPT_IN_KERNELS = ("gemv_configs",)  # tuning data, run only when named with --kernel
 MODEL_CHOICES = ("1B", "3B", "8B")
 # 8B first: it carries the headline goal, so a tight time budget drops a smaller model rather than it.
 DEFAULT_MODELS = ("8B", "1B", "3B")
 # Shares of the remaining time budget a section may use when it starts (only with --time-budget).
-SECTION_SHARE = {"kernels": 0.35, "e2e": 0.40, "cpu": 0.10, "tp": 0.15}
+SECTION_SHARE = {"headline": 0.25, "kernels": 0.25, "e2e": 0.30, "cpu": 0.05, "tp": 0.15}
 
 
 def _models(text: str) -> list[str]:
@@ -74,14 +81,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="fewer sizes (those the goals are judged at) and the torch.compile peer of the end-to-end step for "
-        "one model (8B when the time budget allows, else the smallest); fits `make gpu-check`'s 10-minute device call",
+        "one model (8B when the time budget allows, else the smallest); the kernels' torch.compile peers last",
     )
     p.add_argument(
         "--only",
         choices=SECTIONS,
         action="append",
-        help="run only this section (repeatable, run in the order given; default: all of kernels, e2e, cpu, tp; "
-        "tp needs 2+ GPUs)",
+        help="run only this section (repeatable, run in the order given; default: all of headline, kernels, e2e, "
+        "cpu, tp; headline is the end-to-end goal rows, e2e the rest of the end-to-end figures; tp needs 2+ GPUs)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="add to the results.json already in --out (same device) instead of starting anew: its ceilings are "
+        "kept, its end-to-end rows are not measured again (benchmarks/gpu_check.py runs the headline, the tests, "
+        "then the rest this way)",
     )
     p.add_argument(
         "--kernel",
@@ -181,11 +195,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if ctx.quick:
         ctx.rep_ms = 60
+        ctx.compile_peers_last = True
     if smoke:  # the interpreter takes ~0.1 s a call: two timed calls show the code path works
         ctx.cpu_min_reps, ctx.cpu_min_seconds = 2, 0.05
         ctx.warmup_ms, ctx.rep_ms = 5, 20
     deadline = None if args.time_budget is None else started + args.time_budget
-    # --only's order is the run's order (make gpu-check puts e2e, the headline decode goal, first).
+    # --only's order is the run's order; the default starts with the headline (the end-to-end goal rows).
     sections = list(dict.fromkeys(args.only)) if args.only else list(SECTIONS)
     models = ["tiny"] if smoke else (args.models or list(DEFAULT_MODELS))
     out = args.out or default_out_dir(ctx)
@@ -227,33 +242,49 @@ def run(args: argparse.Namespace) -> int:
         "tp": {},
         "errors": [],
     }
+    if args.resume:
+        _resume(results, out, device)
     if banner:
         ctx.log(f"*** {banner} ***")
     ctx.log(f"benchmarks on {device['name']} ({ctx.mode} run), results -> {out}")
 
+    def save() -> None:
+        write_results(results, out, plots=False)
+
+    ctx.saver = save
     section = "ceilings"
+    started_sections: list[str] = []
+    # SIGTERM (a job scheduler, `timeout`'s default) ends the run the way Ctrl-C does: with what was measured.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        results["ceilings"] = measure_ceilings(ctx)
-        ctx.ceilings = {k: results["ceilings"][k] for k in ("copy_gbps", "matmul_tflops") if k in results["ceilings"]}
+        if not results["ceilings"]:
+            results["ceilings"] = measure_ceilings(ctx)
+        ctx.ceilings = {
+            k: results["ceilings"][k] for k in ("copy_gbps", "read_gbps", "matmul_tflops") if k in results["ceilings"]
+        }
         ctx.log(
             "ceilings: copy "
             + (f"{ctx.ceilings['copy_gbps']:.0f} GB/s" if "copy_gbps" in ctx.ceilings else "failed")
             + ", read "
-            + (f"{results['ceilings']['read_gbps']:.0f} GB/s" if "read_gbps" in results["ceilings"] else "failed")
+            + (f"{ctx.ceilings['read_gbps']:.0f} GB/s" if "read_gbps" in ctx.ceilings else "failed")
             + ", matmul "
             + (f"{ctx.ceilings['matmul_tflops']:.1f} TFLOP/s" if "matmul_tflops" in ctx.ceilings else "failed")
+            + (" (kept from the results resumed)" if args.resume and results.get("resumed") else "")
         )
-        write_results(results, out, plots=False)
+        save()
         for i, section in enumerate(sections):
+            started_sections.append(section)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 share = SECTION_SHARE[section] / sum(SECTION_SHARE[s] for s in sections[i:])
                 ctx.deadline = time.monotonic() + max(left, 0) * share
             try:
                 if section == "kernels":
-                    results["kernels"] = run_kernels(ctx, args.kernel or list(KERNELS))
-                elif section == "e2e":
-                    results["e2e"] = e2e.run(ctx, models)
+                    run_kernels(ctx, args.kernel or list(KERNELS), results["kernels"])
+                elif section in ("headline", "e2e"):
+                    # headline: each model's goal rows; e2e: the rest (and the goal rows too when no headline ran).
+                    parts = ("headline",) if section == "headline" else ("rest",)
+                    e2e.run(ctx, models, results["e2e"], parts)
                 elif section == "tp":
                     results["tp"] = tp.run(ctx, models)
                 else:
@@ -263,20 +294,78 @@ def run(args: argparse.Namespace) -> int:
                     traceback.print_exc()
                 results["errors"].append({"section": section, "error": describe(e)})
                 ctx.log(f"section {section} failed: {describe(e)}")
-            write_results(results, out, plots=False)
-    except KeyboardInterrupt:
-        results["errors"].append({"section": section, "error": "interrupted"})
+            save()
+    except KeyboardInterrupt as e:
+        why = "SIGTERM" if isinstance(e, _Terminated) else "interrupted (SIGINT)"
+        results["errors"].append({"section": section, "error": why})
+        _mark_cut(results, why, section, [s for s in sections if s not in started_sections])
         results["wall_s"] = time.monotonic() - started
         write_results(results, out, plots=not args.no_plots)
-        ctx.log(f"interrupted during {section}; partial results in {out}")
+        ctx.log(f"{results['cut']['line']}; what was measured is in {out}")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if deadline is not None and time.monotonic() >= deadline:
+        _mark_cut(results, "time budget spent", section, [])
     results["wall_s"] = time.monotonic() - started
     write_results(results, out, plots=not args.no_plots)
     print_summary(results, out, list_problems(results))
     return 0
 
 
-def run_kernels(ctx: Context, names: list[str]) -> list[dict]:
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so it ends as Ctrl-C does: results written, a line saying what was cut."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _budget_skips(results: dict) -> int:
+    """How many rows and cases of ``results`` were skipped because the time budget was spent."""
+    n = sum(1 for c in results.get("kernels", []) if "time budget" in str(c.get("skipped", "")))
+    for m in results.get("e2e", {}).get("models", []):
+        for key in ("decode", "generate", "prefill"):
+            n += sum(1 for r in m.get(key, []) if "time budget" in str(r.get("skipped", "")))
+        n += sum(1 for why in m.get("skipped_parts", {}).values() if "time budget" in why)
+    return n
+
+
+def _mark_cut(results: dict, why: str, section: str, not_started: list[str]) -> None:
+    """Record that the run ended early: ``results["cut"]``, with the one line the summary shows."""
+    skipped = _budget_skips(results)
+    line = f"cut by {why} during {section}"
+    if not_started:
+        line += f"; not started: {', '.join(not_started)}"
+    if skipped:
+        line += f"; {skipped} rows or cases skipped for the time budget"
+    results["cut"] = {"why": why, "section": section, "not_started": not_started, "line": line}
+
+
+def _resume(results: dict, out: Path, device: dict) -> None:
+    """Take the sections already measured in ``out``/results.json into ``results`` (same device only)."""
+    import json
+
+    path = out / "results.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"--resume: {path} cannot be read ({describe(e)}); remove it or use another --out") from e
+    if old.get("device", {}).get("name") != device.get("name"):
+        raise RuntimeError(
+            f"--resume: {path} was measured on {old.get('device', {}).get('name')!r}, not on {device.get('name')!r}"
+        )
+    for key in ("ceilings", "kernels", "e2e", "cpu", "tp", "errors"):
+        if old.get(key):
+            results[key] = old[key]
+    results["resumed"] = {"from": old.get("command"), "created": old.get("created")}
+    results["settings"]["sections"] = list(dict.fromkeys(old.get("settings", {}).get("sections", [])
+                                                         + results["settings"]["sections"]))  # fmt: skip
+
+
+def run_kernels(ctx: Context, names: list[str], records: list[dict] | None = None) -> list[dict]:
     from benchmarks import attention, decode, gemv, gemv_configs, quant, rmsnorm, rope, swiglu
 
     cases = []
@@ -299,7 +388,7 @@ def run_kernels(ctx: Context, names: list[str]) -> list[dict]:
             cases += gemv_configs.cases(ctx)
         else:
             cases += decode.cases(ctx)
-    return run_cases(cases, ctx, "kernels")
+    return run_cases(cases, ctx, "kernels", records)
 
 
 def print_summary(results: dict, out: Path, problems: list[str]) -> None:

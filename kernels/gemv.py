@@ -179,7 +179,9 @@ def split_k_epilogue(
         )
 
 
-@triton.jit
+# N is never specialised: Triton makes an int argument equal to 1 a constexpr at launch, and ``N.to(tl.int64)``
+# (SWIGLU's W3 offset) does not compile on a constexpr; unspecialised, the GPU compiles what the compile gate does.
+@triton.jit(do_not_specialize=["N"])
 def _gemv_kernel(
     X,  # (M, K) input rows, unit column stride
     W,  # (N, K) weight (SWIGLU: (2N, K), W1 rows then W3 rows), contiguous

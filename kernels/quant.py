@@ -79,7 +79,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUPS_INT4 = (32, 64, 128)
 
 
-@triton.jit
+# N is never specialised: Triton makes an int argument equal to 1 a constexpr at launch, and ``N.to(tl.int64)``
+# (SWIGLU's W3 offset) does not compile on a constexpr; unspecialised, the GPU compiles what the compile gate does.
+@triton.jit(do_not_specialize=["N"])
 def _qgemv_kernel(
     X,  # (M, K) input rows, unit column stride
     Q,  # (N, K) int8, or (N, K/2) uint8 (two 4-bit weights a byte); SWIGLU: 2N rows, W1 then W3

@@ -291,12 +291,16 @@ def from_tokenizer_json(path: Path) -> HFTokenizer:
     )
 
 
-def load_tokenizer(ckpt: Any, vocab_size: int | None = None) -> Tokenizer | HFTokenizer:
+def load_tokenizer(ckpt: Any, vocab_size: int | None = None) -> Tokenizer | HFTokenizer | None:
     """The tokenizer for a checkpoint (see the module docstring for the order), checked against the model's
     vocabulary size."""
     size = vocab_size if vocab_size is not None else ckpt.args.vocab_size
     if getattr(ckpt, "layout", None) == "gguf":
         tok = from_gguf(ckpt)
+    elif getattr(ckpt, "layout", None) == "memory":  # checkpoint.MemoryCheckpoint: a tiktoken file, or none at all
+        if ckpt.tokenizer_path is None:
+            return None
+        tok = Tokenizer(ckpt.tokenizer_path, vocab_size=size)
     else:
         tiktoken_file = ckpt.tokenizer_path
         hf_file = next((d / "tokenizer.json" for d in (ckpt.root, ckpt.dir) if (d / "tokenizer.json").exists()), None)

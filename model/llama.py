@@ -246,7 +246,8 @@ class Llama(nn.Module):
         quantize: str | None = None,
         calibration: str | None = None,
     ) -> Llama:
-        """Load a checkpoint (Meta or Hugging Face layout, detected) tensor by tensor onto ``device``.
+        """Load a checkpoint (Meta or Hugging Face layout, detected; or a ``checkpoint.MemoryCheckpoint`` of weights
+        already in memory) tensor by tensor onto ``device``.
 
         Defaults: CUDA + bf16 when there is a GPU, else CPU + fp32; max_seq_len = the model's context,
         capped at 8192 to keep the KV cache modest (pass a larger value for long contexts).

@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from model.checkpoint import Checkpoint, CheckpointError
+from model.checkpoint import Checkpoint, CheckpointError, MemoryCheckpoint
 
 
-def open_checkpoint(spec: str | os.PathLike, part: tuple[int, int] | None = None):
+def open_checkpoint(spec: str | os.PathLike | MemoryCheckpoint, part: tuple[int, int] | None = None):
     """A Checkpoint (Meta/HF folder) or a GGUFCheckpoint (.gguf file) for a path or a hub name."""
     from model.gguf import GGUFCheckpoint, is_gguf
 
+    if isinstance(spec, MemoryCheckpoint):  # weights already in memory (the benchmarks' large random models)
+        if part is not None:
+            raise CheckpointError("in-memory weights cannot be loaded under tensor parallelism")
+        return spec
     path = resolve(spec)
     if is_gguf(path):
         return GGUFCheckpoint(path, part=part)

@@ -35,12 +35,17 @@ from model.config import ModelArgs, to_hf_config, to_meta_params
 
 
 def random_weights(
-    args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    args: ModelArgs,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    on_host: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Random weights for ``args`` under Meta's names, scaled so activations stay O(1) through the layers.
 
     Drawn on ``device`` (on a GPU, 8 G normals take a second where the host takes a minute) and returned on the
-    host, ready to be written. The same seed gives the same weights on the same kind of device."""
+    host, ready to be written (``on_host=False``: left on ``device``, for ``checkpoint.MemoryCheckpoint``). The
+    same seed gives the same weights on the same kind of device."""
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for name, shape in expected_shapes(args, with_output=not args.tie_embeddings).items():
@@ -49,7 +54,7 @@ def random_weights(
             t = 1.0 + 0.1 * t
         elif name != "tok_embeddings.weight":
             t = t / shape[1] ** 0.5
-        out[name] = t.to(dtype).cpu()
+        out[name] = t.to(dtype).cpu() if on_host else t.to(dtype)
         del t
     return out
 

@@ -21,7 +21,10 @@ from benchmarks.common import CPU_BANNER, Case, Context, Skip, run_case
 from benchmarks.report import evaluate_goals, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant"}
+KERNELS = {
+    "rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "rope_decode_attention", "gemv",
+    "quant",
+}  # fmt: skip
 CUDA = torch.cuda.is_available()
 
 
@@ -79,6 +82,8 @@ def test_smoke_json_has_the_expected_keys(smoke):
             assert rec["results"]["sdpa_cudnn"] == {"skipped": "cuDNN attention needs a CUDA GPU"}, rec
     [model] = r["e2e"]["models"]
     assert model["model"] == "tiny" and model["weight_bytes"] > model["decode_weight_bytes_per_token"] > 0
+    assert r["settings"]["sections"][0] == "headline" and model["parts"] == ["headline", "rest"]
+    assert all(row["floor_bandwidth"] == "read" for row in model["decode"])  # a decode step mostly reads
     impls = {row["impl"] for row in model["decode"]}
     assert {"triton", "triton_unfused", "triton_int8", "triton_int4", "torch", "torch_compile"} <= impls
     assert {row.get("quantize") for row in model["decode"] if row["impl"] == "triton_int4"} == {"int4-g64"}  # tiny's K
@@ -115,7 +120,8 @@ def test_smoke_json_has_the_expected_keys(smoke):
     cpu = r["cpu"]
     assert cpu["results"]["torch_backend"]["tokens_per_s"] > 0 and cpu["results"]["transformers"]["tokens_per_s"] > 0
     assert cpu["speedup_vs_transformers"] > 0
-    assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 8  # 6, and issue 13 e2e + its proxy
+    # 6, issue 13's e2e goal and its proxy, and the fused decode attention's
+    assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 9
     tp = r["tp"]
     if CUDA and torch.cuda.device_count() < 2:
         assert tp == {"measured": False, "note": tp["note"]} and "needs at least 2 GPUs" in tp["note"]
@@ -232,6 +238,7 @@ def test_goals_are_judged_from_the_figures():
         "decode products (GEMV) at batch 1": "met",
         "8B quantized decode at batch 1": "not measured",  # issue 13: no quantized e2e rows here
         "8B decode at batch 1 (proxy": "not measured",  # nor quant kernel records
+        "fused decode attention (rope_decode_attention) at 8k context": "not measured",
     }
     assert evaluate_goals(results)[5]["measured"] == "8B: 1.25x cuBLAS + torch ops"
     assert "swiglu 8B T=16384: 70%, 2.00x torch.compile" in evaluate_goals(results)[2]["measured"]

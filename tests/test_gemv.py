@@ -200,3 +200,24 @@ def test_a_bad_config_is_refused(config, device):
     x, w = torch.randn(2, 64, device=device), torch.randn(16, 64, device=device)
     with pytest.raises(ValueError, match=r"config: expected \(BLOCK_N, BLOCK_K, num_warps, num_stages\)"):
         linear(x, w, config=config)
+
+
+def test_the_gemvs_never_specialise_n():
+    """A weight with one row: Triton would make N == 1 a constexpr at launch, and the SwiGLU offset
+    ``N.to(tl.int64)`` does not compile on one (seen for sm_90 with triton 3.6). The GEMVs keep N a run-time
+    integer, as the compile gate compiles it. Read from the compiled-mode JIT, in a process without the
+    interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from kernels import gemv, quant\n"
+        "for f in (gemv._gemv_kernel, quant._qgemv_kernel):\n"
+        "    print(sorted(p.name for p in f.params if p.do_not_specialize))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split("\n")[:2] == ["['N']", "['N']"]

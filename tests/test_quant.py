@@ -21,7 +21,7 @@ from kernels.quant import quant_linear
 from model import quantize as quant
 from model.llama import Llama
 from model.tiny import make_tiny
-from tests.test_gguf import SMOL
+from tests.smol import SMOL
 from tests.tolerances import assert_close, poisoned_like
 
 TEXT = (
