@@ -14,11 +14,11 @@ gpu-check-prepare:
 
 # The full sweep: every size and peer, 1B/3B/8B end to end (~15-25 minutes on an H100).
 bench:
-	$(PYTHON) -m benchmarks
+	$(PYTHON) -m llama3_triton.benchmarks
 
 bench-quick:
-	$(PYTHON) -m benchmarks --quick
+	$(PYTHON) -m llama3_triton.benchmarks --quick
 
 # Tiny shapes through the Triton interpreter on a CPU (what CI exercises); not performance figures.
 bench-smoke:
-	$(PYTHON) -m benchmarks --smoke
+	$(PYTHON) -m llama3_triton.benchmarks --smoke

@@ -1,9 +1,9 @@
 """Benchmarks: how close each kernel, and the whole decode loop, come to the device's limits.
 
-    python -m benchmarks                 # everything: ceilings, kernels, end to end, CPU decode
-    python -m benchmarks --quick         # the sizes the goals are judged at (benchmarks/gpu_check.py runs it)
-    python -m benchmarks --only kernels --kernel attention
-    python -m benchmarks.rmsnorm         # one kernel's benchmark (same flags)
+    python -m llama3_triton.benchmarks                 # everything: ceilings, kernels, end to end, CPU decode
+    python -m llama3_triton.benchmarks --quick         # the sizes the goals are judged at (gpu_check.py runs it)
+    python -m llama3_triton.benchmarks --only kernels --kernel attention
+    python -m llama3_triton.benchmarks.rmsnorm         # one kernel's benchmark (same flags)
     llama3-triton bench ...              # the same runner from the console script
 
 Every run first measures the ceilings of the device it runs on (``common.measure_ceilings``: a large
@@ -24,17 +24,17 @@ step's products),
 register/spill report). Nothing runs at import.
 
 Imports run one way: the runner imports the benchmark files, never the reverse. A benchmark file run as a
-script (``python -m benchmarks.rope``) hands its command line to the runner by module name, through
+script (``python -m llama3_triton.benchmarks.rope``) hands its command line to the runner by module name, through
 ``run_as`` below, so no file imports the runner that imports it.
 """
 
 
 def run_as(*args: str) -> int:
-    """Run ``python -m benchmarks *args <this process's arguments>``; return its exit status."""
+    """Run ``python -m llama3_triton.benchmarks *args <this process's arguments>``; return its exit status."""
     import runpy
     import sys
 
-    sys.argv = ["python -m benchmarks", *args, *sys.argv[1:]]
+    sys.argv = ["python -m llama3_triton.benchmarks", *args, *sys.argv[1:]]
     try:
         runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
     except SystemExit as e:  # benchmarks/__main__.py ends with sys.exit(main())

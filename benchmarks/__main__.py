@@ -1,7 +1,7 @@
-"""``python -m benchmarks``: the benchmark runner (see ``benchmarks.runner``)."""
+"""``python -m llama3_triton.benchmarks``: the benchmark runner (see ``benchmarks.runner``)."""
 
 import sys
 
-from benchmarks.runner import main
+from llama3_triton.benchmarks.runner import main
 
 sys.exit(main())

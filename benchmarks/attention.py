@@ -17,14 +17,23 @@ error is recorded.
 The reference materialises fp32 (T x T) score matrices per head: where they would not fit in memory
 (8B at 16k: ~96 GiB) it and its compiled twin are skipped, with the reason recorded.
 
-    python -m benchmarks.attention [runner flags]
+    python -m llama3_triton.benchmarks.attention [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.common import Case, Context, Skip, available_bytes, compiled, describe, element_size, randn
+from llama3_triton.benchmarks.common import (
+    Case,
+    Context,
+    Skip,
+    available_bytes,
+    compiled,
+    describe,
+    element_size,
+    randn,
+)
 
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
@@ -102,7 +111,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
     es = element_size(ctx.dtype)
 
     def setup() -> dict:
-        from kernels import reference, triton_ops
+        from llama3_triton.kernels import reference, triton_ops
 
         qkv = randn((B, T, (Hq + 2 * Hkv) * hd), ctx, seed=T)
         q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))  # (B, T, Hq, hd), a view as in the model
@@ -142,6 +151,6 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "attention"))

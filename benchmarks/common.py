@@ -171,6 +171,33 @@ def prepare_environment(smoke: bool) -> bool:
     return True
 
 
+def bind_hub_kernels() -> None:
+    """Let ``import kernels`` mean Hugging Face's package (transformers >= 5.25 imports it), not this checkout's folder.
+
+    This project imports its kernels only as ``llama3_triton.kernels``; but run from a checkout (``python -m pytest``,
+    ``python -m llama3_triton.benchmarks``), the checkout's root is on sys.path, and its folder ``kernels/`` would
+    answer transformers' ``import kernels``. When Hugging Face's package is installed it is imported here, once,
+    with the checkout left out of the search; nothing is patched. Call before importing transformers."""
+    import importlib
+    import importlib.metadata
+
+    if "kernels" in sys.modules:
+        return
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return  # transformers then does not import it either
+    checkout = Path(__file__).resolve().parents[1]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != checkout]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # a broken install: transformers says so itself
+    finally:
+        sys.path[:] = saved
+
+
 def quiet_other_libraries() -> None:
     """Keep the run's output to its own lines: no progress bars or advice from Hugging Face libraries, and no
     torch.compile graph-break or recompile warnings (the peers' figures already say what was compiled)."""
@@ -186,7 +213,7 @@ def quiet_other_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"transformers.*")
 
 
-_KERNEL_MODULES = ("kernels.rmsnorm", "kernels.rope", "kernels.swiglu", "kernels.attention", "kernels.decode")
+_KERNEL_MODULES = tuple(f"llama3_triton.kernels.{m}" for m in ("rmsnorm", "rope", "swiglu", "attention", "decode"))
 
 
 def _dist_version(name: str) -> str | None:
@@ -270,10 +297,11 @@ def user_results_dir() -> Path:
 
 
 def default_out_dir(ctx: Context) -> Path:
-    """benchmarks/results/<device>-<date> for a real GPU run (committed); a smoke run (always, on a CPU) goes
-    to smoke-<device>-<date> in the user's cache folder, never into the source tree."""
+    """<device>-<date> (a smoke run, as every run on a CPU is: smoke-<device>-<date>) in the user's cache folder,
+    never in the package's folder: an installed copy must not write into site-packages. A GPU run whose figures
+    are for committing is given ``--out benchmarks/results/<device>-<date>`` (gpu_check.py does so)."""
     stem = f"{device_slug(ctx)}-{date.today().isoformat()}"
-    return user_results_dir() / f"smoke-{stem}" if ctx.smoke else RESULTS_DIR / stem
+    return user_results_dir() / (f"smoke-{stem}" if ctx.smoke else stem)
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ tokens are compared too (random weights give near-ties, so a late divergence is 
 
 The smoke run does the same with the tiny model.
 
-    python -m benchmarks.cpu [runner flags]      # same as python -m benchmarks --only cpu
+    python -m llama3_triton.benchmarks.cpu [runner flags]      # same as python -m llama3_triton.benchmarks --only cpu
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import time
 import traceback
 from typing import Any
 
-from benchmarks.common import Context, describe
-from benchmarks.e2e import model_args, scratch_dir, write_checkpoint
-from model._kernels_name import hide_hub_kernels
+from llama3_triton.benchmarks.common import Context, bind_hub_kernels, describe
+from llama3_triton.benchmarks.e2e import model_args, scratch_dir, write_checkpoint
 
 EST_SECONDS = 60  # on a 16-core host, 1B in fp32 (write, two loads, ~40 generated tokens each)
 
@@ -38,6 +37,7 @@ def _settings(ctx: Context) -> tuple[str, int, int, int]:
 
 def _from_pretrained(path, dtype):
     """transformers >= 4.56 names the argument ``dtype``; older versions ``torch_dtype``."""
+    bind_hub_kernels()  # before transformers: from a checkout, its kernels/ folder would answer `import kernels`
     import transformers
     from transformers import LlamaForCausalLM
 
@@ -65,12 +65,12 @@ def run(ctx: Context) -> dict:
         rec["skipped"] = f"time budget: ~{EST_SECONDS} s needed"
         return rec
     try:
-        hide_hub_kernels()  # transformers must not take this project's `kernels` for Hugging Face's
+        bind_hub_kernels()  # before transformers: from a checkout, its kernels/ folder would answer `import kernels`
         from transformers import LlamaForCausalLM  # noqa: F401  (fail early, with a clear error, if missing)
     except ImportError as e:
         rec["error"] = f"Hugging Face transformers is not importable ({describe(e)})"
         return rec
-    from model.llama import Llama
+    from llama3_triton.model.llama import Llama
 
     args = model_args(name)
     stored = torch.float32 if ctx.smoke else torch.bfloat16  # 1B: half the bytes to write; both loaders upcast
@@ -140,6 +140,6 @@ def _wall(fn, n: int) -> float:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "cpu"))

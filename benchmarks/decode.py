@@ -13,15 +13,15 @@ on an H100, which is why the timer flushes L2 before every call. Shapes: 8B (32 
 8 kv heads, head dim 128, B = 1 and 8, L from 128 to 16k; the caches are the model's (B, S, Hkv, hd) views
 of (B, Hkv, S, hd) storage, every sequence full to L.
 
-    python -m benchmarks.decode [runner flags]
+    python -m llama3_triton.benchmarks.decode [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.attention import sdpa_peers
-from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
+from llama3_triton.benchmarks.attention import sdpa_peers
+from llama3_triton.benchmarks.common import Case, Context, Skip, compiled, element_size, randn
 
 
 def cases(ctx: Context) -> list[Case]:
@@ -46,7 +46,7 @@ def _fused_case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> 
     es = element_size(ctx.dtype)
 
     def setup() -> dict:
-        from kernels import reference, triton_ops
+        from llama3_triton.kernels import reference, triton_ops
 
         k_store = randn((B, Hkv, L, hd), ctx, seed=L)
         v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
@@ -91,7 +91,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
     es = element_size(ctx.dtype)
 
     def setup() -> dict:
-        from kernels import reference, triton_ops
+        from llama3_triton.kernels import reference, triton_ops
 
         k_store = randn((B, Hkv, L, hd), ctx, seed=L)
         v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
@@ -124,6 +124,6 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "decode_attention"))

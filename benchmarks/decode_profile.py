@@ -25,14 +25,14 @@ read ceiling; per kind (all qkv, all attn, ...): the same summed. Then the kerne
 over the kernel sum is what launching and gaps between kernels still cost. On a CPU (the smoke run) the plan
 is recorded and nothing is timed.
 
-    python -m benchmarks --only e2e        # the e2e section profiles batch 1 at its first context per model
+    python -m llama3_triton.benchmarks --only e2e    # the e2e section profiles batch 1 at its first context per model
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.common import Context, describe
+from llama3_triton.benchmarks.common import Context, describe
 
 KINDS = ("embed", "qkv", "attn", "wo", "w13", "w2", "head")
 

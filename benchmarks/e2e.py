@@ -45,7 +45,7 @@ Prefill: one 2k-token prompt at batch 1 (logits of the last token only, as gener
 TFLOP/s (2 FLOPs per weight per token + causal attention) as a fraction of the measured matmul ceiling.
 Peak GPU memory over the model's load and benchmarks is recorded too.
 
-    python -m benchmarks.e2e [runner flags]      # same as python -m benchmarks --only e2e
+    python -m llama3_triton.benchmarks.e2e [runner flags]      # same as python -m llama3_triton.benchmarks --only e2e
 """
 
 from __future__ import annotations
@@ -59,9 +59,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import decode_profile
-from benchmarks.attention import causal_flops
-from benchmarks.common import Context, describe, element_size, fmt_time, free_memory, host_available_bytes, time_call
+from llama3_triton.benchmarks import decode_profile
+from llama3_triton.benchmarks.attention import causal_flops
+from llama3_triton.benchmarks.common import (
+    Context,
+    describe,
+    element_size,
+    fmt_time,
+    free_memory,
+    host_available_bytes,
+    time_call,
+)
 
 # Meta's shapes, as tiny_args() keywords (vocabulary 128256, GQA with 8 kv heads, head dim 128 / 64 for tiny).
 MODELS: dict[str, dict[str, Any]] = {
@@ -105,7 +113,7 @@ def points(ctx: Context) -> tuple[list[int], list[int], int]:
 
 
 def model_args(name: str):
-    from model.tiny import tiny_args
+    from llama3_triton.model.tools.tiny import tiny_args
 
     spec = MODELS[name]
     return tiny_args(
@@ -123,8 +131,8 @@ def model_args(name: str):
 def write_checkpoint(folder: Path, name: str, dtype, device, hf: bool = False) -> Any:
     """Random weights of model shape ``name`` in Meta's layout in ``folder`` (with ``hf``: Meta's in
     folder/original and Hugging Face's in folder, the same weights, as ``make-tiny --hf`` lays them out)."""
-    from model.tiny import random_weights, write_hf_checkpoint, write_meta_checkpoint
-    from model.tokenizer import default_tokenizer_path
+    from llama3_triton.model.tokenizers.llama3 import default_tokenizer_path
+    from llama3_triton.model.tools.tiny import random_weights, write_hf_checkpoint, write_meta_checkpoint
 
     spec, args = MODELS[name], model_args(name)
     weights = random_weights(args, 0, dtype, device)  # drawn on the GPU when there is one: 8 G normals in a second
@@ -264,10 +272,10 @@ def build_model(ctx: Context, rec: dict, name: str, max_seq_len: int, max_batch:
     reading 16 GB on the GPU machine's disk costs 30-60 s and ~19 GB of scratch)."""
     import torch
 
-    from model.checkpoint import MemoryCheckpoint
-    from model.llama import Llama
-    from model.tiny import random_weights
-    from model.tokenizer import default_tokenizer_path
+    from llama3_triton.model.checkpoints.folder import MemoryCheckpoint
+    from llama3_triton.model.llama import Llama
+    from llama3_triton.model.tokenizers.llama3 import default_tokenizer_path
+    from llama3_triton.model.tools.tiny import random_weights
 
     args = model_args(name)
     load = dict(backend="triton", device=ctx.device, dtype=ctx.dtype, max_seq_len=max_seq_len,
@@ -448,7 +456,7 @@ def _quantized_points(ctx: Context, model, args, contexts: list[int], es: int, a
     """Decode rows of the fused step with the products quantized as ``Llama.load(quantize=...)`` would (the head at
     int8), built from the loaded weights on the device and swapped in place, then swapped back: no second
     checkpoint load. Floors use each format's own bytes (``decode_bytes_per_token`` counts the packed planes)."""
-    from model import quantize as quant
+    from llama3_triton.model.quant import quantize as quant
 
     rows: list[dict] = []  # this function's rows, each also handed to ``add`` as it is made
 
@@ -542,7 +550,7 @@ class _Peer:
         self._compiled: set = set()  # (params, batch) pairs already compiled
 
     def get(self, params):
-        from benchmarks.torch_decode import TorchDecode
+        from llama3_triton.benchmarks.torch_decode import TorchDecode
 
         if params not in self._steps:
             peer = TorchDecode(self.model, params)
@@ -605,7 +613,7 @@ def _compiled_points(ctx: Context, model, args, peer: _Peer, pts: list[tuple[int
     logits are compared with the Triton path's on the same inputs (``max_abs_diff_vs_triton``)."""
     import torch
 
-    from benchmarks.torch_decode import GREEDY
+    from llama3_triton.benchmarks.torch_decode import GREEDY
 
     _use(model, "triton", True)  # the driver as shipped: its logits are the comparison's reference
     for B, L in pts:
@@ -648,7 +656,7 @@ def gen_settings(ctx: Context) -> tuple[int, int, int]:
 
 def _sampling_settings():
     """(name, SamplingParams) of the generation rows: generate()'s defaults and greedy."""
-    from model.sampling import SamplingParams
+    from llama3_triton.model.generation.sampling import SamplingParams
 
     return [("default", SamplingParams()), ("greedy", SamplingParams(temperature=0.0))]
 
@@ -679,8 +687,8 @@ def _generate_peer(ctx: Context, model, peer: _Peer, prompt: list[int], n_new: i
     the token stored, the stop check on the device, a host sync every ``SYNC_EVERY`` steps as generate does."""
     import torch
 
-    from model.generate import SYNC_EVERY
-    from model.sampling import sample
+    from llama3_triton.model.generation.generate import SYNC_EVERY
+    from llama3_triton.model.generation.sampling import sample
 
     torch.manual_seed(seed)
     device = ctx.device
@@ -833,6 +841,6 @@ def _prefill_point(ctx: Context, model, args, impl: str, T: int) -> tuple[dict, 
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "e2e"))

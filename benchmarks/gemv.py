@@ -18,14 +18,14 @@ F.linear with the norm, add or SwiGLU as separate torch ops -- and ``torch_compi
 compiled. Bytes a product must move: the weight (N x K, or 2N x K), x, the output and the residual; at batch 1
 the weight is all of it, so GB/s against the copy ceiling says how close the product comes to its floor.
 
-    python -m benchmarks.gemv [runner flags]
+    python -m llama3_triton.benchmarks.gemv [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
+from llama3_triton.benchmarks.common import Case, Context, Skip, compiled, element_size, randn
 
 # name -> (N, K, fusion) at Llama-3-8B; the smoke run's tiny model keeps the structure at small sizes.
 PRODUCTS_8B = {
@@ -79,7 +79,7 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
     n_bytes = (rows * K + M * K + M * N * (2 if fusion == "add" else 1) + (K if "norm" in fusion else 0)) * es
 
     def setup() -> dict:
-        from kernels import gemv
+        from llama3_triton.kernels import gemv
 
         x = randn((M, K), ctx, seed=M)
         w = randn((rows, K), ctx, seed=N) * K**-0.5
@@ -114,6 +114,6 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "gemv"))

@@ -9,16 +9,16 @@ rows of 256 weights over 8 warps). Each with the launcher's split-K plan and the
 Llama-3-8B products of a decode step and Llama-3.2-1B's N = 2048 ones (fewest tiles), in bf16, int8 per channel
 and int4 in groups of 128. A configuration that fails to compile or run is recorded as that impl's error.
 
-    python -m benchmarks --only kernels --kernel gemv_configs [runner flags]
+    python -m llama3_triton.benchmarks --only kernels --kernel gemv_configs [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.common import Case, Context, element_size, randn
-from benchmarks.gemv import PRODUCTS_1B, PRODUCTS_8B, PRODUCTS_TINY
-from benchmarks.quant import _planes, _weight_bytes
+from llama3_triton.benchmarks.common import Case, Context, element_size, randn
+from llama3_triton.benchmarks.gemv import PRODUCTS_1B, PRODUCTS_8B, PRODUCTS_TINY
+from llama3_triton.benchmarks.quant import _planes, _weight_bytes
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per format; the first is the launcher's own for these products
 CONFIGS = {
@@ -53,7 +53,7 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, fmt:
     n_bytes = _weight_bytes(fmt, rows, K, es) + (M * K + M * N * (2 if fusion == "add" else 1)) * es
 
     def setup() -> dict:
-        from kernels import gemv, quant
+        from llama3_triton.kernels import gemv, quant
 
         x = randn((M, K), ctx, seed=M)
         w = randn((rows, K), ctx, seed=N) * K**-0.5
@@ -85,6 +85,6 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, fmt:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "gemv_configs"))

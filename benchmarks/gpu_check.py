@@ -9,7 +9,7 @@ it measured and the next stage's line says what was cut:
   0. wheels    the carried wheels in .whl/ installed into /tmp (never the image's own site-packages); every one
                that a later stage needs and is missing is a loud line at the very top of the output     device.txt
   1. device    nvidia-smi, library versions                                                           device.txt
-  2. headline  ``python -m benchmarks --quick --only headline --models 8B,1B``: the device's ceilings, then
+  2. headline  ``python -m llama3_triton.benchmarks --quick --only headline --models 8B,1B``: the ceilings, then
                8B bf16 batch-1 decode at contexts 512 and 8k through the fused Triton step (its floor from the
                read ceiling measured in the same run), then int8 and int4, then 1B; the 8B model is drawn in
                memory on the GPU (no 16 GB file round trip). results.json is rewritten after every row.
@@ -81,7 +81,7 @@ def stages(budget: float) -> list[dict]:
     ``limit``: the most seconds the stage may run, taken from what is left when it starts; ``floor``: the least it
     needs, below which it is skipped with the reason."""
     py = sys.executable
-    bench = [py, "-m", "benchmarks", "--quick", "--models", MODELS, "--no-plots", "--no-progress"]
+    bench = [py, "-m", "llama3_triton.benchmarks", "--quick", "--models", MODELS, "--no-plots", "--no-progress"]
     return [
         {"name": "headline", "limit": min(240.0, 0.5 * budget), "floor": 30, "log": "bench.log",
          "cmd": [*bench, "--only", "headline"]},
@@ -93,13 +93,31 @@ def stages(budget: float) -> list[dict]:
     ]  # fmt: skip
 
 
+def import_root() -> Path:
+    """A folder from which ``llama3_triton`` imports this checkout without installing it (the GPU image has no
+    network and may lack setuptools): ``llama3_triton/{kernels,model,benchmarks}`` as links to the folders here,
+    the way the distribution maps them (pyproject.toml's package-dir)."""
+    base = Path("/tmp/llama3-triton-import-root")
+    pkg = base / "llama3_triton"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in ("kernels", "model", "benchmarks"):
+        link = pkg / name
+        if link.is_symlink() and link.resolve() != (ROOT / name).resolve():
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(ROOT / name, target_is_directory=True)
+    return base
+
+
 def _env() -> dict[str, str]:
-    """The children's environment: the carried wheels' site and this repository on the path, no interpreter."""
+    """The children's environment: this checkout importable as llama3_triton, the carried wheels' site, the
+    repository root (for ``tests``) on the path; never the interpreter."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONUNBUFFERED"] = "1"
-    parts = [str(ROOT)] + ([str(SITE)] if SITE.is_dir() else []) + [p for p in [env.get("PYTHONPATH")] if p]
+    parts = [str(import_root()), str(ROOT)] + ([str(SITE)] if SITE.is_dir() else [])
+    parts += [p for p in [env.get("PYTHONPATH")] if p]
     env["PYTHONPATH"] = os.pathsep.join(parts)
     return env
 
@@ -263,7 +281,7 @@ def run(check: Check) -> int:
                 # A fresh machine compiles a few hundred kernel specialisations (~1 s of ptxas each) for the tests:
                 # several processes share Triton's on-disk cache and the GPU.
                 cmd[3:3] = ["-n", str(workers)]
-            if cmd[1:3] == ["-m", "benchmarks"]:  # the runner stops starting work in time to write its files
+            if cmd[1:3] == ["-m", "llama3_triton.benchmarks"]:  # the runner stops in time to write its files
                 cmd += ["--out", str(out / "results"), "--time-budget", f"{max(limit - 20, 10):.0f}"]
             check.say(f"== {name} ({limit:.0f} s at most, {left:.0f} s of the budget left): {' '.join(cmd[1:])}",
                       stage["log"])  # fmt: skip
@@ -296,8 +314,8 @@ def write_summary(check: Check) -> None:
             lines.append(f"  tests: {tally[-1].strip('= ')}")
     results = out / "results" / "results.json"
     if results.exists():
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--summary", str(results)], cwd=ROOT,
-                              env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        report = [sys.executable, "-m", "llama3_triton.benchmarks.report", "--summary", str(results)]
+        proc = subprocess.run(report, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
         lines.append(proc.stdout.rstrip() or proc.stderr.strip()[-500:])
     else:
         lines.append("no benchmark results were written")

@@ -6,8 +6,8 @@ reads from the cubin, with the bundled ``cuobjdump``: registers per thread, spil
 whether the SASS uses the tensor cores (HMMA; on sm_90 also the warpgroup HGMMA). Dynamic shared memory
 comes from the compiler's metadata (cuobjdump's SHARED column only shows static shared memory).
 
-    python -m benchmarks.kernel_resources            # a table
-    python -m benchmarks.kernel_resources --json F   # and the rows as JSON (the compile gate test reads it)
+    python -m llama3_triton.benchmarks.kernel_resources            # a table
+    python -m llama3_triton.benchmarks.kernel_resources --json F   # and the rows as JSON (the compile gate reads it)
 
 Run it without TRITON_INTERPRET=1: under the interpreter, @triton.jit functions cannot be compiled.
 
@@ -33,16 +33,16 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from model import _files
+from llama3_triton.model.checkpoints import files as _files
 
 KERNEL_MODULES = [
-    "kernels.rmsnorm",
-    "kernels.rope",
-    "kernels.swiglu",
-    "kernels.attention",
-    "kernels.decode",
-    "kernels.gemv",
-    "kernels.quant",
+    "llama3_triton.kernels.rmsnorm",
+    "llama3_triton.kernels.rope",
+    "llama3_triton.kernels.swiglu",
+    "llama3_triton.kernels.attention",
+    "llama3_triton.kernels.decode",
+    "llama3_triton.kernels.gemv",
+    "llama3_triton.kernels.quant",
 ]
 ARCHS = [80, 90]
 # Opt-in shared memory per block: A100 163 KB (sm_80), H100 227 KB (sm_90).

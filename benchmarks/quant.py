@@ -12,15 +12,15 @@ product alone, no fusion), each skipped with the reason otherwise.
 The report's quantized-decode goal line sums a step's products (32 layers of wqkv, wo, w13, w2 and the head;
 an int4 run's head is int8, as the loader makes it) per format: a proxy for the decode step, named as such.
 
-    python -m benchmarks.quant [runner flags]
+    python -m llama3_triton.benchmarks.quant [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.common import Case, Context, Skip, element_size, randn
-from benchmarks.gemv import PRODUCTS_8B, PRODUCTS_TINY, _torch_sequence
+from llama3_triton.benchmarks.common import Case, Context, Skip, element_size, randn
+from llama3_triton.benchmarks.gemv import PRODUCTS_8B, PRODUCTS_TINY, _torch_sequence
 
 FORMATS = ("bf16", "int8", "int4-g128", "Q8_0", "Q4_0")
 N_LAYERS_8B = 32
@@ -38,7 +38,7 @@ def cases(ctx: Context) -> list[Case]:
 
 
 def _weight_bytes(fmt: str, rows: int, K: int, es: int) -> int:
-    from model.quantize import bytes_per_weight
+    from llama3_triton.model.quant.quantize import bytes_per_weight
 
     bpw = es if fmt == "bf16" else bytes_per_weight(fmt, K)
     return int(rows * K * bpw)
@@ -48,7 +48,7 @@ def _planes(fmt: str, w):
     """(q, scales, mins, group) of ``fmt`` for the dense weight w, on its device."""
     import torch
 
-    from model import quantize as quant
+    from llama3_triton.model.quant import quantize as quant
 
     N, K = w.shape
     if fmt == "int8":
@@ -101,8 +101,8 @@ def _case(ctx: Context, model: str, name: str, N: int, K: int, fusion: str, M: i
     n_bytes = _weight_bytes(fmt, rows, K, es) + (M * K + M * N * (2 if fusion == "add" else 1)) * es
 
     def setup() -> dict:
-        from kernels import gemv, quant
-        from kernels.reference import dequantize
+        from llama3_triton.kernels import gemv, quant
+        from llama3_triton.kernels.reference import dequantize
 
         x = randn((M, K), ctx, seed=M)
         w = randn((rows, K), ctx, seed=N) * K**-0.5  # bf16 cases time it; quantized ones read their planes
@@ -183,6 +183,6 @@ def decode_proxy(records: list[dict]) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "quant"))

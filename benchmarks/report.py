@@ -1,7 +1,7 @@
 """Writing a run's results: results.json (every figure), results.md (the tables), plots/*.png, and the goals.
 
 The JSON is the record; the Markdown and the plots are views of it, so they can be re-made from a
-results.json alone: ``python -m benchmarks.report benchmarks/results/<run>/results.json``.
+results.json alone: ``python -m llama3_triton.benchmarks.report benchmarks/results/<run>/results.json``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import decode_profile
-from benchmarks.common import fmt_time
-from model import _files
+from llama3_triton.benchmarks import decode_profile
+from llama3_triton.benchmarks.common import fmt_time
+from llama3_triton.model.checkpoints import files as _files
 
 ELEMENTWISE = ("rms_norm", "add_rms_norm", "rope", "swiglu")
 KERNEL_ORDER = (
@@ -184,7 +184,7 @@ def evaluate_goals(results: dict) -> list[dict]:
 
     # The same question asked of the products alone (benchmarks/quant.py): the sum of one step's timed products
     # per format. A proxy, named as one; informative where the end-to-end rows are missing.
-    from benchmarks.quant import decode_proxy
+    from llama3_triton.benchmarks.quant import decode_proxy
 
     measured, passed = [], []
     step = decode_proxy(_kernel_records(results, "quant"))
@@ -425,7 +425,7 @@ def render_markdown(results: dict) -> str:
             lines.append("")
 
     if results.get("tp"):
-        from benchmarks.tp import markdown as tp_markdown
+        from llama3_triton.benchmarks.tp import markdown as tp_markdown
 
         lines += tp_markdown(results["tp"])
 
@@ -633,7 +633,7 @@ def write_results(results: dict, out: Path, plots: bool = True) -> None:
         try:
             results["plots"] = [str(Path(p).relative_to(out)) for p in write_plots(results, out / "plots")]
         except Exception as e:  # matplotlib missing or broken: the numbers matter more than the pictures
-            from benchmarks.common import describe
+            from llama3_triton.benchmarks.common import describe
 
             results["plots"] = {"error": describe(e)}
     # Whole or not at all, with the usual modes: a temporary sibling renamed into place (model._files).
@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     """Re-make results.md and the plots from a results.json (or, with --summary, print its one-screen summary)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m llama3_triton.benchmarks.report", description=main.__doc__)
     p.add_argument("results_json", type=Path, help="a results.json written by the runner")
     p.add_argument("--summary", action="store_true", help="only print the one-screen summary; write nothing")
     args = p.parse_args(argv)

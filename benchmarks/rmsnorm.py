@@ -6,14 +6,14 @@ Bytes each must move (the GB/s below are these over the median time):
 Shapes: the model dim of Llama-3 8B (4096) and 70B (8192); T from 1 (a decode step, launch-bound) to
 16k (a long prefill, bandwidth-bound). Inputs are (1, T, D), as the model hands them over.
 
-    python -m benchmarks.rmsnorm [runner flags]
+    python -m llama3_triton.benchmarks.rmsnorm [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
+from llama3_triton.benchmarks.common import Case, Context, Skip, compiled, element_size, randn
 
 KERNELS = ("rms_norm", "add_rms_norm")
 EPS = 1e-5
@@ -33,7 +33,7 @@ def _case(ctx: Context, kernel: str, model: str, D: int, T: int) -> Case:
     n_bytes = ((2 if kernel == "rms_norm" else 4) * T * D + D) * es
 
     def setup() -> dict:
-        from kernels import reference, triton_ops
+        from llama3_triton.kernels import reference, triton_ops
 
         x = randn((1, T, D), ctx, seed=T)
         w = randn((D,), ctx, seed=1, scale=0.1) + 1.0  # near 1, not 1: a missing multiply shows
@@ -65,6 +65,6 @@ def _case(ctx: Context, kernel: str, model: str, D: int, T: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "rms_norm", "--kernel", "add_rms_norm"))

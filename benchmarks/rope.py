@@ -8,14 +8,14 @@ the v into cache slot ``positions[b, t]``. Bytes it must move:
 Shapes: Llama-3 8B (32 q heads) and 70B (64), 8 kv heads, head dim 128, Llama 3.1 RoPE scaling; T from 1
 (a decode step) to 16k.
 
-    python -m benchmarks.rope [runner flags]
+    python -m llama3_triton.benchmarks.rope [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
+from llama3_triton.benchmarks.common import Case, Context, Skip, compiled, element_size, randn
 
 # Llama 3.1's RoPE scaling (the frequencies only change the values, not the work).
 SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -33,7 +33,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
     n_bytes = 2 * B * T * (Hq + 2 * Hkv) * hd * es + B * T * 8 + B * T * hd * 4
 
     def setup() -> dict:
-        from kernels import reference, triton_ops
+        from llama3_triton.kernels import reference, triton_ops
 
         qkv = randn((B, T, (Hq + 2 * Hkv) * hd), ctx, seed=T)
         q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))  # (B, T, Hq, hd) views, as in the model
@@ -67,6 +67,6 @@ def _case(ctx: Context, model: str, s: dict[str, int], T: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "rope"))

@@ -1,4 +1,4 @@
-"""The benchmark runner: ``python -m benchmarks`` (or ``llama3-triton bench``).
+"""The benchmark runner: ``python -m llama3_triton.benchmarks`` (or ``llama3-triton bench``).
 
 One run, in this order, every row or case written to results.json and results.md as soon as it is measured (a
 run cut at any moment, by --time-budget, SIGINT or SIGTERM, keeps them and records what was cut):
@@ -10,8 +10,8 @@ run cut at any moment, by --time-budget, SIGINT or SIGTERM, keeps them and recor
   3. e2e       the rest of the end-to-end figures: peers, batch 8, the profile, torch.compile, generation,
                prefill (``e2e``'s second pass);
   4. cpu       CPU decode of the torch backend against transformers' generate (``cpu``); then tp.
-Output: results.json, results.md and plots/ in --out (default benchmarks/results/<device>-<date> on a GPU;
-smoke runs, and so every CPU run, go to ~/.cache/llama3-triton/bench/smoke-<device>-<date>).
+Output: results.json, results.md and plots/ in --out (default ~/.cache/llama3-triton/bench/<device>-<date>, or
+smoke-<device>-<date> for a smoke run, as every CPU run is; never the package's folder).
 
 Modes: the default sweep (every size, every peer, all three models: ~15-25 minutes on an H100, compiles
 included); --quick (the sizes the goals are judged at, the torch.compile peer of the end-to-end step for one
@@ -34,7 +34,7 @@ import traceback
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-from benchmarks.common import (
+from llama3_triton.benchmarks.common import (
     CPU_BANNER,
     GPU_SMOKE_BANNER,
     QUANTILES,
@@ -113,8 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         type=Path,
-        help="results folder (default: benchmarks/results/<device>-<date> on a GPU; a smoke run, as every run on "
-        "a CPU is, goes to ~/.cache/llama3-triton/bench/smoke-<device>-<date>, outside the source tree)",
+        help="results folder (default: ~/.cache/llama3-triton/bench/<device>-<date>, or smoke-<device>-<date> for a "
+        "smoke run, as every run on a CPU is; never the package's folder: pass --out benchmarks/results/... to "
+        "keep a GPU run for committing)",
     )
     p.add_argument(
         "--time-budget",
@@ -139,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog="python -m llama3_triton.benchmarks",
         description="Benchmark the Triton kernels and the end-to-end model against the device's measured "
         "ceilings and against torch eager, torch.compile and SDPA; write JSON, Markdown and plots.",
     )
@@ -174,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
     smoke = prepare_environment(args.smoke)  # before any kernel module is imported
     import torch
 
-    from benchmarks import cpu, e2e, tp
-    from benchmarks.report import list_problems, write_results
+    from llama3_triton.benchmarks import cpu, e2e, tp
+    from llama3_triton.benchmarks.report import list_problems, write_results
 
     cuda = torch.cuda.is_available()
     if smoke and not cuda:
@@ -366,7 +367,7 @@ def _resume(results: dict, out: Path, device: dict) -> None:
 
 
 def run_kernels(ctx: Context, names: list[str], records: list[dict] | None = None) -> list[dict]:
-    from benchmarks import attention, decode, gemv, gemv_configs, quant, rmsnorm, rope, swiglu
+    from llama3_triton.benchmarks import attention, decode, gemv, gemv_configs, quant, rmsnorm, rope, swiglu
 
     cases = []
     for name in KERNELS + OPT_IN_KERNELS:  # a fixed order, whatever the order on the command line
@@ -393,7 +394,7 @@ def run_kernels(ctx: Context, names: list[str], records: list[dict] | None = Non
 
 def print_summary(results: dict, out: Path, problems: list[str]) -> None:
     """The short table printed last: ceilings, goals, end-to-end headline, where the files are."""
-    from benchmarks.report import summary_text
+    from llama3_triton.benchmarks.report import summary_text
 
     print(summary_text(results, out, problems), flush=True)
 

@@ -5,9 +5,9 @@ step's time (the tiny default model's forward pass takes a few ms), so it must s
 goal is < 5 ms per token on a 2-core CPU. The peer is the plain approach the project used before (softmax,
 a full sort, a cumulative sum, ``torch.multinomial``), which is also ``reference_probs`` + a draw.
 
-    python -m benchmarks.sampling                    # the CPU, this process's default thread count
-    python -m benchmarks.sampling --threads 1 --batch 1 --batch 8
-    python -m benchmarks.sampling --device cuda      # on a GPU: CUDA-event timing, no host sync inside
+    python -m llama3_triton.benchmarks.sampling                    # the CPU, this process's default thread count
+    python -m llama3_triton.benchmarks.sampling --threads 1 --batch 1 --batch 8
+    python -m llama3_triton.benchmarks.sampling --device cuda      # on a GPU: CUDA-event timing, no host sync inside
 
 Timing: on a CPU ``time.perf_counter`` around each call after warm-up calls, median and 20th/80th percentiles
 of --reps calls; on a GPU ``triton.testing.do_bench``. Prints a Markdown table (ms per call and per row);
@@ -36,7 +36,7 @@ def _sorted_sample(logits, params, generator, counts=None):
     """The sort-based sampler: the reference distribution drawn with torch.multinomial."""
     import torch
 
-    from model.sampling import reference_probs
+    from llama3_triton.model.generation.sampling import reference_probs
 
     probs = reference_probs(logits, params, counts)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -63,7 +63,9 @@ def _time(fn, device, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sampling", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m llama3_triton.benchmarks.sampling", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--vocab", type=int, default=128256, help="vocabulary size (default 128256, Llama-3)")
     p.add_argument("--batch", type=int, action="append", help="rows per call (repeatable; default 1)")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from model.sampling import SampleRng, SamplingParams, TokenCounts, sample
+    from llama3_triton.model.generation.sampling import SampleRng, SamplingParams, TokenCounts, sample
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,14 +4,14 @@ The model computes gu = h @ [w1 | w3].T, (1, T, 2F), and hands swiglu the stride
 and up = gu[..., F:]. Bytes it must move: reads gate and up, writes out: 3 T F elements. Shapes: the FFN
 width of Llama-3 8B (14336) and 70B (28672); T from 1 (a decode step) to 16k.
 
-    python -m benchmarks.swiglu [runner flags]
+    python -m llama3_triton.benchmarks.swiglu [runner flags]
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.common import Case, Context, Skip, compiled, element_size, randn
+from llama3_triton.benchmarks.common import Case, Context, Skip, compiled, element_size, randn
 
 
 def cases(ctx: Context) -> list[Case]:
@@ -26,7 +26,7 @@ def _case(ctx: Context, model: str, F: int, T: int) -> Case:
     n_bytes = 3 * T * F * element_size(ctx.dtype)
 
     def setup() -> dict:
-        from kernels import reference, triton_ops
+        from llama3_triton.kernels import reference, triton_ops
 
         gu = randn((1, T, 2 * F), ctx, seed=T)
         gate, up = gu[..., :F], gu[..., F:]
@@ -53,6 +53,6 @@ def _case(ctx: Context, model: str, F: int, T: int) -> Case:
 
 
 if __name__ == "__main__":
-    from benchmarks import run_as
+    from llama3_triton.benchmarks import run_as
 
     sys.exit(run_as("--only", "kernels", "--kernel", "swiglu"))

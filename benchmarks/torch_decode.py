@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.sampling import SamplingParams, sample
+from llama3_triton.model.generation.sampling import SamplingParams, sample
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -13,8 +13,8 @@ space; rank 0 measures its GPU's copy bandwidth, then every rank loads its slice
 section records that it was not measured. On a CPU (smoke run) the same code runs at TP 1 and 2 over gloo
 on a tiny model, so CI exercises it; those figures are not GPU performance.
 
-    python -m benchmarks --only tp [--models 8B]
-    python -m benchmarks.tp --sizes 1,2,4,8 --model 8B      # this section alone, results to stdout as JSON
+    python -m llama3_triton.benchmarks --only tp [--models 8B]
+    python -m llama3_triton.benchmarks.tp --sizes 1,2,4,8 --model 8B   # this section alone, results to stdout as JSON
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from model import _files
+from llama3_triton.model.checkpoints import files as _files
 
 TP_SIZES = (1, 2, 4, 8)
 
@@ -72,8 +72,8 @@ def worker(a: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from model import distributed
-    from model.llama import Llama
+    from llama3_triton.model import distributed
+    from llama3_triton.model.llama import Llama
 
     tp = distributed.init_from_env()
     device = distributed.default_device(tp)
@@ -143,7 +143,7 @@ def _launch(n: int, ckpt: Path, out: Path, batch: int, context: int, steps: int,
         "--master-port",
         str(free_port()),
         "-m",
-        "benchmarks.tp",
+        "llama3_triton.benchmarks.tp",
         "--worker",
         "--ckpt",
         str(ckpt),
@@ -183,7 +183,7 @@ def run(ctx, models: list[str]) -> dict:
             "measured": False,
             "note": f"not measured: tensor parallel needs at least 2 GPUs, this machine has {n_gpus}",
         }
-    from model.tiny import make_tiny
+    from llama3_triton.model.tools.tiny import make_tiny
 
     scratch = Path(tempfile.mkdtemp(prefix="llama3-triton-tp-"))
     try:
@@ -191,7 +191,7 @@ def run(ctx, models: list[str]) -> dict:
             name, sizes, batch, context, steps = "tiny", [1, 2], 1, 16, 3
             ckpt = make_tiny(scratch / "ckpt", dim=256, n_heads=4, n_kv_heads=2, dtype=torch.float32)
         else:
-            from benchmarks import e2e
+            from llama3_triton.benchmarks import e2e
 
             name = models[0] if models else "8B"
             sizes, batch, context, steps = [n for n in TP_SIZES if n <= n_gpus], 1, 2048, 100
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.worker:
         return worker(a)
-    from benchmarks.common import Context, prepare_environment
+    from llama3_triton.benchmarks.common import Context, prepare_environment
 
     smoke = prepare_environment(False)
     import torch

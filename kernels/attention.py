@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import aligned_strides, check_tensor, interpreting, variant
+from llama3_triton.kernels._launch import aligned_strides, check_tensor, interpreting, variant
 
 __all__ = ["attention", "compile_variants"]
 

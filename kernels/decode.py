@@ -51,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import aligned_strides, capturing, check_tensor, interpreting, variant
-from kernels.attention import online_softmax_step
+from llama3_triton.kernels._launch import aligned_strides, capturing, check_tensor, interpreting, variant
+from llama3_triton.kernels.attention import online_softmax_step
 
 __all__ = ["decode_attention", "rope_decode_attention", "DecodeWorkspace", "compile_variants"]
 

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import check_tensor, interpreting, variant
+from llama3_triton.kernels._launch import check_tensor, interpreting, variant
 
 __all__ = [
     "linear", "compile_variants", "fused_epilogue", "split_range", "split_k_epilogue", "check_x", "check_fusions",

@@ -61,16 +61,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import interpreting, variant
-from kernels.gemv import (
+from llama3_triton.kernels._launch import interpreting, variant
+from llama3_triton.kernels.gemv import (
     SPLIT_MAX_N,
     check_config,
     check_fusions,
     check_x,
     split_args,
     split_k_epilogue,
-    split_range,
-)  # fmt: skip
+    split_range,  # fmt: skip,
+)
 
 __all__ = ["quant_linear", "compile_variants", "check_layout", "GROUPS_INT4"]
 

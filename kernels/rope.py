@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import capturing, check_tensor, interpreting, variant
+from llama3_triton.kernels._launch import capturing, check_tensor, interpreting, variant
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import check_tensor, interpreting, rows, variant
+from llama3_triton.kernels._launch import check_tensor, interpreting, rows, variant
 
 
 @triton.jit

@@ -4,12 +4,12 @@ Importing this module imports Triton and runs ``@triton.jit`` on every kernel: o
 set ``TRITON_INTERPRET=1`` first (the model driver does it for ``backend="triton"`` on the CPU).
 """
 
-from kernels.attention import attention
-from kernels.decode import DecodeWorkspace, decode_attention, rope_decode_attention
-from kernels.gemv import GemvWorkspace, linear
-from kernels.rmsnorm import add_rms_norm, rms_norm
-from kernels.rope import rope, rope_write_cache
-from kernels.swiglu import swiglu
+from llama3_triton.kernels.attention import attention
+from llama3_triton.kernels.decode import DecodeWorkspace, decode_attention, rope_decode_attention
+from llama3_triton.kernels.gemv import GemvWorkspace, linear
+from llama3_triton.kernels.rmsnorm import add_rms_norm, rms_norm
+from llama3_triton.kernels.rope import rope, rope_write_cache
+from llama3_triton.kernels.swiglu import swiglu
 
 __all__ = [
     "rms_norm",

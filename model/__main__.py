@@ -1,5 +1,5 @@
 import sys
 
-from model.cli import main
+from llama3_triton.model.cli.main import main
 
 sys.exit(main())

@@ -77,7 +77,7 @@ MAX_FIELD = 2**31 - 1
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    from model._files import open_regular
+    from llama3_triton.model.checkpoints.files import open_regular
 
     try:
         fd = open_regular(path, "config")  # a FIFO in its place would block a plain read forever

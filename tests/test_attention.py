@@ -20,8 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import reference
-from kernels.attention import attention
+from llama3_triton.kernels import reference
+from llama3_triton.kernels.attention import attention
 from tests.tolerances import DTYPES, INTERPRET, assert_close, poisoned_like
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +186,7 @@ def test_bad_input_writes_nothing():
 def test_cpu_tensor_needs_the_interpreter(monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("kernels.attention"), "_INTERPRET", False)
+    monkeypatch.setattr(importlib.import_module("llama3_triton.kernels.attention"), "_INTERPRET", False)
     q, k, v = (t.cpu() for t in _good())
     with pytest.raises(ValueError, match="q: expected a CUDA tensor"):
         attention(q, k, v)
@@ -201,7 +201,7 @@ def test_autotuned_long_prefill():
 
 def test_compile_variants_are_well_formed():
     """The compile gate's list: every kernel argument typed, each config on at least one arch, no duplicates."""
-    from kernels.attention import compile_variants
+    from llama3_triton.kernels.attention import compile_variants
 
     variants = compile_variants()
     assert len({v["name"] for v in variants}) == len(variants) > 0

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.common import CPU_BANNER, Case, Context, Skip, run_case
-from benchmarks.report import evaluate_goals, render_markdown
+from llama3_triton.benchmarks.common import CPU_BANNER, Case, Context, Skip, run_case
+from llama3_triton.benchmarks.report import evaluate_goals, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {
@@ -33,7 +33,7 @@ def smoke(tmp_path_factory):
     """One smoke run of the whole runner (every section), in a fresh process as a user would start it."""
     out = tmp_path_factory.mktemp("bench") / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--no-progress", "--out", str(out)],
+        [sys.executable, "-m", "llama3_triton.benchmarks", "--smoke", "--no-progress", "--out", str(out)],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
@@ -292,7 +292,7 @@ def test_decode_goals_are_judged_at_512_and_8k_against_the_compile_peer():
 
 
 def test_generation_rows_in_the_markdown_and_summary(tmp_path):
-    from benchmarks.report import summary_text
+    from llama3_triton.benchmarks.report import summary_text
 
     gen = {"batch": 1, "prompt_tokens": 16, "new_tokens": 128, "runs": 3, "floor_context": 80,
            "floor_tokens_per_s": 200.0, "prefill_s": 0.012, "tokens_per_s_with_prefill": 150.0}  # fmt: skip
@@ -326,7 +326,7 @@ def test_quick_runs_compile_the_goal_model_when_the_budget_allows_else_the_small
     """No GPU needed: the plan reads only the mode, the device type and the time left."""
     import time
 
-    from benchmarks.e2e import _compile_plan
+    from llama3_triton.benchmarks.e2e import _compile_plan
 
     def plan(models, seconds_left=None, quick=True, compile_peers=True):
         ctx = Context(device=torch.device("cuda"), dtype=torch.bfloat16, smoke=False, quick=quick,
@@ -351,20 +351,23 @@ def test_quick_runs_compile_the_goal_model_when_the_budget_allows_else_the_small
 
 
 def test_cli_has_a_bench_subcommand(monkeypatch):
-    """`llama3-triton bench ARGS` runs the runner, `python -m benchmarks ARGS`, as its own process, with every flag."""
+    """`llama3-triton bench ARGS` runs the runner, `python -m llama3_triton.benchmarks ARGS`, as its own process,
+    with every flag."""
     import subprocess as sp
 
-    from model.cli import build_parser, main
+    from llama3_triton.model.cli.main import build_parser, main
 
     calls = []
     monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 7)
     assert main(["bench", "--smoke", "--only", "kernels", "--kernel", "rope", "--debug"]) == 7  # its exit status
     assert calls == [
-        [sys.executable, "-m", "benchmarks", "--smoke", "--only", "kernels", "--kernel", "rope", "--debug"]
+        [sys.executable, "-m", "llama3_triton.benchmarks", "--smoke", "--only", "kernels", "--kernel", "rope",
+         "--debug"]  # fmt: skip
     ]
     assert "bench" in build_parser().format_help()
-    out = sp.run([sys.executable, "-m", "model.cli", "bench", "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "python -m benchmarks" in out.stdout and "--kernel" in out.stdout, out
+    cmd = [sys.executable, "-m", "llama3_triton.model.cli", "bench", "--help"]
+    out = sp.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "python -m llama3_triton.benchmarks" in out.stdout and "--kernel" in out.stdout, out
 
 
 # ---- CPU micro-benchmarks (pytest-benchmark) ---------------------------------------------------------------
@@ -377,7 +380,7 @@ TEXT = (
 
 
 def test_tokenizer_throughput(benchmark):
-    from model.tokenizer import Tokenizer
+    from llama3_triton.model.tokenizers.llama3 import Tokenizer
 
     tok = Tokenizer()
     text = TEXT * 12  # ~4 KB
@@ -388,13 +391,13 @@ def test_tokenizer_throughput(benchmark):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from model.tiny import make_tiny
+    from llama3_triton.model.tools.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("bench-ckpt") / "tiny", seed=5)
 
 
 def test_loading_a_tiny_checkpoint(benchmark, tiny_ckpt):
-    from model.llama import Llama
+    from llama3_triton.model.llama import Llama
 
     model = benchmark.pedantic(
         Llama.load,
@@ -407,7 +410,7 @@ def test_loading_a_tiny_checkpoint(benchmark, tiny_ckpt):
 
 
 def test_sampling_top_p_over_the_llama3_vocabulary(benchmark):
-    from model.generate import SamplingParams, sample
+    from llama3_triton.model.generation.generate import SamplingParams, sample
 
     logits = torch.randn(1, 128256, generator=torch.Generator().manual_seed(0)) * 3
     params = SamplingParams(temperature=0.6, top_p=0.9)
@@ -416,17 +419,21 @@ def test_sampling_top_p_over_the_llama3_vocabulary(benchmark):
     assert token.shape == (1,) and 0 <= int(token) < 128256
 
 
-def test_smoke_results_go_to_the_user_cache_not_the_source_tree(tmp_path, monkeypatch):
-    from benchmarks.common import RESULTS_DIR, Context, default_out_dir
+def test_results_go_to_the_user_cache_never_the_package_folder(tmp_path, monkeypatch):
+    """An installed copy must not write into site-packages: smoke and real runs alike default to the user's cache
+    (a run whose figures are for committing names its --out)."""
+    from llama3_triton.benchmarks.common import RESULTS_DIR, Context, default_out_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     out = default_out_dir(Context(device=torch.device("cpu"), dtype=torch.float32, smoke=True))
     assert out.is_relative_to(tmp_path / "llama3-triton" / "bench") and not out.is_relative_to(RESULTS_DIR)
     assert out.name.startswith("smoke-cpu-")
+    real = default_out_dir(Context(device=torch.device("cpu"), dtype=torch.float32, smoke=False))
+    assert real.is_relative_to(tmp_path / "llama3-triton" / "bench") and real.name.startswith("cpu-")
 
 
 def test_sampling_benchmark_runs(capsys, tmp_path):
-    from benchmarks.sampling import main
+    from llama3_triton.benchmarks.sampling import main
 
     assert main(["--vocab", "2000", "--reps", "3", "--batch", "2", "--json", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
@@ -451,7 +458,7 @@ def test_compile_gate_residency_prediction():
     GEMV layout (8 warps, 136 registers) fit one program on an sm_90 SM, 2 KB of weight a stage at 3 stages: 4 KB
     in flight, under the 24 KB an H200 needs, which the gate now reports; the bf16 GEMV (4 warps, 40 registers,
     24 KB of shared memory) fits 9."""
-    from benchmarks.kernel_resources import MIN_IN_FLIGHT, ctas_per_sm, problems
+    from llama3_triton.benchmarks.kernel_resources import MIN_IN_FLIGHT, ctas_per_sm, problems
 
     assert ctas_per_sm(90, 8, 136, 24576) == 1  # registers: 2 x 8 warps x 32 x 136 > 65536
     assert ctas_per_sm(90, 4, 40, 24576) == 9  # shared memory: 228 KB / 25 KB
@@ -467,9 +474,9 @@ def test_compile_gate_residency_prediction():
 def test_gemv_configs_times_the_launchers_choice_beside_its_neighbours(tmp_path):
     """The opt-in tuning sweep: left out of the default kernels, and when named, each format's first configuration is
     what the launcher itself picks for those products (so its ``default_`` label is true), every one of them runs."""
-    from benchmarks import gemv_configs
-    from benchmarks.runner import KERNELS as RUNNER_KERNELS
-    from kernels import gemv, quant
+    from llama3_triton.benchmarks import gemv_configs
+    from llama3_triton.benchmarks.runner import KERNELS as RUNNER_KERNELS
+    from llama3_triton.kernels import gemv, quant
 
     assert "gemv_configs" not in RUNNER_KERNELS
     for model in (gemv_configs.PRODUCTS_8B, gemv_configs.PRODUCTS_1B):
@@ -480,7 +487,7 @@ def test_gemv_configs_times_the_launchers_choice_beside_its_neighbours(tmp_path)
             assert gemv_configs.CONFIGS["int4-g128"][0] == quant._config(N, 4, torch.bfloat16, swiglu)
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--only", "kernels", "--kernel", "gemv_configs",
+        [sys.executable, "-m", "llama3_triton.benchmarks", "--smoke", "--only", "kernels", "--kernel", "gemv_configs",
          "--no-progress", "--no-plots", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

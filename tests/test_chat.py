@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from model.cli import main
-from model.generate import ChatSession, ContextFull, generate
-from model.llama import Llama
-from model.sampling import SampleRng
-from model.tiny import make_tiny
-from model.tokenizer import ChatFormat
+from llama3_triton.model.cli.main import main
+from llama3_triton.model.generation.generate import ChatSession, ContextFull, generate
+from llama3_triton.model.generation.sampling import SampleRng
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tokenizers.llama3 import ChatFormat
+from llama3_triton.model.tools.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_cli_says_when_the_context_is_full(ckpt, capsys, monkeypatch):
 
 
 def test_stop_strings_never_show_a_piece_of_the_stop():
-    from model.generate import StopStrings
+    from llama3_triton.model.generation.generate import StopStrings
 
     s = StopStrings(["</end>", "STOP"])
     shown = [s.feed(p) for p in ["Hello <", "/en", "d maybe", " not. ST", "OP here"]]

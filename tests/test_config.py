@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from model.config import (
+from llama3_triton.model.config import (
     ConfigError,
     ModelArgs,
     ffn_hidden_dim,
@@ -23,7 +23,7 @@ from model.config import (
     to_hf_config,
     to_meta_params,
 )
-from model.tiny import tiny_args
+from llama3_triton.model.tools.tiny import tiny_args
 
 _BASE = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0}
 

@@ -19,9 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.decode as decode_mod
-from kernels import reference
-from kernels.decode import MAX_SPLITS, _default_num_splits, decode_attention
+import llama3_triton.kernels.decode as decode_mod
+from llama3_triton.kernels import reference
+from llama3_triton.kernels.decode import MAX_SPLITS, _default_num_splits, decode_attention
 from tests.tolerances import DTYPES, INTERPRET, assert_close, poisoned_like
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,7 +231,7 @@ def test_lengths_anywhere_in_memory():
 def test_cpu_tensor_needs_the_interpreter(monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("kernels.decode"), "_INTERPRET", False)
+    monkeypatch.setattr(importlib.import_module("llama3_triton.kernels.decode"), "_INTERPRET", False)
     q, k, v, n = (t.cpu() for t in _good())
     with pytest.raises(ValueError, match="q: expected a CUDA tensor"):
         decode_attention(q, k, v, n)
@@ -255,7 +255,7 @@ def test_cuda_graph_capture_and_replay():
 
 def test_compile_variants_are_well_formed():
     """The compile gate's list: every kernel argument typed, both stages, every BLOCK_S up to MAX_SPLITS."""
-    from kernels.decode import compile_variants
+    from llama3_triton.kernels.decode import compile_variants
 
     variants = compile_variants()
     assert len({v["name"] for v in variants}) == len(variants) > 0

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import decode_profile
-from benchmarks.common import Context
-from model.llama import Llama
-from model.tiny import make_tiny
+from llama3_triton.benchmarks import decode_profile
+from llama3_triton.benchmarks.common import Context
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tools.tiny import make_tiny
 
 # The Triton backend runs compiled on a GPU and in the interpreter on a CPU, never both in one process.
 CUDA = torch.cuda.is_available()

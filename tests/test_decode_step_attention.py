@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.decode import MAX_SPLITS, DecodeWorkspace, rope_decode_attention
+from llama3_triton.kernels import reference
+from llama3_triton.kernels.decode import MAX_SPLITS, DecodeWorkspace, rope_decode_attention
 from tests.tolerances import DTYPES, assert_close, poisoned_like
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.cli import main
-from model.explain import DEFAULT_PROMPT, explain
-from model.llama import Llama
-from model.tiny import make_tiny
+from llama3_triton.model.cli.main import main
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tools.explain import DEFAULT_PROMPT, explain
+from llama3_triton.model.tools.tiny import make_tiny
 from tests.tolerances import TOLERANCES, assert_close
 
 KERNEL_OPS = {"rms_norm", "add_rms_norm", "rope_write_cache", "attention", "swiglu"}
@@ -161,9 +161,9 @@ def test_bad_arguments_one_line_and_exit_1(tiny, tmp_path, capsys, extra, match)
 
 def test_cli_runs_the_triton_kernels_by_default(tiny, capsys, monkeypatch):
     # A reader runs explain to see the kernels at work: without --backend they run, on a CPU in the interpreter.
-    import model.explain
+    from llama3_triton.model.tools import explain
 
     seen = {}
-    monkeypatch.setattr(model.explain, "explain", lambda llm, prompt, **kw: seen.update(backend=llm.backend))
+    monkeypatch.setattr(explain, "explain", lambda llm, prompt, **kw: seen.update(backend=llm.backend))
     assert main(["explain", "--ckpt", str(tiny)]) == 0
     assert seen == {"backend": "triton"}

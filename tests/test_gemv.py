@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import gemv
-from kernels import reference as ref
-from kernels.gemv import GemvWorkspace, linear, plan_split_k
+from llama3_triton.kernels import gemv
+from llama3_triton.kernels import reference as ref
+from llama3_triton.kernels.gemv import GemvWorkspace, linear, plan_split_k
 from tests.tolerances import DTYPES, assert_close, poisoned_like
 
 FUSIONS = ["plain", "norm", "add", "swiglu", "norm_swiglu", "norm_add"]
@@ -212,7 +212,7 @@ def test_the_gemvs_never_specialise_n():
     from pathlib import Path
 
     code = (
-        "from kernels import gemv, quant\n"
+        "from llama3_triton.kernels import gemv, quant\n"
         "for f in (gemv._gemv_kernel, quant._qgemv_kernel):\n"
         "    print(sorted(p.name for p in f.params if p.do_not_specialize))\n"
     )

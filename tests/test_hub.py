@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError
-from model.hub import cache_dir, is_hub_name
-from model.llama import Llama
-from model.sources import resolve
-from model.tiny import make_tiny
+from llama3_triton.model.checkpoints.folder import CheckpointError
+from llama3_triton.model.checkpoints.hub import cache_dir, is_hub_name
+from llama3_triton.model.checkpoints.sources import resolve
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tools.tiny import make_tiny
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -31,7 +31,7 @@ def _repo(cache: Path, repo: str) -> Path:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    from tests.test_gguf import write_tiny_gguf
+    from tests.gguf_writer import write_tiny_gguf
 
     cache = tmp_path_factory.mktemp("hf-cache")
     make_tiny(_repo(cache, "org/tiny"), dim=64, n_layers=1, n_heads=2, n_kv_heads=1, hf=True, seed=4)
@@ -88,7 +88,7 @@ def test_unreachable_hub_is_one_line_and_exit_1(cache, tmp_path):
     # A closed local port stands for a machine without network: nothing leaves this host.
     env = _env(HF_HUB_CACHE=str(cache), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2")
     r = subprocess.run(
-        [sys.executable, "-m", "model.cli", "generate", "--ckpt", "org/not-cached", "--prompt", "hi"],
+        [sys.executable, "-m", "llama3_triton.model.cli", "generate", "--ckpt", "org/not-cached", "--prompt", "hi"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -102,7 +102,7 @@ def test_unreachable_hub_is_one_line_and_exit_1(cache, tmp_path):
     ]
     # A cached repo still loads when the hub is unreachable: the cache answers.
     r = subprocess.run(
-        [sys.executable, "-m", "model.cli", "info", "--ckpt", "org/tiny"],
+        [sys.executable, "-m", "llama3_triton.model.cli", "info", "--ckpt", "org/tiny"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-import kernels
-from kernels import reference, triton_ops
+from llama3_triton import kernels
+from llama3_triton.kernels import reference, triton_ops
 
 OPS = [name for name, member in vars(kernels.Ops).items() if inspect.isfunction(member) and not name.startswith("_")]
 
@@ -36,12 +36,12 @@ def test_backend_implements_the_op_with_its_parameters(backend: types.ModuleType
 
 def test_triton_ops_are_the_kernel_files_functions():
     for op in OPS:
-        assert getattr(triton_ops, op).__module__.startswith("kernels."), op
-        assert getattr(triton_ops, op).__module__ != "kernels.reference", op
+        assert getattr(triton_ops, op).__module__.startswith("llama3_triton.kernels."), op
+        assert getattr(triton_ops, op).__module__ != "llama3_triton.kernels.reference", op
 
 
-@pytest.mark.parametrize("module", ["kernels", "kernels.reference"])
+@pytest.mark.parametrize("module", ["kernels", "llama3_triton.kernels.reference"])
 def test_importing_does_not_import_triton_kernels(module):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith(('kernels.', 'triton'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() in ("[]", "['kernels.reference']"), out
+    assert out.strip() in ("[]", "['llama3_triton.kernels.reference']"), out

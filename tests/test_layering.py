@@ -1,7 +1,12 @@
-"""Imports run one way: kernels <- model <- (cli, explain, benchmarks), and no module imports one that imports it.
+"""Imports run one way, layer by layer, and no module imports one that imports it:
+
+    kernels  <-  model's core (llama, config, distributed, loading, graph; checkpoints, tokenizers, quant)
+             <-  generation  <-  (cli, tools)  <-  benchmarks
 
 Read from the source (every import statement, those inside functions included), not from what happens to be
-loaded: a circle hidden in a function body is a circle for a reader too.
+loaded: a circle hidden in a function body is a circle for a reader too. Also: every import of the project goes
+through the one import root, ``llama3_triton``; and no test module imports another (a module that skips at import,
+test_gguf.py without ``gguf``, would take the importer's tests with it).
 """
 
 from __future__ import annotations
@@ -10,35 +15,86 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "model", "benchmarks")
-# The packages each one may import. model.cli, model.explain and the benchmarks are leaves that use the model;
-# the CLI starts the benchmark runner as a program (python -m benchmarks), it does not import it.
-ALLOWED = {"kernels": {"kernels"}, "model": {"kernels", "model"}, "benchmarks": {"kernels", "model", "benchmarks"}}
+FOLDERS = ("kernels", "model", "benchmarks")
+# Layer of each module, by the longest prefix that names it; a module may import its own layer and those below.
+LAYERS = {
+    "llama3_triton.kernels": 0,
+    "llama3_triton.model": 1,
+    "llama3_triton.model.generation": 2,
+    "llama3_triton.model.cli": 3,
+    "llama3_triton.model.tools": 3,
+    "llama3_triton.benchmarks": 4,
+}
+
+
+def _modules() -> dict[str, Path]:
+    files = {}
+    for top in FOLDERS:
+        for f in (ROOT / top).rglob("*.py"):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files["llama3_triton." + ".".join(parts)] = f
+    return files
+
+
+def _layer(module: str) -> int:
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def _imports(f: Path) -> list:
+    names: list = []  # module names, or (module, [module.name ...]) of a from-import
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append((node.module, [f"{node.module}.{a.name}" for a in node.names]))
+    return names
+
+
+def _flat(f: Path) -> list[str]:
+    out = []
+    for n in _imports(f):
+        out += [n] if isinstance(n, str) else [n[0], *n[1]]
+    return out
 
 
 def _graph() -> dict[str, set[str]]:
-    files = {
-        (f"{pkg}.{f.stem}" if f.stem != "__init__" else pkg): f for pkg in PACKAGES for f in (ROOT / pkg).glob("*.py")
-    }
-    graph: dict[str, set[str]] = {}
+    files = _modules()
+    graph = {}
     for name, f in files.items():
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(f.read_text(), str(f))):
-            if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                subs = {f"{node.module}.{a.name}" for a in node.names} & files.keys()
-                deps |= subs or {node.module}  # `from model import distributed` imports model.distributed
+        for n in _imports(f):
+            if isinstance(n, str):
+                deps.add(n)
+            else:  # `from llama3_triton.model import distributed` imports model.distributed, not the package
+                module, subs = n
+                deps |= set(subs) & files.keys() or {module}
         graph[name] = {d for d in deps if d in files and d != name}
     return graph
 
 
-def test_packages_import_one_way():
+def test_every_project_import_goes_through_llama3_triton():
+    bad = []
+    for f in [*_modules().values(), *(ROOT / "tests").rglob("*.py")]:
+        for name in _flat(f):
+            if name.split(".")[0] in FOLDERS:
+                bad.append(f"{f.relative_to(ROOT)} imports {name}")
+    assert not bad, bad
+
+
+# The exceptions, each a call made on purpose: Llama.generate, the public convenience DESIGN.md names, hands over to
+# the generation layer inside the method (nothing of it is imported with the model).
+UPWARD = {("llama3_triton.model.llama", "llama3_triton.model.generation.generate")}
+
+
+def test_layers_import_one_way():
     bad = [
         f"{m} imports {d}"
         for m, deps in _graph().items()
         for d in deps
-        if d.split(".")[0] not in ALLOWED[m.split(".")[0]]
+        if _layer(d) > _layer(m) and (m, d) not in UPWARD and not m.endswith(".__main__")  # a program, not a layer
     ]
     assert not bad, bad
 
@@ -57,3 +113,33 @@ def test_no_import_circles():
                     seen.add(d)
                     stack.append((d, [*path, d]))
     assert not circles, sorted(set(circles))[:5]
+
+
+def test_no_test_module_imports_another():
+    bad = []
+    for f in (ROOT / "tests").rglob("*.py"):
+        for name in _flat(f):
+            if name.split(".")[-1].startswith("test_") and name.startswith("tests"):
+                bad.append(f"{f.relative_to(ROOT)} imports {name}")
+    assert not bad, bad
+
+
+def test_the_name_kernels_is_hugging_faces_when_it_is_installed():
+    """From a checkout (``python -m pytest``) the root is on sys.path and holds a folder named kernels/; this project
+    imports it only as llama3_triton.kernels, and ``import kernels`` (transformers' dependency) is theirs."""
+    import importlib
+    import importlib.metadata
+    import sys
+
+    import pytest
+
+    import llama3_triton.kernels as ours
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed here (transformers < 5.25)")
+    kernels = importlib.import_module("kernels")  # Hugging Face's package, not ours: by name, not an import line
+
+    assert kernels is not ours and not Path(kernels.__file__).resolve().is_relative_to(ROOT), kernels.__file__
+    assert "llama3_triton.kernels" in sys.modules and not hasattr(kernels, "Ops")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from model.tiny import make_tiny
+from llama3_triton.model.tools.tiny import make_tiny
 
 # Writes and loads a checkpoint large enough to measure peak memory: ~15 s a case.
 pytestmark = pytest.mark.slow
 
 CHILD = r"""
 import sys, torch
-from model.llama import Llama
+from llama3_triton.model.llama import Llama
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -58,7 +58,7 @@ def test_peak_host_memory_near_one_copy(tmp_path, layout):
 # reclaims at will; a bf16 load leaves the big matrices mapped and unread, so it never touches them).
 QUANT_CHILD = r"""
 import sys, threading, time, torch
-from model.llama import Llama
+from llama3_triton.model.llama import Llama
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.generate import SamplingParams, sample
-from model.llama import Llama
-from model.tiny import make_tiny
+from llama3_triton.model.generation.generate import SamplingParams, sample
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tools.tiny import make_tiny
 
 # (name, make_tiny kwargs, which folder our loader reads). Every variant writes HF's layout at the top and
 # Meta's in original/, from the same weights; HF's model always reads the top folder.

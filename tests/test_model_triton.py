@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.llama import Llama
-from model.tiny import make_tiny
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tools.tiny import make_tiny
 from tests.tolerances import INTERPRET, TOLERANCES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +102,7 @@ def _count_launches(model, monkeypatch, tokens, positions):
     ``Llama._decode_step``) are counted as one launch each: "head"."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    import model.llama as llama_mod
+    import llama3_triton.model.llama as llama_mod
 
     launches: list[str] = []
     aten = _CountAten()
@@ -175,7 +175,7 @@ def test_fused_decode_step_with_split_k(pair, monkeypatch):
     """Split-K in the fused step's products (forced at these tiny widths: as if the device had many SMs, 64-weight
     splits): the same logits as without it, every launch still one per product (the last split merges), and the
     model's GemvWorkspace left with its counters at zero."""
-    import kernels.gemv as gemv
+    import llama3_triton.kernels.gemv as gemv
 
     _, tri = pair
     prompt, tok, pos = torch.tensor([[1, 2, 3]], device=DEVICE), torch.tensor([[4]], device=DEVICE), torch.tensor([3])

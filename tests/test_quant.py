@@ -10,56 +10,18 @@ reference's. The numbers are printed (pytest -s) and copied into README.md.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.quant import quant_linear
-from model import quantize as quant
-from model.llama import Llama
-from model.tiny import make_tiny
+from llama3_triton.kernels import reference as ref
+from llama3_triton.kernels.quant import quant_linear
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.quant import quantize as quant
+from llama3_triton.model.tools.tiny import make_tiny
+from tests.quant_texts import CALIBRATION, HELDOUT, TEXT, perplexity
 from tests.smol import SMOL
 from tests.tolerances import assert_close, poisoned_like
-
-TEXT = (
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
-    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
-    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
-    'the rightful property of some one or other of their daughters. "My dear Mr. Bennet," said his lady to him '
-    'one day, "have you heard that Netherfield Park is let at last?" Mr. Bennet replied that he had not. "But '
-    'it is," returned she; "for Mrs. Long has just been here, and she told me all about it." Mr. Bennet made no '
-    'answer. "Do you not want to know who has taken it?" cried his wife impatiently. "You want to tell me, and '
-    'I have no objection to hearing it." This was invitation enough. "Why, my dear, you must know, Mrs. Long '
-    "says that Netherfield is taken by a young man of large fortune from the north of England; that he came down "
-    "on Monday in a chaise and four to see the place, and was so much delighted with it, that he agreed with Mr. "
-    "Morris immediately; that he is to take possession before Michaelmas, and some of his servants are to be in "
-    'the house by the end of next week."'
-)
-
-# GPTQ's calibration text, disjoint from TEXT and HELDOUT: the openings of nineteen public-domain works, one a
-# paragraph (Melville, Dickens x3, Carroll, the Declaration of Independence, Lincoln x2, Tolstoy tr. Garnett, Charlotte
-# and Emily Bronte, Shelley, Stoker, Conan Doyle, Twain, Stevenson, Wells, Thoreau, Conrad; all published 1776-1901):
-# ~2,950 tokens of prose of TEXT's kind (calibrating on the measured text itself measured +0.3% at g64: not done).
-CALIBRATION = (Path(__file__).parent / "data" / "calibration.txt").read_text(encoding="utf-8")
-# A second measured text (H. G. Wells, The War of the Worlds, 1898: public domain), written in after GPTQ's design
-# was settled on TEXT, and used for no choice since: the check that calibration's gains are not TEXT's alone.
-HELDOUT = (
-    "No one would have believed in the last years of the nineteenth century that this world was being watched "
-    "keenly and closely by intelligences greater than man's and yet as mortal as his own; that as men busied "
-    "themselves about their various concerns they were scrutinised and studied, perhaps almost as narrowly as a man "
-    "with a microscope might scrutinise the transient creatures that swarm and multiply in a drop of water. With "
-    "infinite complacency men went to and fro over this globe about their little affairs, serene in their assurance "
-    "of their empire over matter. It is possible that the infusoria under the microscope do the same. No one gave a "
-    "thought to the older worlds of space as sources of human danger, or thought of them only to dismiss the idea "
-    "of life upon them as impossible or improbable. It is curious to recall some of the mental habits of those "
-    "departed days. At most terrestrial men fancied there might be other men upon Mars, perhaps inferior to "
-    "themselves and ready to welcome a missionary enterprise. Yet across the gulf of space, minds that are to our "
-    "minds as ours are to those of the beasts that perish, intellects vast and cool and unsympathetic, regarded this "
-    "earth with envious eyes, and slowly and surely drew their plans against us."
-)
 
 # ---- the kernel against its definition ---------------------------------------------------------------------
 
@@ -123,7 +85,7 @@ def test_quant_linear_matches_reference_fp32(layout, fusion, shape, device):
 def test_quant_linear_split_k(layout, fusion, device):
     """Split-K (kernels/gemv.py's, shared): 3 programs share each tile's K = 768 (int8: 6 chunks, 4-bit: 3), the
     last of them merges in split order; the counters are left at zero."""
-    from kernels.gemv import GemvWorkspace
+    from llama3_triton.kernels.gemv import GemvWorkspace
 
     M, N, K = 3, 40, 768
     g = torch.Generator().manual_seed(11 + LAYOUTS.index(layout))
@@ -330,14 +292,6 @@ def test_bad_arguments(device, tmp_path):
 # ---- the loader and accuracy on tiny random Llama-3 checkpoints -------------------------------------------
 
 
-def _perplexity(llm: Llama, ids: list[int]) -> tuple[float, torch.Tensor]:
-    """exp(mean negative log-likelihood) of ids[1:] given their prefixes, and the argmax token at each position."""
-    llm.setup_cache(1, len(ids))
-    logits = llm.forward(torch.tensor([ids], device=llm.device), 0)[0].double()
-    nll = -torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:], device=llm.device)[:, None]).mean()
-    return float(nll.exp()), logits.argmax(-1)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama-3 whose products have K = 256 and 704 (dim 256, hidden 704: groups of 32 and 64; 128 only
@@ -346,17 +300,17 @@ def tiny(tmp_path_factory):
     return make_tiny(path, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=1.0, seed=3)
 
 
-def test_tiny_llama3_quantized_perplexity(tiny):
+def test_tiny_llama3_quantizedperplexity(tiny):
     base = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256)
     ids = base.tokenizer.encode(TEXT)[:128]
-    p0, top0 = _perplexity(base, ids)
+    p0, top0 = perplexity(base, ids)
     print(f"\ntiny Llama-3 (random weights, dim 256): perplexity {p0:.2f} (fp32)")
     for q, bound in (("int8", 0.01), ("int4-g32", 0.05), ("int4-g64", 0.05)):
         llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q)
         assert isinstance(llm.layers[0].feed_forward.w2, quant.QuantLinear) and isinstance(
             llm.output, quant.QuantLinear
         )
-        p, top = _perplexity(llm, ids)
+        p, top = perplexity(llm, ids)
         same = int((top == top0).sum())
         print(f"  {q}: perplexity {p:.2f} ({p / p0 - 1:+.2%}), greedy agreement {same}/{len(ids)}")
         assert abs(p / p0 - 1) < bound, (q, p, p0)
@@ -445,7 +399,7 @@ def test_calibration_sums_each_products_inputs(tiny, monkeypatch):
     H is the sum of x x^T over them, plus the sink pass's: each distinct token once more (alone at position 0),
     weighted so those rows total SINK_SHARE of the text's; every product has an H of its K; the model is as it was
     after (cache, ops)."""
-    from model import calibrate
+    from llama3_triton.model.quant import calibrate
 
     llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=64)
     ops, cache_shape = llm.ops, llm.k_cache[0].shape
@@ -474,7 +428,7 @@ def test_calibration_holds_the_sums_of_as_many_layers_as_fit(tiny, monkeypatch):
     once, in order, the later passes over the model with the earlier layers already quantized."""
     from types import SimpleNamespace
 
-    from model import calibrate
+    from llama3_triton.model.quant import calibrate
 
     def shapes(L, dim, hidden):
         ks = {"attention.wqkv": dim, "attention.wo": dim, "feed_forward.w13": dim, "feed_forward.w2": hidden}
@@ -500,7 +454,7 @@ def test_calibrated_codes_do_not_depend_on_max_seq_len(tiny, monkeypatch):
     """The calibration text is cut into CHUNK-token passes whatever the caller's max_seq_len (a serving setting):
     the same checkpoint and text give the same codes at max_seq_len 32 and 256. It used to cut at
     min(512, max_seq_len), and each chunk's first token (an attention sink) weighs in the codes."""
-    from model import calibrate
+    from llama3_triton.model.quant import calibrate
 
     seen = []
     hessians = calibrate.input_hessians
@@ -524,14 +478,14 @@ def test_calibrated_int4_load(tiny):
     and the model stays within int4's bound on TEXT; bad arguments are one clear error before weights are read."""
     base = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256)
     ids = base.tokenizer.encode(TEXT)[:128]
-    p0, top0 = _perplexity(base, ids)
+    p0, top0 = perplexity(base, ids)
     llm = Llama.load(tiny, device="cpu", dtype=torch.float32, max_seq_len=256, quantize="int4", calibration=CALIBRATION)
     formats = {n: m.format for n, m in llm.named_modules() if isinstance(m, quant.QuantLinear) and ".1." not in n}
     assert formats == {"layers.0.attention.wqkv": "int4-g128", "layers.0.attention.wo": "int4-g128",
                        "layers.0.feed_forward.w13": "int4-g128", "layers.0.feed_forward.w2": "int4-g64",
                        "output": "int8"}  # fmt: skip
     assert not any(isinstance(m, torch.nn.Linear) for m in llm.modules())  # no dense product left behind
-    p, top = _perplexity(llm, ids)
+    p, top = perplexity(llm, ids)
     print(f"\ntiny Llama-3 int4 calibrated: perplexity {p:.2f} vs {p0:.2f} ({p / p0 - 1:+.2%}), "
           f"greedy agreement {int((top == top0).sum())}/{len(ids)}")  # fmt: skip
     assert abs(p / p0 - 1) < 0.05
@@ -603,7 +557,7 @@ def smol_reference():
     """The reference (blocks dequantized to fp32): per measured text (TEXT, HELDOUT) its token ids, perplexity and
     argmax tokens. GGUF dequantization is cached for the quantized loads below, which quantize the same fp32
     tensors (Llama.load's own path otherwise)."""
-    from model.gguf import GGUFCheckpoint
+    from llama3_triton.model.checkpoints.gguf import GGUFCheckpoint
 
     cache: dict[str, torch.Tensor] = {}
     original = GGUFCheckpoint.tensor
@@ -619,7 +573,7 @@ def smol_reference():
     texts = []
     for text in (TEXT, HELDOUT):
         ids = base.tokenizer.encode(text)[:256]
-        texts.append((ids, *_perplexity(base, ids)))
+        texts.append((ids, *perplexity(base, ids)))
     del base
     yield texts
     mp.undo()
@@ -631,7 +585,7 @@ def _smol_run(smol_reference, q, calibration=None):
     llm = Llama.load(SMOL, device="cpu", dtype=torch.float32, max_seq_len=256, quantize=q, calibration=calibration)
     ratios, agree = [], []
     for name, (ids, p0, top0) in zip(("TEXT", "HELDOUT"), smol_reference, strict=True):
-        p, top = _perplexity(llm, ids)
+        p, top = perplexity(llm, ids)
         ratios.append(p / p0)
         agree.append(int((top == top0).sum()))
         print(
@@ -667,7 +621,7 @@ def test_smollm2_int4_weight_error():
     """Groups of 32 land on the file's own Q4_1 grid exactly (min/max is exact there and the search keeps it);
     groups of 64 straddle two Q4_1 blocks, and the search's RMS error is at most 0.85x min/max's. Measured here:
     6.5-7.6% (min/max 7.8-9.2%), ratios 0.83-0.84."""
-    from model.gguf import GGUFCheckpoint
+    from llama3_triton.model.checkpoints.gguf import GGUFCheckpoint
 
     ckpt = GGUFCheckpoint(SMOL)
     for name in ("layers.0.attention.wq", "layers.0.feed_forward.w1", "layers.15.feed_forward.w2",

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import reference as ref
-from kernels.rmsnorm import _MAX_ONE_PASS, add_rms_norm, rms_norm
+from llama3_triton.kernels import reference as ref
+from llama3_triton.kernels.rmsnorm import _MAX_ONE_PASS, add_rms_norm, rms_norm
 from tests.tolerances import DTYPES, INTERPRET, TOLERANCES, assert_close, poisoned_like
 
 # (rows..., D): tiny, odd, non-power-of-two D, a Llama dim, and one row longer than a register block

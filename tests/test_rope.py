@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.rope as rope_mod
-from kernels import reference as ref
-from kernels.rope import rope
+import llama3_triton.kernels.rope as rope_mod
+from llama3_triton.kernels import reference as ref
+from llama3_triton.kernels.rope import rope
 from tests.tolerances import DTYPES, assert_close, poisoned_like
 
 LLAMA31_SCALING = {

@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import SampleRng, SamplingParams, TokenCounts, draw, filter_probs, reference_probs, sample
+from llama3_triton.model.generation.sampling import (
+    SampleRng,
+    SamplingParams,
+    TokenCounts,
+    draw,
+    filter_probs,
+    reference_probs,
+    sample,
+)
 
 V = 128256  # Llama-3's vocabulary
 ALPHA = 1e-3  # the chi-square test's significance level

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import reference as ref
-from kernels.swiglu import _BLOCK, swiglu
+from llama3_triton.kernels import reference as ref
+from llama3_triton.kernels.swiglu import _BLOCK, swiglu
 from tests.tolerances import DTYPES, assert_close, poisoned_like
 
 # (rows..., F): tiny, odd, F not a multiple of the block, F spanning several blocks, 3-D leading dims.

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.tp import free_port
-from model.checkpoint import Checkpoint, CheckpointError
-from model.llama import Llama
-from model.tiny import make_tiny
+from llama3_triton.benchmarks.tp import free_port
+from llama3_triton.model.checkpoints.folder import Checkpoint, CheckpointError
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tools.tiny import make_tiny
 from tests.tolerances import TOLERANCES
 from tests.tp_worker import run_rank
 
@@ -49,11 +49,12 @@ def single(ckpts):
 
 
 def _torchrun(*cli_args: str, timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node 2 -m model.cli ARGS`` on a free port, compiled-kernel env as a user has it."""
+    """``torchrun --nproc-per-node 2 -m llama3_triton.model.cli ARGS`` on a free port, compiled-kernel env as a user has
+    it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_extra
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     return subprocess.run(
-        [*cmd, "-m", "model.cli", *cli_args], capture_output=True, text=True, env=env, timeout=timeout
+        [*cmd, "-m", "llama3_triton.model.cli", *cli_args], capture_output=True, text=True, env=env, timeout=timeout
     )
 
 

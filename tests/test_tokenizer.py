@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from llama_models.llama3 import tokenizer as meta_tokenizer_module
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-from model.tokenizer import (
+from llama3_triton.model.tokenizers.llama3 import (
     ROLES,
     SPECIAL_TOKENS,
     ChatFormat,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.torch_decode import GREEDY, TorchDecode
-from model.llama import Llama
-from model.sampling import SamplingParams, sample
-from model.tiny import make_tiny
+from llama3_triton.benchmarks.torch_decode import GREEDY, TorchDecode
+from llama3_triton.model.generation.sampling import SamplingParams, sample
+from llama3_triton.model.llama import Llama
+from llama3_triton.model.tools.tiny import make_tiny
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -129,8 +129,8 @@ def test_traces_as_one_graph_with_no_break_and_compiles_fullgraph(ckpt, params):
 def test_peer_generation_loop_gives_generates_greedy_tokens(ckpt):
     """The benchmark's generation loop around the peer step (benchmarks.e2e._generate_peer) and model.generate
     give the same greedy tokens from the same prompt: the positions and cache bookkeeping agree."""
-    from benchmarks.common import Context
-    from benchmarks.e2e import _generate_peer, _generate_triton, _Peer
+    from llama3_triton.benchmarks.common import Context
+    from llama3_triton.benchmarks.e2e import _generate_peer, _generate_triton, _Peer
 
     model = _load(ckpt, torch.float32)
     ctx = Context(device=torch.device("cpu"), dtype=torch.float32, smoke=True, compile_backend="eager")

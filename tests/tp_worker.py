@@ -18,7 +18,7 @@ def run_rank(rank: int, world: int, init_file: str, ckpt: str, out_dir: str, bac
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
     try:
-        from model.llama import Llama
+        from llama3_triton.model.llama import Llama
 
         llm = Llama.load(ckpt, backend=backend, device="cpu", dtype=torch.float32, max_seq_len=48, max_batch_size=2)
         tokens = torch.randint(0, 128000, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import reference
+from llama3_triton.kernels import reference
 
 QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")
 GGUF_KEPT = ("Q8_0", "Q4_0", "Q4_1")
@@ -332,7 +332,7 @@ class QuantLinear(nn.Module):
         """x (..., K) -> (..., N): the Triton dequantize-GEMV for up to 8 rows on the triton backend, else the
         weight dequantized to x's dtype slice by slice (at most 4 M weights at a time) and torch's product."""
         if self._kernel(x):
-            from kernels.quant import quant_linear
+            from llama3_triton.kernels.quant import quant_linear
 
             return quant_linear(x, self.qweight, self.scales, self.mins, self.group)
         N, K = self.out_features, self.in_features
@@ -359,7 +359,7 @@ class QuantLinear(nn.Module):
         exactly its semantics: on the triton backend the fused Triton dequantize-GEMV (kernels/quant.py), on the
         torch backend its plain-PyTorch definition (kernels.reference.quant_linear), written into ``out`` if given."""
         if self.backend == "triton":
-            from kernels.quant import quant_linear
+            from llama3_triton.kernels.quant import quant_linear
 
             return quant_linear(
                 x, self.qweight, self.scales, self.mins, self.group,

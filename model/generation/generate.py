@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import SampleRng, SamplingParams, TokenCounts, sample
+from llama3_triton.model.generation.sampling import SampleRng, SamplingParams, TokenCounts, sample
 
 __all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
 
@@ -422,7 +422,7 @@ class _TextStream:
     """Token ids -> text for one sequence: whole UTF-8 characters (StreamDecoder), cut at the first stop string."""
 
     def __init__(self, tokenizer, stops: Sequence[str]):
-        from model.tokenizer import StreamDecoder
+        from llama3_triton.model.tokenizers.llama3 import StreamDecoder
 
         self.decoder = StreamDecoder(tokenizer)
         self.stops = StopStrings(stops)
@@ -469,7 +469,7 @@ class ChatSession:
     the session repeatable without making every reply start the same way."""
 
     def __init__(self, model, *, system: str | None = None, seed: int | None = None, **sampling):
-        from model.hf_tokenizer import chat_format
+        from llama3_triton.model.tokenizers.hf import chat_format
 
         self.model = model
         self.fmt = chat_format(model.tokenizer)

@@ -20,7 +20,8 @@ found by a radix select on the bits, most significant first: three passes (11 + 
 bits), each a histogram of the masses of the tokens still in the chosen bucket (``scatter_add_`` into 2048
 or 1024 bins), a suffix sum over the bins and a count to pick the next digit. Every pass reads the
 vocabulary once: the three cost about 0.5 ms per row on one CPU core, against ~3 ms for a 30-step
-bisection on the threshold. Whole ``sample`` calls with ``SampleRng`` (``python -m benchmarks.sampling``, one
+bisection on the threshold. Whole ``sample`` calls with ``SampleRng``
+(``python -m llama3_triton.benchmarks.sampling``, one
 thread of a 2-core CPU also running the test suite): top-p 0.9 3.4 ms, top-k 50 + top-p 1.1 ms, against 13-14
 ms for softmax + full sort + ``torch.multinomial``. Tokens above tau stay; tokens equal to tau stay in
 token-id order while the mass ranked before them is below the target, which is what the sorted reference does

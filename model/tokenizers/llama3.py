@@ -69,7 +69,7 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
     """``base64(token) rank`` lines -> {token bytes: rank}, validated so that tiktoken never sees a file it
     would panic on: its Rust panics (duplicate ranks, ranks it cannot index) are BaseExceptions that escape
     ``except Exception`` with a 100-line backtrace. The ranks must be exactly 0 .. n-1, each once."""
-    from model._files import open_regular
+    from llama3_triton.model.checkpoints.files import open_regular
 
     try:
         fd = open_regular(path, "tokenizer")  # a FIFO in its place would block a plain read forever

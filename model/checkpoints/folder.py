@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from model import _files
-from model.config import ConfigError, ModelArgs, from_hf_config, from_meta_params
+from llama3_triton.model.checkpoints import files as _files
+from llama3_triton.model.config import ConfigError, ModelArgs, from_hf_config, from_meta_params
 
 
 class CheckpointError(ValueError):

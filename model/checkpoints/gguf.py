@@ -36,8 +36,13 @@ import numpy as np
 import torch
 
 # Only public names of checkpoint.py/config.py: both are being reworked, and this module should not care how.
-from model.checkpoint import META_SPLIT_DIM, CheckpointError, check_tensor_parallel, expected_shapes
-from model.config import ConfigError, ModelArgs
+from llama3_triton.model.checkpoints.folder import (
+    META_SPLIT_DIM,
+    CheckpointError,
+    check_tensor_parallel,
+    expected_shapes,
+)
+from llama3_triton.model.config import ConfigError, ModelArgs
 
 GGUF_MAGIC = b"GGUF"
 
@@ -260,7 +265,7 @@ class GGUFCheckpoint:
 
     def _llama3_scaling_from(self, t: Any, args: ModelArgs) -> dict[str, float]:
         """Recognise a rope_freqs tensor as Meta's llama3 scaling: it must equal the formula's divisors."""
-        from kernels import reference
+        from llama3_triton.kernels import reference
 
         got = torch.from_numpy(self._dequantize(t).reshape(-1).copy()).double()
         if got.numel() != args.head_dim // 2 or not torch.isfinite(got).all() or got.min() <= 0:

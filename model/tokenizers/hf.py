@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from model.tokenizer import ChatFormat, Tokenizer, TokenizerError
+from llama3_triton.model.tokenizers.llama3 import ChatFormat, Tokenizer, TokenizerError
 
 # Token texts that end a turn in the common chat formats (llama.cpp treats the same ones as end-of-generation).
 END_OF_TURN_TEXTS = (

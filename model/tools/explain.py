@@ -38,8 +38,8 @@ from typing import TextIO
 
 import torch
 
-from kernels import reference
-from model import _files
+from llama3_triton.kernels import reference
+from llama3_triton.model.checkpoints import files as _files
 
 DEFAULT_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 _ROOT = Path(reference.__file__).resolve().parent.parent  # the folder holding kernels/ and model/

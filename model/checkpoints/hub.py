@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from model.checkpoint import CheckpointError
+from llama3_triton.model.checkpoints.folder import CheckpointError
 
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 ALLOW = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model", "*.jinja"]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from model import _files
-from model.checkpoint import (
+from llama3_triton.model.checkpoints import files as _files
+from llama3_triton.model.checkpoints.folder import (
     HF_NAMES,
     META_SPLIT_DIM,
     CheckpointError,
@@ -31,7 +31,7 @@ from model.checkpoint import (
     expected_shapes,
     permute_for_rotate_half,
 )
-from model.config import ModelArgs, to_hf_config, to_meta_params
+from llama3_triton.model.config import ModelArgs, to_hf_config, to_meta_params
 
 
 def random_weights(
@@ -187,7 +187,7 @@ def tiny_args(
     rope_theta: float = 500000.0,
 ) -> ModelArgs:
     """A Llama-3-shaped config, small enough for a CPU (defaults: head dim 64, GQA 2, Llama 3.1 RoPE)."""
-    from model.config import _llama3_scaling, ffn_hidden_dim
+    from llama3_triton.model.config import _llama3_scaling, ffn_hidden_dim
 
     scaling = None if rope_scaling_factor is None else _llama3_scaling(rope_scaling_factor)
     return ModelArgs(
@@ -226,7 +226,7 @@ def make_tiny(
     Meta's layout in ``target`` (``shards`` model-parallel files); with ``hf=True``, Hugging Face's layout in
     ``target`` and Meta's in ``target/original`` (as HF repos ship them), holding the same weights.
     """
-    from model.tokenizer import default_tokenizer_path
+    from llama3_triton.model.tokenizers.llama3 import default_tokenizer_path
 
     for what, v in (
         ("dim", dim),
