@@ -57,17 +57,17 @@ NEEDED = (
 
 # The tests that need a GPU, in the order they run: cheap (little to compile) and important first.
 GPU_TESTS = (
-    "tests/test_sampling.py",
-    "tests/test_rmsnorm.py",
-    "tests/test_swiglu.py",
-    "tests/test_gguf.py",
-    "tests/test_model_triton.py",
-    "tests/test_decode_step_attention.py",
-    "tests/test_gemv.py",
-    "tests/test_quant.py",
-    "tests/test_decode.py",
-    "tests/test_attention.py",
-    "tests/test_rope.py",
+    "tests/model/generation/test_sampling.py",
+    "tests/kernels/test_rmsnorm.py",
+    "tests/kernels/test_swiglu.py",
+    "tests/model/checkpoints/test_gguf.py",
+    "tests/model/test_model_triton.py",
+    "tests/kernels/test_decode_step_attention.py",
+    "tests/kernels/test_gemv.py",
+    "tests/model/quant/test_quant.py",
+    "tests/kernels/test_decode.py",
+    "tests/kernels/test_attention.py",
+    "tests/kernels/test_rope.py",
 )
 # Of test_sampling.py only its GPU tests (the same tokens on CPU and GPU, no host sync); of test_gguf.py only the
 # SmolLM2-compiled test; everything in the others.

@@ -490,8 +490,8 @@ class Llama(nn.Module):
         logits = torch.empty((B, self.vocab_local), dtype=torch.float32, device=x.device)
         if x.device.type == "cpu" and self.ops is not reference:
             # Triton's interpreter (no GPU) reads ~4M weights a second: a 128k-row head would take seconds a token.
-            # The head-wide kernels are tested on their own (tests/test_gemv.py, test_quant.py); PyTorch computes
-            # the same thing here.
+            # The head-wide kernels are tested on their own (tests/kernels/test_gemv.py, test_quant.py); PyTorch
+            # computes the same thing here.
             return reference.linear(x, head.weight, rms_weight=self.norm, eps=step.eps, out=logits)
         ws = step.gemv_workspace
         return _product(self.ops, head, x, rms_weight=self.norm, eps=step.eps, out=logits, workspace=ws)  # norm + head

@@ -2,7 +2,8 @@
 
 GPTQ rounds each column against the errors of the columns before it, so one code flipped at a near tie changes
 every later choice: a relative change of 1e-6 in H (far below what another CPU's summation order or a GPU gives)
-lands the model elsewhere. This runs the measurement of tests/test_quant.py (the fp32 reference, TEXT and HELDOUT,
+lands the model elsewhere. This runs the measurement of tests/model/quant/test_quant.py (the fp32 reference,
+TEXT and HELDOUT,
 CALIBRATION) once per seed with each product's H multiplied elementwise by 1 + e, e symmetric, of standard
 deviation ~1e-6:
 

@@ -1,4 +1,4 @@
-"""One rank of a tensor-parallel test run (spawned by tests/test_tensor_parallel.py, gloo on the CPU)."""
+"""One rank of a tensor-parallel test run (spawned by tests/model/test_tensor_parallel.py, gloo on the CPU)."""
 
 from __future__ import annotations
 

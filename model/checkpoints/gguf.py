@@ -13,7 +13,7 @@ The q/k layout: llama.cpp's Llama graph uses the interleaved-pairs RoPE (its "NO
 its converter undoes Hugging Face's rotate-half permutation of wq/wk when it writes the file
 (``LlamaModel.permute`` in convert_hf_to_gguf.py). So the rows are already in the order this project
 uses, and nothing is permuted here. Checked on SmolLM2-135M-Instruct against transformers
-(tests/test_gguf.py: the logits agree only with this choice).
+(tests/model/checkpoints/test_gguf.py: the logits agree only with this choice).
 
 Llama 3.1+ RoPE scaling is not in the metadata: the converter stores the per-frequency divisors as a
 ``rope_freqs.weight`` tensor. We accept it when it is exactly Meta's llama3 formula for some factor (the

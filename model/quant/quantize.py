@@ -31,7 +31,7 @@ predicted (not measured) ~5-10 s on an H200.
 
 Each tensor is quantized on the target device as it is loaded, its rows in slices of at most 4 M weights (16 MB in
 fp32; the int4 search holds three such temporaries), so peak memory stays near the quantized model plus one dense
-tensor (tests/test_loading_memory.py measures it).
+tensor (tests/model/test_loading_memory.py measures it).
 
 ``QuantLinear`` replaces ``nn.Linear``: ``forward(x)`` for any number of rows, ``gemv(x, ...)`` with the fused
 decode product's keywords (``kernels.gemv.linear``'s), and ``weight`` (the dequantized matrix, for readers such
@@ -202,10 +202,11 @@ def gptq_int4(
     codes compensate for it. Each group's (s, m) is ``_int4_search``'s on the original weights, fixed before any
     column moves ("static groups": the stored layout, and so the kernels, stay ``quantize_int4``'s whatever the
     order). ``damp`` x mean(H_kk) is added to H's diagonal: a few hundred tokens give a singular X X^T. With H = I
-    no error moves and the result is ``quantize_int4``'s, code for code (tests/test_quant.py checks it).
+    no error moves and the result is ``quantize_int4``'s, code for code (tests/model/quant/test_quant.py checks it).
 
     Each group's (s, m) search weighs its columns by H_kk (``importance``), as llama.cpp's imatrix does. Measured on
-    SmolLM2-135M, groups of 64, perplexity over the reference's on TEXT (tests/test_quant.py), calibrated on ~2,950
+    SmolLM2-135M, groups of 64, perplexity over the reference's on TEXT (tests/model/quant/test_quant.py),
+    calibrated on ~2,950
     tokens of other public-domain prose: the search alone +24.2%; both +5.8% to +6.7% (+5.3% to +5.7% since the
     sink pass of model/calibrate.py; GPTQ's choices cascade: runs whose H differ by 1e-6 land that far apart;
     tests/smol_gptq_spread.py). A prototype's single runs, so within

@@ -20,7 +20,7 @@ import torch
 from llama3_triton.benchmarks.common import CPU_BANNER, Case, Context, Skip, run_case
 from llama3_triton.benchmarks.report import evaluate_goals, render_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {
     "rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "rope_decode_attention", "gemv",
     "quant",

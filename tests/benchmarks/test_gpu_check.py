@@ -21,7 +21,7 @@ from llama3_triton.benchmarks import e2e, gpu_check
 from llama3_triton.benchmarks.common import Context
 from llama3_triton.benchmarks.report import write_results
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_plan_puts_the_8b_goal_rows_before_any_test():
@@ -38,8 +38,9 @@ def test_the_plan_puts_the_8b_goal_rows_before_any_test():
     assert "--continue-on-collection-errors" in tests["cmd"]
     # cheap and important first: the sampler's GPU tests, RMSNorm, SwiGLU and SmolLM2 before the compile-heavy ones
     files = [a for a in tests["cmd"] if a.startswith("tests/")]
-    assert files[:4] == ["tests/test_sampling.py", "tests/test_rmsnorm.py", "tests/test_swiglu.py",
-                         "tests/test_gguf.py"]  # fmt: skip
+    assert [Path(f).name for f in files[:4]] == ["test_sampling.py", "test_rmsnorm.py", "test_swiglu.py",
+                                                 "test_gguf.py"]  # fmt: skip
+    assert all((ROOT / f).is_file() for f in files), files  # every file the check names exists
     assert "--resume" in rest["cmd"]
 
 

@@ -34,7 +34,7 @@ def rows(tmp_path_factory) -> list[dict]:
         capture_output=True,
         text=True,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         timeout=1500,
     )
     assert out.exists(), f"kernel_resources did not run:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"

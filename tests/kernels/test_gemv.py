@@ -218,6 +218,6 @@ def test_the_gemvs_never_specialise_n():
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       cwd=Path(__file__).resolve().parents[1], timeout=300)  # fmt: skip
+                       cwd=Path(__file__).resolve().parents[2], timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split("\n")[:2] == ["['N']", "['N']"]
