@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama3_triton.model.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A params.json / config.json that is missing, unreadable or describes an impossible model."""
 
 

@@ -25,6 +25,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from llama3_triton.model.errors import UserError
+
+
+class TensorParallelError(UserError, RuntimeError):
+    """Another rank failed, left or hung: said on every rank, in one line, so that none waits forever."""
+
 # Collectives that do not complete in this time raise instead of hanging (a rank died mid-run).
 DEFAULT_TIMEOUT_S = int(os.environ.get("LLAMA3_TRITON_TP_TIMEOUT", "600"))
 # How long a rank that has loaded its weights waits for the others (``TensorParallel.agree``). Ranks load equal
@@ -115,19 +121,19 @@ class TensorParallel:
                 try:
                     value = store.get(key + str(r)).decode("utf-8", "replace") if store.check([key + str(r)]) else None
                 except Exception as e:  # the store lives in rank 0's process (torchrun): it failed and left
-                    raise RuntimeError(
+                    raise TensorParallelError(
                         f"tensor-parallel rank {self.rank} lost the rendezvous store while waiting for the others to "
                         f"load (rank 0 failed? its error is above): {(str(e).strip().splitlines() or [''])[0]}"
                     ) from None
                 if value is not None:
                     if value != "ok":
-                        raise RuntimeError(
+                        raise TensorParallelError(
                             f"tensor-parallel rank {r} failed: {value.removeprefix('error: ')}; rank {self.rank} "
                             "stops too"
                         )
                     waiting.discard(r)
             if waiting and time.monotonic() > deadline:
-                raise RuntimeError(
+                raise TensorParallelError(
                     f"tensor-parallel rank(s) {sorted(waiting)} did not finish loading within {timeout_s:g} s "
                     f"(LLAMA3_TRITON_TP_LOAD_TIMEOUT); rank {self.rank} stops"
                 )
@@ -143,7 +149,9 @@ class TensorParallel:
             raise error
         bad = failed.nonzero().flatten().tolist()
         if bad:
-            raise RuntimeError(f"tensor-parallel rank {bad[0]} failed (its error is above); rank {self.rank} stops too")
+            raise TensorParallelError(
+                f"tensor-parallel rank {bad[0]} failed (its error is above); rank {self.rank} stops too"
+            )
 
 
 def _default_store():

@@ -56,6 +56,7 @@ from llama3_triton.model import distributed, loading
 from llama3_triton.model.checkpoints.folder import CheckpointError
 from llama3_triton.model.config import ModelArgs
 from llama3_triton.model.distributed import TensorParallel
+from llama3_triton.model.errors import UserError
 from llama3_triton.model.graph import DecodeGraph
 from llama3_triton.model.loading import default_device, default_dtype, select_ops
 from llama3_triton.model.tokenizers.llama3 import Tokenizer
@@ -319,7 +320,7 @@ class Llama(nn.Module):
             self.use_cuda_graph = bool(cuda_graph)
         if fused_decode is not None:
             if fused_decode and self.tp.enabled:
-                raise ValueError("fused_decode: not available under tensor parallelism")
+                raise UserError("fused_decode: not available under tensor parallelism")
             self.fused_decode = bool(fused_decode)
         self._make_decode_workspace()
         self._graphs.clear()
@@ -366,10 +367,10 @@ class Llama(nn.Module):
         """
         if check:
             if not isinstance(start_pos, int) or isinstance(start_pos, bool):
-                raise ValueError(f"start_pos must be an int, got {start_pos!r}")
+                raise UserError(f"start_pos must be an int, got {start_pos!r}")
             tokens, positions, start_pos = self._check_inputs(tokens, start_pos)
             if last is not None and (not torch.is_tensor(last) or last.shape != (tokens.shape[0],)):
-                raise ValueError(f"last must be a ({tokens.shape[0]},) tensor of token indices, got {_describe(last)}")
+                raise UserError(f"last must be a ({tokens.shape[0]},) tensor of token indices, got {_describe(last)}")
         else:
             B, T = tokens.shape
             positions = (start_pos + torch.arange(T, device=tokens.device)).expand(B, T)
@@ -404,36 +405,36 @@ class Llama(nn.Module):
 
     def _check_inputs(self, tokens, start_pos):
         if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"tokens must be an integer tensor of shape (B, T), got {_describe(tokens)}")
+            raise UserError(f"tokens must be an integer tensor of shape (B, T), got {_describe(tokens)}")
         if tokens.device != self.device:
-            raise ValueError(f"tokens are on {tokens.device}, the model is on {self.device}")
+            raise UserError(f"tokens are on {tokens.device}, the model is on {self.device}")
         B, T = tokens.shape
         if not 1 <= B <= self.max_batch_size:
-            raise ValueError(f"batch size {B} must be in [1, max_batch_size={self.max_batch_size}]")
+            raise UserError(f"batch size {B} must be in [1, max_batch_size={self.max_batch_size}]")
         if T < 1:
-            raise ValueError("tokens must hold at least one position (T >= 1)")
+            raise UserError("tokens must hold at least one position (T >= 1)")
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.args.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.args.vocab_size}), got range [{lo}, {hi}]")
+            raise UserError(f"token ids must be in [0, {self.args.vocab_size}), got range [{lo}, {hi}]")
         steps = torch.arange(T, device=self.device)
         if isinstance(start_pos, bool):
-            raise ValueError(f"start_pos must be an int or an integer tensor, got {start_pos!r}")
+            raise UserError(f"start_pos must be an int or an integer tensor, got {start_pos!r}")
         if isinstance(start_pos, int):
             if start_pos < 0 or start_pos + T > self.max_seq_len:
-                raise ValueError(
+                raise UserError(
                     f"start_pos={start_pos}: positions {start_pos}..{start_pos + T - 1} do not fit the KV cache of "
                     f"{self.max_seq_len}"
                 )
             return tokens.long(), (start_pos + steps).expand(B, T), start_pos
         if not torch.is_tensor(start_pos) or start_pos.shape != (B,) or start_pos.is_floating_point():
-            raise ValueError(
+            raise UserError(
                 f"start_pos must be an int or an integer tensor of shape ({B},), got {_describe(start_pos)}"
             )
         if T != 1:
-            raise ValueError("per-sequence start_pos (a tensor) is only supported for one-token decode steps (T == 1)")
+            raise UserError("per-sequence start_pos (a tensor) is only supported for one-token decode steps (T == 1)")
         start_pos = start_pos.to(self.device, torch.long)
         if int(start_pos.min()) < 0 or int(start_pos.max()) >= self.max_seq_len:
-            raise ValueError(f"start_pos values must be in [0, {self.max_seq_len}), got {start_pos.tolist()}")
+            raise UserError(f"start_pos values must be in [0, {self.max_seq_len}), got {start_pos.tolist()}")
         return tokens.long(), start_pos[:, None], None
 
     # ---- decode step (CUDA graph on GPUs) ---------------------------------------------------------

@@ -19,6 +19,7 @@ from llama3_triton.kernels import Ops, reference
 from llama3_triton.model import distributed
 from llama3_triton.model.checkpoints.folder import Checkpoint
 from llama3_triton.model.checkpoints.sources import open_checkpoint, open_tokenizer
+from llama3_triton.model.errors import UserError
 
 
 def select_ops(backend: str, device: torch.device) -> Ops:
@@ -26,14 +27,14 @@ def select_ops(backend: str, device: torch.device) -> Ops:
     if backend == "torch":
         return reference
     if backend != "triton":
-        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+        raise UserError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if device.type == "cpu":
         # Without a GPU, Triton kernels run in its interpreter, which @triton.jit picks at import time.
         if "llama3_triton.kernels.rmsnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before the kernels are imported")
+            raise UserError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before the kernels are imported")
         os.environ["TRITON_INTERPRET"] = "1"
     elif device.type != "cuda":
-        raise ValueError(f"backend='triton' runs on CUDA (or the CPU through the interpreter), not {device.type}")
+        raise UserError(f"backend='triton' runs on CUDA (or the CPU through the interpreter), not {device.type}")
     from llama3_triton.kernels import triton_ops  # imports every kernel file now, not in the middle of a forward pass
 
     return triton_ops
@@ -61,13 +62,13 @@ def load(
     if calibration is not None:
         calibrate.check(spec, calibration)
         if tp.enabled:
-            raise ValueError("calibration is not supported under tensor parallelism")
+            raise UserError("calibration is not supported under tensor parallelism")
     device = torch.device(device) if device is not None else distributed.default_device(tp)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' requested but torch sees no CUDA device")
+        raise UserError("device='cuda' requested but torch sees no CUDA device")
     dtype = dtype if dtype is not None else default_dtype(device)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise UserError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     # Pick (and import) the kernels first: @triton.jit reads TRITON_INTERPRET at import time, and the
     # meta-device model construction below would otherwise import triton.language un-interpreted.
     select_ops(backend, device)
@@ -76,19 +77,19 @@ def load(
     args = ckpt.args
     max_seq_len = min(args.max_position_embeddings, 8192) if max_seq_len is None else max_seq_len
     if not 1 <= max_seq_len <= args.max_position_embeddings:
-        raise ValueError(
+        raise UserError(
             f"max_seq_len must be in [1, {args.max_position_embeddings}] for this model, got {max_seq_len}"
         )
     if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
 
     if spec is not None and spec[0] == "gguf":
         if ckpt.layout != "gguf":
-            raise ValueError(
+            raise UserError(
                 f"quantize='gguf' keeps a GGUF file's blocks; {ckpt.dir} is a {ckpt.layout} checkpoint"
             )
         if tp.enabled:
-            raise ValueError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
+            raise UserError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
 
     with torch.device("meta"):
         model = cls(args, backend, device, tp)
@@ -157,7 +158,7 @@ def _fused_state_dict(
             other = next((t for t in types if t not in quant.GGUF_KEPT and t not in ("F32", "F16", "BF16")), None)
             if other is not None or kept:
                 what = f"stored as {other}" if other else f"mixes {' and '.join(sorted(set(types)))}"
-                raise ValueError(
+                raise UserError(
                     f"{ckpt.path}: {parts[0]} is {what}; quantize='gguf' keeps Q8_0, Q4_0 and Q4_1 blocks (one type "
                     "per fused product): load without it to dequantize"
                 )
@@ -172,7 +173,7 @@ def _fused_state_dict(
         try:
             return quant.quantize_product(module, w, quantize, dtype, backend)  # the head stays at int8
         except ValueError as e:
-            raise ValueError(f"{module}: {e}") from None
+            raise UserError(f"{module}: {e}") from None
 
     def _put(module: str, lin: nn.Module) -> None:
         modules[module] = lin

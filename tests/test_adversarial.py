@@ -775,10 +775,11 @@ def test_tensor_parallel_load_agreement(tmp_path, mode):
     mp.spawn(_agree_rank, args=(2, str(tmp_path / "rdv"), mode, str(tmp_path)), nprocs=2, join=True)
     (t0, r0), (_, r1) = (Path(tmp_path, f"agree{r}.txt").read_text().split("\n", 1) for r in (0, 1))
     if mode == "fails":
-        assert r0 == "RuntimeError: tensor-parallel rank 1 failed: consolidated.01.pth: cannot open; rank 0 stops too"
+        want = "tensor-parallel rank 1 failed: consolidated.01.pth: cannot open; rank 0 stops too"
+        assert r0 == f"TensorParallelError: {want}"
         assert r1 == "ValueError: consolidated.01.pth: cannot open"
     else:
-        assert r0.startswith("RuntimeError: tensor-parallel rank(s) [1] did not finish loading within 2 s")
+        assert r0.startswith("TensorParallelError: tensor-parallel rank(s) [1] did not finish loading within 2 s")
         assert 1.9 < float(t0) < 5.5  # the load timeout, not the 600 s of the process group
 
 

@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from llama3_triton.model.errors import UserError
+
 # Hidden temporary siblings are named ".<target name>.tmp-<pid>-<random>": the pid lets a later run tell
 # the leftovers of a killed writer (pid gone) from a writer still at work.
 TMP_MARK = ".tmp-"
@@ -208,7 +210,7 @@ def open_regular(path: Path, what: str = "file") -> int:
             kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a device"
             if stat.S_ISSOCK(st.st_mode):
                 kind = "a socket"
-            raise ValueError(f"{path}: cannot read the {what} file: not a regular file but {kind}")
+            raise UserError(f"{path}: cannot read the {what} file: not a regular file but {kind}")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

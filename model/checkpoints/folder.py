@@ -39,9 +39,10 @@ import torch
 
 from llama3_triton.model.checkpoints import files as _files
 from llama3_triton.model.config import ConfigError, ModelArgs, from_hf_config, from_meta_params
+from llama3_triton.model.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, unsafe or does not fit its config."""
 
 
@@ -203,10 +204,10 @@ class _Any:
 class _StorageRef:
     def __init__(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Global)):
-            raise ValueError(f"unexpected persistent id {pid!r}")
+            raise UserError(f"unexpected persistent id {pid!r}")
         self.key, self.kind, self.numel = str(pid[2]), pid[1].name, pid[4]
         if self.kind not in _STORAGE_BYTES or not isinstance(self.numel, int) or self.numel < 0:
-            raise ValueError(f"unexpected storage {self.kind} of {self.numel!r} elements")
+            raise UserError(f"unexpected storage {self.kind} of {self.numel!r} elements")
         self.nbytes = self.numel * _STORAGE_BYTES[self.kind]
 
 
@@ -242,7 +243,7 @@ class _PthRecords:
                 data = z.read(pkl[0])  # zipfile checks this record's CRC
                 top = _RecordScanner(io.BytesIO(data), encoding="utf-8").load()
                 if not isinstance(top, dict):
-                    raise ValueError(f"data.pkl holds a {type(top).__name__}, not a dict")
+                    raise UserError(f"data.pkl holds a {type(top).__name__}, not a dict")
                 self.records: dict[str, tuple[str, int, int, int]] = {}  # name -> (record, offset, size, crc)
                 for name, ref in top.items():
                     if not isinstance(ref, _TensorRef):

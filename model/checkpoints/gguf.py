@@ -100,6 +100,110 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+# ---- the header, checked before the gguf package walks it ------------------------------------------------
+
+# GGUF value types: fixed sizes in bytes (8: string, 9: array, handled apart).
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+# The longest metadata array a Llama-3 file needs: its tokenizer's merges (~280k) and tokens (128,256). The gguf
+# package walks an array element by element (~650 bytes of Python objects each), so a longer one, needed or not,
+# is refused before it does: a file claiming 2**62 elements would otherwise run forever.
+MAX_ARRAY = 1 << 20
+MAX_STRING = 16 << 20  # a chat template is a few KB; a token a few bytes
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_header(path: Path) -> None:
+    """Walk the GGUF header with every count checked against the bytes left, before ``gguf.GGUFReader`` does.
+
+    Numeric arrays are skipped in O(1) (count times element size, which must fit); string arrays are walked by
+    their length prefixes, at most MAX_ARRAY of them. Raises CheckpointError naming the field for a count that the
+    file cannot hold or an array longer than MAX_ARRAY. Time and memory do not depend on what the counts claim."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise CheckpointError(f"{path}: not a readable GGUF file, truncated ({size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pos = 4
+
+            def take(fmt: str, what: str):
+                nonlocal pos
+                n = struct.calcsize(fmt)
+                if pos + n > size:
+                    raise CheckpointError(f"{path}: GGUF header truncated in {what} (byte {pos} of {size})")
+                v = struct.unpack_from(fmt, m, pos)
+                pos += n
+                return v[0]
+
+            def skip(n: int, what: str) -> None:
+                nonlocal pos
+                if n < 0 or pos + n > size:
+                    raise CheckpointError(
+                        f"{path}: GGUF {what} claims {n:,} bytes, but only {size - pos:,} are left in the file"
+                    )
+                pos += n
+
+            def string(what: str) -> bytes:
+                n = take("<Q", what)
+                if n > MAX_STRING:
+                    raise CheckpointError(f"{path}: GGUF {what} is a string of {n:,} bytes (at most {MAX_STRING:,})")
+                start = pos
+                skip(n, what)
+                return bytes(m[start:pos])
+
+            version = take("<I", "the version")
+            if version not in (2, 3):
+                raise CheckpointError(f"{path}: GGUF version {version} (this reader takes versions 2 and 3)")
+            n_tensors = take("<Q", "the tensor count")
+            n_kv = take("<Q", "the metadata count")
+            # Each key/value needs at least 8 (key length) + 4 (type) + 1 bytes; each tensor record 8+4+8+4+8.
+            if n_kv * 13 > size - pos or n_tensors * 32 > size - pos:
+                raise CheckpointError(
+                    f"{path}: GGUF header claims {n_kv:,} metadata fields and {n_tensors:,} tensors, more than its "
+                    f"{size:,} bytes can hold"
+                )
+            for i in range(n_kv):
+                key = string(f"metadata key {i}").decode("utf-8", "replace")
+                what = f"metadata field {key[:80]!r}"
+                vtype = take("<I", what)
+                if vtype in _FIXED:
+                    skip(_FIXED[vtype], what)
+                elif vtype == _STRING:
+                    string(what)
+                elif vtype == _ARRAY:
+                    etype, count = take("<I", what), take("<Q", what)
+                    if count > MAX_ARRAY:
+                        raise CheckpointError(
+                            f"{path}: GGUF {what} is an array of {count:,} elements (a Llama model's longest, its "
+                            f"tokenizer's, has under {MAX_ARRAY:,}): not read"
+                        )
+                    if etype in _FIXED:
+                        skip(count * _FIXED[etype], what)
+                    elif etype == _STRING:
+                        if count * 8 > size - pos:
+                            skip(count * 8, what)  # raises: the length prefixes alone do not fit
+                        for _ in range(count):
+                            string(what)
+                    else:
+                        raise CheckpointError(f"{path}: GGUF {what} is an array of type {etype}, not one GGUF defines")
+                else:
+                    raise CheckpointError(f"{path}: GGUF {what} has type {vtype}, not one GGUF defines")
+            for i in range(n_tensors):
+                name = string(f"tensor record {i}").decode("utf-8", "replace")
+                what = f"tensor {name[:80]!r}"
+                n_dims = take("<I", what)
+                if not 1 <= n_dims <= MAX_DIMS:
+                    raise CheckpointError(f"{path}: GGUF {what} has {n_dims} dimensions (1 to {MAX_DIMS})")
+                dims = [take("<Q", what) for _ in range(n_dims)]
+                if any(d == 0 or d > size * 8 for d in dims):  # 8: the most elements a byte can hold (1-bit)
+                    raise CheckpointError(f"{path}: GGUF {what} has dimensions {dims}, more than the file can hold")
+                take("<I", what)  # storage type (the gguf package checks it)
+                take("<Q", what)  # offset (the gguf package checks it against the data section)
+
+
 class GGUFCheckpoint:
     """One GGUF file; ``tensor(name)`` yields full fp32 weights under Meta's names, one at a time."""
 
@@ -122,6 +226,7 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
         if magic != GGUF_MAGIC:
             raise CheckpointError(f"{self.path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+        check_header(self.path)  # every count against the bytes left, before the reader trusts them
         try:
             self.reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader raises ValueError, IndexError, ... on a truncated or corrupt header

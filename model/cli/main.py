@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from llama3_triton.model.errors import UserError
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 QUANTIZE = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")  # model.quantize.QUANTIZE_CHOICES
 QUANTIZE_HELP = (
@@ -24,7 +26,7 @@ H200_GBPS = 4800  # H200 HBM3e, NVIDIA's spec sheet: an assumption for `info`'s 
 TINY_SEED = 0
 
 
-class CliError(Exception):
+class CliError(UserError):
     """An error with a message for the user; exits 1."""
 
 
@@ -463,12 +465,12 @@ def _read_stdin_line() -> str | None:
 def cmd_explain(args) -> int:
     import torch
 
-    from llama3_triton.model.checkpoints.folder import Checkpoint
+    from llama3_triton.model.checkpoints.sources import open_checkpoint
 
     text = None if args.prompt is None else _read_stdin_text() if args.prompt == "-" else args.prompt
     prompt = None if text is None else _clean_prompt(text)
-    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
-    a = Checkpoint(ckpt).args  # the config only: layer and head are checked before any weight is read
+    ckpt = args.ckpt if args.ckpt else default_checkpoint()  # a folder, a .gguf file or a hub name, as generate's
+    a = open_checkpoint(ckpt).args  # the config only: layer and head are checked before any weight is read
     args.ckpt = str(ckpt)
     if not 0 <= args.layer < a.n_layers:
         raise CliError(f"layer {args.layer} is out of range: this model has {a.n_layers} layers (0..{a.n_layers - 1})")
@@ -774,13 +776,16 @@ def cmd_bench(bench_args: list[str]) -> int:
 
 
 def _message(e: BaseException) -> str:
-    """One line for an error. An OSError says which file and what (a full disk: "No space left on device")."""
+    """One line for an error. What a person can fix (``UserError``) is said as it is; an OSError says which file and
+    what (a full disk: "No space left on device"); anything else is a bug or a failure beneath us (a kernel
+    launcher refusing what the driver passed it included), said with its type and the way to see more."""
     if isinstance(e, OSError) and e.strerror:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror}"
-    if isinstance(e, (CliError, ValueError, OSError, TypeError, RuntimeError)):
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (UserError, OSError)):
+        return first or type(e).__name__
+    return f"{type(e).__name__}: {first} (unexpected: run with --debug for the traceback)"
 
 
 def _interrupted(signum, frame) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama3_triton.model.errors import UserError
 from llama3_triton.model.generation.sampling import SampleRng, SamplingParams, TokenCounts, sample
 
 __all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
@@ -30,7 +31,7 @@ SYNC_EVERY = 16
 # ordinary logits (|logit| ~ 30 / 1e-45 = inf) and the softmax turns into NaN; 1e-3 is already greedy in practice.
 
 
-class NonFiniteLogitsError(RuntimeError):
+class NonFiniteLogitsError(UserError, RuntimeError):
     """The model produced NaN or Inf logits (damaged weights, or activations that overflowed the dtype)."""
 
 
@@ -98,38 +99,38 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     if len(prompts) == 0:
-        raise ValueError("prompts must hold at least one prompt")
+        raise UserError("prompts must hold at least one prompt")
     ids = [tok.encode(p, bos=bos) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     for i, p in enumerate(ids):
         if not p:
-            raise ValueError(f"prompt {i} is empty: nothing to condition on")
+            raise UserError(f"prompt {i} is empty: nothing to condition on")
         if min(p) < 0 or max(p) >= model.args.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {model.args.vocab_size})")
+            raise UserError(f"prompt {i} has token ids outside [0, {model.args.vocab_size})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     B, longest = len(ids), max(len(p) for p in ids)
     if B > model.max_batch_size:
-        raise ValueError(
+        raise UserError(
             f"{B} prompts but the model was loaded with max_batch_size={model.max_batch_size} "
             f"(pass max_batch_size={B} or more to Llama.load)"
         )
     if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-        raise ValueError(f"start_pos must be an integer >= 0, got {start_pos!r}")
+        raise UserError(f"start_pos must be an integer >= 0, got {start_pos!r}")
     if start_pos and B != 1:
-        raise ValueError("start_pos (continuing from the KV cache) needs exactly one prompt")
+        raise UserError("start_pos (continuing from the KV cache) needs exactly one prompt")
     if start_pos + longest > model.max_seq_len:
-        raise ValueError(
+        raise UserError(
             f"prompt of {longest} tokens (after {start_pos} cached) is longer than the context of "
             f"{model.max_seq_len} tokens"
         )
     if start_pos + longest + max_new_tokens > model.max_seq_len:
-        raise ValueError(
+        raise UserError(
             f"max_new_tokens={max_new_tokens} overflows the KV cache: {start_pos + longest} prompt tokens + "
             f"{max_new_tokens} > max_seq_len {model.max_seq_len}"
         )
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+        raise UserError(f"stop strings must be non-empty strings, got {stop!r}")
     device = model.device
     stops = torch.tensor(list(stop_tokens if stop_tokens is not None else tok.stop_tokens), device=device)
     if params.temperature > 0 and generator is None:
@@ -458,7 +459,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class ContextFull(ValueError):
+class ContextFull(UserError):
     """The next chat turn does not fit in the KV cache."""
 
 

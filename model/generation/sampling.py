@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llama3_triton.model.errors import UserError
+
 # (shift, width) of the three radix digits over the 31 value bits of a non-negative fp32 number.
 _DIGITS = ((20, 11), (10, 10), (0, 10))
 
@@ -76,7 +78,7 @@ class SamplingParams:
             self.frequency_penalty,
         )
         if errors:
-            raise ValueError(errors[0])
+            raise UserError(errors[0])
 
     @property
     def penalized(self) -> bool:
@@ -222,7 +224,7 @@ def seed64(seed: int) -> int:
     """A user's seed (any Python int) as 64 bits: [0, 2^64) as given (both halves are used, so seeds 2^32 apart
     differ), anything else hashed, so that 2^64, 2^64 + 5 and -1 are distinct seeds too."""
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+        raise UserError(f"seed must be an integer, got {seed!r}")
     if 0 <= seed < 2**64:
         return seed
     digest = hashlib.sha256(f"llama3-triton seed {seed}".encode()).digest()

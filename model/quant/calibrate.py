@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from llama3_triton.kernels import reference
+from llama3_triton.model.errors import UserError
 from llama3_triton.model.quant import quantize as quant
 
 MIN_TOKENS = 128  # fewer: H is mostly damping, and GPTQ's codes follow a handful of tokens
@@ -119,11 +120,11 @@ def check(spec: tuple[str, int] | None, text) -> None:
     """The arguments' own checks, run by the loader before any weight is read: ``spec`` (``model.quantize.parse``'s)
     must be int4's, ``text`` a str."""
     if spec is None or spec[0] != "int4":
-        raise ValueError(
+        raise UserError(
             f"calibration chooses int4 codes (GPTQ): it needs quantize='int4[-gG]', got {spec and spec[0]!r}"
         )
     if not isinstance(text, str):
-        raise ValueError(f"calibration must be a str (the text), got {type(text).__name__}")
+        raise UserError(f"calibration must be a str (the text), got {type(text).__name__}")
 
 
 def quantize_calibrated(model, spec: tuple[str, int], text: str) -> None:
@@ -133,7 +134,7 @@ def quantize_calibrated(model, spec: tuple[str, int], text: str) -> None:
     check(spec, text)
     tokens = model.tokenizer.encode(text, bos=True)
     if len(tokens) < MIN_TOKENS:
-        raise ValueError(
+        raise UserError(
             f"calibration text too short: {len(tokens)} tokens, GPTQ needs at least {MIN_TOKENS} (a few thousand "
             "tokens of text like the model's input is typical)"
         )
@@ -142,7 +143,7 @@ def quantize_calibrated(model, spec: tuple[str, int], text: str) -> None:
         K = lin.in_features
         group = spec[1] or quant.int4_group(K)
         if K % group or K % 32:
-            raise ValueError(f"{name}: int4 group size {group} does not divide K={K}")
+            raise UserError(f"{name}: int4 group size {group} does not divide K={K}")
     dtype, backend = model.dtype, model.backend
     for names in _passes(dense):
         hessians = input_hessians(model, tokens, names)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama3_triton.kernels import reference
+from llama3_triton.model.errors import UserError
 
 QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")
 GGUF_KEPT = ("Q8_0", "Q4_0", "Q4_1")
@@ -61,7 +62,7 @@ def parse(quantize: str | None) -> tuple[str, int] | None:
     if quantize is None or quantize == "none":
         return None
     if not isinstance(quantize, str) or quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or None), got {quantize!r}")
+        raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or None), got {quantize!r}")
     if quantize.startswith("int4"):
         m = re.fullmatch(r"int4(?:-g(\d+))?", quantize)
         return ("int4", int(m.group(1) or 0))
@@ -105,12 +106,12 @@ def quantize_int4(
     if K % group or K % 32:
         fits = [f"int4-g{g}" for g in (128, 64, 32) if K % g == 0 and g != group]
         hint = f"try {' or '.join(fits)}" if fits else "no int4 group (128, 64, 32) divides it: try int8"
-        raise ValueError(f"int4 group size {group} does not divide K={K} ({hint})")
+        raise UserError(f"int4 group size {group} does not divide K={K} ({hint})")
     packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(N, K // group, dtype=torch.float16, device=w.device)
     mins = torch.empty_like(scales)
     if importance is not None and importance.shape != (K,):
-        raise ValueError(f"importance must be ({K},): one weight a column of w, got {tuple(importance.shape)}")
+        raise UserError(f"importance must be ({K},): one weight a column of w, got {tuple(importance.shape)}")
     h = None if importance is None else importance.to(w.device, torch.float32).reshape(K // group, group)
     step = max(_SLICE // K, 1)
     for r in range(0, N, step):
@@ -215,7 +216,7 @@ def gptq_int4(
     product; it holds W in fp32 (transposed, in rounding order) plus H."""
     N, K = w.shape
     if hessian.shape != (K, K):
-        raise ValueError(f"hessian must be ({K}, {K}) for a weight of K={K}, got {tuple(hessian.shape)}")
+        raise UserError(f"hessian must be ({K}, {K}) for a weight of K={K}, got {tuple(hessian.shape)}")
     H = hessian.to(device=w.device, dtype=torch.float64, copy=True)
     # Each column's weight in its group's (s, m): its input's mean square, as llama.cpp's imatrix (mean 1, so H = c I
     # weighs every column exactly 1.0, as no weights do; at least 1e-3, so a column never seen still counts)
@@ -258,7 +259,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def _check_finite(t: torch.Tensor) -> None:
     if not torch.isfinite(t).all() or t.abs().max() > 65504:
-        raise ValueError("cannot quantize a weight with non-finite values or values beyond fp16's range")
+        raise UserError("cannot quantize a weight with non-finite values or values beyond fp16's range")
 
 
 def gguf_planes(kind: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from llama3_triton.model.errors import UserError
 from llama3_triton.model.tokenizers.llama3 import ChatFormat, Tokenizer, TokenizerError
 
 # Token texts that end a turn in the common chat formats (llama.cpp treats the same ones as end-of-generation).
@@ -116,7 +117,7 @@ class HFTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         text = self.model.id_to_token(token_id)
         if text is None:
-            raise ValueError(f"token id {token_id} is outside the vocabulary of {self.n_words}")
+            raise UserError(f"token id {token_id} is outside the vocabulary of {self.n_words}")
         if token_id in self._special_ids or token_id in self.model.get_added_tokens_decoder():
             return text.encode("utf-8")
         if self._byte_level:
@@ -368,9 +369,9 @@ class TemplateChatFormat:
                 eos_token=t.model.id_to_token(t.eos_id) or "",
             )
         except self._TemplateError as e:
-            raise ValueError(f"{t.source}: chat template failed ({e})") from None
+            raise UserError(f"{t.source}: chat template failed ({e})") from None
         except Exception as e:  # a template error inside the sandbox (SecurityError, TypeError, ...)
-            raise ValueError(f"{t.source}: chat template failed ({type(e).__name__}: {e})") from None
+            raise UserError(f"{t.source}: chat template failed ({type(e).__name__}: {e})") from None
 
     def _encode(self, text: str, contents: Sequence[str]) -> list[int]:
         """Template text -> ids: placeholders become their contents encoded as plain text."""
@@ -387,7 +388,7 @@ class TemplateChatFormat:
         for m in messages:
             content = m.get("content")
             if not isinstance(content, str):
-                raise ValueError(f"chat message content must be a string, got {type(content).__name__}")
+                raise UserError(f"chat message content must be a string, got {type(content).__name__}")
             out.append({**m, "content": _SENTINEL.format(len(contents))})
             contents.append(content)
         return out, contents
@@ -400,7 +401,7 @@ class TemplateChatFormat:
     def _diff(self, before: list[dict[str, str]], after: list[dict[str, str]], gen: tuple[bool, bool]) -> str:
         a, b = self.render(before, gen[0]), self.render(after, gen[1])
         if not b.startswith(a):
-            raise ValueError(f"{self.tok.source}: this chat template does not render turn by turn; cannot chat with it")
+            raise UserError(f"{self.tok.source}: this chat template does not render turn by turn; cannot chat with it")
         return b[len(a) :]
 
     def encode_message(self, message: dict[str, str]) -> list[int]:
@@ -411,7 +412,7 @@ class TemplateChatFormat:
     def encode_header(self, role: str) -> list[int]:
         """What the template adds to open the assistant's turn (the generation prompt)."""
         if role != "assistant":
-            raise ValueError(f"a chat template opens only the assistant's turn, not {role!r}")
+            raise UserError(f"a chat template opens only the assistant's turn, not {role!r}")
         held, contents = self._placeholders([{"role": "user", "content": ""}])
         return self._encode(self._diff(held, held, (False, True)), contents)
 
@@ -424,7 +425,7 @@ class TemplateChatFormat:
         user_piece = self._diff(held[:1], held, (False, False))
         text = self.render(held[1:], add_generation_prompt=False)  # may hold the template's default system turn
         if not text.endswith(user_piece):
-            raise ValueError(f"{self.tok.source}: this chat template does not render turn by turn; cannot chat with it")
+            raise UserError(f"{self.tok.source}: this chat template does not render turn by turn; cannot chat with it")
         return self._encode(text[: len(text) - len(user_piece)], contents)
 
     def end_of_turn(self) -> list[int]:
@@ -433,7 +434,7 @@ class TemplateChatFormat:
         text = self.render(held, add_generation_prompt=False)
         tail = text.split(_SENTINEL.format(1), 1)
         if len(tail) != 2:
-            raise ValueError(
+            raise UserError(
                 f"{self.tok.source}: this chat template drops the assistant's message; cannot chat with it"
             )
         return self._encode(tail[1], contents)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import tiktoken
 
+from llama3_triton.model.errors import UserError
+
 PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -46,7 +48,7 @@ _MAX_RUN = 25_000
 ROLES = ("system", "user", "assistant", "ipython")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file that is missing or unreadable."""
 
 
@@ -231,7 +233,7 @@ class ChatFormat:
         if role == "tool":  # Meta's name for the role whose header reads "ipython"
             role = "ipython"
         if role not in ROLES:
-            raise ValueError(f"chat role must be one of {ROLES} (or 'tool'), got {role!r}")
+            raise UserError(f"chat role must be one of {ROLES} (or 'tool'), got {role!r}")
         t = self.tok
         return [
             t.special_tokens["<|start_header_id|>"],
@@ -244,7 +246,7 @@ class ChatFormat:
         """Header, the content as plain text (special-token strings in it stay text), then <|eot_id|>."""
         content = message.get("content")
         if not isinstance(content, str):
-            raise ValueError(f"chat message content must be a string, got {type(content).__name__}")
+            raise UserError(f"chat message content must be a string, got {type(content).__name__}")
         return [*self.encode_header(message.get("role", "")), *self.tok.encode(content), self.tok.eot_id]
 
     def encode_dialog_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -40,6 +40,7 @@ import torch
 
 from llama3_triton.kernels import reference
 from llama3_triton.model.checkpoints import files as _files
+from llama3_triton.model.errors import UserError
 
 DEFAULT_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 _ROOT = Path(reference.__file__).resolve().parent.parent  # the folder holding kernels/ and model/
@@ -329,20 +330,20 @@ def explain(
     """
     a, tok = llm.args, llm.tokenizer
     if not prompt:
-        raise ValueError("the prompt is empty: pass some text to explain")
+        raise UserError("the prompt is empty: pass some text to explain")
     if not 0 <= layer < a.n_layers:
-        raise ValueError(f"layer {layer} is out of range: this model has {a.n_layers} layers (0..{a.n_layers - 1})")
+        raise UserError(f"layer {layer} is out of range: this model has {a.n_layers} layers (0..{a.n_layers - 1})")
     if not 0 <= head < a.n_heads:
-        raise ValueError(f"head {head} is out of range: this model has {a.n_heads} query heads (0..{a.n_heads - 1})")
+        raise UserError(f"head {head} is out of range: this model has {a.n_heads} query heads (0..{a.n_heads - 1})")
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+        raise UserError(f"top_k must be at least 1, got {top_k}")
     ids = tok.encode(prompt, bos=True)
     T = len(ids)
     if T > llm.max_seq_len:
-        raise ValueError(f"the prompt is {T} tokens, longer than the model's max_seq_len of {llm.max_seq_len}")
+        raise UserError(f"the prompt is {T} tokens, longer than the model's max_seq_len of {llm.max_seq_len}")
     if out_dir is not None:
         if Path(out_dir).exists() and not Path(out_dir).is_dir():
-            raise ValueError(f"{out_dir}: exists and is not a folder (the report goes into a folder)")
+            raise UserError(f"{out_dir}: exists and is not a folder (the report goes into a folder)")
         _matplotlib()  # fail now, not after the walk, if it is missing
     w = _Walk(llm, file or sys.stdout)
     labels = [tok.piece(i) for i in ids]  # each token's text
@@ -452,7 +453,7 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ValueError("the HTML report needs matplotlib: pip install matplotlib") from None
+        raise UserError("the HTML report needs matplotlib: pip install matplotlib") from None
     return Figure, FigureCanvasAgg
 
 

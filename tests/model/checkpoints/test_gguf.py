@@ -296,3 +296,60 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     write_tiny_gguf(small, vocab_size=200, reshape={"token_embd.weight": (200, 256)})
     with pytest.raises(ValueError, match=r"tokenizer has 263 ids but the model's embedding has only 200 rows"):
         Llama.load(small, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=16)
+
+
+# ---- headers that lie: refused before the gguf package walks them ------------------------------------------
+
+
+def _gguf_header(kvs: bytes, n_kv: int, n_tensors: int = 0, pad: int = 0) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs + b"\0" * pad
+
+
+def _gguf_string(s: str) -> bytes:
+    import struct
+
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("array_2_62", r"array of 4,611,686,018,427,387,904 elements .*not read"),
+        ("long_unused_array", r"metadata field 'x.unused' is an array of 2,000,000 elements"),
+        ("numeric_array_past_the_end", r"claims 4,000,000 bytes, but only"),
+        ("string_array_past_the_end", r"claims 8,000,000 bytes, but only"),
+        ("kv_count", r"claims 1,000,000,000 metadata fields"),
+        ("tensor_dims", r"has dimensions \[.*\], more than the file can hold"),
+    ],
+)
+def test_a_gguf_header_that_lies_is_refused_in_bounded_time(tmp_path, case, match):
+    """A metadata array whose count says 2**62 made the gguf package walk forever (~45 MB/s of growth); a real
+    but huge array in a key nobody reads took minutes and gigabytes. Every count is now checked against the bytes
+    left, and arrays longer than any Llama tokenizer needs are refused, before the package sees the file."""
+    import struct
+    import time
+
+    arch = _gguf_string("general.architecture") + struct.pack("<I", 8) + _gguf_string("llama")
+    if case == "array_2_62":
+        data = _gguf_header(arch + _gguf_string("x.big") + struct.pack("<IIQ", 9, 4, 2**62), 2, pad=140_000)
+    elif case == "long_unused_array":
+        data = _gguf_header(arch + _gguf_string("x.unused") + struct.pack("<IIQ", 9, 4, 2_000_000), 2,
+                            pad=8_000_000)  # fmt: skip
+    elif case == "numeric_array_past_the_end":
+        data = _gguf_header(arch + _gguf_string("x.nums") + struct.pack("<IIQ", 9, 4, 1_000_000), 2, pad=1000)
+    elif case == "string_array_past_the_end":
+        data = _gguf_header(arch + _gguf_string("x.strs") + struct.pack("<IIQ", 9, 8, 1_000_000), 2, pad=1000)
+    elif case == "kv_count":
+        data = _gguf_header(arch, 1_000_000_000, pad=1000)
+    else:
+        tensor = _gguf_string("token_embd.weight") + struct.pack("<IQQIQ", 2, 2**40, 2**40, 0, 0)
+        data = _gguf_header(arch + tensor, 1, n_tensors=1, pad=1000)
+    path = tmp_path / "lies.gguf"
+    path.write_bytes(data)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=match):
+        GGUFCheckpoint(path)
+    assert time.perf_counter() - t0 < 5.0

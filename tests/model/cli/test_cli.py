@@ -357,3 +357,30 @@ def test_default_threads_are_the_idle_physical_cores(monkeypatch):
     assert cli.default_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cli.default_threads() == 3
+
+
+def test_an_unexpected_error_says_its_type_and_how_to_see_more(monkeypatch, capsys):
+    """One error root: what a person can fix (UserError) is one plain line; anything else is a bug, said with its
+    type and the --debug hint, never passed off as the user's mistake."""
+    from llama3_triton.model.cli import main as cli
+    from llama3_triton.model.errors import UserError
+
+    def bug(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    def mistake(args):
+        raise UserError("--ckpt /x: checkpoint directory not found")
+
+    for fn, want in (
+        (bug, "error: TypeError: unsupported operand type(s) for +: 'int' and 'str' (unexpected: run with --debug "
+              "for the traceback)"),
+        (mistake, "error: --ckpt /x: checkpoint directory not found"),
+        (lambda args: (_ for _ in ()).throw(ValueError("a kernel refused it")),
+         "error: ValueError: a kernel refused it (unexpected: run with --debug for the traceback)"),
+    ):  # fmt: skip
+        monkeypatch.setattr(cli, "cmd_info", fn)
+        assert cli.main(["info"]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [want]
+    monkeypatch.setattr(cli, "cmd_info", bug)
+    with pytest.raises(TypeError):
+        cli.main(["info", "--debug"])

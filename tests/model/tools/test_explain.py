@@ -167,3 +167,21 @@ def test_cli_runs_the_triton_kernels_by_default(tiny, capsys, monkeypatch):
     monkeypatch.setattr(explain, "explain", lambda llm, prompt, **kw: seen.update(backend=llm.backend))
     assert main(["explain", "--ckpt", str(tiny)]) == 0
     assert seen == {"backend": "triton"}
+
+
+def test_cli_explains_a_gguf_file_as_generate_takes_it(tmp_path, capsys):
+    """explain opens --ckpt the way generate does: a .gguf file (the default model is one) used to fail with
+    "not a directory" before anything was read."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+    from tests.gguf_writer import write_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    out_dir = tmp_path / "report"
+    rc = main(["explain", "--ckpt", str(path), "--backend", "torch", "--device", "cpu", "--out", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "llm.forward(tokens, 0) gives the same logits" in out
+    assert (out_dir / "explain.html").is_file() and {p.name for p in out_dir.glob("*.png")} == PNGS
+    rc = main(["explain", "--ckpt", str(path), "--layer", "7", "--backend", "torch", "--device", "cpu"])
+    assert rc == 1 and "layer 7 is out of range: this model has 2 layers" in capsys.readouterr().err
