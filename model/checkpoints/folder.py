@@ -351,6 +351,34 @@ def _inside(path: Path, ckpt_dir: Path, what: str) -> Path:
     return real
 
 
+# The most bytes read of each file a checkpoint brings beside its weights. Llama-3's tokenizer.json is 9 MB; a
+# tokenizer_config.json with an inline chat template some 50 KB; the others a few KB.
+SIDE_FILE_BYTES = {
+    "tokenizer.json": 64 << 20,
+    "tokenizer_config.json": 8 << 20,
+    "generation_config.json": 1 << 20,
+    "chat_template.jinja": 1 << 20,
+}
+
+
+def read_side_file(path: Path, ckpt_dir: Path, what: str) -> str:
+    """A file a checkpoint brings beside its weights (``SIDE_FILE_BYTES`` names them and their caps), read the one
+    way every such file is: inside the checkpoint folder (or its hub snapshot) once links are resolved, a regular
+    file (a FIFO or a device is refused at once, never waited on), at most its cap (the error names it), UTF-8."""
+    real = _inside(path, ckpt_dir, what)
+    cap = SIDE_FILE_BYTES.get(path.name, 1 << 20)
+    fd = _files.open_regular(real, what)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(cap + 1) if size <= cap else b""
+    if size > cap or len(data) > cap:
+        raise CheckpointError(f"{path}: the {what} file is {max(size, len(data)):,} bytes; at most {cap:,} are read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: the {what} file is not UTF-8 text (byte {e.start})") from None
+
+
 def find_layout(ckpt_dir: Path) -> tuple[str, Path]:
     """('hf' | 'meta', the folder that holds it). HF files at the top win over Meta's in ``original/``."""
     if not ckpt_dir.exists():

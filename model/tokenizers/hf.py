@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from llama3_triton.model.checkpoints.folder import read_side_file
 from llama3_triton.model.errors import UserError
 from llama3_triton.model.tokenizers.llama3 import ChatFormat, Tokenizer, TokenizerError
 
@@ -220,13 +221,16 @@ def from_gguf(ckpt: Any) -> HFTokenizer:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
+def _read_json(path: Path, ckpt_dir: Path) -> dict[str, Any]:
+    if not path.exists() and not path.is_symlink():
         return {}
+    text = read_side_file(path, ckpt_dir, path.stem.replace("_", " "))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return data
@@ -236,19 +240,22 @@ def _token_text(v: Any) -> str | None:
     return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
 
 
-def from_tokenizer_json(path: Path) -> HFTokenizer:
+def from_tokenizer_json(path: Path, ckpt_dir: Path | None = None) -> HFTokenizer:
     """``tokenizer.json`` with its neighbours ``tokenizer_config.json`` (bos/eos, chat template) and
-    ``generation_config.json`` (the stop ids generation uses)."""
+    ``generation_config.json`` (the stop ids generation uses). Each is read through ``read_side_file``: inside
+    ``ckpt_dir`` (default: the file's folder) after links, a regular file, under its size cap."""
     from tokenizers import Tokenizer as TK
 
+    folder = path.parent
+    ckpt_dir = folder if ckpt_dir is None else ckpt_dir
+    text = read_side_file(path, ckpt_dir, "tokenizer")  # our bounded read, not the library's (a FIFO hung it)
     try:
-        tk = TK.from_file(str(path))
+        tk = TK.from_str(text)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TokenizerError(f"{path}: not a readable tokenizer.json ({first})") from None
-    folder = path.parent
-    cfg = _read_json(folder / "tokenizer_config.json")
-    gen = _read_json(folder / "generation_config.json")
+        raise TokenizerError(f"{path}: not a readable tokenizer.json ({first[:200]})") from None
+    cfg = _read_json(folder / "tokenizer_config.json", ckpt_dir)
+    gen = _read_json(folder / "generation_config.json", ckpt_dir)
     vocab = tk.get_vocab(with_added_tokens=True)
 
     def tid(name: str) -> int | None:
@@ -279,7 +286,7 @@ def from_tokenizer_json(path: Path) -> HFTokenizer:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is None and (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        template = read_side_file(folder / "chat_template.jinja", ckpt_dir, "chat template")
     return HFTokenizer(
         tk,
         source=str(path),
@@ -312,9 +319,9 @@ def load_tokenizer(ckpt: Any, vocab_size: int | None = None) -> Tokenizer | HFTo
             except TokenizerError:
                 if hf_file is None:  # a SentencePiece tokenizer.model (Llama 2 style) and no tokenizer.json
                     raise
-                tok = from_tokenizer_json(hf_file)
+                tok = from_tokenizer_json(hf_file, ckpt.dir)
         elif hf_file is not None:
-            tok = from_tokenizer_json(hf_file)
+            tok = from_tokenizer_json(hf_file, ckpt.dir)
         else:
             tok = Tokenizer(None, vocab_size=size)  # Llama-3's file from llama-models
     if tok.n_words > size:

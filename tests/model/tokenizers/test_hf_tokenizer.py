@@ -298,3 +298,45 @@ def test_cli_chat_speaks_with_smollm2():
     assert r.returncode == 0, r.stderr
     answers = r.stdout.strip().splitlines()
     assert "Paris" in answers[0] and "Rome" in r.stdout, r.stdout
+
+
+def _read_in_a_child(path: Path) -> subprocess.CompletedProcess:
+    """from_tokenizer_json in a fresh process, bounded in time: a read that hangs fails the test instead of it."""
+    code = f"from pathlib import Path\nfrom llama3_triton.model.tokenizers.hf import from_tokenizer_json\n" \
+           f"from_tokenizer_json(Path({str(path)!r}))\n"  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "chat_template.jinja"])  # fmt: skip
+def test_a_side_file_that_is_a_fifo_is_refused_at_once(tmp_path, name):
+    """Each file a checkpoint brings is read through one bounded helper: a FIFO in its place (which hung the read
+    forever, for tokenizer.json inside Rust where Ctrl-C could not end it) is refused with its name."""
+    import os
+
+    folder = tmp_path / "t"
+    write_tokenizer(folder, template=None if name == "chat_template.jinja" else CHATML)
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name)
+    r = _read_in_a_child(folder / "tokenizer.json")
+    assert r.returncode != 0
+    assert f"{folder / name}: cannot read the" in r.stderr and "not a regular file but a FIFO" in r.stderr
+
+
+def test_side_files_outside_the_folder_or_over_their_cap_are_refused(tmp_path):
+    from llama3_triton.model.checkpoints.folder import SIDE_FILE_BYTES, CheckpointError
+
+    folder = tmp_path / "t"
+    write_tokenizer(folder)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text((folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"the tokenizer file resolves to .*outside the checkpoint folder"):
+        from_tokenizer_json(folder / "tokenizer.json")
+    (folder / "tokenizer.json").unlink()
+    write_tokenizer(folder)
+    cap = SIDE_FILE_BYTES["tokenizer_config.json"]
+    (folder / "tokenizer_config.json").write_bytes(b"{" + b" " * cap + b"}")
+    with pytest.raises(CheckpointError, match=rf"is {cap + 2:,} bytes; at most {cap:,} are read"):
+        from_tokenizer_json(folder / "tokenizer.json")
