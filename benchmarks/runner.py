@@ -26,6 +26,7 @@ error and the run goes on; the exit status is non-zero only when the runner itse
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -140,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llama3_triton.benchmarks",
+        prog=os.environ.get("LLAMA3_TRITON_BENCH_PROG", "python -m llama3_triton.benchmarks"),
         description="Benchmark the Triton kernels and the end-to-end model against the device's measured "
         "ceilings and against torch eager, torch.compile and SDPA; write JSON, Markdown and plots.",
     )

@@ -31,6 +31,7 @@ from llama3_triton.model.errors import UserError
 class TensorParallelError(UserError, RuntimeError):
     """Another rank failed, left or hung: said on every rank, in one line, so that none waits forever."""
 
+
 # Collectives that do not complete in this time raise instead of hanging (a rank died mid-run).
 DEFAULT_TIMEOUT_S = int(os.environ.get("LLAMA3_TRITON_TP_TIMEOUT", "600"))
 # How long a rank that has loaded its weights waits for the others (``TensorParallel.agree``). Ranks load equal

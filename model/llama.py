@@ -213,6 +213,7 @@ class Llama(nn.Module):
         self.fused_decode = backend == "triton" and not tp.enabled
         self.decode_workspace = self.gemv_workspace = None
         self._graphs: dict[int, DecodeGraph | None] = {}
+        self.quantize: str | None = None  # the loader's quantize= (None: dense products)
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod

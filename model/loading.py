@@ -40,7 +40,6 @@ def select_ops(backend: str, device: torch.device) -> Ops:
     return triton_ops
 
 
-
 def load(
     cls: type[nn.Module],
     ckpt_dir,
@@ -77,17 +76,13 @@ def load(
     args = ckpt.args
     max_seq_len = min(args.max_position_embeddings, 8192) if max_seq_len is None else max_seq_len
     if not 1 <= max_seq_len <= args.max_position_embeddings:
-        raise UserError(
-            f"max_seq_len must be in [1, {args.max_position_embeddings}] for this model, got {max_seq_len}"
-        )
+        raise UserError(f"max_seq_len must be in [1, {args.max_position_embeddings}] for this model, got {max_seq_len}")
     if max_batch_size < 1:
         raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
 
     if spec is not None and spec[0] == "gguf":
         if ckpt.layout != "gguf":
-            raise UserError(
-                f"quantize='gguf' keeps a GGUF file's blocks; {ckpt.dir} is a {ckpt.layout} checkpoint"
-            )
+            raise UserError(f"quantize='gguf' keeps a GGUF file's blocks; {ckpt.dir} is a {ckpt.layout} checkpoint")
         if tp.enabled:
             raise UserError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
 
@@ -108,6 +103,7 @@ def load(
     model.tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
     model.checkpoint_dir = Path(ckpt.dir)
     model.checkpoint_format = ckpt.layout
+    model.quantize = quantize  # what the products hold: None (dense) or the --quantize format, for reports
     if dense:
         calibrate.quantize_calibrated(model, spec, calibration)
     return model

@@ -131,5 +131,3 @@ def write_tiny_gguf(
     w.write_tensors_to_file()
     w.close()
     return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
-
-

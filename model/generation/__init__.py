@@ -1,6 +1,6 @@
 """Generation: from a prompt to text, on the model's public steps (prefill, decode).
 
-    generate.py  the decode loop (ragged batches, stop tokens and strings, streaming, no host sync per token on
-                 CUDA), and the chat session
-    sampling.py  temperature, top-k, top-p (a radix select, no sort), min-p, penalties; a counter-based generator
+generate.py  the decode loop (ragged batches, stop tokens and strings, streaming, no host sync per token on
+             CUDA), and the chat session
+sampling.py  temperature, top-k, top-p (a radix select, no sort), min-p, penalties; a counter-based generator
 """

@@ -125,8 +125,15 @@ def generate(
         )
     if start_pos + longest + max_new_tokens > model.max_seq_len:
         raise UserError(
-            f"max_new_tokens={max_new_tokens} overflows the KV cache: {start_pos + longest} prompt tokens + "
-            f"{max_new_tokens} > max_seq_len {model.max_seq_len}"
+            f"max_new_tokens={max_new_tokens} overflows the KV cache: {start_pos + longest:,} prompt tokens + "
+            f"{max_new_tokens:,} > max_seq_len {model.max_seq_len:,}; "
+            + (
+                f"at most {model.max_seq_len - start_pos - longest:,} new tokens fit (--max-new-tokens), or "
+                "shorten the prompt"
+                if model.max_seq_len - start_pos - longest >= 1
+                else "shorten the prompt"
+            )
+            + " (or load with a larger max_seq_len, --max-seq-len)"
         )
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stop):

@@ -441,9 +441,7 @@ class TemplateChatFormat:
         text = self.render(held, add_generation_prompt=False)
         tail = text.split(_SENTINEL.format(1), 1)
         if len(tail) != 2:
-            raise UserError(
-                f"{self.tok.source}: this chat template drops the assistant's message; cannot chat with it"
-            )
+            raise UserError(f"{self.tok.source}: this chat template drops the assistant's message; cannot chat with it")
         return self._encode(tail[1], contents)
 
 

@@ -361,8 +361,17 @@ def test_cli_has_a_bench_subcommand(monkeypatch):
     monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 7)
     assert main(["bench", "--smoke", "--only", "kernels", "--kernel", "rope", "--debug"]) == 7  # its exit status
     assert calls == [
-        [sys.executable, "-m", "llama3_triton.benchmarks", "--smoke", "--only", "kernels", "--kernel", "rope",
-         "--debug"]  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "llama3_triton.benchmarks",
+            "--smoke",
+            "--only",
+            "kernels",
+            "--kernel",
+            "rope",
+            "--debug",
+        ]  # fmt: skip
     ]
     assert "bench" in build_parser().format_help()
     cmd = [sys.executable, "-m", "llama3_triton.model.cli", "bench", "--help"]

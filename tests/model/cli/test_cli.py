@@ -139,6 +139,11 @@ def test_make_tiny_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
             "longer than",
         ),
         (["generate", "--max-seq-len", "16", "--max-new-tokens", "100"], None, "overflows the KV cache"),
+        (
+            ["generate", "--max-seq-len", "20", "--max-new-tokens", "19", "--prompt", "a b c"],
+            None,
+            "at most 16 new tokens fit (--max-new-tokens), or shorten the prompt",
+        ),  # BOS + 3 words: 4 prompt tokens
         (["chat"], b"\xff\n", "not valid UTF-8"),
     ],
 )
@@ -274,6 +279,9 @@ def test_help_and_version_import_no_torch(argv):
         (["generate", "--quantize", "int8", "--calibration", __file__], "got int8"),
         (["generate", "--quantize", "int4", "--calibration", "/no/such/text"], "/no/such/text: no such file"),
         (["generate", "--quantize", "int4", "--calibration", "/"], "--calibration /: not a file"),
+        (["generate", "--device", "gpu"], "--device 'gpu': expected cpu, cuda or cuda:N"),
+        (["chat", "--device", "cuda:x"], "--device 'cuda:x': expected cpu, cuda or cuda:N"),
+        (["generate", "--threads", "100000"], "--threads 100000 is more than the"),
     ],
 )
 def test_argument_errors_come_before_any_weight_is_read(ckpt, capsys, monkeypatch, argv, match):
@@ -306,7 +314,7 @@ def test_piped_prompt_loses_its_trailing_newline_and_threads_are_set(ckpt, capsy
         torch.set_num_threads(before)
     assert rc == 0
     assert "prompt 2 tokens" in err  # <|begin_of_text|> Hello: no newline token
-    assert "1 threads" in err and "too few tokens to time the decode" in err and "nan" not in err
+    assert "1 thread]" in err and "too few tokens to time the decode" in err and "nan" not in err
 
 
 def _greedy(ckpt, prompt, n):
@@ -384,3 +392,78 @@ def test_an_unexpected_error_says_its_type_and_how_to_see_more(monkeypatch, caps
     monkeypatch.setattr(cli, "cmd_info", bug)
     with pytest.raises(TypeError):
         cli.main(["info", "--debug"])
+
+
+def test_a_mistyped_option_gets_the_commands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--max-new-tokns", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: llama3-triton generate")
+    assert "unrecognized arguments: --max-new-tokns 5 (did you mean --max-new-tokens?)" in err
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "inf", "nan", "fast"])
+def test_info_bandwidth_must_be_a_finite_positive_number(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--bandwidth", value])
+    assert e.value.code == 2 and "--bandwidth" in capsys.readouterr().err
+
+
+def test_a_prompts_file_splits_at_newlines_only(tmp_path):
+    """str.splitlines() also split at a lone CR, U+2028 and U+2029: 5 lines became 8 prompts."""
+    from argparse import Namespace
+
+    from llama3_triton.model.cli.main import _read_prompts
+    from llama3_triton.model.distributed import TensorParallel
+
+    f = tmp_path / "prompts.txt"
+    f.write_bytes("one\u2028two\nthree\rfour\r\n\nfive\u2029six\nseven\x0bstill\n".encode())
+    prompts = _read_prompts(Namespace(prompts_file=str(f)), TensorParallel())
+    assert prompts == ["one\u2028two", "three\rfour", "five\u2029six", "seven\x0bstill"]
+
+
+def test_help_shows_the_defaults_the_parser_uses():
+    """Every option whose help names a default names the one the parser holds."""
+    import argparse
+
+    from llama3_triton.model.cli.main import build_parser
+
+    def show(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    wrong = []
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if not a.help or "default" not in a.help or a.default in (None, argparse.SUPPRESS, False):
+                continue
+            if show(a.default) not in a.help:
+                wrong.append(f"{name} {a.option_strings}: default {a.default!r}, help {a.help!r}")
+    assert not wrong, wrong
+    # and the texts a first run contradicted
+    assert "embedded tiny model" not in sub.choices["generate"].format_help()
+    assert "Meta's Llama-3 format" not in sub.choices["chat"].format_help()
+    backend = [a.help for a in sub.choices["explain"]._actions if "--backend" in a.option_strings]
+    assert backend == ["kernels to run (default: triton everywhere: on a CPU in Triton's interpreter)"]
+
+
+def test_the_default_prompt_is_shown_and_an_instant_end_is_explained(ckpt, capsys, monkeypatch):
+    rc, out, err = run(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"], capsys,
+                       monkeypatch)  # fmt: skip
+    assert rc == 0 and out.startswith("The capital of France is")
+    from llama3_triton.model.llama import Llama
+
+    llm = Llama.load(ckpt, device="cpu", max_seq_len=64)
+    monkeypatch.setattr(Llama, "generate", lambda self, prompts, **kw: _ended_at_once(llm, prompts))
+    rc, out, err = run(["generate", "--ckpt", str(ckpt), "--prompt", "What is it?"], capsys, monkeypatch)
+    assert rc == 0 and "an instruct model answers a question in `llama3-triton chat`" in err, err
+
+
+def _ended_at_once(llm, prompts):
+    """A generation that ended on its first token, an end-of-turn (as an instruct model does on a bare question)."""
+    from llama3_triton.model.generation.generate import generate
+
+    out = generate(llm, prompts, max_new_tokens=1, temperature=0, stop_tokens=[])
+    out.tokens, out.texts, out.stop_reasons = [[]], [""], ["stop_token"]
+    return out
