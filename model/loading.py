@@ -86,6 +86,8 @@ def load(
         if tp.enabled:
             raise UserError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
 
+    check_room(args, device, dtype, max_seq_len, max_batch_size, tp.world, dense=spec is None or calibration)
+
     with torch.device("meta"):
         model = cls(args, backend, device, tp)
     quantized: dict[str, nn.Module] = {}
@@ -206,3 +208,34 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` now: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def check_room(args, device: torch.device, dtype: torch.dtype, max_seq_len: int, max_batch: int, world: int,
+               dense: bool) -> None:  # fmt: skip
+    """Refuse, before anything is allocated, a KV cache (and, dense, weights) the device cannot hold: said as
+    'needs X GB, has Y', not as an allocator's message after minutes of loading."""
+    size = torch.empty((), dtype=dtype).element_size()
+    cache = 2 * args.n_layers * max_batch * (args.n_kv_heads // world) * max_seq_len * args.head_dim * size
+    weights = args.num_parameters() * size // world if dense else 0
+    free = free_bytes(device)
+    if free is not None and cache + weights > free:
+        what = f"the weights ({weights / 1e9:.2f} GB) and " if weights else ""
+        raise UserError(
+            f"{what}the KV cache for max_seq_len {max_seq_len:,} x max_batch_size {max_batch} "
+            f"({cache / 1e9:.2f} GB) need {(cache + weights) / 1e9:.2f} GB; {device} has {free / 1e9:.2f} GB free: "
+            "pass a smaller max_seq_len (--max-seq-len) or batch"
+        )

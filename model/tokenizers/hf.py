@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -338,6 +340,34 @@ def load_tokenizer(ckpt: Any, vocab_size: int | None = None) -> Tokenizer | HFTo
 _SENTINEL = "\x00msg{}\x00"
 
 
+# A chat template's budget. Real ones (Llama 3, ChatML, Gemma, Phi, Qwen) render a conversation in well under a
+# millisecond and some thousands of Python steps; a rendered conversation is short, its messages' contents being
+# placeholders here.
+TEMPLATE_MAX_STEPS = 2_000_000  # Python calls and lines executed while rendering
+TEMPLATE_MAX_SECONDS = 2.0
+TEMPLATE_MAX_CHARS = 1 << 20
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class _TemplateBudget:
+    """A trace function for the rendering: raises _OverBudget in the template's code past the step or time budget."""
+
+    def __init__(self, source: str):
+        self.steps = 0
+        self.deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+    def trace(self, frame, event, arg):
+        self.steps += 1
+        if self.steps > TEMPLATE_MAX_STEPS:
+            raise _OverBudget(f"more than {TEMPLATE_MAX_STEPS:,} steps")
+        if not self.steps & 1023 and time.monotonic() > self.deadline:
+            raise _OverBudget(f"more than {TEMPLATE_MAX_SECONDS:g} s")
+        return self.trace
+
+
 class TemplateChatFormat:
     """A Jinja chat template, with the ``ChatFormat`` methods the chat loop uses.
 
@@ -367,18 +397,38 @@ class TemplateChatFormat:
         self._TemplateError = TemplateError
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The template's text for ``messages``, rendered under a budget: a template is a program from a file we did
+        not write, and the sandbox bounds what it may touch, not how long it runs or how much it writes (nested
+        loops, ``lipsum(n=10**8)``, a loop printing gigabytes each ran without end)."""
         t = self.tok
+        budget = _TemplateBudget(t.source)
+        chunks: list[str] = []
+        size = 0
+        previous = sys.gettrace()
         try:
-            return self.template.render(
+            stream = self.template.generate(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=t.model.id_to_token(t.bos_id) or "",
                 eos_token=t.model.id_to_token(t.eos_id) or "",
             )
+            sys.settrace(budget.trace)  # counts the template's Python steps and watches the clock
+            for chunk in stream:
+                size += len(chunk)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise _OverBudget(f"its output passed {TEMPLATE_MAX_CHARS:,} characters")
+                chunks.append(chunk)
+            return "".join(chunks)
+        except _OverBudget as e:
+            raise UserError(
+                f"{t.source}: chat template stopped, over its budget: {e} (a chat template renders in milliseconds)"
+            ) from None
         except self._TemplateError as e:
             raise UserError(f"{t.source}: chat template failed ({e})") from None
         except Exception as e:  # a template error inside the sandbox (SecurityError, TypeError, ...)
-            raise UserError(f"{t.source}: chat template failed ({type(e).__name__}: {e})") from None
+            raise UserError(f"{t.source}: chat template failed ({type(e).__name__}: {str(e)[:200]})") from None
+        finally:
+            sys.settrace(previous)
 
     def _encode(self, text: str, contents: Sequence[str]) -> list[int]:
         """Template text -> ids: placeholders become their contents encoded as plain text."""

@@ -226,6 +226,7 @@ def make_tiny(
     Meta's layout in ``target`` (``shards`` model-parallel files); with ``hf=True``, Hugging Face's layout in
     ``target`` and Meta's in ``target/original`` (as HF repos ship them), holding the same weights.
     """
+    from llama3_triton.model.loading import free_bytes
     from llama3_triton.model.tokenizers.llama3 import default_tokenizer_path
 
     for what, v in (
@@ -250,6 +251,14 @@ def make_tiny(
     args = tiny_args(
         dim, n_layers, n_heads, n_kv_heads, 128256, multiple_of, ffn_dim_multiplier, rope_scaling_factor, tie_embeddings
     )
+    # Sized before anything is drawn: fp32 normals, then the stored copy (--layers 100000 allocated ~20 GB first).
+    need = args.num_parameters() * (4 + torch.empty((), dtype=dtype).element_size())
+    free = free_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise CheckpointError(
+            f"a checkpoint of {args.num_parameters():,} parameters needs {need / 1e9:.1f} GB of memory to write, "
+            f"this machine has {free / 1e9:.1f} GB free: fewer --layers or a smaller --dim"
+        )
     weights = random_weights(args, seed, dtype)
     target = Path(target)
 

@@ -467,3 +467,40 @@ def _ended_at_once(llm, prompts):
     out = generate(llm, prompts, max_new_tokens=1, temperature=0, stop_tokens=[])
     out.tokens, out.texts, out.stop_reasons = [[]], [""], ["stop_token"]
     return out
+
+
+def _bounded_child(code: str) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Run ``code`` in a fresh interpreter; (the process, its seconds, its peak RSS in MB)."""
+    import time
+
+    peak = "import resource, sys\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    wrapped = code + "\n" + peak
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=300)
+    return p, time.perf_counter() - t0, int(p.stderr.strip().splitlines()[-1]) // 1024
+
+
+@pytest.mark.parametrize(
+    "code, match",
+    [
+        (
+            "from llama3_triton.model.cli.main import main\nrc = main(['make-tiny', {tmp!r}, '--layers', '100000'])",
+            "needs .* GB of memory to write, this machine has .* GB free",
+        ),
+        (
+            "import torch\nfrom llama3_triton.model.llama import Llama\nfrom llama3_triton.model.tools.tiny import "
+            "make_tiny\ntry:\n    Llama.load(make_tiny({tmp!r}), device='cpu', max_seq_len=131072, max_batch_size="
+            "1_000_000)\nexcept ValueError as e:\n    print('error:', e, file=__import__('sys').stderr)",
+            r"the KV cache for max_seq_len 131,072 x max_batch_size 1000000 \(.* GB\) need .* GB; cpu has .* GB free",
+        ),
+    ],
+)
+def test_sizes_are_computed_before_allocating(tmp_path, code, match):
+    """make-tiny --layers 100000 allocated ~20 GB before failing; a KV cache too large for the device was the
+    allocator's message. Both are refused up front, in bounded time and memory."""
+    import re
+
+    p, seconds, peak_mb = _bounded_child(code.format(tmp=str(tmp_path / "t")))
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and re.search(match, lines[0]), p.stderr[-2000:]
+    assert seconds < 60 and peak_mb < 1500, (seconds, peak_mb)

@@ -340,3 +340,24 @@ def test_side_files_outside_the_folder_or_over_their_cap_are_refused(tmp_path):
     (folder / "tokenizer_config.json").write_bytes(b"{" + b" " * cap + b"}")
     with pytest.raises(CheckpointError, match=rf"is {cap + 2:,} bytes; at most {cap:,} are read"):
         from_tokenizer_json(folder / "tokenizer.json")
+
+
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x", "steps"),
+        ("{{ lipsum(n=10**8) }}", "steps"),
+        ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "characters"),
+    ],
+)
+def test_a_chat_template_renders_under_a_budget(tmp_path, template, match):
+    """The sandbox bounds what a template may touch, not how long it runs or how much it writes: nested loops,
+    lipsum(n=10**8) and a loop printing gigabytes each rendered without end. Now: one line naming the template."""
+    import time
+
+    write_tokenizer(tmp_path / "t", template=template)
+    tok = from_tokenizer_json(tmp_path / "t" / "tokenizer.json")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"tokenizer.json: chat template stopped, over its budget: .*({match})") as e:
+        chat_format(tok).encode_dialog_prompt([{"role": "user", "content": "x"}])
+    assert time.perf_counter() - t0 < 10 and "\n" not in str(e.value)
