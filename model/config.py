@@ -123,6 +123,10 @@ def _get(data: dict[str, Any], path: Path, key: str, kind: type, default: Any = 
 
 
 def _check(args: ModelArgs, path: Path) -> ModelArgs:
+    for key in ("rope_theta", "norm_eps"):  # floats from a file: Infinity and NaN parse as JSON numbers
+        v = getattr(args, key)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"{path}: {key} must be a finite positive number, got {str(v)[:80]}")
     if args.dim % args.n_heads:
         raise ConfigError(f"{path}: dim {args.dim} is not divisible by n_heads {args.n_heads}")
     if args.n_heads % args.n_kv_heads:
@@ -132,8 +136,11 @@ def _check(args: ModelArgs, path: Path) -> ModelArgs:
     s = args.rope_scaling
     if s is not None:
         for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if not isinstance(s.get(key), (int, float)) or isinstance(s.get(key), bool) or not s[key] > 0:
-                raise ConfigError(f"{path}: RoPE scaling field {key!r} must be a positive number, got {s.get(key)!r}")
+            v = s.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+                raise ConfigError(
+                    f"{path}: RoPE scaling field {key!r} must be a finite positive number, got {str(v)[:80]}"
+                )
         if s["high_freq_factor"] <= s["low_freq_factor"]:
             raise ConfigError(f"{path}: RoPE high_freq_factor must exceed low_freq_factor, got {s}")
     return args

@@ -25,6 +25,7 @@ a sandboxed Jinja environment by model/hf_tokenizer.py).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -321,8 +322,10 @@ class GGUFCheckpoint:
             # GGUF stores float32: 1e-5 reads back as 9.99999974e-06. The shortest decimal that rounds to the
             # same float32 is the value the converter was given.
             v = float(str(np.float32(v)))
-        if not isinstance(v, kind) or isinstance(v, bool) or not v > 0:
-            raise ConfigError(f"{self.path}: GGUF metadata {key!r} must be a positive {kind.__name__}, got {v!r}")
+        if not isinstance(v, kind) or isinstance(v, bool) or not v > 0 or (kind is float and not math.isfinite(v)):
+            raise ConfigError(
+                f"{self.path}: GGUF metadata {key!r} must be a finite positive {kind.__name__}, got {str(v)[:80]}"
+            )
         return v
 
     def _args(self, tied: bool) -> ModelArgs:

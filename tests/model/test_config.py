@@ -525,3 +525,26 @@ def test_non_finite_numbers(tmp_path, value):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("field", ["factor", "low_freq_factor", "original_max_position_embeddings"])
+@pytest.mark.parametrize("value", ["Infinity", "NaN"])
+def test_non_finite_rope_scaling_is_refused(tmp_path, field, value):
+    """JSON's Infinity and NaN parse as floats: a config.json with rope_scaling.factor = Infinity loaded and
+    generated. Every float from a file is finite and in range."""
+    c = _hf_v4("3.1-8B")
+    c["rope_scaling"][field] = 1.0
+    text = json.dumps(c).replace(f'"{field}": 1.0', f'"{field}": {value}')
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"RoPE scaling field '{field}' must be a finite positive number, got "):
+        from_hf_config(path)
+
+
+def test_a_non_finite_rope_theta_is_refused(tmp_path):
+    c = _hf_v4("3.1-8B")
+    c["rope_theta"] = 1.0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(c).replace('"rope_theta": 1.0', '"rope_theta": Infinity'))
+    with pytest.raises(ConfigError, match=r"rope_theta"):
+        from_hf_config(path)

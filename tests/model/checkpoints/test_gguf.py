@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pi
 
 from llama3_triton.model.checkpoints.folder import CheckpointError  # noqa: E402
 from llama3_triton.model.checkpoints.gguf import GGUFCheckpoint  # noqa: E402
-from llama3_triton.model.config import to_hf_config  # noqa: E402
+from llama3_triton.model.config import ConfigError, to_hf_config  # noqa: E402
 from llama3_triton.model.llama import Llama  # noqa: E402
 from llama3_triton.model.tools.tiny import to_hf_state_dict  # noqa: E402
 from tests.gguf_writer import write_tiny_gguf  # noqa: E402
@@ -353,3 +353,14 @@ def test_a_gguf_header_that_lies_is_refused_in_bounded_time(tmp_path, case, matc
     with pytest.raises(CheckpointError, match=match):
         GGUFCheckpoint(path)
     assert time.perf_counter() - t0 < 5.0
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_float_in_the_metadata_is_refused(tmp_path, value):
+    """rope.freq_base = +inf loaded and generated: every float from a file is finite and in range."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    ck = GGUFCheckpoint(path)
+    ck.metadata["llama.rope.freq_base"] = value
+    with pytest.raises(ConfigError, match=r"'llama.rope.freq_base' must be a finite positive float"):
+        ck._args(tied=True)
