@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,6 +104,13 @@ def load(
     model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
     model.setup_cache(max_batch_size, max_seq_len)
     model.tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
+    n_words = getattr(model.tokenizer, "n_words", args.vocab_size)
+    if n_words < args.vocab_size:  # a padded embedding: generate masks the rows no text belongs to
+        warnings.warn(
+            f"{ckpt.dir}: the embedding has {args.vocab_size:,} rows but the tokenizer {n_words:,} ids: ids "
+            f"{n_words:,}..{args.vocab_size - 1:,} have no text and are never sampled",
+            stacklevel=3,
+        )
     model.checkpoint_dir = Path(ckpt.dir)
     model.checkpoint_format = ckpt.layout
     model.quantize = quantize  # what the products hold: None (dense) or the --quantize format, for reports

@@ -153,9 +153,15 @@ def generate(
     sample_seconds = 0.0
     timed_sampling = device.type == "cpu"  # synchronous there, so a host clock measures it for free
 
+    # Ids past the tokenizer's (an embedding padded beyond its vocabulary) have no text: never sampled.
+    n_words = getattr(tok, "n_words", None)
+    decodable = n_words if n_words is not None and n_words < model.args.vocab_size else None
+
     def pick(logits: torch.Tensor) -> torch.Tensor:
         nonlocal sample_seconds
         t = time.perf_counter()
+        if decodable is not None:
+            logits[:, decodable:] = float("-inf")  # a copy (record passes nan_to_num's), never the model's buffer
         # Under tensor parallelism every rank holds the same logits, but rank 0's sample is the answer.
         token = model.tp.broadcast(sample(logits, params, generator, counts))  # (B,)
         if timed_sampling:

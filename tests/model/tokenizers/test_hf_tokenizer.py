@@ -361,3 +361,16 @@ def test_a_chat_template_renders_under_a_budget(tmp_path, template, match):
     with pytest.raises(ValueError, match=rf"tokenizer.json: chat template stopped, over its budget: .*({match})") as e:
         chat_format(tok).encode_dialog_prompt([{"role": "user", "content": "x"}])
     assert time.perf_counter() - t0 < 10 and "\n" not in str(e.value)
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled(tmp_path):
+    """An embedding with more rows than the tokenizer has ids (a padded vocabulary) let the sampler draw ids with
+    no text: --json exited 0 with empty or garbage text. Loading says so once; generation never draws them."""
+    path = write_checkpoint(tmp_path / "padded", vocab_size=400)  # the tokenizer has 266 ids
+    with pytest.warns(UserWarning, match=r"embedding has 400 rows but the tokenizer 266 ids: ids 266..399"):
+        llm = Llama.load(path, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=96)
+    out = llm.generate("hello there", max_new_tokens=64, temperature=5.0, top_p=1.0, seed=0, stop_tokens=[])
+    assert len(out.tokens[0]) == 64 and max(out.tokens[0]) < 266
+    # The check bites: without it, this random model's flat distribution puts a third of the draws past 266.
+    logits = llm.forward(torch.tensor([llm.tokenizer.encode("hello there")]), 0)[0, -1]
+    assert torch.softmax(logits / 5.0, -1)[266:].sum() > 0.2
