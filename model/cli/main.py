@@ -261,7 +261,8 @@ def _read_prompts(args, tp) -> list[str]:
         if not lines:
             raise CliError(f"--prompts-file {path} holds no prompt (one per line; blank lines are skipped)")
         return lines
-    text = _on_rank0(tp, _read_stdin_text) if args.prompt == "-" else args.prompt
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    text = _on_rank0(tp, _read_stdin_text) if prompt == "-" else prompt
     return [_clean_prompt(text)]
 
 
@@ -319,7 +320,7 @@ def cmd_generate(args) -> int:
 
     stream = len(prompts) == 1 and not args.json
     # With no --prompt, say what is being continued: the first run's output would otherwise begin mid-sentence.
-    echo = args.echo or (stream and not args.prompts_file and args.prompt == DEFAULT_PROMPT)
+    echo = args.echo or (stream and not args.prompts_file and args.prompt is None)
     for start in range(0, len(prompts), batch):
         group = prompts[start : start + batch]
         if stream and echo:
@@ -759,8 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", parents=[common, model, sampling], help="continue a prompt, streaming the text")
     g.add_argument(
         "--prompt",
-        default=DEFAULT_PROMPT,
-        help='prompt text, or "-" to read it from stdin (one trailing newline is dropped)',
+        help='prompt text, or "-" to read it from stdin (one trailing newline is dropped); without it, '
+        f'"{DEFAULT_PROMPT}", shown before its continuation',
     )
     g.add_argument(
         "--prompts-file",
