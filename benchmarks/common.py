@@ -608,16 +608,12 @@ def run_case(case: Case, ctx: Context, skip_compiled: bool = False, only_compile
         if skip_compiled and name.startswith("torch_compile"):
             rec["results"][name] = {"skipped": _COMPILE_LATER}
             continue
-        try:
-            timing, out = time_call(fn, ctx)
-        except Exception as e:
-            if ctx.debug:
-                traceback.print_exc()
-            rec["results"][name] = {"error": describe(e)}
+        r, out = _time_impl(case, ctx, fn)
+        if "error" in r:
+            rec["results"][name] = r
             del fn
             free_memory()
             continue
-        r = {**timing, **rates(timing["median_ms"], case.bytes, case.flops, case.bound, ctx.ceilings)}
         if getattr(fn, "note", None):  # e.g. SDPA falling back to repeated k/v
             r["note"] = fn.note
         t_out = first_tensor(out)
@@ -639,6 +635,17 @@ def run_case(case: Case, ctx: Context, skip_compiled: bool = False, only_compile
     return rec
 
 
+def _time_impl(case: Case, ctx: Context, fn: Callable[[], Any]) -> tuple[dict, Any]:
+    """One implementation of a case timed: (its timing and rates, its output), or ({"error": ...}, None)."""
+    try:
+        timing, out = time_call(fn, ctx)
+    except Exception as e:
+        if ctx.debug:
+            traceback.print_exc()
+        return {"error": describe(e)}, None
+    return {**timing, **rates(timing["median_ms"], case.bytes, case.flops, case.bound, ctx.ceilings)}, out
+
+
 def _run_compiled_peers(case: Case, ctx: Context, rec: dict) -> dict:
     import torch
 
@@ -655,19 +662,15 @@ def _run_compiled_peers(case: Case, ctx: Context, rec: dict) -> dict:
     for name, fn in impls.items():
         if rec["results"].get(name, {}).get("skipped") != _COMPILE_LATER:
             continue
-        try:
-            timing, out = time_call(fn, ctx)
-        except Exception as e:
-            if ctx.debug:
-                traceback.print_exc()
-            rec["results"][name] = {"error": describe(e)}
+        r, out = _time_impl(case, ctx, fn)
+        if "error" in r:
+            rec["results"][name] = r
             continue
-        r = {**timing, **rates(timing["median_ms"], case.bytes, case.flops, case.bound, ctx.ceilings)}
         t_out = first_tensor(out)
         if reference is not None and t_out is not None and tuple(t_out.shape) == tuple(reference.shape):
             r["max_abs_diff_vs_torch_eager"] = float((t_out.float() - reference.float()).abs().max())
         rec["results"][name] = r
-        ctx.log(f"{rec['kernel']} {rec['model']} {rec['label']}: {name} {fmt_time(timing['median_ms'])}")
+        ctx.log(f"{rec['kernel']} {rec['model']} {rec['label']}: {name} {fmt_time(r['median_ms'])}")
     del impls, reference
     torch._dynamo.reset()
     free_memory()

@@ -36,6 +36,38 @@ def cases(ctx: Context) -> list[Case]:
     return out
 
 
+def _inputs(ctx: Context, s: dict[str, int], B: int, L: int):
+    """The (B, Hkv, L, hd) k and v caches (every sequence full to L), their (B, L, Hkv, hd) views the ops take, and a
+    (B, Hq, hd) query: random, the same for every implementation of a case."""
+    Hq, Hkv, hd = s["n_heads"], s["n_kv_heads"], s["head_dim"]
+    k_store = randn((B, Hkv, L, hd), ctx, seed=L)
+    v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
+    q = randn((B, Hq, hd), ctx, seed=L + 2)
+    return k_store, v_store, k_store.transpose(1, 2), v_store.transpose(1, 2), q
+
+
+def _decode_case(ctx: Context, kernel: str, model: str, s: dict[str, int], B: int, L: int, bytes_: int, setup):
+    return Case(
+        kernel=kernel,
+        model=model,
+        label=f"B={B} L={L}",
+        size=L,
+        size_name="context",
+        shape={
+            "B": B,
+            "L": L,
+            "Hq": s["n_heads"],
+            "Hkv": s["n_kv_heads"],
+            "head_dim": s["head_dim"],
+            "dtype": str(ctx.dtype).removeprefix("torch."),
+        },
+        bytes=bytes_,
+        flops=4 * B * s["n_heads"] * s["head_dim"] * L,
+        bound="memory",
+        setup=setup,
+    )
+
+
 def _fused_case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
     """The launch the model's fused decode step runs (``rope_decode_attention``): RoPE of q and the new k at position
     L - 1, k and v written to that cache slot, attention over the L keys 0 .. L - 1, split-KV and merged in one
@@ -48,14 +80,10 @@ def _fused_case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> 
     def setup() -> dict:
         from llama3_triton.kernels import reference, triton_ops
 
-        k_store = randn((B, Hkv, L, hd), ctx, seed=L)
-        v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
-        k_cache, v_cache = k_store.transpose(1, 2), v_store.transpose(1, 2)  # (B, L, Hkv, hd) views
-        q = randn((B, Hq, hd), ctx, seed=L + 2)
+        _, _, k_cache, v_cache, q = _inputs(ctx, s, B, L)
         k, v = randn((B, Hkv, hd), ctx, seed=L + 3), randn((B, Hkv, hd), ctx, seed=L + 4)
         positions = torch.full((B,), L - 1, dtype=torch.long, device=ctx.device)
-        inv_freq = reference.rope_inv_freq(hd, 500000.0).to(ctx.device)
-        cos_sin = reference.rope_table(inv_freq, L)
+        cos_sin = reference.rope_table(reference.rope_inv_freq(hd, 500000.0).to(ctx.device), L)
         workspace = triton_ops.DecodeWorkspace(B, Hq, Hkv, hd, ctx.device)
 
         def call(op):
@@ -70,18 +98,8 @@ def _fused_case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> 
         )
         return impls
 
-    return Case(
-        kernel="rope_decode_attention",
-        model=model,
-        label=f"B={B} L={L}",
-        size=L,
-        size_name="context",
-        shape={"B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "head_dim": hd, "dtype": str(ctx.dtype).removeprefix("torch.")},
-        bytes=(2 * B * (L - 1) * Hkv * hd + 4 * B * Hkv * hd + 2 * B * Hq * hd) * es + 2 * B * hd * 4 + 8 * B,
-        flops=4 * B * Hq * hd * L,
-        bound="memory",
-        setup=setup,
-    )
+    read_write = (2 * B * (L - 1) * Hkv * hd + 4 * B * Hkv * hd + 2 * B * Hq * hd) * es + 2 * B * hd * 4 + 8 * B
+    return _decode_case(ctx, "rope_decode_attention", model, s, B, L, read_write, setup)
 
 
 def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
@@ -93,10 +111,7 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
     def setup() -> dict:
         from llama3_triton.kernels import reference, triton_ops
 
-        k_store = randn((B, Hkv, L, hd), ctx, seed=L)
-        v_store = randn((B, Hkv, L, hd), ctx, seed=L + 1)
-        k_cache, v_cache = k_store.transpose(1, 2), v_store.transpose(1, 2)  # (B, L, Hkv, hd) views
-        q = randn((B, Hq, hd), ctx, seed=L + 2)
+        k_store, v_store, k_cache, v_cache, q = _inputs(ctx, s, B, L)
         lengths = torch.full((B,), L, dtype=torch.long, device=ctx.device)
 
         def call(op):
@@ -109,18 +124,8 @@ def _case(ctx: Context, model: str, s: dict[str, int], B: int, L: int) -> Case:
         )
         return impls
 
-    return Case(
-        kernel="decode_attention",
-        model=model,
-        label=f"B={B} L={L}",
-        size=L,
-        size_name="context",
-        shape={"B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "head_dim": hd, "dtype": str(ctx.dtype).removeprefix("torch.")},
-        bytes=(2 * B * L * Hkv * hd + 2 * B * Hq * hd) * es + 8 * B,
-        flops=4 * B * Hq * hd * L,
-        bound="memory",
-        setup=setup,
-    )
+    return _decode_case(ctx, "decode_attention", model, s, B, L, (2 * B * L * Hkv * hd + 2 * B * Hq * hd) * es + 8 * B,
+                        setup)  # fmt: skip
 
 
 if __name__ == "__main__":

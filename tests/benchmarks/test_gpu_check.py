@@ -151,3 +151,46 @@ def test_each_stage_is_cut_at_its_limit_and_the_summary_says_so(tmp_path, monkey
     summary = (tmp_path / "summary.txt").read_text()
     assert "MISSING WHEEL gguf" in summary and "tests: cut at its time limit" in summary
     assert "tests: 1 passed in 0.1s" in summary
+
+
+def _case(calls: list[str]):
+    from llama3_triton.benchmarks.common import Case
+
+    def setup():
+        x = torch.arange(6.0)
+        calls.append("setup")
+        return {"torch_eager": lambda: x * 2, "triton": lambda: x * 2, "torch_compile": lambda: x * 2 + 1e-3}
+
+    return Case(kernel="k", model="m", label="T=6", size=6, size_name="tokens", shape={}, bytes=48, flops=0,
+                bound="memory", setup=setup)  # fmt: skip
+
+
+def test_quick_runs_time_every_case_before_any_torch_compile_peer():
+    """--quick on a GPU: the kernels' torch.compile peers (a cold inductor compile each) wait for a second pass over
+    the finished cases, run in the time the budget leaves; their figures land in the same records."""
+    from llama3_triton.benchmarks.common import run_cases
+
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, smoke=True, compile_peers_last=True)
+    ctx.cpu_min_reps, ctx.cpu_min_seconds = 2, 0.0
+    saves: list[list[str]] = []
+    records: list[dict] = []
+    ctx.saver = lambda: saves.append([",".join(sorted(r["results"])) for r in records])
+    calls: list[str] = []
+    run_cases([_case(calls), _case(calls)], ctx, "kernels", records)
+    assert calls == ["setup"] * 4  # each case set up once per pass
+    for rec in records:
+        peer = rec["results"]["torch_compile"]
+        assert peer["median_ms"] > 0 and abs(peer["max_abs_diff_vs_torch_eager"] - 1e-3) < 1e-6
+        assert "median_ms" in rec["results"]["triton"]
+    assert len(saves) == 4  # after each case, then after each peer: a cut keeps the cases' own figures
+
+    # The budget runs out before the second pass: the case keeps its figures, the peer says why it has none.
+    records = []
+    ctx2 = _Budget(device=torch.device("cpu"), dtype=torch.float32, smoke=True, compile_peers_last=True)
+    ctx2.cpu_min_reps, ctx2.cpu_min_seconds = 2, 0.0
+    ctx2.saver = lambda: setattr(ctx2, "spent", True)  # spent once the first case is saved
+    run_cases([_case([])], ctx2, "kernels", records)
+    assert "median_ms" in records[0]["results"]["triton"]
+    assert records[0]["results"]["torch_compile"] == {
+        "skipped": "time budget spent (torch.compile peers run last in --quick)"
+    }
