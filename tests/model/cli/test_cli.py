@@ -473,7 +473,11 @@ def _bounded_child(code: str) -> tuple[subprocess.CompletedProcess, float, int]:
     """Run ``code`` in a fresh interpreter; (the process, its seconds, its peak RSS in MB)."""
     import time
 
-    peak = "import resource, sys\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    # VmHWM is this process's own peak: ru_maxrss would also count the pytest process it was forked from.
+    peak = (
+        "import re, sys\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr)\n"
+    )
     wrapped = code + "\n" + peak
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=300)
