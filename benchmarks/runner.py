@@ -165,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command() -> str:
+    """The command line that started this run, as a user would type it again."""
     path = Path(sys.argv[0])
-    head = f"python -m {path.parent.name}" if path.name == "__main__.py" else path.name
+    if path.parent.name == "benchmarks" and path.suffix == ".py":  # python -m llama3_triton.benchmarks[.module]
+        head = "python -m llama3_triton.benchmarks" + ("" if path.name == "__main__.py" else f".{path.stem}")
+    else:
+        head = path.name
     return " ".join([head, *map(shlex.quote, sys.argv[1:])])
 
 
