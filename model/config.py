@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 
 
 class ConfigError(UserError):
@@ -108,17 +108,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _get(data: dict[str, Any], path: Path, key: str, kind: type, default: Any = ..., positive: bool = True) -> Any:
     if key not in data or data[key] is None:
         if default is ...:
-            raise ConfigError(f"{path}: missing field {key!r}")
+            raise ConfigError(f"{path}: missing field {shown(key)}")
         return default
     value = data[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{path}: field {key!r} must be {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{path}: field {shown(key)} must be {kind.__name__}, got {shown(value)}")
     if positive and kind in (int, float) and not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{path}: field {key!r} must be a positive number, got {value!r}")
+        raise ConfigError(f"{path}: field {shown(key)} must be a positive number, got {shown(value)}")
     if kind is int and abs(value) > MAX_FIELD:
-        raise ConfigError(f"{path}: field {key!r} is {value}, larger than any model's (at most {MAX_FIELD})")
+        raise ConfigError(f"{path}: field {shown(key)} is {value}, larger than any model's (at most {MAX_FIELD})")
     return value
 
 
@@ -139,7 +139,7 @@ def _check(args: ModelArgs, path: Path) -> ModelArgs:
             v = s.get(key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise ConfigError(
-                    f"{path}: RoPE scaling field {key!r} must be a finite positive number, got {str(v)[:80]}"
+                    f"{path}: RoPE scaling field {shown(key)} must be a finite positive number, got {str(v)[:80]}"
                 )
         if s["high_freq_factor"] <= s["low_freq_factor"]:
             raise ConfigError(f"{path}: RoPE high_freq_factor must exceed low_freq_factor, got {s}")
@@ -203,7 +203,7 @@ def from_hf_config(path: Path) -> ModelArgs:
     c = _read_json(path)
     model_type = c.get("model_type", "llama")
     if model_type != "llama":
-        raise ConfigError(f"{path}: model_type is {model_type!r}, expected 'llama'")
+        raise ConfigError(f"{path}: model_type is {shown(model_type)}, expected 'llama'")
     dim = _get(c, path, "hidden_size", int)
     n_heads = _get(c, path, "num_attention_heads", int)
     head_dim = c.get("head_dim") or dim // n_heads
@@ -211,10 +211,10 @@ def from_hf_config(path: Path) -> ModelArgs:
         raise ConfigError(f"{path}: head_dim {head_dim} x num_attention_heads {n_heads} != hidden_size {dim}")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if not isinstance(rope, dict):
-        raise ConfigError(f"{path}: rope_scaling must be an object, got {rope!r}")
+        raise ConfigError(f"{path}: rope_scaling must be an object, got {shown(rope)}")
     theta = rope.get("rope_theta", c.get("rope_theta", 500000.0))
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not (theta > 0 and math.isfinite(theta)):
-        raise ConfigError(f"{path}: rope_theta must be a positive number, got {theta!r}")
+        raise ConfigError(f"{path}: rope_theta must be a positive number, got {shown(theta)}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
         scaling = {k: rope.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")}
@@ -222,7 +222,7 @@ def from_hf_config(path: Path) -> ModelArgs:
     elif rope_type == "default":
         scaling = None
     else:
-        raise ConfigError(f"{path}: RoPE type {rope_type!r} is not Llama 3's ('llama3' or none)")
+        raise ConfigError(f"{path}: RoPE type {shown(rope_type)} is not Llama 3's ('llama3' or none)")
     args = ModelArgs(
         dim=dim,
         n_layers=_get(c, path, "num_hidden_layers", int),

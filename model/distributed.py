@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,8 +34,16 @@ class TensorParallelError(UserError, RuntimeError):
     """Another rank failed, left or hung: said on every rank, in one line, so that none waits forever."""
 
 
-# Collectives that do not complete in this time raise instead of hanging (a rank died mid-run).
-DEFAULT_TIMEOUT_S = int(os.environ.get("LLAMA3_TRITON_TP_TIMEOUT", "600"))
+# Collectives that do not complete in this time raise instead of hanging: how long a frozen rank (stopped, stuck in
+# a driver call) holds the others. Ranks do the same work between collectives, so a healthy one is late by
+# milliseconds to seconds (a first Triton compile on a cold cache: tens); two minutes is what a person waits before
+# deciding a run has hung. The one wait that is a person's, not a rank's (the next chat line, a prompt typed on
+# stdin), does not go through a collective (``from_rank0``), so it is not bounded by this.
+DEFAULT_TIMEOUT_S = int(os.environ.get("LLAMA3_TRITON_TP_TIMEOUT", "120"))
+# While rank 0 waits on a person, it shows it is alive every second; another rank that hears nothing for this long
+# decides rank 0 is frozen and stops.
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("LLAMA3_TRITON_TP_HEARTBEAT_TIMEOUT", "30"))
+_from_rank0_rounds = itertools.count()
 # How long a rank that has loaded its weights waits for the others (``TensorParallel.agree``). Ranks load equal
 # slices in parallel, so a healthy peer is seconds behind; one stuck on its files (a slow or hung mount) must
 # not hold every other rank for the generation timeout.
@@ -80,6 +90,76 @@ class TensorParallel:
         box = [obj]
         dist.broadcast_object_list(box, src)
         return box[0]
+
+    def from_rank0(self, read):
+        """``read()`` run on rank 0, its result (a str, None or another JSON value) or the UserError it raised, given
+        to every rank.
+
+        For what waits on a person (the next chat line, stdin): the others poll the key-value store instead of
+        blocking in a collective, whose timeout (DEFAULT_TIMEOUT_S) would end a chat left idle for two minutes.
+        Rank 0 beats once a second while it waits; a rank that hears no beat for HEARTBEAT_TIMEOUT_S stops
+        with a TensorParallelError (rank 0 frozen). Without a store, a collective as before."""
+        if self.world == 1:
+            return read()
+        store = _default_store()
+        if store is None:
+            return self._from_rank0_by_collective(read)
+        key = f"llama3-triton/from-rank0/{next(_from_rank0_rounds)}/"
+        if self.rank == 0:
+            done = threading.Event()
+
+            def beat() -> None:
+                n = 0
+                while not done.wait(1.0):
+                    n += 1
+                    with contextlib.suppress(Exception):
+                        store.set(key + "beat", str(n))
+
+            beater = threading.Thread(target=beat, daemon=True)
+            beater.start()
+            try:
+                box = ("ok", read())
+            except UserError as e:
+                box = ("error", str(e))
+            finally:
+                done.set()
+            store.set(key + "value", json.dumps(box))
+        else:
+            last, heard = None, time.monotonic()
+            while True:
+                try:
+                    if store.check([key + "value"]):
+                        box = json.loads(store.get(key + "value"))
+                        break
+                    beat = store.get(key + "beat") if store.check([key + "beat"]) else None
+                except Exception as e:  # the store lives with rank 0 or torchrun's agent: gone
+                    raise TensorParallelError(
+                        f"tensor-parallel rank {self.rank} lost the rendezvous store while waiting for rank 0's input: "
+                        f"{(str(e).strip().splitlines() or [''])[0]}"
+                    ) from None
+                if beat != last:
+                    last, heard = beat, time.monotonic()
+                elif time.monotonic() - heard > HEARTBEAT_TIMEOUT_S:
+                    raise TensorParallelError(
+                        f"tensor-parallel rank 0 stopped responding for {HEARTBEAT_TIMEOUT_S:g} s while waiting for "
+                        f"input (LLAMA3_TRITON_TP_HEARTBEAT_TIMEOUT); rank {self.rank} stops"
+                    )
+                time.sleep(0.05)
+        if box[0] == "error":
+            raise UserError(box[1])
+        return box[1]
+
+    def _from_rank0_by_collective(self, read):
+        box = None
+        if self.rank == 0:
+            try:
+                box = ("ok", read())
+            except UserError as e:
+                box = ("error", str(e))
+        box = self.broadcast_object(box)
+        if box[0] == "error":
+            raise UserError(box[1])
+        return box[1]
 
     def agree(self, error: BaseException | None, timeout_s: float | None = None) -> None:
         """Raise on every rank if any rank failed (e.g. to load), instead of leaving the others to hang.

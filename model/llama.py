@@ -56,7 +56,7 @@ from llama3_triton.model import distributed, loading
 from llama3_triton.model.checkpoints.folder import CheckpointError
 from llama3_triton.model.config import ModelArgs
 from llama3_triton.model.distributed import TensorParallel
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 from llama3_triton.model.graph import DecodeGraph
 from llama3_triton.model.loading import default_device, default_dtype, select_ops
 from llama3_triton.model.tokenizers.llama3 import Tokenizer
@@ -368,7 +368,7 @@ class Llama(nn.Module):
         """
         if check:
             if not isinstance(start_pos, int) or isinstance(start_pos, bool):
-                raise UserError(f"start_pos must be an int, got {start_pos!r}")
+                raise UserError(f"start_pos must be an int, got {shown(start_pos)}")
             tokens, positions, start_pos = self._check_inputs(tokens, start_pos)
             if last is not None and (not torch.is_tensor(last) or last.shape != (tokens.shape[0],)):
                 raise UserError(f"last must be a ({tokens.shape[0]},) tensor of token indices, got {_describe(last)}")
@@ -419,7 +419,7 @@ class Llama(nn.Module):
             raise UserError(f"token ids must be in [0, {self.args.vocab_size}), got range [{lo}, {hi}]")
         steps = torch.arange(T, device=self.device)
         if isinstance(start_pos, bool):
-            raise UserError(f"start_pos must be an int or an integer tensor, got {start_pos!r}")
+            raise UserError(f"start_pos must be an int or an integer tensor, got {shown(start_pos)}")
         if isinstance(start_pos, int):
             if start_pos < 0 or start_pos + T > self.max_seq_len:
                 raise UserError(

@@ -20,7 +20,7 @@ from llama3_triton.kernels import Ops, reference
 from llama3_triton.model import distributed
 from llama3_triton.model.checkpoints.folder import Checkpoint
 from llama3_triton.model.checkpoints.sources import open_checkpoint, open_tokenizer
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 
 
 def select_ops(backend: str, device: torch.device) -> Ops:
@@ -28,7 +28,7 @@ def select_ops(backend: str, device: torch.device) -> Ops:
     if backend == "torch":
         return reference
     if backend != "triton":
-        raise UserError(f"backend must be 'triton' or 'torch', got {backend!r}")
+        raise UserError(f"backend must be 'triton' or 'torch', got {shown(backend)}")
     if device.type == "cpu":
         # Without a GPU, Triton kernels run in its interpreter, which @triton.jit picks at import time.
         if "llama3_triton.kernels.rmsnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

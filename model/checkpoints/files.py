@@ -232,3 +232,43 @@ def read_regular_bytes(path: Path, what: str = "file") -> bytes:
     fd = open_regular(path, what)
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+def read_capped(path: str | os.PathLike, what: str, cap: int) -> bytes:
+    """The bytes of an input file a person names (``--prompts-file``, ``--calibration``), read under a byte cap: a
+    regular file or a pipe (``<(command)``); a device such as /dev/zero, a socket or a folder is refused at once.
+    At most ``cap + 1`` bytes are ever held: more is refused as over the cap, named in the error, before it costs
+    memory. (Standard input is read under the same kind of cap by its reader, ``read_stream_capped``.)"""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+            raise UserError(f"{what}: not a file or a pipe but {kind}")
+        if st.st_size > cap:
+            raise UserError(f"{what}: {st.st_size:,} bytes, over the {cap:,}-byte limit")
+        if stat.S_ISFIFO(st.st_mode):
+            # The non-blocking open did not wait for a writer, and a FIFO without one reads as empty: open it again,
+            # blocking, which waits for the writer as a FIFO's reader does (``<(command)`` has one already).
+            with open(path, "rb") as f:
+                return read_stream_capped(f, what, cap)
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return read_stream_capped(f, what, cap)
+    finally:
+        os.close(fd)
+
+
+def read_stream_capped(f, what: str, cap: int) -> bytes:
+    """The binary stream ``f`` to its end, at most ``cap`` bytes; more is a UserError naming ``what``. Read in a
+    loop to the end: one ``read(n)`` may return less than is coming from a pipe whose writer is slower."""
+    parts, held = [], 0
+    while held <= cap:
+        chunk = f.read(min(1 << 20, cap + 1 - held))
+        if not chunk:
+            break
+        parts.append(chunk)
+        held += len(chunk)
+    if held > cap:
+        raise UserError(f"{what}: more than the {cap:,}-byte limit")
+    return b"".join(parts)

@@ -39,7 +39,7 @@ import torch
 
 from llama3_triton.model.checkpoints import files as _files
 from llama3_triton.model.config import ConfigError, ModelArgs, from_hf_config, from_meta_params
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 
 
 class CheckpointError(UserError):
@@ -204,10 +204,10 @@ class _Any:
 class _StorageRef:
     def __init__(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Global)):
-            raise UserError(f"unexpected persistent id {pid!r}")
+            raise UserError(f"unexpected persistent id {shown(pid)}")
         self.key, self.kind, self.numel = str(pid[2]), pid[1].name, pid[4]
         if self.kind not in _STORAGE_BYTES or not isinstance(self.numel, int) or self.numel < 0:
-            raise UserError(f"unexpected storage {self.kind} of {self.numel!r} elements")
+            raise UserError(f"unexpected storage {self.kind} of {shown(self.numel)} elements")
         self.nbytes = self.numel * _STORAGE_BYTES[self.kind]
 
 
@@ -600,7 +600,7 @@ class Checkpoint:
                 )
             for v in weight_map.values():  # only files of this folder: no "../x", "/abs/x" or "sub/x"
                 if Path(v).name != v or v in (".", "..") or "\\" in v or os.path.isabs(v):
-                    raise CheckpointError(f"{index}: entry {v!r} is not a file name in the checkpoint folder")
+                    raise CheckpointError(f"{index}: entry {shown(v)} is not a file name in the checkpoint folder")
             files = sorted(set(weight_map.values()))
         else:
             files = [p.name for p in sorted(self.root.glob("*.safetensors"))]
@@ -690,10 +690,10 @@ class Checkpoint:
             if self.layout == "hf":  # name the tensor as it is spelled in the file that holds it
                 u, f = self._hf_where[u]
                 file = self.root / f
-            raise CheckpointError(f"{file}: unexpected tensor {u!r} for a {self.args.n_layers}-layer Llama config")
+            raise CheckpointError(f"{file}: unexpected tensor {shown(u)} for a {self.args.n_layers}-layer Llama config")
         missing = sorted(n for n in expected if n not in names)
         if missing:
-            raise CheckpointError(f"{file}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+            raise CheckpointError(f"{file}: missing tensor {shown(missing[0])} ({len(missing)} missing in all)")
 
     def shapes_for_check(self) -> dict[str, tuple[int, ...]]:
         return dict(self._full_shapes)
@@ -746,7 +746,9 @@ class MemoryCheckpoint:
         want = expected_shapes(args, with_output=not args.tie_embeddings)
         missing = sorted(set(want) - set(weights))
         if missing:
-            raise CheckpointError(f"in-memory weights: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+            raise CheckpointError(
+                f"in-memory weights: missing tensor {shown(missing[0])} ({len(missing)} missing in all)"
+            )
         for name, shape in want.items():
             if tuple(weights[name].shape) != shape:
                 raise CheckpointError(

@@ -44,6 +44,7 @@ from llama3_triton.model.checkpoints.folder import (
     expected_shapes,
 )
 from llama3_triton.model.config import ConfigError, ModelArgs
+from llama3_triton.model.errors import shown
 
 GGUF_MAGIC = b"GGUF"
 
@@ -168,7 +169,7 @@ def check_header(path: Path) -> None:
                 )
             for i in range(n_kv):
                 key = string(f"metadata key {i}").decode("utf-8", "replace")
-                what = f"metadata field {key[:80]!r}"
+                what = f"metadata field {shown(key)}"
                 vtype = take("<I", what)
                 if vtype in _FIXED:
                     skip(_FIXED[vtype], what)
@@ -194,7 +195,7 @@ def check_header(path: Path) -> None:
                     raise CheckpointError(f"{path}: GGUF {what} has type {vtype}, not one GGUF defines")
             for i in range(n_tensors):
                 name = string(f"tensor record {i}").decode("utf-8", "replace")
-                what = f"tensor {name[:80]!r}"
+                what = f"tensor {shown(name)}"
                 n_dims = take("<I", what)
                 if not 1 <= n_dims <= MAX_DIMS:
                     raise CheckpointError(f"{path}: GGUF {what} has {n_dims} dimensions (1 to {MAX_DIMS})")
@@ -226,7 +227,9 @@ class GGUFCheckpoint:
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
         if magic != GGUF_MAGIC:
-            raise CheckpointError(f"{self.path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+            raise CheckpointError(
+                f"{self.path}: not a GGUF file (starts with {shown(magic)}, expected {shown(GGUF_MAGIC)})"
+            )
         check_header(self.path)  # every count against the bytes left, before the reader trusts them
         try:
             self.reader = gguf.GGUFReader(self.path)
@@ -237,7 +240,7 @@ class GGUFCheckpoint:
         self.metadata = self._read_metadata()
         arch = self.metadata.get("general.architecture")
         if arch != "llama":
-            raise CheckpointError(f"{self.path}: GGUF architecture is {arch!r}, this project runs 'llama' models")
+            raise CheckpointError(f"{self.path}: GGUF architecture is {shown(arch)}, this project runs 'llama' models")
         self._tensors: dict[str, Any] = {}
         unknown: list[str] = []
         for t in self.reader.tensors:
@@ -253,7 +256,9 @@ class GGUFCheckpoint:
             raise CheckpointError(str(e)) from None
         self.args = args
         if unknown:
-            raise CheckpointError(f"{self.path}: unexpected tensor {unknown[0]!r} for a {args.n_layers}-layer Llama")
+            raise CheckpointError(
+                f"{self.path}: unexpected tensor {shown(unknown[0])} for a {args.n_layers}-layer Llama"
+            )
         # The layer count from the metadata is checked against the blocks the file holds (bounded by its size)
         # before anything is built per layer: a small file claiming a billion layers is refused at once.
         blocks = {int(m.group(1)) for n in self._tensors if (m := re.match(r"layers\.(\d+)\.", n))}
@@ -265,10 +270,12 @@ class GGUFCheckpoint:
         full = expected_shapes(args, with_output=not tied)
         missing = [n for n in full if n not in self._tensors]
         if missing:
-            raise CheckpointError(f"{self.path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+            raise CheckpointError(f"{self.path}: missing tensor {shown(missing[0])} ({len(missing)} missing in all)")
         extra = [n for n in self._tensors if n not in full]
         if extra:
-            raise CheckpointError(f"{self.path}: unexpected tensor {self._tensors[extra[0]].name!r} for this config")
+            raise CheckpointError(
+                f"{self.path}: unexpected tensor {shown(self._tensors[extra[0]].name)} for this config"
+            )
         for name, want in full.items():
             t = self._tensors[name]
             have = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
@@ -299,7 +306,9 @@ class GGUFCheckpoint:
             try:
                 out[key] = field.contents()
             except Exception as e:
-                raise CheckpointError(f"{self.path}: metadata field {key!r} is unreadable ({_first_line(e)})") from None
+                raise CheckpointError(
+                    f"{self.path}: metadata field {shown(key)} is unreadable ({_first_line(e)})"
+                ) from None
         return out
 
     def field(self, key: str) -> Any:
@@ -310,13 +319,15 @@ class GGUFCheckpoint:
         try:
             return f.contents()
         except Exception as e:
-            raise CheckpointError(f"{self.path}: metadata field {key!r} is unreadable ({_first_line(e)})") from None
+            raise CheckpointError(
+                f"{self.path}: metadata field {shown(key)} is unreadable ({_first_line(e)})"
+            ) from None
 
     def _get(self, key: str, kind: type, default: Any = ...) -> Any:
         v = self.metadata.get(key)
         if v is None:
             if default is ...:
-                raise ConfigError(f"{self.path}: GGUF metadata has no {key!r}")
+                raise ConfigError(f"{self.path}: GGUF metadata has no {shown(key)}")
             return default
         if kind is float and isinstance(v, (int, float)) and not isinstance(v, bool):
             # GGUF stores float32: 1e-5 reads back as 9.99999974e-06. The shortest decimal that rounds to the
@@ -324,7 +335,7 @@ class GGUFCheckpoint:
             v = float(str(np.float32(v)))
         if not isinstance(v, kind) or isinstance(v, bool) or not v > 0 or (kind is float and not math.isfinite(v)):
             raise ConfigError(
-                f"{self.path}: GGUF metadata {key!r} must be a finite positive {kind.__name__}, got {str(v)[:80]}"
+                f"{self.path}: GGUF metadata {shown(key)} must be a finite positive {kind.__name__}, got {str(v)[:80]}"
             )
         return v
 
@@ -347,7 +358,9 @@ class GGUFCheckpoint:
                 )
         kind = self.metadata.get(a + "rope.scaling.type", "none")
         if kind not in ("none", None):
-            raise ConfigError(f"{self.path}: GGUF RoPE scaling type {kind!r} is not Llama 3's (none or rope_freqs)")
+            raise ConfigError(
+                f"{self.path}: GGUF RoPE scaling type {shown(kind)} is not Llama 3's (none or rope_freqs)"
+            )
         args = ModelArgs(
             dim=dim,
             n_layers=self._get(a + "block_count", int),

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, one_line, shown
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 QUANTIZE = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")  # model.quantize.QUANTIZE_CHOICES
@@ -61,29 +61,28 @@ def _stdin():
     return sys.stdin
 
 
+# The most bytes read of a prompt, a prompt file or a calibration text (and of one chat line): far more than any
+# context holds (Llama-3.1's 131,072 tokens are ~0.5 MB of English), far less than /dev/zero or a stray file
+# could cost. A longer text is refused before it is held, and tokenized text stops at the context.
+INPUT_BYTES = 16 << 20
+CHAT_LINE_BYTES = 1 << 20
+
+
 def _read_stdin_text() -> str:
-    data = _stdin().buffer.read()
+    from llama3_triton.model.checkpoints.files import read_stream_capped
+
+    data = read_stream_capped(_stdin().buffer, "stdin", INPUT_BYTES)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CliError(f"stdin is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
+        raise CliError(f"stdin is not valid UTF-8 (byte {e.start}: {shown(data[e.start : e.start + 1])})") from None
 
 
 def _on_rank0(tp, read):
     """Run ``read()`` on rank 0 only (stdin belongs to rank 0 under torchrun) and give every rank its result;
-    an error there becomes the same CliError on every rank instead of leaving the others waiting."""
-    if not tp.enabled:
-        return read()
-    box = None
-    if tp.rank == 0:
-        try:
-            box = ("ok", read())
-        except CliError as e:
-            box = ("error", str(e))
-    box = tp.broadcast_object(box)
-    if box[0] == "error":
-        raise CliError(box[1])
-    return box[1]
+    an error there becomes the same error on every rank instead of leaving the others waiting. The others wait
+    as long as the person does (``TensorParallel.from_rank0``), not the collectives' timeout."""
+    return tp.from_rank0(read)
 
 
 def physical_cores() -> int:
@@ -183,8 +182,10 @@ def _read_calibration(args) -> str | None:
 
 def _read_utf8(flag: str, path: str) -> str:
     """A file named by ``flag``, decoded as UTF-8; a missing, unreadable or undecodable one is a one-line CliError."""
+    from llama3_triton.model.checkpoints.files import read_capped
+
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        return read_capped(path, f"{flag} {path}", INPUT_BYTES).decode("utf-8")
     except OSError as e:
         raise CliError(f"{flag} {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -197,8 +198,8 @@ def check_arguments(args) -> None:
         if not (args.quantize or "").startswith("int4"):
             raise CliError(f"--calibration chooses int4 codes (GPTQ): it needs --quantize int4[-gG], got "
                            f"{args.quantize or 'none'}")  # fmt: skip
-        if not Path(args.calibration).is_file():
-            why = "not a file" if Path(args.calibration).exists() else "no such file"
+        if not Path(args.calibration).exists() or Path(args.calibration).is_dir():
+            why = "a folder, not a file" if Path(args.calibration).exists() else "no such file"
             raise CliError(f"--calibration {args.calibration}: {why}")
     if hasattr(args, "temperature"):
         from llama3_triton.model.generation.sampling import validate
@@ -225,7 +226,7 @@ def check_arguments(args) -> None:
                        f"pass --threads {cores} or fewer")  # fmt: skip
     device = getattr(args, "device", None)
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise CliError(f"--device {device[:80]!r}: expected cpu, cuda or cuda:N")
+        raise CliError(f"--device {shown(device[:80])}: expected cpu, cuda or cuda:N")
 
 
 def _usable_cores() -> int:
@@ -488,9 +489,11 @@ def _read_stdin_line() -> str | None:
     """The next line of stdin, stripped; None at end of input."""
     if sys.stdin is None:  # started with stdin closed: no input, as at end of file
         return None
-    raw = sys.stdin.buffer.readline()
+    raw = sys.stdin.buffer.readline(CHAT_LINE_BYTES + 1)
     if not raw:
         return None
+    if len(raw) > CHAT_LINE_BYTES:
+        raise CliError(f"a line of stdin is longer than the {CHAT_LINE_BYTES:,}-byte limit")
     try:
         return raw.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -644,9 +647,9 @@ def _positive_float(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s[:80]!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {shown(s[:80])}") from None
     if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {s[:80]!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {shown(s[:80])}")
     return v
 
 
@@ -709,8 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         metavar="FILE",
         help="with --quantize int4[-gG]: a UTF-8 text whose inputs to each product choose the int4 codes (GPTQ, "
-        "model/calibrate.py): the model loads dense, runs the text, then quantizes; a few thousand tokens of text "
-        "like the model's input",
+        "model/quant/calibrate.py): the model loads dense, runs the text (its first 65,536 tokens), then quantizes; "
+        "a few thousand tokens of text like the model's input",
     )
     model.add_argument(
         "--threads",
@@ -904,8 +907,64 @@ def _ctrl_c_to_python() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class StdoutError(UserError):
+    """Standard output cannot take what the command prints: closed (``>&-``), a full disk, an I/O error."""
+
+
+class _GuardedStdout:
+    """sys.stdout, whose write and flush failures become a StdoutError ("cannot write to stdout: No space left
+    on device") instead of an OSError that reads like a file of ours. A reader that left (``| head``,
+    BrokenPipeError) is not an error: that passes through to the callers that end quietly on it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, call, *a):
+        try:
+            return call(*a)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(f"cannot write to stdout: {e.strerror or e}") from None
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if sys.stdout is None:  # started with >&-: what the command prints would vanish without a word
+        print("error: stdout is closed (started with >&-): redirect it to a file or to /dev/null instead",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # a full disk shows here for output still in the buffer
+        return rc
+    except StdoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # argparse's --help and --version print, then exit: their output must get out too
+        try:
+            sys.stdout.flush()
+        except StdoutError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise e
+    finally:
+        if sys.stdout is not stdout and isinstance(sys.stdout, _GuardedStdout):
+            sys.stdout = stdout
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
     args = None
@@ -921,12 +980,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except StdoutError:
+        raise
     except Exception as e:  # one line for people; the traceback with --debug
         if args is None or args.debug:
             raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         if getattr(e, "reported_by_rank", None) is None:  # a failing TP rank printed it already (distributed.agree)
-            print(f"{rank}error: {_message(e)}", file=sys.stderr)
+            print(f"{rank}error: {one_line(_message(e))}", file=sys.stderr)
         return 1
     finally:
         if previous_handler is not None:

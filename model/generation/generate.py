@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 from llama3_triton.model.generation.sampling import SampleRng, SamplingParams, TokenCounts, sample
 
 __all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
@@ -100,28 +100,29 @@ def generate(
         prompts = [prompts]
     if len(prompts) == 0:
         raise UserError("prompts must hold at least one prompt")
-    ids = [tok.encode(p, bos=bos) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        raise UserError(f"start_pos must be an integer >= 0, got {shown(start_pos)}")
+    room = model.max_seq_len - start_pos  # a text is tokenized only as far as it could fit: bounded on any input
+    ids = [tok.encode(p, bos=bos, limit=room) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     for i, p in enumerate(ids):
         if not p:
             raise UserError(f"prompt {i} is empty: nothing to condition on")
         if min(p) < 0 or max(p) >= model.args.vocab_size:
             raise UserError(f"prompt {i} has token ids outside [0, {model.args.vocab_size})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens must be an integer >= 1, got {shown(max_new_tokens)}")
     B, longest = len(ids), max(len(p) for p in ids)
     if B > model.max_batch_size:
         raise UserError(
             f"{B} prompts but the model was loaded with max_batch_size={model.max_batch_size} "
             f"(pass max_batch_size={B} or more to Llama.load)"
         )
-    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-        raise UserError(f"start_pos must be an integer >= 0, got {start_pos!r}")
     if start_pos and B != 1:
         raise UserError("start_pos (continuing from the KV cache) needs exactly one prompt")
     if start_pos + longest > model.max_seq_len:
         raise UserError(
-            f"prompt of {longest} tokens (after {start_pos} cached) is longer than the context of "
-            f"{model.max_seq_len} tokens"
+            f"a prompt of {longest:,} tokens or more (after {start_pos:,} cached) is longer than the context of "
+            f"{model.max_seq_len:,} tokens: shorten it (or load with a larger max_seq_len, --max-seq-len)"
         )
     if start_pos + longest + max_new_tokens > model.max_seq_len:
         raise UserError(
@@ -137,7 +138,7 @@ def generate(
         )
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stop):
-        raise UserError(f"stop strings must be non-empty strings, got {stop!r}")
+        raise UserError(f"stop strings must be non-empty strings, got {shown(stop)}")
     device = model.device
     stops = torch.tensor(list(stop_tokens if stop_tokens is not None else tok.stop_tokens), device=device)
     if params.temperature > 0 and generator is None:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 
 # (shift, width) of the three radix digits over the 31 value bits of a non-negative fp32 number.
 _DIGITS = ((20, 11), (10, 10), (0, 10))
@@ -97,20 +97,20 @@ def validate(temperature, top_p, top_k, min_p=0.0, repetition_penalty=1.0, prese
     ``SamplingParams`` and by the command line, which checks its arguments before it reads any weight."""
     errors = []
     if not _number(temperature) or temperature < 0:
-        errors.append(f"temperature must be a finite number >= 0, got {temperature!r}")
+        errors.append(f"temperature must be a finite number >= 0, got {shown(temperature)}")
     elif 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-45 overflow to inf: greedy in all but name, or NaN
-        errors.append(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}")
+        errors.append(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {shown(temperature)}")
     if not _number(top_p) or not 0 < top_p <= 1:
-        errors.append(f"top_p must be in (0, 1], got {top_p!r}")
+        errors.append(f"top_p must be in (0, 1], got {shown(top_p)}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        errors.append(f"top_k must be an integer >= 0, got {top_k!r}")
+        errors.append(f"top_k must be an integer >= 0, got {shown(top_k)}")
     if not _number(min_p) or not 0 <= min_p <= 1:
-        errors.append(f"min_p must be in [0, 1], got {min_p!r}")
+        errors.append(f"min_p must be in [0, 1], got {shown(min_p)}")
     if not _number(repetition_penalty) or repetition_penalty <= 0:
-        errors.append(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+        errors.append(f"repetition_penalty must be a finite number > 0 (1 = off), got {shown(repetition_penalty)}")
     for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if not _number(v) or not -2 <= v <= 2:
-            errors.append(f"{name} must be in [-2, 2] (0 = off), got {v!r}")
+            errors.append(f"{name} must be in [-2, 2] (0 = off), got {shown(v)}")
     return errors
 
 
@@ -224,7 +224,7 @@ def seed64(seed: int) -> int:
     """A user's seed (any Python int) as 64 bits: [0, 2^64) as given (both halves are used, so seeds 2^32 apart
     differ), anything else hashed, so that 2^64, 2^64 + 5 and -1 are distinct seeds too."""
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed must be an integer, got {seed!r}")
+        raise UserError(f"seed must be an integer, got {shown(seed)}")
     if 0 <= seed < 2**64:
         return seed
     digest = hashlib.sha256(f"llama3-triton seed {seed}".encode()).digest()

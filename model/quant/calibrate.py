@@ -30,10 +30,14 @@ import torch
 from torch import nn
 
 from llama3_triton.kernels import reference
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 from llama3_triton.model.quant import quantize as quant
 
 MIN_TOKENS = 128  # fewer: H is mostly damping, and GPTQ's codes follow a handful of tokens
+# The most tokens of a calibration text used: its first MAX_TOKENS (tokenized only that far, so a text of any size
+# costs bounded time and memory; a 50 MB text aborted inside the tokenizer). The project's texts are ~3,000 tokens,
+# GPTQ's paper 128 x 2,048; past this a prefill pass per 256 tokens on a CPU takes longer than people wait.
+MAX_TOKENS = 1 << 16
 # Tokens per prefill pass, each from position 0, whatever the caller's max_seq_len: the chunking is part of what
 # the codes are chosen on, so a serving setting must not change it. It matters more than its size suggests: each
 # chunk's first token is an attention sink that every later position reads (the sink pass below), and cutting the
@@ -121,7 +125,7 @@ def check(spec: tuple[str, int] | None, text) -> None:
     must be int4's, ``text`` a str."""
     if spec is None or spec[0] != "int4":
         raise UserError(
-            f"calibration chooses int4 codes (GPTQ): it needs quantize='int4[-gG]', got {spec and spec[0]!r}"
+            f"calibration chooses int4 codes (GPTQ): it needs quantize='int4[-gG]', got {shown(spec and spec[0])}"
         )
     if not isinstance(text, str):
         raise UserError(f"calibration must be a str (the text), got {type(text).__name__}")
@@ -130,9 +134,10 @@ def check(spec: tuple[str, int] | None, text) -> None:
 def quantize_calibrated(model, spec: tuple[str, int], text: str) -> None:
     """Quantize ``model``'s products in place with GPTQ under ``spec`` (``model.quantize.parse``'s; int4 only),
     calibrated on ``text``; the head as ``quantize_product`` does it. Raises ValueError for a text of fewer than
-    MIN_TOKENS tokens or a group that does not divide a product's K, before any product is replaced."""
+    MIN_TOKENS tokens (only the first MAX_TOKENS are used)
+    or a group that does not divide a product's K, before any product is replaced."""
     check(spec, text)
-    tokens = model.tokenizer.encode(text, bos=True)
+    tokens = model.tokenizer.encode(text, bos=True, limit=MAX_TOKENS)[:MAX_TOKENS]
     if len(tokens) < MIN_TOKENS:
         raise UserError(
             f"calibration text too short: {len(tokens)} tokens, GPTQ needs at least {MIN_TOKENS} (a few thousand "

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama3_triton.kernels import reference
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 
 QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")
 GGUF_KEPT = ("Q8_0", "Q4_0", "Q4_1")
@@ -62,7 +62,7 @@ def parse(quantize: str | None) -> tuple[str, int] | None:
     if quantize is None or quantize == "none":
         return None
     if not isinstance(quantize, str) or quantize not in QUANTIZE_CHOICES:
-        raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or None), got {quantize!r}")
+        raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or None), got {shown(quantize)}")
     if quantize.startswith("int4"):
         m = re.fullmatch(r"int4(?:-g(\d+))?", quantize)
         return ("int4", int(m.group(1) or 0))

@@ -26,8 +26,27 @@ from pathlib import Path
 from typing import Any
 
 from llama3_triton.model.checkpoints.folder import read_side_file
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 from llama3_triton.model.tokenizers.llama3 import ChatFormat, Tokenizer, TokenizerError
+
+# Characters per piece when a long text is counted against a limit (``HFTokenizer.encode``): ~17 MB of the
+# tokenizers library's working memory each.
+PIECE_CHARS = 1 << 16
+
+
+def _pieces(s: str, size: int):
+    """``s`` in pieces of about ``size`` characters, each cut before a space that sits between two non-spaces (where
+    a byte-level pre-tokenizer splits anyway); a piece with no such space in its last quarter is cut at ``size``."""
+    start = 0
+    while len(s) - start > size:
+        end = start + size
+        cut = max((m.start() + 1 for m in _WORD_GAP.finditer(s, end - size // 4, end)), default=end)
+        yield s[start:cut]
+        start = cut
+    yield s[start:]
+
+
+_WORD_GAP = re.compile(r"\S(?= \S)")
 
 # Token texts that end a turn in the common chat formats (llama.cpp treats the same ones as end-of-generation).
 END_OF_TURN_TEXTS = (
@@ -102,14 +121,33 @@ class HFTokenizer:
             if not 0 <= i < self.n_words:
                 raise TokenizerError(f"{source}: {what} token id {i} is outside the vocabulary of {self.n_words}")
 
-    def encode(self, s: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
+    def encode(
+        self, s: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False, limit: int | None = None
+    ) -> list[int]:
         """Ids of ``s``. ``bos=True`` adds the BOS token only for tokenizers that use one (``add_bos``); text that
-        looks like a special token stays text unless ``allow_special``."""
+        looks like a special token stays text unless ``allow_special``.
+
+        ``limit``: the most ids the caller can use (the context). A text longer than ``PIECE_CHARS`` is first
+        counted in pieces cut between words, stopping once the count is clearly past ``limit`` (the ids counted so
+        far are returned, more than ``limit``: a lower bound for the error message); only a text that may fit is
+        then encoded whole, so the ids never depend on where the pieces were cut. The tokenizers library holds
+        some 270 bytes per character while encoding: a 10 MB prompt cost 2.7 GB before it was refused as too
+        long; counted in pieces it costs one piece's worth."""
         if not isinstance(s, str):
             raise TypeError(f"encode expects str, got {type(s).__name__}")
         self.model.encode_special_tokens = not allow_special
+        head = [self.bos_id] if bos and self.add_bos else []
+        if limit is not None and len(s) > PIECE_CHARS:
+            counted, cuts = list(head), 0
+            for piece in _pieces(s, PIECE_CHARS):
+                counted += self.model.encode(piece, add_special_tokens=False).ids
+                # A cut between two words leaves a byte-level BPE's pre-tokens as they were; other tokenizers
+                # (SentencePiece's leading space) may differ by a token or two per cut: refuse only well past.
+                if len(counted) > limit + 4 * cuts:
+                    return counted
+                cuts += 1
         ids = self.model.encode(s, add_special_tokens=False).ids
-        return ([self.bos_id] if bos and self.add_bos else []) + ids + ([self.eos_id] if eos else [])
+        return head + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids), skip_special_tokens=False)
@@ -166,12 +204,12 @@ def from_gguf(ckpt: Any) -> HFTokenizer:
     kind = ckpt.metadata.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(
-            f"{where}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
+            f"{where}: GGUF tokenizer model {shown(kind)} is not supported (only byte-level BPE, 'gpt2'); "
             "put the model's tokenizer.json next to it"
         )
     pre = ckpt.metadata.get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE:
-        raise TokenizerError(f"{where}: GGUF pre-tokenizer {pre!r} is not one of {sorted(GGUF_PRE)}")
+        raise TokenizerError(f"{where}: GGUF pre-tokenizer {shown(pre)} is not one of {sorted(GGUF_PRE)}")
     tokens = ckpt.field("tokenizer.ggml.tokens")
     merges = ckpt.field("tokenizer.ggml.merges")
     types = ckpt.field("tokenizer.ggml.token_type") or []
@@ -213,7 +251,7 @@ def from_gguf(ckpt: Any) -> HFTokenizer:
     stops += [vocab[t] for t in END_OF_TURN_TEXTS if t in vocab and int(types[vocab[t]]) == 3] if types else []
     return HFTokenizer(
         tk,
-        source=f"{where} (GGUF, pre-tokenizer {pre!r})",
+        source=f"{where} (GGUF, pre-tokenizer {shown(pre)})",
         bos_id=tid("bos"),
         eos_id=eos,
         add_bos=bool(ckpt.metadata.get("tokenizer.ggml.add_bos_token", False)),
@@ -265,7 +303,7 @@ def from_tokenizer_json(path: Path, ckpt_dir: Path | None = None) -> HFTokenizer
         if text is None:
             return None
         if text not in vocab:
-            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: {name} {text!r} is not in the vocabulary")
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: {name} {shown(text)} is not in the vocabulary")
         return vocab[text]
 
     eos = tid("eos_token")
@@ -469,7 +507,7 @@ class TemplateChatFormat:
     def encode_header(self, role: str) -> list[int]:
         """What the template adds to open the assistant's turn (the generation prompt)."""
         if role != "assistant":
-            raise UserError(f"a chat template opens only the assistant's turn, not {role!r}")
+            raise UserError(f"a chat template opens only the assistant's turn, not {shown(role)}")
         held, contents = self._placeholders([{"role": "user", "content": ""}])
         return self._encode(self._diff(held, held, (False, True)), contents)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tiktoken
 
-from llama3_triton.model.errors import UserError
+from llama3_triton.model.errors import UserError, shown
 
 PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -41,7 +41,8 @@ SPECIAL_TOKENS = [
 SPECIAL_TOKENS += [
     f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(SPECIAL_TOKENS))
 ]
-# tiktoken panics on very long runs without a split point; encode in slices (Meta does the same).
+# tiktoken panics on very long runs without a split point; encode in slices (Meta does the same). The slices are
+# also where an encode with a ``limit`` stops: at most one slice past the context.
 _MAX_CHARS = 400_000
 _MAX_RUN = 25_000
 
@@ -99,9 +100,9 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
             token_b64, rank_text = line.split()
             token, rank = base64.b64decode(token_b64, validate=True), int(rank_text)
         except ValueError:
-            raise TokenizerError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}") from None
+            raise TokenizerError(f"{path}:{lineno}: expected 'base64-token rank', got {shown(line[:60])}") from None
         if token in ranks:
-            raise TokenizerError(f"{path}:{lineno}: token {token[:20]!r} is listed twice")
+            raise TokenizerError(f"{path}:{lineno}: token {shown(token[:20])} is listed twice")
         if rank in line_of_rank:
             raise TokenizerError(f"{path}:{lineno}: rank {rank} is given twice (also on line {line_of_rank[rank]})")
         line_of_rank[rank] = lineno
@@ -120,7 +121,7 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
     if missing:
         raise TokenizerError(
             f"{path}: not a byte-level BPE file: {len(missing)} of the 256 single bytes have no rank"
-            f" (e.g. {bytes([missing[0]])!r})"
+            f" (e.g. {shown(bytes([missing[0]]))})"
         )
     return ranks
 
@@ -153,8 +154,14 @@ class Tokenizer:
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
         self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
 
-    def encode(self, s: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
-        """Ids of ``s``. Text that looks like a special token is encoded as plain text unless allow_special."""
+    def encode(
+        self, s: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False, limit: int | None = None
+    ) -> list[int]:
+        """Ids of ``s``. Text that looks like a special token is encoded as plain text unless allow_special.
+
+        ``limit``: the most ids the caller can use (the context). Encoding stops at the first slice that passes it
+        and returns what it has, more than ``limit`` ids: a text of megabytes is found too long in bounded time
+        and memory, its length a lower bound."""
         if not isinstance(s, str):
             raise TypeError(f"encode expects str, got {type(s).__name__}")
         allowed = "all" if allow_special else set()
@@ -162,6 +169,8 @@ class Tokenizer:
         for i in range(0, len(s), _MAX_CHARS):
             for piece in _split_long_runs(s[i : i + _MAX_CHARS], _MAX_RUN):
                 ids.extend(self.model.encode(piece, allowed_special=allowed, disallowed_special=()))
+                if limit is not None and len(ids) > limit:
+                    return ids
         if eos:
             ids.append(self.eos_id)
         return ids
@@ -233,7 +242,7 @@ class ChatFormat:
         if role == "tool":  # Meta's name for the role whose header reads "ipython"
             role = "ipython"
         if role not in ROLES:
-            raise UserError(f"chat role must be one of {ROLES} (or 'tool'), got {role!r}")
+            raise UserError(f"chat role must be one of {ROLES} (or 'tool'), got {shown(role)}")
         t = self.tok
         return [
             t.special_tokens["<|start_header_id|>"],

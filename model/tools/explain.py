@@ -337,10 +337,11 @@ def explain(
         raise UserError(f"head {head} is out of range: this model has {a.n_heads} query heads (0..{a.n_heads - 1})")
     if top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}")
-    ids = tok.encode(prompt, bos=True)
+    ids = tok.encode(prompt, bos=True, limit=llm.max_seq_len)  # tokenized only as far as it could fit
     T = len(ids)
     if T > llm.max_seq_len:
-        raise UserError(f"the prompt is {T} tokens, longer than the model's max_seq_len of {llm.max_seq_len}")
+        raise UserError(f"the prompt is {T:,} tokens or more, longer than the model's max_seq_len of "
+                        f"{llm.max_seq_len:,}")  # fmt: skip
     if out_dir is not None:
         if Path(out_dir).exists() and not Path(out_dir).is_dir():
             raise UserError(f"{out_dir}: exists and is not a folder (the report goes into a folder)")

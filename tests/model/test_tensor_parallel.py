@@ -150,3 +150,58 @@ def test_torchrun_cli_generate(ckpts, single):
     tok = Llama.load(ckpts[1], device="cpu", dtype=torch.float32, max_seq_len=48).tokenizer
     assert p.stdout == tok.decode(single["greedy"][0]) + "\n"  # printed once, by rank 0
     assert p.stderr.count("prompt ") == 1
+
+
+# ---- waits on a person (chat lines, stdin) are not bounded by the collectives' timeout ---------------------------
+
+
+def _person_rank(rank: int, world: int, init_file: str, mode: str, out_dir: str) -> None:
+    """One gloo rank with a 2 s collective timeout. Rank 0 'waits on a person' for 4 s (mode 'slow'), or stops
+    itself with SIGSTOP while waiting (mode 'frozen': rank 1 resumes it once it has given up on it)."""
+    import signal
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from llama3_triton.model import distributed
+
+    distributed.HEARTBEAT_TIMEOUT_S = 3.0
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=2)
+    )
+    tp, t0 = distributed.TensorParallel(rank, world), time.monotonic()
+    Path(out_dir, f"pid{rank}").write_text(str(os.getpid()))
+
+    def read():
+        if mode == "frozen":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            time.sleep(4)
+        return "the next line"
+
+    try:
+        result = tp.from_rank0(read)
+        x = tp.all_reduce(torch.ones(1))  # the collectives still work after the long wait
+        result = f"{result} {x.item():g}"
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    Path(out_dir, f"person{rank}.txt").write_text(f"{time.monotonic() - t0:.2f}\n{result}")
+    if rank == 1 and mode == "frozen":
+        os.kill(int(Path(out_dir, "pid0").read_text()), signal.SIGCONT)
+    if mode == "slow":
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["slow", "frozen"])
+def test_a_wait_on_a_person_outlasts_the_collective_timeout_but_not_a_frozen_rank(tmp_path, mode):
+    """A chat left idle past the collectives' timeout ended the run on every other rank: those waits poll the
+    store while rank 0 beats. A rank 0 that stops beating (frozen) is given up on after the heartbeat timeout."""
+    mp.spawn(_person_rank, args=(2, str(tmp_path / "rdv"), mode, str(tmp_path)), nprocs=2, join=False).join(60)
+    (t0, r0), (t1, r1) = (Path(tmp_path, f"person{r}.txt").read_text().split("\n", 1) for r in (0, 1))
+    if mode == "slow":
+        assert r0 == r1 == "the next line 2", (r0, r1)
+        assert 3.9 < float(t1) < 10
+    else:
+        assert r1.startswith("TensorParallelError: tensor-parallel rank 0 stopped responding for 3 s"), r1
+        assert 2.9 < float(t1) < 10

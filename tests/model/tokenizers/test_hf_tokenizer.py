@@ -374,3 +374,21 @@ def test_ids_the_tokenizer_cannot_decode_are_never_sampled(tmp_path):
     # The check bites: without it, this random model's flat distribution puts a third of the draws past 266.
     logits = llm.forward(torch.tensor([llm.tokenizer.encode("hello there")]), 0)[0, -1]
     assert torch.softmax(logits / 5.0, -1)[266:].sum() > 0.2
+
+
+@needs_smol
+def test_a_limit_stops_a_long_text_early_and_never_changes_ids_that_fit(smol_tok):
+    """encode(limit=...) counts a long text in pieces cut between words and stops once it is past the limit; a text
+    that may fit is encoded whole, so its ids are exactly those of an encode without a limit."""
+    import time
+
+    from llama3_triton.model.tokenizers.hf import PIECE_CHARS, _pieces
+
+    text = ("Once upon a time,  there was a cat.\n\nIt sat;  it ran 3.14 km. " * 4000)[: 3 * PIECE_CHARS + 123]
+    assert "".join(_pieces(text, PIECE_CHARS)) == text
+    whole = smol_tok.encode(text)
+    assert smol_tok.encode(text, limit=len(whole)) == whole  # fits exactly: the same ids
+    assert sum(len(smol_tok.encode(p)) for p in _pieces(text, PIECE_CHARS)) == len(whole)  # cuts between words
+    t0 = time.perf_counter()
+    cut = smol_tok.encode(text * 60, limit=1000)  # ~12 MB of text
+    assert 1000 < len(cut) <= 1000 + len(smol_tok.encode(text[:PIECE_CHARS])) and time.perf_counter() - t0 < 5

@@ -1,0 +1,103 @@
+"""Reading what a person names (--prompts-file, --calibration): a regular file or a pipe, under a byte cap; a device,
+a socket or a folder refused at once. The cap holds however the bytes come (a file's size, a pipe that never ends)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import socket
+import threading
+
+import pytest
+
+from llama3_triton.model.checkpoints.files import read_capped, read_stream_capped
+from llama3_triton.model.errors import UserError
+
+
+def test_a_file_within_the_cap_is_read_whole(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"one\ntwo\n")
+    assert read_capped(tmp_path / "p.txt", "--prompts-file p.txt", 8) == b"one\ntwo\n"
+
+
+def test_a_file_over_the_cap_is_refused_by_its_size(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"x" * 9)
+    with pytest.raises(UserError, match=r"^--prompts-file p.txt: 9 bytes, over the 8-byte limit$"):
+        read_capped(tmp_path / "p.txt", "--prompts-file p.txt", 8)
+
+
+@pytest.mark.parametrize("path, kind", [("/dev/zero", "a device"), ("/dev/urandom", "a device"), ("/", "a folder")])
+def test_devices_and_folders_are_refused_without_reading(path, kind):
+    with pytest.raises(UserError, match=f"not a file or a pipe but {kind}$"):
+        read_capped(path, f"--calibration {path}", 1 << 20)
+
+
+def test_a_socket_is_refused(tmp_path):
+    """Linux refuses to open a Unix socket at all (ENXIO): an OSError, which the CLI prints as one line."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "s"))
+        with pytest.raises(OSError) as e:
+            read_capped(tmp_path / "s", "--prompts-file s", 1 << 20)
+        assert e.value.errno == errno.ENXIO
+
+
+def test_a_pipe_that_never_ends_stops_at_the_cap(tmp_path):
+    """/dev/zero behind a FIFO (or ``<(yes)``): read until one byte past the cap, then refused; memory bounded."""
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+
+    def endless():
+        try:
+            with open(fifo, "wb", buffering=0) as w:
+                while True:
+                    w.write(b"y\n" * 4096)
+        except BrokenPipeError:
+            pass
+
+    writer = threading.Thread(target=endless, daemon=True)
+    writer.start()
+    with pytest.raises(UserError, match=r"^<\(yes\): more than the 65,536-byte limit$"):
+        read_capped(fifo, "<(yes)", 1 << 16)
+    writer.join(10)
+    assert not writer.is_alive()  # the reader closed its end: the writer saw a broken pipe
+
+
+def test_a_short_pipe_is_read_whole(tmp_path):
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+
+    def echo():
+        with open(fifo, "wb") as w:
+            w.write(b"a prompt\n")
+
+    writer = threading.Thread(target=echo, daemon=True)
+    writer.start()
+    assert read_capped(fifo, "<(echo)", 64) == b"a prompt\n"
+    writer.join(10)
+
+
+def test_a_stream_is_read_under_the_cap():
+    assert read_stream_capped(io.BytesIO(b"abc"), "stdin", 3) == b"abc"
+    with pytest.raises(UserError, match=r"^stdin: more than the 3-byte limit$"):
+        read_stream_capped(io.BytesIO(b"abcd"), "stdin", 3)
+
+
+def test_a_slow_writer_is_read_to_the_end():
+    """A pipe's read may return part of what is coming: the reader goes on to the end, it never takes a part for
+    the whole (a prompt piped from a slow command arrives in pieces)."""
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes):
+            self.data = data
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            n = min(3, len(self.data), len(b))
+            b[:n], self.data = self.data[:n], self.data[n:]
+            return n
+
+    assert read_stream_capped(Trickle(b"a prompt that trickles in"), "stdin", 100) == b"a prompt that trickles in"
+    with pytest.raises(UserError, match="more than the 10-byte limit"):
+        read_stream_capped(Trickle(b"a prompt that trickles in"), "stdin", 10)
