@@ -425,6 +425,7 @@ def render_markdown(results: dict) -> str:
                     f"Greedy tokens identical for the first {cpu['same_greedy_tokens']} of {cpu['new_tokens']}."
                 )
             lines.append("")
+        lines += _cpu_quantized_lines(cpu.get("quantized"))
 
     if results.get("tp"):
         from llama3_triton.benchmarks.tp import markdown as tp_markdown
@@ -700,6 +701,18 @@ def summary_text(results: dict, out: Path, problems: list[str]) -> str:
     cpu = results.get("cpu") or {}
     if "speedup_vs_transformers" in cpu:
         lines.append(f"  cpu decode ({cpu['model']}): {cpu['speedup_vs_transformers']:.2f}x transformers")
+    q = cpu.get("quantized") or {}
+    prod, smol = q.get("products") or {}, q.get("smollm2") or {}
+    if "speedup_vs_fp32" in prod:
+        sp = prod["speedup_vs_fp32"]
+        lines.append(
+            f"  cpu products at batch 1, vs fp32: int8 {sp['int8']:.2f}x (goal 3x), int4 {sp['int4-g128']:.2f}x"
+        )
+    if "speedup_vs_fp32" in smol:
+        sp = smol["speedup_vs_fp32"]
+        lines.append(
+            f"  cpu SmolLM2 decode vs fp32: int8 {sp['int8']:.2f}x (goal 1.5x), int4 {sp['int4']:.2f}x (goal 2x)"
+        )
     if results.get("cut"):
         lines.append(f"  {results['cut']['line']}")
     kernel_errors = sum(
@@ -711,6 +724,45 @@ def summary_text(results: dict, out: Path, problems: list[str]) -> str:
     if results.get("banner"):
         lines.append(f"*** {results['banner']} ***")
     return "\n".join(lines)
+
+
+def _cpu_quantized_lines(q: dict | None) -> list[str]:
+    """results.md's table of the CPU's quantized path (benchmarks/cpu.py ``quantized``), goals beside."""
+    if not q:
+        return []
+    lines = ["", "## CPU decode, quantized weights (torch's CPU weight-only kernels, bf16 activations)", ""]
+    if "error" in q:
+        return [*lines, f"error: {q['error']}", ""]
+    load = f", load average {q['load_average_1m']:.2f}" if "load_average_1m" in q else ""
+    lines.append(
+        f"{q['threads']} threads{load}. Goals: " + ", ".join(f"{k} >= {v}x fp32" for k, v in q["goals"].items())
+    )
+    prod = q.get("products") or {}
+    if "ms" in prod:
+        lines += [
+            "",
+            "| format | " + " | ".join(prod["shapes"]) + " | layer | vs fp32 |",
+            "|---" * (len(prod["shapes"]) + 3) + "|",
+        ]
+        for fmt, ms in prod["ms"].items():
+            cells = " | ".join(f"{ms[n]:.3f}" for n in prod["shapes"])
+            lines.append(f"| {fmt} | {cells} | {ms['layer']:.3f} | {prod['speedup_vs_fp32'][fmt]:.2f}x |")
+        lines.append(f"\nms per product at batch 1, shapes (N, K) {prod['shapes']}, median of {prod['reps']}.")
+    smol = q.get("smollm2") or {}
+    lines.append("")
+    if "tokens_per_s" in smol:
+        lines += [f"| {smol['model']} | dtype | decode tokens/s | vs fp32 |", "|---|---|---|---|"]
+        for name, tps in smol["tokens_per_s"].items():
+            lines.append(f"| {name} | {smol['dtype'][name]} | {tps:.1f} | {smol['speedup_vs_fp32'][name]:.2f}x |")
+        cpp = smol.get("llama.cpp") or {}
+        peer = (
+            f"{cpp['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in cpp else cpp.get("skipped") or cpp.get("error")
+        )
+        lines.append(f"| llama.cpp (same GGUF) | its blocks | {peer} | |")
+        lines.append(f"\n{smol['new_tokens']} new tokens; {smol['method']}.")
+    else:
+        lines.append(f"SmolLM2: {smol.get('skipped') or smol.get('error')}")
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

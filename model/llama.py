@@ -392,8 +392,9 @@ class Llama(nn.Module):
             x, h = layer(x, h, step, k_cache, v_cache, next_norm)
         if gather is not None:
             h = h[torch.arange(B, device=h.device), gather][:, None]  # (B, 1, dim)
-        out_w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return self.tp.all_gather_last(F.linear(h, out_w).float())  # (B, T, vocab); TP: gather the slices
+        # The head's own module when it has one (a quantized head reads its bytes, not a weight dequantized per step)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return self.tp.all_gather_last(logits.float())  # (B, T, vocab); TP: gather the slices
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.tp.enabled:

@@ -538,11 +538,11 @@ def cmd_info(args) -> int:
 
     ckpt = open_checkpoint(args.ckpt if args.ckpt else default_checkpoint())
     a = ckpt.args
-    # By default, the dtype a run on this machine would use: bf16 on CUDA, fp32 on a CPU.
+    # By default, the dtype a run on this machine would use: bf16 on CUDA, fp32 on a CPU (bf16 if quantized).
     dtype = (
         getattr(torch, DTYPES[args.dtype])
         if args.dtype
-        else default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        else default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"), bool(args.quantize))
     )
     size = torch.empty((), dtype=dtype).element_size()
     n = a.num_parameters()
@@ -704,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     model.add_argument(
-        "--dtype", choices=list(DTYPES), help="weights/activations dtype (default: bf16 on CUDA, fp32 on CPU)"
+        "--dtype",
+        choices=list(DTYPES),
+        help="weights/activations dtype (default: bf16 on CUDA, fp32 on CPU, bf16 on CPU with --quantize)",
     )
     model.add_argument("--max-seq-len", type=_positive_int, help="KV-cache length (default: min(model context, 8192))")
     model.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)

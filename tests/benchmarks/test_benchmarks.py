@@ -120,6 +120,12 @@ def test_smoke_json_has_the_expected_keys(smoke):
     cpu = r["cpu"]
     assert cpu["results"]["torch_backend"]["tokens_per_s"] > 0 and cpu["results"]["transformers"]["tokens_per_s"] > 0
     assert cpu["speedup_vs_transformers"] > 0
+    q = cpu["quantized"]  # the quantized CPU path: a layer's products and a model's decode, each format
+    assert set(q["products"]["ms"]) == {"fp32", "bf16", "int8", "int4-g128"}
+    assert all(ms > 0 for row in q["products"]["ms"].values() for ms in row.values())
+    assert q["smollm2"]["dtype"] == {"fp32": "float32", "int8": "bfloat16", "int4": "bfloat16"}
+    assert all(v > 0 for v in q["smollm2"]["tokens_per_s"].values())
+    assert "## CPU decode, quantized weights" in (out / "results.md").read_text()
     # 6, issue 13's e2e goal and its proxy, and the fused decode attention's
     assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 9
     tp = r["tp"]

@@ -134,6 +134,29 @@ def test_quant_linear_half_dtypes(layout, fusion, dtype, device):
     assert_close(got, ref.quant_linear(x.float(), q, s, m, group, **kwf), dtype, f"{layout} {fusion} {dtype}")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fusion", ["plain", "norm_swiglu", "norm_add"])
+def test_cpu_weight_only_kernels_match_the_definition(layout, fusion):
+    """The torch backend on a CPU with bf16 activations runs torch's weight-only kernels (int8 one scale a row,
+    int4 in groups) on the layout's own bytes instead of dequantizing every step: the same products as the
+    definition, within bf16's tolerance; Q8_0's groups of 32 (no such kernel) and fp32 activations dequantize."""
+    g = torch.Generator().manual_seed(7)
+    N, K = 64, 384
+    q, s, m, group = _planes(layout, N, K, g)
+    lin = quant.QuantLinear(q, s, m, format=layout, dtype=torch.bfloat16, backend="torch")
+    x, kw = _x(3, N // 2 if "swiglu" in fusion else N, K, torch.bfloat16, fusion, g)
+    # The kernel takes bf16 activations: RMSNorm's output enters the product rounded to bf16 (the definition keeps
+    # it in fp32; with SwiGLU's cancellation that alone moved an output by 7%), so that rounding is the input here.
+    xn = x
+    if kw["rms_weight"] is not None:
+        xn = ref.rms_norm(x.float(), kw["rms_weight"].float(), kw["eps"]).to(torch.bfloat16)
+    want = ref.quant_linear(xn, q, s, m, group, **(kw | {"rms_weight": None}))
+    assert_close(lin.gemv(x, **kw), want, torch.bfloat16, f"gemv {layout} {fusion}")
+    assert_close(lin(x[None]), ref.quant_linear(x, q, s, m, group)[None], torch.bfloat16, f"forward {layout}")
+    assert (lin._cpu is None) == (layout == "q8_0"), layout
+    assert lin._cpu_kernel(x.float()) is None  # fp32 activations: the exact dequantizing path
+
+
 def test_output_head_sized_block_and_leading_dims(device):
     """N past 16384 takes the 8-bit 64-row block (the head's); x (B, T, K) keeps its leading dims."""
     g = torch.Generator().manual_seed(5)
