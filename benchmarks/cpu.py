@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     anything else goes to the runner as ``--only cpu``."""
     import argparse
     import json
+    import os
 
     import torch
 
@@ -322,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(default_threads())  # as the CLI runs: an OpenMP thread waiting for a busy core stalls all
     ctx = Context(device=torch.device("cpu"), dtype=torch.float32, smoke=False)
     rec = quantized(ctx)
+    from llama3_triton.benchmarks.common import _cpu_name
+
     rec["command"] = "python -m llama3_triton.benchmarks.cpu --quantized"
+    rec["device"] = f"{_cpu_name()}, {os.cpu_count()} logical CPUs"
     rec["torch"] = torch.__version__
+    rec["date"] = time.strftime("%Y-%m-%d")
     md = "\n".join(_cpu_quantized_lines(rec))
     print(md)
     if args.out is not None:

@@ -734,6 +734,7 @@ def _cpu_quantized_lines(q: dict | None) -> list[str]:
     if "error" in q:
         return [*lines, f"error: {q['error']}", ""]
     load = f", load average {q['load_average_1m']:.2f}" if "load_average_1m" in q else ""
+    load += f"; {q['device']}, torch {q['torch']}, {q['date']}" if "device" in q else ""
     lines.append(
         f"{q['threads']} threads{load}. Goals: " + ", ".join(f"{k} >= {v}x fp32" for k, v in q["goals"].items())
     )
