@@ -33,6 +33,10 @@ class Ops(Protocol):
     five launches a layer.
 
     Shapes (Meta's): activations (B, T, heads, head_dim); the KV cache as a (B, S_max, Hkv, head_dim) view.
+    The engine's paged ops (``rope_write_paged_cache``, ``paged_*``) take packed tokens instead, and the cache as
+    a pool of pages (num_pages, PAGE, Hkv, head_dim) that each sequence reaches through its row of
+    ``block_tables`` (B, max_pages_per_seq) int32: position p of sequence b is page block_tables[b, p // PAGE],
+    offset p % PAGE, the flat slot page * PAGE + offset.
     Each backend module defines these functions with these parameters (and may take more keywords).
     """
 
@@ -59,6 +63,24 @@ class Ops(Protocol):
         check_values: bool = True,
     ) -> torch.Tensor:
         """Returns q rotated by RoPE at ``positions``; writes k rotated, and v, into the caches at those slots."""
+        ...
+
+    def rope_write_paged_cache(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        *,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """The paged cache's ``rope_write_cache``, for N packed tokens: returns q (N, Hq, D) rotated at ``positions``
+        (N,); writes k (N, Hkv, D) rotated, and v, to flat slot ``slot_mapping[i]`` = page * PAGE + offset of the
+        page pools (num_pages, PAGE, Hkv, D), nothing where the slot is -1 (padding)."""
         ...
 
     def attention(

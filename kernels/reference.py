@@ -23,6 +23,8 @@ __all__ = [
     "rope_table",
     "rope",
     "rope_write_cache",
+    "rope_write_paged_cache",
+    "gather_pages",
     "attention",
     "decode_attention",
     "swiglu",
@@ -147,6 +149,40 @@ def rope_write_cache(
     ``positions[b, t]`` of k_cache and v_cache (B, S_max, Hkv, D). What the model runs per layer."""
     q_rot, _ = rope(q, k, positions, cos_sin, k_cache=k_cache, v=v, v_cache=v_cache)
     return q_rot
+
+
+def rope_write_paged_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    *,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """The paged cache's ``rope_write_cache`` for N packed tokens: q (N, Hq, D), k, v (N, Hkv, D) at ``positions``
+    (N,); the rotated k and v go to page slot_mapping[i] // PAGE, offset slot_mapping[i] % PAGE of k_pages /
+    v_pages (num_pages, PAGE, Hkv, D), nowhere when slot_mapping[i] is -1. Returns q rotated (N, Hq, D)."""
+    q_rot, k_rot = rope(q[None], k[None], positions[None], cos_sin)
+    slots = slot_mapping.long()
+    keep = slots >= 0  # -1: a padding token, written nowhere
+    page, offset = slots[keep] // k_pages.shape[1], slots[keep] % k_pages.shape[1]
+    k_pages[page, offset] = k_rot[0][keep].to(k_pages.dtype)
+    v_pages[page, offset] = v[keep].to(v_pages.dtype)
+    return q_rot[0]
+
+
+def gather_pages(pages: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The slab (B, max_pages_per_seq * PAGE, Hkv, D) a paged cache (num_pages, PAGE, Hkv, D) stands for: row b
+    is sequence b's pages block_tables[b] end to end. Entries past ceil(lengths[b] / PAGE) are never read (they
+    may hold -1 or garbage): page 0 stands in for them, behind the length mask of the attention."""
+    page = pages.shape[1]
+    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] * page < lengths.long()[:, None]
+    table = torch.where(used, block_tables.long(), 0)  # (B, max_pages)
+    return pages[table].flatten(1, 2)  # (B, max_pages, PAGE, Hkv, D) -> (B, max_pages * PAGE, Hkv, D)
 
 
 # Bytes of fp32 scores the prefill attention builds at once. The whole (T, S) score matrix of a 40k-token

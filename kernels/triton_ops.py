@@ -8,7 +8,7 @@ from llama3_triton.kernels.attention import attention
 from llama3_triton.kernels.decode import DecodeWorkspace, decode_attention, rope_decode_attention
 from llama3_triton.kernels.gemv import GemvWorkspace, linear
 from llama3_triton.kernels.rmsnorm import add_rms_norm, rms_norm
-from llama3_triton.kernels.rope import rope, rope_write_cache
+from llama3_triton.kernels.rope import rope, rope_write_cache, rope_write_paged_cache
 from llama3_triton.kernels.swiglu import swiglu
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "add_rms_norm",
     "rope",
     "rope_write_cache",
+    "rope_write_paged_cache",
     "attention",
     "decode_attention",
     "swiglu",
