@@ -101,6 +101,39 @@ class Ops(Protocol):
         """Attention of one query per sequence, q (B, Hq, D), over keys 0 .. lengths[b] - 1 of the caches."""
         ...
 
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        scale: float | None = None,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """``decode_attention`` over a paged cache: q (B, Hq, D) over keys 0 .. lengths[b] - 1 of sequence b, key p
+        at page block_tables[b, p // PAGE], offset p % PAGE of k_pages / v_pages (num_pages, PAGE, Hkv, D)."""
+        ...
+
+    def paged_rope_decode_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_tables: torch.Tensor,
+        workspace: object,
+        *,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """``rope_decode_attention`` over a paged cache: the new k and v go to page block_tables[b, pos // PAGE],
+        offset pos % PAGE; attention over keys 0 .. positions[b] through the table. One launch, like the slab's."""
+        ...
+
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up."""
         ...

@@ -16,6 +16,7 @@ when this module is first imported, before any kernel can be launched; compiled 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -140,6 +141,50 @@ def check_pages_in_use(block_tables: torch.Tensor, lengths: torch.Tensor, page: 
     bad = (used & ((block_tables < 0) | (block_tables >= num_pages))).any()
     lo, hi, bad = torch.stack((*torch.aminmax(lengths.long()), bad.long())).tolist()
     return lo, hi, bool(bad)
+
+
+@dataclass(frozen=True)
+class PagedCache:
+    """What a launcher hands its kernel about a paged KV cache, checked: the block tables, the page size (0: the
+    cache is the slab, and ``tables`` a stand-in pointer the kernel never reads), the table's row width and the
+    pool's page count. ``capacity``: the keys a sequence can reach, pages_per_seq * page."""
+
+    tables: torch.Tensor
+    page: int
+    pages_per_seq: int
+    num_pages: int
+
+    @property
+    def capacity(self) -> int:
+        return self.pages_per_seq * self.page
+
+    @classmethod
+    def slab(cls, like: torch.Tensor) -> PagedCache:
+        return cls(like, 0, 0, 0)
+
+    @classmethod
+    def check(cls, q: torch.Tensor, k_pages: object, v_pages: object, block_tables: object) -> PagedCache:
+        """k_pages, v_pages (num_pages, PAGE, Hkv, D) like q (.., D) and block_tables (B = q.shape[0], width)."""
+        D = q.shape[-1]
+        num_pages, page, heads = check_pages("k_pages", k_pages, like=q, head_dim=D)
+        check_pages("v_pages", v_pages, like=q, head_dim=D, heads=heads)
+        if v_pages.shape != k_pages.shape:
+            raise ValueError(f"v_pages: expected shape {tuple(k_pages.shape)} (as k_pages), got {tuple(v_pages.shape)}")
+        tables, width = check_block_tables(block_tables, q.shape[0], q.device)
+        return cls(tables, page, width, num_pages)
+
+    def check_lengths(self, lengths: torch.Tensor, name: str = "lengths") -> None:
+        """The host check (one sync): lengths in [1, capacity], and the table entries they use inside the pool."""
+        lo, hi, bad = check_pages_in_use(self.tables, lengths, self.page, self.num_pages)
+        if lo < 1 or hi > self.capacity:
+            raise ValueError(
+                f"{name}: expected values in [1, max_pages_per_seq * PAGE = {self.capacity}], got min {lo}, max {hi}"
+            )
+        if bad:
+            raise ValueError(
+                f"block_tables: expected the pages each sequence uses (the first ceil({name}[b] / {self.page})) in "
+                f"[0, num_pages={self.num_pages})"
+            )
 
 
 def rows(name: str, t: torch.Tensor, *, written: bool = False) -> torch.Tensor:

@@ -86,6 +86,29 @@ def online_softmax_step(
 
 
 @triton.jit
+def block_pages(
+    table,  # pointer to this sequence's row of the block table: int32 page indices
+    n,  # first key of the block
+    offs_n,  # (BLOCK_N,) 0 .. BLOCK_N - 1
+    key_ok,  # (BLOCK_N,) keys of the block inside the range: the table is read only for those
+    n_pages,  # pages in the pool: an entry the host did not check is clamped into it, never read past it
+    PAGE_SIZE: tl.constexpr,  # tokens per page, a power of two (// and % are a shift and a mask)
+):
+    """Where keys n .. n + BLOCK_N - 1 of a paged sequence live: (page, offset), (BLOCK_N, 1) int64 each, so that
+    a K or V block is ``base + page * stride_page + offset * stride_slot + cols``.
+
+    Each key's own table entry, gathered, whatever the page size: when a page holds the whole block the BLOCK_N
+    entries are one address (one L1 line), and the compile gate measured this form at fewer registers than a
+    scalar page + the slab's loop-invariant rows on every paged config (fp16, D = 128, sm_90: 96 vs 136 in
+    decode's stage 1, 114 vs 181 in its one-launch step; kernels/decode.py). Shared by the paged decode
+    (kernels/decode.py) and prefill (kernels/paged_attention.py)."""
+    pos = n + offs_n
+    page = tl.load(table + pos // PAGE_SIZE, mask=key_ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)
+    return page[:, None], (pos % PAGE_SIZE).to(tl.int64)[:, None]
+
+
+@triton.jit
 def _attend_blocks(
     acc,  # (BLOCK_M, HEAD_DIM) fp32 running unnormalised output
     l_i,  # (BLOCK_M,) fp32 running softmax denominator

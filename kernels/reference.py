@@ -27,6 +27,8 @@ __all__ = [
     "gather_pages",
     "attention",
     "decode_attention",
+    "paged_decode_attention",
+    "paged_rope_decode_attention",
     "swiglu",
     "linear",
     "dequantize",
@@ -264,6 +266,46 @@ def decode_attention(
     scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vf  # (B, Hkv, G, 1, D)
     return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """``decode_attention`` over a paged cache: the pages of each sequence gathered through its block-table row
+    into a slab (``gather_pages``), then the slab's definition. q (B, Hq, D), k_pages / v_pages
+    (num_pages, PAGE, Hkv, D), block_tables (B, max_pages_per_seq), lengths (B,). Returns (B, Hq, D)."""
+    k = gather_pages(k_pages, block_tables, lengths)
+    v = gather_pages(v_pages, block_tables, lengths)
+    return decode_attention(q, k, v, lengths, scale=scale)
+
+
+def paged_rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    workspace: object,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``rope_decode_attention`` over a paged cache: the new token's slot is page block_tables[b, pos // PAGE],
+    offset pos % PAGE; ``rope_write_paged_cache`` there, then ``paged_decode_attention`` with lengths positions + 1."""
+    page = k_pages.shape[1]
+    pos = positions.long()
+    slots = block_tables.long().gather(1, (pos // page)[:, None])[:, 0] * page + pos % page
+    q_rot = rope_write_paged_cache(q, k, v, positions, slots, cos_sin, k_pages, v_pages)
+    return paged_decode_attention(q_rot, k_pages, v_pages, block_tables, positions + 1, scale=scale)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

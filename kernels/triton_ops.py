@@ -5,7 +5,13 @@ set ``TRITON_INTERPRET=1`` first (the model driver does it for ``backend="triton
 """
 
 from llama3_triton.kernels.attention import attention
-from llama3_triton.kernels.decode import DecodeWorkspace, decode_attention, rope_decode_attention
+from llama3_triton.kernels.decode import (
+    DecodeWorkspace,
+    decode_attention,
+    paged_decode_attention,
+    paged_rope_decode_attention,
+    rope_decode_attention,
+)
 from llama3_triton.kernels.gemv import GemvWorkspace, linear
 from llama3_triton.kernels.rmsnorm import add_rms_norm, rms_norm
 from llama3_triton.kernels.rope import rope, rope_write_cache, rope_write_paged_cache
@@ -19,6 +25,8 @@ __all__ = [
     "rope_write_paged_cache",
     "attention",
     "decode_attention",
+    "paged_decode_attention",
+    "paged_rope_decode_attention",
     "swiglu",
     "linear",
     "rope_decode_attention",

@@ -16,6 +16,12 @@ import pytest
 import torch
 
 from llama3_triton.kernels import reference as ref
+from llama3_triton.kernels.decode import (
+    DecodeWorkspace,
+    decode_attention,
+    paged_decode_attention,
+    paged_rope_decode_attention,
+)
 from llama3_triton.kernels.rope import rope_write_paged_cache
 from tests.tolerances import POISON, assert_close
 
@@ -154,3 +160,162 @@ def test_rope_paged_bad_input(case):
     _, fn, match = _rope_bad_cases()[case]
     with pytest.raises(ValueError, match=match):
         fn()
+
+
+# ---- 2. split-KV decode attention through block tables -------------------------------------------------------
+
+
+def _clean(t: torch.Tensor) -> torch.Tensor:
+    """The pool as the reference reads it: fp32, the unused (NaN) slots zeroed."""
+    return t.float().nan_to_num(0.0)
+
+
+@pytest.mark.parametrize(
+    "dtype,D,G,page,num_splits",
+    [
+        (torch.float32, 64, 4, 16, 3),  # pages smaller than the key block (32): each key's page gathered
+        (torch.float16, 128, 1, 32, None),
+        (torch.float16, 64, 4, 16, 3),
+        (torch.float32, 128, 1, 32, 2),  # a page holds a whole 32-key block: one table read a block
+        (torch.bfloat16, 64, 4, 16, 2),  # bf16 dots in fp32 under the interpreter (test_decode.py)
+    ],
+    ids=str,
+)
+def test_paged_decode_matches_reference(dtype, D, G, page, num_splits):
+    Hkv = 2
+    lengths = [1, 7, 33, 2 * page, 70]  # 2 * page: ends exactly on a page boundary
+    k_pages, v_pages, tables = _pool(lengths, page, Hkv, D, dtype, seed=10 + D + page)
+    q = _randn(_gen(11), len(lengths), G * Hkv, D, dtype=dtype)
+    n = torch.tensor(lengths, device=DEVICE)
+    out = torch.full_like(q, POISON)
+    ret = paged_decode_attention(q, k_pages, v_pages, tables, n, num_splits=num_splits, out=out)
+    assert ret.data_ptr() == out.data_ptr()
+    want = ref.paged_decode_attention(q.float(), _clean(k_pages), _clean(v_pages), tables, n)
+    assert_close(out, want, dtype)  # a NaN slot read would have made the output NaN
+
+
+@pytest.mark.parametrize("dtype,page", [(torch.float16, 16), (torch.float16, 64), (torch.float32, 32)], ids=str)
+def test_paged_decode_equals_the_slab_on_contiguous_pages(dtype, page):
+    """A slab (B, S_max, Hkv, D) is a pool of B * S_max / PAGE pages with sequence b on pages b * S_max / PAGE
+    onwards: through its block tables, the paged decode must give the slab decode's output bit for bit."""
+    B, Hkv, D, S_max = 3, 2, 64, 128
+    g = _gen(20)
+    k, v = (_randn(g, B, S_max, Hkv, D, dtype=dtype) for _ in range(2))
+    q = _randn(g, B, 4 * Hkv, D, dtype=dtype)
+    lengths = torch.tensor([1, 77, S_max], device=DEVICE)
+    per_seq = S_max // page
+    tables = torch.arange(B * per_seq, dtype=torch.int32, device=DEVICE).view(B, per_seq)
+    k_pages, v_pages = k.view(-1, page, Hkv, D), v.view(-1, page, Hkv, D)
+    for splits in (1, 3):
+        slab = decode_attention(q, k, v, lengths, num_splits=splits)
+        paged = paged_decode_attention(q, k_pages, v_pages, tables, lengths, num_splits=splits)
+        assert torch.equal(paged, slab), f"{splits} splits"
+
+
+@pytest.mark.parametrize(
+    "dtype,D,G,page,num_splits",
+    [(torch.float32, 64, 4, 16, 3), (torch.float16, 128, 1, 32, None), (torch.float16, 64, 4, 32, 2)],
+    ids=str,
+)
+def test_paged_rope_decode_attention(dtype, D, G, page, num_splits):
+    """The fused decode step over pages: q and the new key rotated, k and v written to the new token's slot
+    through the table (and nowhere else), attention over the prefix plus the new key."""
+    Hkv = 2
+    positions = [0, 6, 32, 2 * page - 1, 69]  # the new token's position: 0, ..., the last slot of a page
+    k_pages, v_pages, tables = _pool([p + 1 for p in positions], page, Hkv, D, dtype, seed=30 + D)
+    B = len(positions)
+    g = _gen(31)
+    qkv = _randn(g, B, (G * Hkv + 2 * Hkv) * D, dtype=dtype)  # one fused projection row per sequence
+    q = qkv[:, : G * Hkv * D].unflatten(-1, (G * Hkv, D))
+    k = qkv[:, G * Hkv * D : (G + 1) * Hkv * D].unflatten(-1, (Hkv, D))
+    v = qkv[:, (G + 1) * Hkv * D :].unflatten(-1, (Hkv, D))
+    pos = torch.tensor(positions, device=DEVICE)
+    cs = ref.rope_table(ref.rope_inv_freq(D, 500000.0).to(DEVICE), tables.shape[1] * page)
+    ws = DecodeWorkspace(B, G * Hkv, Hkv, D, DEVICE)
+    new_page, new_off = tables[torch.arange(B), pos // page].long(), pos % page  # the new token's slot
+    new = torch.zeros(k_pages.shape[:2], dtype=torch.bool, device=DEVICE)
+    new[new_page, new_off] = True
+    k_pages[new], v_pages[new] = POISON, POISON  # the new token's slots: written by the kernel
+    k_want, v_want = _clean(k_pages), _clean(v_pages)
+    before = (k_pages.clone(), v_pages.clone())
+
+    out = torch.full_like(q, POISON)
+    paged_rope_decode_attention(q, k, v, pos, cs, k_pages, v_pages, tables, ws, num_splits=num_splits, out=out)
+    f = [t.float() for t in (q, k, v)]
+    want = ref.paged_rope_decode_attention(*f, pos, cs, k_want, v_want, tables, None)
+    assert_close(out, want, dtype)
+    assert_close(k_pages[new], k_want[new], dtype, "new keys")
+    assert torch.equal(v_pages[new_page, new_off], v), "new values, copied bit for bit"
+    for got, was in zip((k_pages, v_pages), before, strict=True):
+        assert torch.equal(got[~new].nan_to_num(7.0), was[~new].nan_to_num(7.0)), "wrote outside the new slots"
+    assert not ws.counters.any(), "the split counters are left at zero"
+
+
+def _decode_bad_cases():
+    k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=40)
+    q = _randn(_gen(41), 2, 4, 64, dtype=torch.float16)
+    n = torch.tensor([5, 20], device=DEVICE)
+
+    def call(**kw):
+        args = dict(q=q, k_pages=k_pages, v_pages=v_pages, block_tables=tables, lengths=n) | kw
+        return lambda: paged_decode_attention(**args)
+
+    bad_entry = tables.clone()
+    bad_entry[1, 1] = k_pages.shape[0]  # a page past the pool, in use by sequence 1 (keys 16..19)
+    unused_entry = tables.clone()
+    unused_entry[0, 1] = 10_000  # past sequence 0's one page: never read, so allowed
+    odd = torch.zeros(4, 24, 2, 64, dtype=torch.float16, device=DEVICE)
+    return [
+        ("q-ndim", call(q=q[0]), "q: expected a 3-d tensor"),
+        ("pages-ndim", call(k_pages=k_pages[0]), "k_pages: expected a 4-d tensor"),
+        ("pages-dtype", call(v_pages=v_pages.float()), "v_pages: expected dtype"),
+        ("pages-size", call(k_pages=odd, v_pages=odd), r"k_pages: expected a page size \(dim 1\) in"),
+        ("pages-headdim", call(k_pages=k_pages[..., :32]), "k_pages: expected shape"),
+        ("v-pages-shape", call(v_pages=v_pages[:-1]), "v_pages: expected shape"),
+        ("gqa", call(q=q[:, :3]), r"k_pages: kv heads \(2\) must divide"),
+        ("tables-none", call(block_tables=None), "block_tables: expected a"),
+        ("tables-dtype", call(block_tables=tables.long()), "block_tables: expected an int32 tensor"),
+        ("tables-ndim", call(block_tables=tables[0]), "block_tables: expected a 2-d"),
+        ("tables-batch", call(block_tables=tables[:1]), r"block_tables: expected shape \(2, "),
+        ("tables-stride", call(block_tables=tables.repeat(1, 2)[:, ::2]), "block_tables: expected a contiguous"),
+        ("tables-range", call(block_tables=bad_entry), r"block_tables: expected the pages each sequence uses"),
+        ("tables-negative", call(block_tables=tables * 0 - 1), r"block_tables: expected the pages each sequence"),
+        ("len-zero", call(lengths=n * 0), r"lengths: expected values in \[1, max_pages_per_seq \* PAGE"),
+        ("len-reach", call(lengths=n * 0 + tables.shape[1] * 16 + 1), r"lengths: expected values in \[1, max"),
+        ("len-dtype", call(lengths=n.float()), "lengths: expected an int32 or int64"),
+        ("out-dtype", call(out=torch.empty_like(q, dtype=torch.float32)), "out: expected dtype"),
+    ], unused_entry
+
+
+@pytest.mark.parametrize("case", range(18), ids=[c[0] for c in _decode_bad_cases()[0]])
+def test_paged_decode_bad_input(case):
+    _, fn, match = _decode_bad_cases()[0][case]
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def test_paged_decode_ignores_table_entries_past_the_lengths():
+    """Entries past ceil(lengths[b] / PAGE) are never read, so they may hold anything (-1 padding, a stale page)."""
+    cases, unused_entry = _decode_bad_cases()
+    k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=40)
+    q = _randn(_gen(41), 2, 4, 64, dtype=torch.float16)
+    n = torch.tensor([5, 20], device=DEVICE)
+    got = paged_decode_attention(q, k_pages, v_pages, unused_entry, n)
+    assert_close(got, ref.paged_decode_attention(q.float(), _clean(k_pages), _clean(v_pages), tables, n), q.dtype)
+
+
+def test_paged_rope_decode_bad_input():
+    k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=42)
+    g = _gen(43)
+    q, k, v = (_randn(g, 2, h, 64, dtype=torch.float16) for h in (4, 2, 2))
+    pos, cs, ws = torch.tensor([4, 19], device=DEVICE), _table(64), DecodeWorkspace(2, 4, 2, 64, DEVICE)
+    args = (q, k, v, pos, cs, k_pages, v_pages)
+    with pytest.raises(ValueError, match="block_tables: expected a"):
+        paged_rope_decode_attention(*args, None, ws)
+    with pytest.raises(ValueError, match="k_pages: expected a page size"):
+        odd = torch.zeros(4, 24, 2, 64, dtype=torch.float16, device=DEVICE)
+        paged_rope_decode_attention(q, k, v, pos, cs, odd, odd, tables, ws)
+    with pytest.raises(ValueError, match=r"cos_sin: expected a contiguous \(>= 48, 64\) table"):
+        paged_rope_decode_attention(q, k, v, pos, cs[:20], k_pages, v_pages, tables, ws)
+    with pytest.raises(ValueError, match="workspace: expected a DecodeWorkspace"):
+        paged_rope_decode_attention(*args, tables, DecodeWorkspace(1, 4, 2, 64, DEVICE))
