@@ -4,7 +4,9 @@ Two backends implement the same ops, the ``Ops`` protocol below, which is all th
 
     kernels.triton_ops   the Triton kernels, one file each: rmsnorm.py, rope.py, attention.py (prefill),
                          decode.py (split-KV decode), swiglu.py, gemv.py (the decode step's fused matrix
-                         products); _launch.py holds what their launchers share
+                         products), paged_attention.py (varlen prefill over a paged KV cache; rope.py and
+                         decode.py take the paged cache too, behind a constexpr switch); _launch.py holds what
+                         their launchers share
     kernels.reference    the same functions in plain PyTorch: the definitions the kernels are tested against,
                          and the backend that runs anywhere
 
@@ -87,6 +89,23 @@ class Ops(Protocol):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_pos: int = 0, scale: float | None = None
     ) -> torch.Tensor:
         """Causal attention of q (B, T, Hq, D) at positions start_pos.. over k, v (B, S, Hkv, D)."""
+        ...
+
+    def paged_prefill_attention(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        *,
+        scale: float | None = None,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """Causal attention of packed chunks q (total_q, Hq, D), sequence b's rows cu_seqlens_q[b] ..
+        cu_seqlens_q[b + 1] - 1 at positions seq_lens[b] - q_len_b .., over its keys 0 .. seq_lens[b] - 1 (prefix
+        and chunk, already in the pages) through block_tables[b]."""
         ...
 
     def decode_attention(

@@ -163,14 +163,17 @@ class PagedCache:
         return cls(like, 0, 0, 0)
 
     @classmethod
-    def check(cls, q: torch.Tensor, k_pages: object, v_pages: object, block_tables: object) -> PagedCache:
-        """k_pages, v_pages (num_pages, PAGE, Hkv, D) like q (.., D) and block_tables (B = q.shape[0], width)."""
+    def check(
+        cls, q: torch.Tensor, k_pages: object, v_pages: object, block_tables: object, batch: int | None = None
+    ) -> PagedCache:
+        """k_pages, v_pages (num_pages, PAGE, Hkv, D) like q (.., D) and block_tables (B, width), B = ``batch``,
+        by default q.shape[0] (one query a sequence)."""
         D = q.shape[-1]
         num_pages, page, heads = check_pages("k_pages", k_pages, like=q, head_dim=D)
         check_pages("v_pages", v_pages, like=q, head_dim=D, heads=heads)
         if v_pages.shape != k_pages.shape:
             raise ValueError(f"v_pages: expected shape {tuple(k_pages.shape)} (as k_pages), got {tuple(v_pages.shape)}")
-        tables, width = check_block_tables(block_tables, q.shape[0], q.device)
+        tables, width = check_block_tables(block_tables, q.shape[0] if batch is None else batch, q.device)
         return cls(tables, page, width, num_pages)
 
     def check_lengths(self, lengths: torch.Tensor, name: str = "lengths") -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "rope_write_paged_cache",
     "gather_pages",
     "attention",
+    "paged_prefill_attention",
     "decode_attention",
     "paged_decode_attention",
     "paged_rope_decode_attention",
@@ -231,6 +232,33 @@ def attention(
         scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
         o = torch.softmax(scores, dim=-1) @ vf[..., :keys, :]  # (B, Hkv, G, t1 - t0, D)
         out[:, t0:t1] = o.reshape(B, Hq, t1 - t0, D).permute(0, 2, 1, 3).to(q.dtype)
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    scale: float | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """Causal prefill over a paged cache, sequence by sequence: q (total_q, Hq, D) packed, sequence b's queries rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1, its newest tokens, so that query i sits at position
+    seq_lens[b] - q_len_b + i; its keys 0 .. seq_lens[b] - 1 gathered from the pools (num_pages, PAGE, Hkv, D)
+    through block_tables[b], then ``attention`` with that start position. Returns (total_q, Hq, D)."""
+    out = torch.empty_like(q)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for b in range(len(lens)):
+        s, e, n = cu[b], cu[b + 1], lens[b]
+        if e == s:
+            continue
+        k = gather_pages(k_pages, block_tables[b : b + 1], seq_lens[b : b + 1])[:, :n]  # (1, n, Hkv, D)
+        v = gather_pages(v_pages, block_tables[b : b + 1], seq_lens[b : b + 1])[:, :n]
+        out[s:e] = attention(q[None, s:e], k, v, start_pos=n - (e - s), scale=scale)[0]
     return out
 
 

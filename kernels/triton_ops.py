@@ -13,6 +13,7 @@ from llama3_triton.kernels.decode import (
     rope_decode_attention,
 )
 from llama3_triton.kernels.gemv import GemvWorkspace, linear
+from llama3_triton.kernels.paged_attention import paged_prefill_attention
 from llama3_triton.kernels.rmsnorm import add_rms_norm, rms_norm
 from llama3_triton.kernels.rope import rope, rope_write_cache, rope_write_paged_cache
 from llama3_triton.kernels.swiglu import swiglu
@@ -24,6 +25,7 @@ __all__ = [
     "rope_write_cache",
     "rope_write_paged_cache",
     "attention",
+    "paged_prefill_attention",
     "decode_attention",
     "paged_decode_attention",
     "paged_rope_decode_attention",

@@ -22,6 +22,7 @@ from llama3_triton.kernels.decode import (
     paged_decode_attention,
     paged_rope_decode_attention,
 )
+from llama3_triton.kernels.paged_attention import paged_prefill_attention
 from llama3_triton.kernels.rope import rope_write_paged_cache
 from tests.tolerances import POISON, assert_close
 
@@ -319,3 +320,119 @@ def test_paged_rope_decode_bad_input():
         paged_rope_decode_attention(q, k, v, pos, cs[:20], k_pages, v_pages, tables, ws)
     with pytest.raises(ValueError, match="workspace: expected a DecodeWorkspace"):
         paged_rope_decode_attention(*args, tables, DecodeWorkspace(1, 4, 2, 64, DEVICE))
+
+
+# ---- 3. prefill over a prefix in pages plus a new chunk ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype,D,G,page",
+    [
+        (torch.float32, 64, 4, 16),
+        (torch.float16, 128, 1, 32),
+        (torch.float16, 64, 4, 16),
+        (torch.bfloat16, 64, 1, 32),  # bf16 dots in fp32 under the interpreter (test_decode.py)
+    ],
+    ids=str,
+)
+def test_paged_prefill_matches_reference(dtype, D, G, page):
+    """Packed chunks of ragged sequences: a whole prompt (no prefix), chunks after cached prefixes (one ending
+    exactly on a page boundary), a one-token chunk, and a sequence with no new tokens this step."""
+    Hkv = 2
+    seq_lens = [7, 33, 2 * page + 5, 2 * page, 19]
+    q_lens = [7, 12, 1, page + 3, 0]  # chunk b: the last q_lens[b] of seq_lens[b] tokens
+    k_pages, v_pages, tables = _pool(seq_lens, page, Hkv, D, dtype, seed=50 + D + page)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = _randn(_gen(51), int(cu[-1]), G * Hkv, D, dtype=dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, POISON)
+    ret = paged_prefill_attention(q, k_pages, v_pages, cu, lens, tables, out=out)
+    assert ret.data_ptr() == out.data_ptr()
+    want = ref.paged_prefill_attention(q.float(), _clean(k_pages), _clean(v_pages), cu, lens, tables)
+    assert_close(out, want, dtype)  # every row written (no NaN left), no NaN slot read
+
+
+def test_paged_prefill_long_chunk_spans_query_tiles():
+    """A chunk of more rows (q_len * G) than one 64-row tile, ragged, after a prefix: several tiles per sequence,
+    the diagonal blocks masked, and max_seqlen_q given by the caller (no host read of cu_seqlens_q)."""
+    Hkv, D, G, page = 1, 64, 1, 16
+    seq_lens = [150, 70]  # chunks of 100 and 70 tokens
+    k_pages, v_pages, tables = _pool(seq_lens, page, Hkv, D, torch.float16, seed=60)
+    cu = torch.tensor([0, 100, 170], dtype=torch.int32, device=DEVICE)
+    q = _randn(_gen(61), 170, G * Hkv, D, dtype=torch.float16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    got = paged_prefill_attention(q, k_pages, v_pages, cu, lens, tables, max_seqlen_q=100, scale=0.1)
+    want = ref.paged_prefill_attention(q.float(), _clean(k_pages), _clean(v_pages), cu, lens, tables, scale=0.1)
+    assert_close(got, want, torch.float16)
+
+
+def test_paged_prefill_equals_prefill_then_decode_paths():
+    """A whole prompt through the paged prefill equals the slab prefill (kernels.attention) on the same keys laid
+    out contiguously, within fp32's tolerance (different tiles, so not bit for bit)."""
+    from llama3_triton.kernels.attention import attention
+
+    Hkv, D, G, page, T = 2, 64, 4, 16, 40
+    g = _gen(70)
+    k, v = (_randn(g, 1, 48, Hkv, D, dtype=torch.float32) for _ in range(2))
+    q = _randn(g, T, G * Hkv, D, dtype=torch.float32)
+    tables = torch.arange(3, dtype=torch.int32, device=DEVICE)[None]
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([T], dtype=torch.int32, device=DEVICE)
+    got = paged_prefill_attention(q, k.view(3, page, Hkv, D), v.view(3, page, Hkv, D), cu, lens, tables)
+    assert_close(got, attention(q[None], k, v)[0], torch.float32)
+
+
+def _prefill_bad_cases():
+    k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=80)
+    q = _randn(_gen(81), 9, 4, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
+
+    def call(**kw):
+        args = dict(q=q, k_pages=k_pages, v_pages=v_pages, cu_seqlens_q=cu, seq_lens=lens, block_tables=tables)
+        return lambda: paged_prefill_attention(**(args | kw))
+
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    return [
+        ("q-ndim", call(q=q[None]), "q: expected a 3-d tensor"),
+        ("q-headdim", call(q=q[..., :32]), "q: head dim must be 64 or 128"),
+        ("pages-dtype", call(k_pages=k_pages.float()), "k_pages: expected dtype"),
+        ("gqa", call(q=q[:, :3]), r"k_pages: kv heads \(2\) must divide"),
+        ("cu-short", call(cu_seqlens_q=cu[:1]), r"cu_seqlens_q: expected a 1-d \(B \+ 1,\)"),
+        ("cu-dtype", call(cu_seqlens_q=cu.long()), "cu_seqlens_q: expected an int32 tensor"),
+        ("cu-end", call(cu_seqlens_q=torch.tensor([0, 4, 8], **i32)), "cu_seqlens_q: expected 0 = cu"),
+        ("cu-start", call(cu_seqlens_q=torch.tensor([1, 4, 9], **i32)), "cu_seqlens_q: expected 0 = cu"),
+        ("cu-falls", call(cu_seqlens_q=torch.tensor([0, 10, 9], **i32)), "cu_seqlens_q: expected 0 = cu"),
+        ("lens-shape", call(seq_lens=lens[:1]), r"seq_lens: expected shape \(2,\)"),
+        ("lens-dtype", call(seq_lens=lens.long()), "seq_lens: expected an int32 tensor"),
+        ("lens-short", call(seq_lens=torch.tensor([3, 20], **i32)), "seq_lens: expected each sequence's keys"),
+        ("lens-reach", call(seq_lens=torch.tensor([5, 200], **i32)), r"seq_lens: expected values in \[1, max"),
+        ("tables-dtype", call(block_tables=tables.long()), "block_tables: expected an int32 tensor"),
+        ("tables-range", call(block_tables=tables * 0 + 999), "block_tables: expected the pages each sequence"),
+        ("max-q", call(max_seqlen_q=-1), r"max_seqlen_q: expected an int >= 0"),
+        ("scale", call(scale=0.0), "scale: expected a finite float > 0"),
+        ("out-shape", call(out=q[:-1]), "out: expected shape"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(18), ids=[c[0] for c in _prefill_bad_cases()])
+def test_paged_prefill_bad_input(case):
+    _, fn, match = _prefill_bad_cases()[case]
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def test_compile_variants_cover_every_page_size():
+    """The compile gate's lists: each paged kernel in every page size the launchers accept, well formed."""
+    from llama3_triton.kernels import decode, paged_attention, rope
+    from llama3_triton.kernels._launch import PAGE_SIZES
+
+    for module in (decode, paged_attention, rope):
+        variants = module.compile_variants()
+        assert len({v["name"] for v in variants}) == len(variants), module.__name__
+        for v in variants:
+            assert list(v["signature"]) == list(v["fn"].arg_names), v["name"]
+    pages = {v["constexprs"]["PAGE_SIZE"] for v in decode.compile_variants() if "PAGE_SIZE" in v["constexprs"]}
+    assert pages == {0, *PAGE_SIZES}
+    assert {v["constexprs"]["PAGE_SIZE"] for v in paged_attention.compile_variants()} == set(PAGE_SIZES)
+    assert any(v["constexprs"].get("SLOTS") for v in rope.compile_variants())
