@@ -39,16 +39,17 @@ of pages (num_pages, PAGE, Hkv, D), key p of sequence b at page block_tables[b, 
 second kernel: the constexpr PAGE_SIZE (0 for the slab) switches only how a key block's rows are addressed — the
 slab's scalar base plus loop-invariant rows, or each key's page gathered from the block table (attention.py's
 ``block_pages``) — so splits, GQA tile, online softmax, merge and the one-launch step are the same lines for both.
-Why not the slab as pages of size S_max with block_tables[b] = [b]: S_max is neither a power of two nor a
-compile-time constant, so every key's page and offset would cost a division, and the measured slab loop (the
-decode step's hot path at batch 1) would change for nothing. The table is read a block ahead, so the K/V loads'
-addresses never wait on a table read in their own step and Triton multi-buffers them as in the slab's loop
-(compile gate, fp16, D = 128, stage 1: 71680 B of shared memory and 94 / 96 registers on sm_80 / sm_90 for every
-page size in PAGE_SIZES, against the slab's 71680 B and 128 / 132; reading the page in the same step left one
-buffer, 38916 B). Lengths are clamped to the table's reach (max_pages_per_seq * PAGE) and page indices into the
-pool, so an unchecked (captured) call reads only the pool; the new key of the one-launch step is written only to a
-page inside it. Extra bytes: 4 per key for the table entry (BLOCK_N entries a block, 1/256 of the K/V bytes at
-Hkv = 1, D = 128, fp16), so the floor is the slab's.
+Why not the slab as pages of size S_max with block_tables[b] = [b]: S_max is neither a power of two nor a compile-
+time constant, so every key's page and offset would cost a division, and the measured slab loop (the decode step's
+hot path at batch 1) would change for nothing. The table is read a block ahead, so the K/V loads' addresses never
+wait on a table read in their own step and Triton multi-buffers them as in the slab's loop (compile gate, fp16, D =
+128, stage 1: 71680 B of shared memory for every page size in PAGE_SIZES, as the slab, and 128 / 111-120 registers
+on sm_80 / sm_90 against the slab's 128 / 132; the one-launch step 168 / 148 against 137-168; reading the page in
+the same step left one buffer, 38916 B; a scalar page per block when PAGE >= BLOCK_N took more registers than the
+gather, 136 / 181 on sm_90). Lengths are clamped to the table's reach (max_pages_per_seq * PAGE) and page indices
+into the pool, so an unchecked (captured) call reads only the pool; the new key of the one-launch step is written
+only to a page inside it. Extra bytes: 4 per key for the table entry (BLOCK_N entries a block, 1/256 of the K/V
+bytes at Hkv = 1, D = 128, fp16), so the floor is the slab's.
 
 Bytes and floor. Each step must read the live cache, 2 * Hkv * D * sum_b L_b elements, and does only
 4 * Hq * D * sum_b L_b FLOPs: G FLOPs per byte at fp16, so it is memory-bound and the floor is bytes /
