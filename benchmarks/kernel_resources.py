@@ -8,6 +8,7 @@ comes from the compiler's metadata (cuobjdump's SHARED column only shows static 
 
     python -m llama3_triton.benchmarks.kernel_resources            # a table
     python -m llama3_triton.benchmarks.kernel_resources --json F   # and the rows as JSON (the compile gate reads it)
+    python -m llama3_triton.benchmarks.kernel_resources --only pages   # the variants whose names contain "pages"
 
 Run it without TRITON_INTERPRET=1: under the interpreter, @triton.jit functions cannot be compiled.
 
@@ -41,6 +42,7 @@ KERNEL_MODULES = [
     "llama3_triton.kernels.swiglu",
     "llama3_triton.kernels.attention",
     "llama3_triton.kernels.decode",
+    "llama3_triton.kernels.paged_attention",
     "llama3_triton.kernels.gemv",
     "llama3_triton.kernels.quant",
 ]
@@ -149,10 +151,14 @@ def _job(args):
     return compile_one(*args)
 
 
-def run(jobs: int = 2, progress: bool = True) -> list[dict]:
+def run(jobs: int = 2, progress: bool = True, only: list[str] | None = None) -> list[dict]:
+    """Compile every variant (or those whose ``module name`` contains one of ``only``'s substrings)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     tasks = [(m, i, a) for m, i, archs in all_variants() for a in archs]
+    if only:
+        names = {(m, i): f"{m} {importlib.import_module(m).compile_variants()[i]['name']}" for m, i, _ in tasks}
+        tasks = [t for t in tasks if any(o in names[t[0], t[1]] for o in only)]
     # Each compile takes seconds (ptxas on the autotuner's largest tiles): say what is happening, and how far.
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     log(f"compiling {len(tasks)} kernel configurations for sm_{'/sm_'.join(map(str, ARCHS))} with {jobs} process(es)")
@@ -206,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="SUBSTR",
+        help="compile only the variants whose 'module name' contains SUBSTR (repeatable; e.g. --only _paged "
+        "--only kernels.paged_attention); the compile gate runs them all",
+    )
     a = p.parse_args(argv)
-    rows = run(a.jobs)
+    rows = run(a.jobs, only=a.only)
     print(table(rows))
     if a.json:
         _files.write_text(a.json, json.dumps(rows, indent=1))  # whole or not at all

@@ -4,7 +4,9 @@ Two backends implement the same ops, the ``Ops`` protocol below, which is all th
 
     kernels.triton_ops   the Triton kernels, one file each: rmsnorm.py, rope.py, attention.py (prefill),
                          decode.py (split-KV decode), swiglu.py, gemv.py (the decode step's fused matrix
-                         products); _launch.py holds what their launchers share
+                         products), paged_attention.py (varlen prefill over a paged KV cache; rope.py and
+                         decode.py take the paged cache too, behind a constexpr switch); _launch.py holds what
+                         their launchers share
     kernels.reference    the same functions in plain PyTorch: the definitions the kernels are tested against,
                          and the backend that runs anywhere
 
@@ -33,6 +35,10 @@ class Ops(Protocol):
     five launches a layer.
 
     Shapes (Meta's): activations (B, T, heads, head_dim); the KV cache as a (B, S_max, Hkv, head_dim) view.
+    The engine's paged ops (``rope_write_paged_cache``, ``paged_*``) take packed tokens instead, and the cache as
+    a pool of pages (num_pages, PAGE, Hkv, head_dim) that each sequence reaches through its row of
+    ``block_tables`` (B, max_pages_per_seq) int32: position p of sequence b is page block_tables[b, p // PAGE],
+    offset p % PAGE, the flat slot page * PAGE + offset.
     Each backend module defines these functions with these parameters (and may take more keywords).
     """
 
@@ -61,10 +67,45 @@ class Ops(Protocol):
         """Returns q rotated by RoPE at ``positions``; writes k rotated, and v, into the caches at those slots."""
         ...
 
+    def rope_write_paged_cache(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        *,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """The paged cache's ``rope_write_cache``, for N packed tokens: returns q (N, Hq, D) rotated at ``positions``
+        (N,); writes k (N, Hkv, D) rotated, and v, to flat slot ``slot_mapping[i]`` = page * PAGE + offset of the
+        page pools (num_pages, PAGE, Hkv, D), nothing where the slot is -1 (padding)."""
+        ...
+
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_pos: int = 0, scale: float | None = None
     ) -> torch.Tensor:
         """Causal attention of q (B, T, Hq, D) at positions start_pos.. over k, v (B, S, Hkv, D)."""
+        ...
+
+    def paged_prefill_attention(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        *,
+        scale: float | None = None,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """Causal attention of packed chunks q (total_q, Hq, D), sequence b's rows cu_seqlens_q[b] ..
+        cu_seqlens_q[b + 1] - 1 at positions seq_lens[b] - q_len_b .., over its keys 0 .. seq_lens[b] - 1 (prefix
+        and chunk, already in the pages) through block_tables[b]."""
         ...
 
     def decode_attention(
@@ -77,6 +118,39 @@ class Ops(Protocol):
         check_values: bool = True,
     ) -> torch.Tensor:
         """Attention of one query per sequence, q (B, Hq, D), over keys 0 .. lengths[b] - 1 of the caches."""
+        ...
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        scale: float | None = None,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """``decode_attention`` over a paged cache: q (B, Hq, D) over keys 0 .. lengths[b] - 1 of sequence b, key p
+        at page block_tables[b, p // PAGE], offset p % PAGE of k_pages / v_pages (num_pages, PAGE, Hkv, D)."""
+        ...
+
+    def paged_rope_decode_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_tables: torch.Tensor,
+        workspace: object,
+        *,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """``rope_decode_attention`` over a paged cache: the new k and v go to page block_tables[b, pos // PAGE],
+        offset pos % PAGE; attention over keys 0 .. positions[b] through the table. One launch, like the slab's."""
         ...
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,16 @@ when this module is first imported, before any kernel can be launched; compiled 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ARCHS = (80, 90)  # the compile gate's targets: A100 (sm_80) and H100/H200 (sm_90)
+# Tokens per page of a paged KV cache: powers of two (a page and an offset are a shift and a mask of the slot id)
+# that the paged kernels are compiled for; 16 is vLLM's default, 64 and up keep a whole key block in one page.
+PAGE_SIZES = (16, 32, 64, 128)
 
 
 def interpreting(kernel: object) -> bool:
@@ -74,6 +78,116 @@ def check_tensor(
     if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {t.stride()}")
     return t
+
+
+def check_index(
+    name: str,
+    t: object,
+    *,
+    device: torch.device,
+    shape: Sequence[int],
+    dtypes: Sequence[torch.dtype] = (torch.int32, torch.int64),
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """``t`` as an integer tensor (lengths, slots, block tables) of exactly ``shape`` on ``device``, else a
+    ValueError naming ``name``; ``contiguous``: the kernel indexes it as one flat array."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}: expected an {names} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != tuple(shape) or t.device != device:
+        raise ValueError(f"{name}: expected shape {tuple(shape)} on {device}, got {tuple(t.shape)} on {t.device}")
+    if (contiguous and not t.is_contiguous()) or (t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1):
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    return t
+
+
+def check_pages(name: str, pages: object, *, like: torch.Tensor, head_dim: int, heads: int | None = None) -> tuple:
+    """A paged KV cache (num_pages, PAGE, Hkv, D) on the device and in the dtype of ``like`` (q), PAGE one of
+    PAGE_SIZES, D = ``head_dim`` and Hkv = ``heads`` where given: returns (num_pages, PAGE, Hkv)."""
+    check_tensor(name, pages, like=like, ndim=4)
+    n, page, h, d = pages.shape
+    if page not in PAGE_SIZES:
+        raise ValueError(
+            f"{name}: expected a page size (dim 1) in {PAGE_SIZES}, got {page} (shape {tuple(pages.shape)})"
+        )
+    if n < 1 or h < 1 or d != head_dim or (heads is not None and h != heads):
+        want = f"(num_pages >= 1, PAGE, Hkv={heads if heads is not None else 'Hkv'}, D={head_dim})"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(pages.shape)}")
+    return n, page, h
+
+
+def check_block_tables(block_tables: object, batch: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(B, max_pages_per_seq) int32 page indices, rows contiguous: returns it and max_pages_per_seq."""
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2:
+        got = tuple(block_tables.shape) if isinstance(block_tables, torch.Tensor) else type(block_tables).__name__
+        raise ValueError(f"block_tables: expected a 2-d (B={batch}, max_pages_per_seq) tensor, got {got}")
+    check_index(
+        "block_tables", block_tables, device=device, dtypes=(torch.int32,), shape=(batch, block_tables.shape[1])
+    )
+    if block_tables.shape[1] < 1:
+        raise ValueError(
+            f"block_tables: expected at least one page per sequence, got shape {tuple(block_tables.shape)}"
+        )
+    if batch > 1 and block_tables.stride(0) != block_tables.shape[1]:
+        raise ValueError(f"block_tables: expected contiguous rows, got strides {block_tables.stride()}")
+    return block_tables, block_tables.shape[1]
+
+
+def check_pages_in_use(block_tables: torch.Tensor, lengths: torch.Tensor, page: int, num_pages: int) -> tuple:
+    """The host check of a paged call's values, one device sync: (min, max) of ``lengths`` and whether every
+    block-table entry a sequence uses (its first ceil(lengths[b] / page) pages) is a page of the pool. Entries
+    past a sequence's pages are never read and may hold anything (-1 padding, say)."""
+    used = torch.arange(block_tables.shape[1], device=lengths.device)[None, :] * page < lengths.long()[:, None]
+    bad = (used & ((block_tables < 0) | (block_tables >= num_pages))).any()
+    lo, hi, bad = torch.stack((*torch.aminmax(lengths.long()), bad.long())).tolist()
+    return lo, hi, bool(bad)
+
+
+@dataclass(frozen=True)
+class PagedCache:
+    """What a launcher hands its kernel about a paged KV cache, checked: the block tables, the page size (0: the
+    cache is the slab, and ``tables`` a stand-in pointer the kernel never reads), the table's row width and the
+    pool's page count. ``capacity``: the keys a sequence can reach, pages_per_seq * page."""
+
+    tables: torch.Tensor
+    page: int
+    pages_per_seq: int
+    num_pages: int
+
+    @property
+    def capacity(self) -> int:
+        return self.pages_per_seq * self.page
+
+    @classmethod
+    def slab(cls, like: torch.Tensor) -> PagedCache:
+        return cls(like, 0, 0, 0)
+
+    @classmethod
+    def check(
+        cls, q: torch.Tensor, k_pages: object, v_pages: object, block_tables: object, batch: int | None = None
+    ) -> PagedCache:
+        """k_pages, v_pages (num_pages, PAGE, Hkv, D) like q (.., D) and block_tables (B, width), B = ``batch``,
+        by default q.shape[0] (one query a sequence)."""
+        D = q.shape[-1]
+        num_pages, page, heads = check_pages("k_pages", k_pages, like=q, head_dim=D)
+        check_pages("v_pages", v_pages, like=q, head_dim=D, heads=heads)
+        if v_pages.shape != k_pages.shape:
+            raise ValueError(f"v_pages: expected shape {tuple(k_pages.shape)} (as k_pages), got {tuple(v_pages.shape)}")
+        tables, width = check_block_tables(block_tables, q.shape[0] if batch is None else batch, q.device)
+        return cls(tables, page, width, num_pages)
+
+    def check_lengths(self, lengths: torch.Tensor, name: str = "lengths") -> None:
+        """The host check (one sync): lengths in [1, capacity], and the table entries they use inside the pool."""
+        lo, hi, bad = check_pages_in_use(self.tables, lengths, self.page, self.num_pages)
+        if lo < 1 or hi > self.capacity:
+            raise ValueError(
+                f"{name}: expected values in [1, max_pages_per_seq * PAGE = {self.capacity}], got min {lo}, max {hi}"
+            )
+        if bad:
+            raise ValueError(
+                f"block_tables: expected the pages each sequence uses (the first ceil({name}[b] / {self.page})) in "
+                f"[0, num_pages={self.num_pages})"
+            )
 
 
 def rows(name: str, t: torch.Tensor, *, written: bool = False) -> torch.Tensor:

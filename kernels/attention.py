@@ -86,6 +86,29 @@ def online_softmax_step(
 
 
 @triton.jit
+def block_pages(
+    table,  # pointer to this sequence's row of the block table: int32 page indices
+    n,  # first key of the block
+    offs_n,  # (BLOCK_N,) 0 .. BLOCK_N - 1
+    key_ok,  # (BLOCK_N,) keys of the block inside the range: the table is read only for those
+    n_pages,  # pages in the pool: an entry the host did not check is clamped into it, never read past it
+    PAGE_SIZE: tl.constexpr,  # tokens per page, a power of two (// and % are a shift and a mask)
+):
+    """Where keys n .. n + BLOCK_N - 1 of a paged sequence live: (page, offset), (BLOCK_N, 1) int64 each, so that
+    a K or V block is ``base + page * stride_page + offset * stride_slot + cols``.
+
+    Each key's own table entry, gathered, whatever the page size: when a page holds the whole block the BLOCK_N
+    entries are one address (one L1 line), and the compile gate measured this form at fewer registers than a
+    scalar page + the slab's loop-invariant rows (fp16, D = 128, PAGE 64, sm_90: 112 vs 136 in decode's stage 1,
+    148 vs 181 in its one-launch step; kernels/decode.py). Shared by the paged decode
+    (kernels/decode.py) and prefill (kernels/paged_attention.py)."""
+    pos = n + offs_n
+    page = tl.load(table + pos // PAGE_SIZE, mask=key_ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)
+    return page[:, None], (pos % PAGE_SIZE).to(tl.int64)[:, None]
+
+
+@triton.jit
 def _attend_blocks(
     acc,  # (BLOCK_M, HEAD_DIM) fp32 running unnormalised output
     l_i,  # (BLOCK_M,) fp32 running softmax denominator
@@ -102,17 +125,28 @@ def _attend_blocks(
     lo,  # first key of the range (a multiple of BLOCK_N)
     hi,  # end of the key range (exclusive)
     qk_scale,  # scale * log2(e)
+    table,  # PAGE_SIZE: this sequence's block-table row (k_base / v_base are then the head's base in the pool)
+    n_pages,  # PAGE_SIZE: pages in the pool
+    stride_kp,  # PAGE_SIZE: page strides of k and v
+    stride_vp,
     BLOCK_N: tl.constexpr,  # keys per block
     MASKED: tl.constexpr,  # diagonal blocks: apply the causal mask and the key bound
     DOT_FP32: tl.constexpr,  # interpreter + bf16 only: compute the dots in fp32
+    PAGE_SIZE: tl.constexpr,  # 0: k/v are a slab walked by moving k_base / v_base; else a paged pool
 ):
     offs_n = tl.arange(0, BLOCK_N)
+    if PAGE_SIZE > 0:  # the first block's pages; each step reads the next block's a step ahead (decode.py: why)
+        page, off = block_pages(table, lo, offs_n, lo + offs_n < hi, n_pages, PAGE_SIZE)
     for start_n in range(lo, hi, BLOCK_N):
         key_pos = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_base + k_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
+        if PAGE_SIZE > 0:
+            k_ptrs = k_base + (page * stride_kp + off * stride_ks) + cols
         else:
-            k = tl.load(k_base + k_rows + cols)
+            k_ptrs = k_base + k_rows + cols
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(key_pos < hi)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N) fp32
@@ -120,10 +154,14 @@ def _attend_blocks(
             s = tl.where(key_pos[None, :] <= q_pos[:, None], s, float("-inf"))
         # Every row sees key 0 in the first block it visits, so the recurrence's max is finite.
         p, alpha, l_i, m_i = online_softmax_step(l_i, m_i, s)
-        if MASKED:
-            v = tl.load(v_base + v_rows + cols, mask=(key_pos < hi)[:, None], other=0.0)
+        if PAGE_SIZE > 0:
+            v_ptrs = v_base + (page * stride_vp + off * stride_vs) + cols
         else:
-            v = tl.load(v_base + v_rows + cols)
+            v_ptrs = v_base + v_rows + cols
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(key_pos < hi)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
         if DOT_FP32:
             v = v.to(tl.float32)
         # P goes into the tensor-core product in v's dtype (fp16/bf16), accumulating in fp32.
@@ -131,8 +169,12 @@ def _attend_blocks(
         # Advance the 64-bit scalar base (never position * stride in int32, which can pass 2^31 at 128k
         # context). A scalar plus loop-invariant (BLOCK_N, 1) and (1, D) offsets, not a (BLOCK_N, D) tile of
         # 64-bit pointers carried through the loop: that tile spilled on sm_90 at 128 x 128, D = 128.
-        k_base += BLOCK_N * stride_ks
-        v_base += BLOCK_N * stride_vs
+        if PAGE_SIZE > 0:
+            nxt = start_n + BLOCK_N
+            page, off = block_pages(table, nxt, offs_n, nxt + offs_n < hi, n_pages, PAGE_SIZE)
+        else:
+            k_base += BLOCK_N * stride_ks
+            v_base += BLOCK_N * stride_vs
     return acc, l_i, m_i, k_base, v_base
 
 
@@ -202,11 +244,11 @@ def _attention_kernel(
     # Blocks below the diagonal, no mask; then the diagonal blocks, masked, continuing from the same pointers.
     acc, l_i, m_i, k_base, v_base = _attend_blocks(
         acc, l_i, m_i, q, k_base, v_base, k_rows, v_rows, cols, stride_ks, stride_vs,
-        q_pos, 0, full_end, qk_scale, BLOCK_N, False, DOT_FP32,
+        q_pos, 0, full_end, qk_scale, K, 0, 0, 0, BLOCK_N, False, DOT_FP32, 0,
     )  # fmt: skip
     acc, l_i, m_i, k_base, v_base = _attend_blocks(
         acc, l_i, m_i, q, k_base, v_base, k_rows, v_rows, cols, stride_ks, stride_vs,
-        q_pos, full_end, last_pos + 1, qk_scale, BLOCK_N, True, DOT_FP32,
+        q_pos, full_end, last_pos + 1, qk_scale, K, 0, 0, 0, BLOCK_N, True, DOT_FP32, 0,
     )  # fmt: skip
 
     out = acc / l_i[:, None]

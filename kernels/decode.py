@@ -34,6 +34,23 @@ uses no split and yields NaN).
 Shapes: q (B, Hq, D); k_cache, v_cache (B, S_max, Hkv, D) views with any strides (last dim contiguous);
 lengths (B,) int32/int64 in [1, S_max]. D 64 or 128; fp16, bf16, fp32.
 
+Paged cache (the engine's): ``paged_decode_attention`` / ``paged_rope_decode_attention`` read the cache as a pool
+of pages (num_pages, PAGE, Hkv, D), key p of sequence b at page block_tables[b, p // PAGE], offset p % PAGE. Not a
+second kernel: the constexpr PAGE_SIZE (0 for the slab) switches only how a key block's rows are addressed — the
+slab's scalar base plus loop-invariant rows, or each key's page gathered from the block table (attention.py's
+``block_pages``) — so splits, GQA tile, online softmax, merge and the one-launch step are the same lines for both.
+Why not the slab as pages of size S_max with block_tables[b] = [b]: S_max is neither a power of two nor a compile-
+time constant, so every key's page and offset would cost a division, and the measured slab loop (the decode step's
+hot path at batch 1) would change for nothing. The table is read a block ahead, so the K/V loads' addresses never
+wait on a table read in their own step and Triton multi-buffers them as in the slab's loop (compile gate, fp16, D =
+128, stage 1: 71680 B of shared memory for every page size in PAGE_SIZES, as the slab, and 128 / 111-120 registers
+on sm_80 / sm_90 against the slab's 128 / 132; the one-launch step 168 / 148 against 137-168; reading the page in
+the same step left one buffer, 38916 B; a scalar page per block when PAGE >= BLOCK_N took more registers than the
+gather, 136 / 181 on sm_90). Lengths are clamped to the table's reach (max_pages_per_seq * PAGE) and page indices
+into the pool, so an unchecked (captured) call reads only the pool; the new key of the one-launch step is written
+only to a page inside it. Extra bytes: 4 per key for the table entry (BLOCK_N entries a block, 1/256 of the K/V
+bytes at Hkv = 1, D = 128, fp16), so the floor is the slab's.
+
 Bytes and floor. Each step must read the live cache, 2 * Hkv * D * sum_b L_b elements, and does only
 4 * Hq * D * sum_b L_b FLOPs: G FLOPs per byte at fp16, so it is memory-bound and the floor is bytes /
 bandwidth. Llama-3-8B (Hkv=8, D=128, bf16) at 8192 tokens: 4 KiB per token per layer, 32 MiB per layer,
@@ -45,16 +62,32 @@ read once) — 1 MiB for one Llama-3-8B sequence at 32 splits, small next to its
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from llama3_triton.kernels._launch import aligned_strides, capturing, check_tensor, interpreting, variant
-from llama3_triton.kernels.attention import online_softmax_step
+from llama3_triton.kernels._launch import (
+    PAGE_SIZES,
+    PagedCache,
+    aligned_strides,
+    capturing,
+    check_tensor,
+    interpreting,
+    variant,
+)
+from llama3_triton.kernels.attention import block_pages, online_softmax_step
 
-__all__ = ["decode_attention", "rope_decode_attention", "DecodeWorkspace", "compile_variants"]
+__all__ = [
+    "decode_attention",
+    "rope_decode_attention",
+    "paged_decode_attention",
+    "paged_rope_decode_attention",
+    "DecodeWorkspace",
+    "compile_variants",
+]
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -95,11 +128,14 @@ def _rotate_pairs(
     return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), [ROWS, HEAD_DIM])
 
 
-@triton.jit(do_not_specialize=["S_max", "G", "num_splits", "min_keys"], do_not_specialize_on_alignment=["Lengths"])
+@triton.jit(
+    do_not_specialize=["S_max", "G", "num_splits", "min_keys", "pages_per_seq", "n_pages"],
+    do_not_specialize_on_alignment=["Lengths", "BlockTables"],
+)
 def _decode_split_kernel(
     Q,  # (B, Hq, D) one query per sequence (ROPE: not yet rotated)
-    K,  # (B, S_max, Hkv, D) key cache
-    V,  # (B, S_max, Hkv, D) value cache
+    K,  # (B, S_max, Hkv, D) key cache; PAGE_SIZE: the pool (num_pages, PAGE_SIZE, Hkv, D)
+    V,  # (B, S_max, Hkv, D) value cache; PAGE_SIZE: the pool (num_pages, PAGE_SIZE, Hkv, D)
     Lengths,  # (B,) int32/int64 valid keys per sequence (ROPE: the new token's position, one less)
     O_part,  # (B, Hq, num_splits, D) fp32 workspace: normalised partial outputs
     Lse,  # (B, Hq, num_splits) fp32 workspace: log2-sum-exp2 of each split's scaled scores
@@ -108,29 +144,33 @@ def _decode_split_kernel(
     CosSin,  # ROPE: (S_max, D) fp32 RoPE table, row p = cos | sin of position p
     Counter,  # ONE_LAUNCH: (B * Hkv,) int32, zero between launches: splits finished per (b, kv head)
     Out,  # ONE_LAUNCH: (B, Hq, D) the output
+    BlockTables,  # PAGE_SIZE: (B, pages_per_seq) int32, page of each sequence's i-th PAGE_SIZE keys
     stride_qb,  # q strides: batch, head (the last dim is contiguous)
     stride_qh,
-    stride_kb,  # k strides: batch, position, head
+    stride_kb,  # k strides: batch (PAGE_SIZE: page), position (within the page), head
     stride_ks,
     stride_kh,
-    stride_vb,  # v strides: batch, position, head
+    stride_vb,  # v strides: batch (PAGE_SIZE: page), position, head
     stride_vs,
     stride_vh,
     stride_nb,  # Knew / Vnew strides: batch, head
     stride_nh,
     stride_ob,  # Out strides: batch, head
     stride_oh,
-    S_max,  # cache capacity: lengths are clamped to it
+    S_max,  # cache capacity: lengths are clamped to it (PAGE_SIZE: pages_per_seq * PAGE_SIZE)
     G,  # query heads per kv head
     num_splits,  # programs per sequence (grid axis 2); workspace slots per (b, head)
     min_keys,  # fewest keys per used split
     qk_scale,  # softmax scale * log2(e)
+    pages_per_seq,  # PAGE_SIZE: block-table row stride
+    n_pages,  # PAGE_SIZE: pages in the pool (table entries are clamped into it; the new key is written only inside)
     HEAD_DIM: tl.constexpr,  # D: 64 or 128
     BLOCK_G: tl.constexpr,  # query-head rows of the tile (>= G, >= 16)
     BLOCK_N: tl.constexpr,  # keys per inner step
     DOT_FP32: tl.constexpr,  # interpreter + bf16 only: the interpreter computes bf16 dots on raw bits
     ROPE: tl.constexpr,  # rotate q and the new key here, write the new k and v to the cache (the decode step)
     ONE_LAUNCH: tl.constexpr,  # the last split to finish merges them all into Out (no stage-2 launch)
+    PAGE_SIZE: tl.constexpr,  # 0: the slab, K[b, s]; else the paged pool, K[BlockTables[b, s // PAGE], s % PAGE]
 ):
     b = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -165,19 +205,39 @@ def _decode_split_kernel(
         new_row = b64 * stride_nb + h_kv * stride_nh + offs_d[None, :]  # (1, D)
         k_new = _rotate_pairs(tl.load(Knew + new_row), cos, sin, 1, HEAD_DIM).to(K.dtype.element_ty)
         v_new = tl.load(Vnew + new_row)
-        write = offs_d[None, :] < tl.where(last & (pos < S_max), HEAD_DIM, 0)  # (1, D): the last split's
-        slot = pos.to(tl.int64)
-        tl.store(K + b64 * stride_kb + slot * stride_ks + h_kv * stride_kh + offs_d[None, :], k_new, mask=write)
-        tl.store(V + b64 * stride_vb + slot * stride_vs + h_kv * stride_vh + offs_d[None, :], v_new, mask=write)
+        if PAGE_SIZE > 0:  # the new token's page, from the table; an unchecked entry outside the pool writes nothing
+            new_page = tl.load(BlockTables + b64 * pages_per_seq + tl.minimum(pos, S_max - 1) // PAGE_SIZE)
+            in_cache = (pos < S_max) & (new_page >= 0) & (new_page < n_pages)
+            new_page = tl.where(in_cache, new_page, 0).to(tl.int64)
+            new_slot = (pos % PAGE_SIZE).to(tl.int64)
+        else:
+            in_cache = pos < S_max
+            new_page, new_slot = b64, pos.to(tl.int64)
+        write = offs_d[None, :] < tl.where(last & in_cache, HEAD_DIM, 0)  # (1, D): the last split's
+        new_k = K + new_page * stride_kb + new_slot * stride_ks + h_kv * stride_kh + offs_d[None, :]
+        new_v = V + new_page * stride_vb + new_slot * stride_vs + h_kv * stride_vh + offs_d[None, :]
+        tl.store(new_k, k_new, mask=write)
+        tl.store(new_v, v_new, mask=write)
         end_cache = tl.where(last, end - 1, end)
     else:
         end_cache = end
     if DOT_FP32:
         q = q.to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
+    cols = offs_d[None, :]
     start64 = start.to(tl.int64)
-    k_base = K + b64 * stride_kb + start64 * stride_ks + h_kv * stride_kh  # scalar: key `start` of this head
-    v_base = V + b64 * stride_vb + start64 * stride_vs + h_kv * stride_vh
+    if PAGE_SIZE > 0:  # the head's base in the pool; each block's page comes from the table in the loop
+        k_base = K + h_kv * stride_kh
+        v_base = V + h_kv * stride_vh
+        table = BlockTables + b64 * pages_per_seq
+        # The first block's pages; then each step reads the next block's a step ahead, so the K/V loads' addresses
+        # do not wait on a table read in their own iteration and Triton's pipeliner multi-buffers them as in the
+        # slab's loop (compile gate: 72 KB of shared memory at D = 128 fp16, as the slab; 38 KB, one buffer,
+        # when the table was read in the same step).
+        page, off = block_pages(table, start, offs_n, start + offs_n < end_cache, n_pages, PAGE_SIZE)
+    else:
+        k_base = K + b64 * stride_kb + start64 * stride_ks + h_kv * stride_kh  # scalar: key `start` of this head
+        v_base = V + b64 * stride_vb + start64 * stride_vs + h_kv * stride_vh
     k_rows = offs_n[:, None] * stride_ks  # loop-invariant offsets; only the scalar bases move
     v_rows = offs_n[:, None] * stride_vs
 
@@ -188,18 +248,29 @@ def _decode_split_kernel(
     # costs nothing next to the 16-byte vector loads, which a per-row mask does not break up.
     for n in range(start, end_cache, BLOCK_N):
         key_ok = n + offs_n < end_cache
-        k = tl.load(k_base + k_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if PAGE_SIZE > 0:
+            k_ptrs = k_base + (page * stride_kb + off * stride_ks) + cols
+        else:
+            k_ptrs = k_base + k_rows + cols
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_G, BLOCK_N) fp32
         s = tl.where(key_ok[None, :], s, float("-inf"))  # each block has >= 1 valid key: the max is finite
         p, alpha, l_i, m_i = online_softmax_step(l_i, m_i, s)  # the recurrence prefill uses, shared
-        v = tl.load(v_base + v_rows + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if PAGE_SIZE > 0:
+            v_ptrs = v_base + (page * stride_vb + off * stride_vs) + cols
+        else:
+            v_ptrs = v_base + v_rows + cols
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        k_base += BLOCK_N * stride_ks
-        v_base += BLOCK_N * stride_vs
+        if PAGE_SIZE == 0:
+            k_base += BLOCK_N * stride_ks
+            v_base += BLOCK_N * stride_vs
+        else:  # the next block's pages, a step ahead (none read past the range)
+            page, off = block_pages(table, n + BLOCK_N, offs_n, n + BLOCK_N + offs_n < end_cache, n_pages, PAGE_SIZE)
     if ROPE:  # the new key, one more step of the recurrence (-inf, a no-op, in every split but the last)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale  # (BLOCK_G,)
         s_new = tl.where(last, s_new, float("-inf"))  # other splits have seen a key: their max stays finite
@@ -294,10 +365,15 @@ def _decode_combine_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty))
 
 
-def _stage1_config(dtype: torch.dtype) -> tuple[int, int, int]:
+def _stage1_config(dtype: torch.dtype, head_dim: int, paged: bool) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages): 64-key blocks, 3 in flight. fp32 (tests only; FMA, not tensor cores)
-    takes 32-key blocks and 8 warps: with 4 warps its D = 128 variant spilled on sm_90 (compile gate)."""
-    return (32, 8, 3) if dtype == torch.float32 else (64, 4, 3)
+    takes 32-key blocks and 8 warps: with 4 warps its D = 128 variant spilled on sm_90 (compile gate). Paged at
+    D = 64, 2 stages: with 3, ptxas parked two scalars of the fp16 one-launch step in an 8-byte stack frame
+    across the loop on sm_90 (96 registers; 102 and no frame at 2 stages). A D = 64 block is 8 KB of K and 8 of
+    V, and at 5 programs an SM two stages still keep ~80 KB of loads in flight."""
+    if dtype == torch.float32:
+        return 32, 8, 3
+    return 64, 4, 2 if paged and head_dim == 64 else 3
 
 
 def _combine_warps(head_dim: int) -> int:
@@ -343,6 +419,7 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     check_values: bool = True,
+    block_tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, Hq, D) over keys 0 .. lengths[b]-1 of k_cache/v_cache (B, S_max, Hkv, D).
 
@@ -351,6 +428,7 @@ def decode_attention(
     key each, not MIN_KEYS_PER_SPLIT). Safe to capture in a CUDA graph.
     ``check_values=False`` skips the host check of ``lengths`` (a device sync) for a caller that has
     validated them; the kernel still clamps every length to S_max.
+    ``block_tables``: the caches are page pools instead, see ``paged_decode_attention``.
     """
     interpret = _INTERPRET
     check_tensor("q", q, interpret=interpret, ndim=3)  # (B, Hq, D)
@@ -359,15 +437,20 @@ def decode_attention(
         raise ValueError(f"q: expected a batch of at least one sequence (B >= 1), got shape {tuple(q.shape)}")
     if D not in HEAD_DIMS:
         raise ValueError(f"q: head dim must be 64 or 128, got {D}")
-    check_tensor("k_cache", k_cache, like=q, ndim=4)  # (B, S_max, Hkv, D)
-    check_tensor("v_cache", v_cache, like=q, ndim=4)
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if B < 1 or S_max < 1 or tuple(k_cache.shape) != (B, S_max, Hkv, D):
-        raise ValueError(f"k_cache: expected shape (B={B}, S_max, Hkv, D={D}), got {tuple(k_cache.shape)}")
-    if tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(f"v_cache: expected shape {tuple(k_cache.shape)} (as k_cache), got {tuple(v_cache.shape)}")
+    if block_tables is None:
+        kname, paged = "k_cache", PagedCache.slab(q)
+        check_tensor("k_cache", k_cache, like=q, ndim=4)  # (B, S_max, Hkv, D)
+        check_tensor("v_cache", v_cache, like=q, ndim=4)
+        S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+        if B < 1 or S_max < 1 or tuple(k_cache.shape) != (B, S_max, Hkv, D):
+            raise ValueError(f"k_cache: expected shape (B={B}, S_max, Hkv, D={D}), got {tuple(k_cache.shape)}")
+        if tuple(v_cache.shape) != tuple(k_cache.shape):
+            raise ValueError(f"v_cache: expected shape {tuple(k_cache.shape)} (as k_cache), got {tuple(v_cache.shape)}")
+    else:
+        kname, paged = "k_pages", PagedCache.check(q, k_cache, v_cache, block_tables)
+        S_max, Hkv = paged.capacity, k_cache.shape[2]
     if Hkv < 1 or Hq % Hkv != 0:
-        raise ValueError(f"k_cache: kv heads ({Hkv}) must divide the query heads ({Hq})")
+        raise ValueError(f"{kname}: kv heads ({Hkv}) must divide the query heads ({Hq})")
     if Hq // Hkv > BLOCK_G:
         raise ValueError(f"q: at most {BLOCK_G} query heads per kv head are supported, got {Hq // Hkv}")
     if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64):
@@ -390,23 +473,26 @@ def decode_attention(
         check_tensor("out", out, like=q, ndim=3, shape=(B, Hq, D))
 
     q_strides = aligned_strides("q", q, 2)
-    k_strides = aligned_strides("k_cache", k_cache, 3)
-    v_strides = aligned_strides("v_cache", v_cache, 3)
+    k_strides = aligned_strides(kname, k_cache, 3)
+    v_strides = aligned_strides(kname.replace("k", "v", 1), v_cache, 3)
     out_strides = aligned_strides("out", out, 2)
     if check_values and not capturing(q):  # the one host sync, last; skipped under capture (the kernel clamps)
-        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
-        if lo < 1 or hi > S_max:
-            raise ValueError(f"lengths: expected values in [1, S_max={S_max}], got min {lo}, max {hi}")
+        if block_tables is not None:
+            paged.check_lengths(lengths)
+        else:
+            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
+            if lo < 1 or hi > S_max:
+                raise ValueError(f"lengths: expected values in [1, S_max={S_max}], got min {lo}, max {hi}")
     qk_scale = (D**-0.5 if scale is None else float(scale)) * LOG2E
     o_part, lse = _workspace(B, Hq, num_splits, D, q.device)
-    block_n, num_warps, num_stages = _stage1_config(q.dtype)
+    block_n, num_warps, num_stages = _stage1_config(q.dtype, D, paged.page > 0)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, lengths, o_part, lse,
         q, q, o_part, lse, q,  # Knew, Vnew, CosSin, Counter, Out: the one-launch decode step's (unused here)
-        *q_strides, *k_strides, *v_strides, 0, 0, 0, 0,
-        S_max, Hq // Hkv, num_splits, min_keys, qk_scale,
+        paged.tables, *q_strides, *k_strides, *v_strides, 0, 0, 0, 0,
+        S_max, Hq // Hkv, num_splits, min_keys, qk_scale, paged.pages_per_seq, paged.num_pages,
         HEAD_DIM=D, BLOCK_G=BLOCK_G, BLOCK_N=block_n, DOT_FP32=interpret and q.dtype == torch.bfloat16,
-        ROPE=False, ONE_LAUNCH=False, num_warps=num_warps, num_stages=num_stages,
+        ROPE=False, ONE_LAUNCH=False, PAGE_SIZE=paged.page, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _decode_combine_kernel[(B * Hq,)](
         o_part, lse, lengths, out, *out_strides, Hq, S_max, num_splits, min_keys,
@@ -441,6 +527,7 @@ def rope_decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    block_tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A decode step's attention in one launch: RoPE of q (B, Hq, D) and of the new key k (B, Hkv, D) at
     ``positions`` (B,), k and v (B, Hkv, D) written to slot positions[b] of k_cache / v_cache (B, S_max, Hkv, D),
@@ -450,20 +537,26 @@ def rope_decode_attention(
     composes exactly that). q, k, v may be strided slices of one fused qkv row (k and v with the same strides);
     cos_sin is the (S, D) fp32 RoPE table with S >= S_max. Positions are trusted (the model checked them once per
     step): a position >= S_max writes nothing. Safe to capture in a CUDA graph. Returns (B, Hq, D) in q's dtype.
+    ``block_tables``: the caches are page pools instead, see ``paged_rope_decode_attention``.
     """
     interpret = _INTERPRET
     check_tensor("q", q, interpret=interpret, ndim=3)
     B, Hq, D = q.shape
     if B < 1 or D not in HEAD_DIMS:
         raise ValueError(f"q: expected (B >= 1, Hq, D in {HEAD_DIMS}), got shape {tuple(q.shape)}")
-    check_tensor("k_cache", k_cache, like=q, ndim=4)
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if tuple(k_cache.shape) != (B, S_max, Hkv, D) or tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(f"k_cache, v_cache: expected shape (B={B}, S_max, Hkv, D={D}), got {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)}")  # fmt: skip
-    check_tensor("v_cache", v_cache, like=q, ndim=4)
+    if block_tables is None:
+        kname, paged = "k_cache", PagedCache.slab(q)
+        check_tensor("k_cache", k_cache, like=q, ndim=4)
+        S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+        if tuple(k_cache.shape) != (B, S_max, Hkv, D) or tuple(v_cache.shape) != tuple(k_cache.shape):
+            raise ValueError(f"k_cache, v_cache: expected shape (B={B}, S_max, Hkv, D={D}), got "
+                             f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")  # fmt: skip
+        check_tensor("v_cache", v_cache, like=q, ndim=4)
+    else:
+        kname, paged = "k_pages", PagedCache.check(q, k_cache, v_cache, block_tables)
+        S_max, Hkv = paged.capacity, k_cache.shape[2]
     if Hkv < 1 or Hq % Hkv or Hq // Hkv > BLOCK_G:
-        raise ValueError(f"k_cache: {Hkv} kv heads for {Hq} query heads (G = Hq / Hkv must be an integer <= {BLOCK_G})")
+        raise ValueError(f"{kname}: {Hkv} kv heads for {Hq} query heads (G = Hq / Hkv must be an integer <= {BLOCK_G})")
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, like=q, ndim=3, shape=(B, Hkv, D))
     if k.stride() != v.stride():
@@ -494,16 +587,76 @@ def rope_decode_attention(
     else:
         check_tensor("out", out, like=q, ndim=3, shape=(B, Hq, D))
     qk_scale = (D**-0.5 if scale is None else float(scale)) * LOG2E
-    block_n, num_warps, num_stages = _stage1_config(q.dtype)
+    block_n, num_warps, num_stages = _stage1_config(q.dtype, D, paged.page > 0)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, positions, ws.o_part, ws.lse, k, v, cos_sin, ws.counters, out,
-        *aligned_strides("q", q, 2), *aligned_strides("k_cache", k_cache, 3), *aligned_strides("v_cache", v_cache, 3),
+        q, k_cache, v_cache, positions, ws.o_part, ws.lse, k, v, cos_sin, ws.counters, out, paged.tables,
+        *aligned_strides("q", q, 2), *aligned_strides(kname, k_cache, 3),
+        *aligned_strides(kname.replace("k", "v", 1), v_cache, 3),
         *aligned_strides("k", k, 2), *aligned_strides("out", out, 2),
-        S_max, Hq // Hkv, num_splits, min_keys, qk_scale,
+        S_max, Hq // Hkv, num_splits, min_keys, qk_scale, paged.pages_per_seq, paged.num_pages,
         HEAD_DIM=D, BLOCK_G=BLOCK_G, BLOCK_N=block_n, DOT_FP32=interpret and q.dtype == torch.bfloat16,
-        ROPE=True, ONE_LAUNCH=True, num_warps=num_warps, num_stages=num_stages,
+        ROPE=True, ONE_LAUNCH=True, PAGE_SIZE=paged.page, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def _need_tables(block_tables: object) -> torch.Tensor:
+    if not isinstance(block_tables, torch.Tensor):  # None would select the slab in the shared launcher
+        raise ValueError(
+            f"block_tables: expected a (B, max_pages_per_seq) int32 tensor, got {type(block_tables).__name__}"
+        )
+    return block_tables
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """``decode_attention`` over a paged cache: q (B, Hq, D) over keys 0 .. lengths[b]-1 of sequence b, key p at
+    page block_tables[b, p // PAGE], offset p % PAGE of k_pages / v_pages (num_pages, PAGE, Hkv, D), PAGE in
+    ``PAGE_SIZES``; block_tables (B, max_pages_per_seq) int32, lengths (B,) in [1, max_pages_per_seq * PAGE].
+    The same kernel and launches as the slab's (module docstring). ``check_values`` checks the lengths and the
+    table entries they use on the host (one sync); without it the kernel clamps lengths to the table's reach and
+    page indices into the pool, so it reads only the pool, whatever the values. Safe to capture in a CUDA graph."""
+    return decode_attention(
+        q, k_pages, v_pages, lengths, scale=scale, num_splits=num_splits, out=out, check_values=check_values,
+        block_tables=_need_tables(block_tables),
+    )  # fmt: skip
+
+
+def paged_rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    workspace: DecodeWorkspace,
+    *,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``rope_decode_attention`` over a paged cache, one launch: RoPE of q (B, Hq, D) and the new k (B, Hkv, D) at
+    ``positions`` (B,); k and v to page block_tables[b, pos // PAGE], offset pos % PAGE of k_pages / v_pages
+    (num_pages, PAGE, Hkv, D); attention over keys 0 .. positions[b] through the table. cos_sin needs
+    max_pages_per_seq * PAGE rows. Positions and table entries are trusted, as in ``rope_decode_attention``: a
+    position past the table's reach or a page outside the pool writes nothing, and reads are clamped into the pool.
+    """
+    return rope_decode_attention(
+        q, k, v, positions, cos_sin, k_pages, v_pages, workspace, scale=scale, num_splits=num_splits, out=out,
+        block_tables=_need_tables(block_tables),
+    )  # fmt: skip
 
 
 def compile_variants() -> list[dict]:
@@ -518,17 +671,22 @@ def compile_variants() -> list[dict]:
     for dtype in DTYPES:
         name = str(dtype).split(".")[-1]
         for d in HEAD_DIMS:
-            block_n, num_warps, num_stages = _stage1_config(dtype)
-            for len_ty in ("*i32", "*i64"):
-                for fused in (False, True):  # decode_attention's stage 1; rope_decode_attention's one launch
-                    types = {n: ptr[dtype] for n in ("Q", "K", "V", "Knew", "Vnew", "Out")} | {"Lengths": len_ty}
-                    types.update(O_part="*fp32", Lse="*fp32", CosSin="*fp32", qk_scale="fp32")
-                    types["Counter"] = "*i32" if fused else "*fp32"
-                    cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False}
-                    cx |= {"ROPE": fused, "ONE_LAUNCH": fused}
-                    tag = f"decode_{'rope_one_launch' if fused else 'split'}_{name}_d{d}_n{block_n}_len{len_ty[1:]}"
-                    v_ = variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=["Lengths"])
-                    variants.append(v_)
+            for len_ty, fused, page in itertools.product(("*i32", "*i64"), (False, True), (0, *PAGE_SIZES)):
+                block_n, num_warps, num_stages = _stage1_config(dtype, d, page > 0)
+                # fused: rope_decode_attention's one launch, else decode_attention's stage 1; page 0: the slab
+                types = {n: ptr[dtype] for n in ("Q", "K", "V", "Knew", "Vnew", "Out")} | {"Lengths": len_ty}
+                types.update(O_part="*fp32", Lse="*fp32", CosSin="*fp32", qk_scale="fp32")
+                types["Counter"] = "*i32" if fused else "*fp32"
+                types["BlockTables"] = "*i32" if page else ptr[dtype]  # the slab's launchers pass q, never read
+                cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False}
+                cx |= {"ROPE": fused, "ONE_LAUNCH": fused, "PAGE_SIZE": page}
+                tag = f"decode_{'rope_one_launch' if fused else 'split'}_{name}_d{d}_n{block_n}_len{len_ty[1:]}"
+                tag += f"_pages{page}" if page else ""
+                unaligned = ["Lengths", "BlockTables"]
+                variants.append(
+                    variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=unaligned)
+                )
+            block_n = _stage1_config(dtype, d, False)[0]  # the combine's BLOCK_N: stage 1's, which paging keeps
             for len_ty in ("*i32", "*i64"):
                 block_s = 1
                 while block_s <= MAX_SPLITS:

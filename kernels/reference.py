@@ -23,8 +23,13 @@ __all__ = [
     "rope_table",
     "rope",
     "rope_write_cache",
+    "rope_write_paged_cache",
+    "gather_pages",
     "attention",
+    "paged_prefill_attention",
     "decode_attention",
+    "paged_decode_attention",
+    "paged_rope_decode_attention",
     "swiglu",
     "linear",
     "dequantize",
@@ -149,6 +154,40 @@ def rope_write_cache(
     return q_rot
 
 
+def rope_write_paged_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    *,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """The paged cache's ``rope_write_cache`` for N packed tokens: q (N, Hq, D), k, v (N, Hkv, D) at ``positions``
+    (N,); the rotated k and v go to page slot_mapping[i] // PAGE, offset slot_mapping[i] % PAGE of k_pages /
+    v_pages (num_pages, PAGE, Hkv, D), nowhere when slot_mapping[i] is -1. Returns q rotated (N, Hq, D)."""
+    q_rot, k_rot = rope(q[None], k[None], positions[None], cos_sin)
+    slots = slot_mapping.long()
+    keep = slots >= 0  # -1: a padding token, written nowhere
+    page, offset = slots[keep] // k_pages.shape[1], slots[keep] % k_pages.shape[1]
+    k_pages[page, offset] = k_rot[0][keep].to(k_pages.dtype)
+    v_pages[page, offset] = v[keep].to(v_pages.dtype)
+    return q_rot[0]
+
+
+def gather_pages(pages: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The slab (B, max_pages_per_seq * PAGE, Hkv, D) a paged cache (num_pages, PAGE, Hkv, D) stands for: row b
+    is sequence b's pages block_tables[b] end to end. Entries past ceil(lengths[b] / PAGE) are never read (they
+    may hold -1 or garbage): page 0 stands in for them, behind the length mask of the attention."""
+    page = pages.shape[1]
+    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] * page < lengths.long()[:, None]
+    table = torch.where(used, block_tables.long(), 0)  # (B, max_pages)
+    return pages[table].flatten(1, 2)  # (B, max_pages, PAGE, Hkv, D) -> (B, max_pages * PAGE, Hkv, D)
+
+
 # Bytes of fp32 scores the prefill attention builds at once. The whole (T, S) score matrix of a 40k-token
 # prompt is 12.8 GB per 32 heads; the queries are processed in chunks small enough to stay under this, so
 # memory is O(chunk x S) however long the prompt (softmax makes a second matrix of the same size).
@@ -196,6 +235,33 @@ def attention(
     return out
 
 
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    scale: float | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """Causal prefill over a paged cache, sequence by sequence: q (total_q, Hq, D) packed, sequence b's queries rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1, its newest tokens, so that query i sits at position
+    seq_lens[b] - q_len_b + i; its keys 0 .. seq_lens[b] - 1 gathered from the pools (num_pages, PAGE, Hkv, D)
+    through block_tables[b], then ``attention`` with that start position. Returns (total_q, Hq, D)."""
+    out = torch.empty_like(q)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for b in range(len(lens)):
+        s, e, n = cu[b], cu[b + 1], lens[b]
+        if e == s:
+            continue
+        k = gather_pages(k_pages, block_tables[b : b + 1], seq_lens[b : b + 1])[:, :n]  # (1, n, Hkv, D)
+        v = gather_pages(v_pages, block_tables[b : b + 1], seq_lens[b : b + 1])[:, :n]
+        out[s:e] = attention(q[None, s:e], k, v, start_pos=n - (e - s), scale=scale)[0]
+    return out
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -228,6 +294,46 @@ def decode_attention(
     scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vf  # (B, Hkv, G, 1, D)
     return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """``decode_attention`` over a paged cache: the pages of each sequence gathered through its block-table row
+    into a slab (``gather_pages``), then the slab's definition. q (B, Hq, D), k_pages / v_pages
+    (num_pages, PAGE, Hkv, D), block_tables (B, max_pages_per_seq), lengths (B,). Returns (B, Hq, D)."""
+    k = gather_pages(k_pages, block_tables, lengths)
+    v = gather_pages(v_pages, block_tables, lengths)
+    return decode_attention(q, k, v, lengths, scale=scale)
+
+
+def paged_rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    workspace: object,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``rope_decode_attention`` over a paged cache: the new token's slot is page block_tables[b, pos // PAGE],
+    offset pos % PAGE; ``rope_write_paged_cache`` there, then ``paged_decode_attention`` with lengths positions + 1."""
+    page = k_pages.shape[1]
+    pos = positions.long()
+    slots = block_tables.long().gather(1, (pos // page)[:, None])[:, 0] * page + pos % page
+    q_rot = rope_write_paged_cache(q, k, v, positions, slots, cos_sin, k_pages, v_pages)
+    return paged_decode_attention(q_rot, k_pages, v_pages, block_tables, positions + 1, scale=scale)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

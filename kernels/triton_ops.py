@@ -5,10 +5,17 @@ set ``TRITON_INTERPRET=1`` first (the model driver does it for ``backend="triton
 """
 
 from llama3_triton.kernels.attention import attention
-from llama3_triton.kernels.decode import DecodeWorkspace, decode_attention, rope_decode_attention
+from llama3_triton.kernels.decode import (
+    DecodeWorkspace,
+    decode_attention,
+    paged_decode_attention,
+    paged_rope_decode_attention,
+    rope_decode_attention,
+)
 from llama3_triton.kernels.gemv import GemvWorkspace, linear
+from llama3_triton.kernels.paged_attention import paged_prefill_attention
 from llama3_triton.kernels.rmsnorm import add_rms_norm, rms_norm
-from llama3_triton.kernels.rope import rope, rope_write_cache
+from llama3_triton.kernels.rope import rope, rope_write_cache, rope_write_paged_cache
 from llama3_triton.kernels.swiglu import swiglu
 
 __all__ = [
@@ -16,8 +23,12 @@ __all__ = [
     "add_rms_norm",
     "rope",
     "rope_write_cache",
+    "rope_write_paged_cache",
     "attention",
+    "paged_prefill_attention",
     "decode_attention",
+    "paged_decode_attention",
+    "paged_rope_decode_attention",
     "swiglu",
     "linear",
     "rope_decode_attention",

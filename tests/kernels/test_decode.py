@@ -101,7 +101,7 @@ def test_splits_sized_from_the_lengths(monkeypatch, num_splits):
     [(o_part, lse)] = spaces
     n = lse.shape[-1]
     assert n > 3
-    block_n = decode_mod._stage1_config(torch.float32)[0]
+    block_n = decode_mod._stage1_config(torch.float32, 64, False)[0]
     min_keys = decode_mod.MIN_KEYS_PER_SPLIT if num_splits is None else 1
 
     def cdiv(a: int, b: int) -> int:

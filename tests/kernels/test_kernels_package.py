@@ -16,7 +16,10 @@ OPS = [name for name, member in vars(kernels.Ops).items() if inspect.isfunction(
 
 def test_the_contract_names_every_op_the_driver_calls():
     unfused = {"rms_norm", "add_rms_norm", "rope_write_cache", "attention", "decode_attention", "swiglu"}
-    assert set(OPS) == unfused | {"linear", "rope_decode_attention"}  # the fused decode step's two
+    fused = {"linear", "rope_decode_attention"}  # the fused decode step's two
+    paged = {"rope_write_paged_cache", "paged_prefill_attention", "paged_decode_attention"}  # the engine's
+    paged |= {"paged_rope_decode_attention"}
+    assert set(OPS) == unfused | fused | paged
 
 
 @pytest.mark.parametrize("backend", [triton_ops, reference], ids=["triton", "torch"])
