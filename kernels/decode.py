@@ -458,6 +458,8 @@ def decode_attention(
     if tuple(lengths.shape) != (B,) or lengths.device != q.device:
         got = f"{tuple(lengths.shape)} on {lengths.device}"
         raise ValueError(f"lengths: expected shape ({B},) on {q.device}, got {got}")
+    if block_tables is not None and lengths.dtype != torch.int32:  # one compiled variant, as the tables
+        raise ValueError(f"lengths: expected an int32 tensor with block_tables (the engine's), got {lengths.dtype}")
     min_keys = MIN_KEYS_PER_SPLIT
     if num_splits is None:
         num_splits = _default_num_splits(B, Hkv, S_max, q.device)
@@ -561,7 +563,9 @@ def rope_decode_attention(
         check_tensor(name, t, like=q, ndim=3, shape=(B, Hkv, D))
     if k.stride() != v.stride():
         raise ValueError(f"k, v: expected the same strides (slices of one qkv row), got {k.stride()}, {v.stride()}")
-    check_tensor("positions", positions, interpret=interpret, dtypes=(torch.int32, torch.int64), shape=(B,))
+    # With pages, int32 positions only (as the tables): one compiled variant instead of two
+    pos_types = (torch.int32,) if block_tables is not None else (torch.int32, torch.int64)
+    check_tensor("positions", positions, interpret=interpret, dtypes=pos_types, shape=(B,))
     check_tensor("cos_sin", cos_sin, interpret=interpret, dtypes=(torch.float32,), ndim=2)
     if positions.device != q.device or cos_sin.device != q.device:
         raise ValueError(f"positions, cos_sin: expected tensors on {q.device} (the device of q), got "
@@ -672,6 +676,8 @@ def compile_variants() -> list[dict]:
         name = str(dtype).split(".")[-1]
         for d in HEAD_DIMS:
             for len_ty, fused, page in itertools.product(("*i32", "*i64"), (False, True), (0, *PAGE_SIZES)):
+                if page and len_ty == "*i64":  # paged launches take int32 lengths and positions only
+                    continue
                 block_n, num_warps, num_stages = _stage1_config(dtype, d, page > 0)
                 # fused: rope_decode_attention's one launch, else decode_attention's stage 1; page 0: the slab
                 types = {n: ptr[dtype] for n in ("Q", "K", "V", "Knew", "Vnew", "Out")} | {"Lengths": len_ty}

@@ -187,7 +187,7 @@ def test_paged_decode_matches_reference(dtype, D, G, page, num_splits):
     lengths = [1, 7, 33, 2 * page, 70]  # 2 * page: ends exactly on a page boundary
     k_pages, v_pages, tables = _pool(lengths, page, Hkv, D, dtype, seed=10 + D + page)
     q = _randn(_gen(11), len(lengths), G * Hkv, D, dtype=dtype)
-    n = torch.tensor(lengths, device=DEVICE)
+    n = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     out = torch.full_like(q, POISON)
     ret = paged_decode_attention(q, k_pages, v_pages, tables, n, num_splits=num_splits, out=out)
     assert ret.data_ptr() == out.data_ptr()
@@ -203,7 +203,7 @@ def test_paged_decode_equals_the_slab_on_contiguous_pages(dtype, page):
     g = _gen(20)
     k, v = (_randn(g, B, S_max, Hkv, D, dtype=dtype) for _ in range(2))
     q = _randn(g, B, 4 * Hkv, D, dtype=dtype)
-    lengths = torch.tensor([1, 77, S_max], device=DEVICE)
+    lengths = torch.tensor([1, 77, S_max], dtype=torch.int32, device=DEVICE)
     per_seq = S_max // page
     tables = torch.arange(B * per_seq, dtype=torch.int32, device=DEVICE).view(B, per_seq)
     k_pages, v_pages = k.view(-1, page, Hkv, D), v.view(-1, page, Hkv, D)
@@ -230,7 +230,7 @@ def test_paged_rope_decode_attention(dtype, D, G, page, num_splits):
     q = qkv[:, : G * Hkv * D].unflatten(-1, (G * Hkv, D))
     k = qkv[:, G * Hkv * D : (G + 1) * Hkv * D].unflatten(-1, (Hkv, D))
     v = qkv[:, (G + 1) * Hkv * D :].unflatten(-1, (Hkv, D))
-    pos = torch.tensor(positions, device=DEVICE)
+    pos = torch.tensor(positions, dtype=torch.int32, device=DEVICE)
     cs = ref.rope_table(ref.rope_inv_freq(D, 500000.0).to(DEVICE), tables.shape[1] * page)
     ws = DecodeWorkspace(B, G * Hkv, Hkv, D, DEVICE)
     new_page, new_off = tables[torch.arange(B), pos // page].long(), pos % page  # the new token's slot
@@ -255,7 +255,7 @@ def test_paged_rope_decode_attention(dtype, D, G, page, num_splits):
 def _decode_bad_cases():
     k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=40)
     q = _randn(_gen(41), 2, 4, 64, dtype=torch.float16)
-    n = torch.tensor([5, 20], device=DEVICE)
+    n = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
 
     def call(**kw):
         args = dict(q=q, k_pages=k_pages, v_pages=v_pages, block_tables=tables, lengths=n) | kw
@@ -284,11 +284,12 @@ def _decode_bad_cases():
         ("len-zero", call(lengths=n * 0), r"lengths: expected values in \[1, max_pages_per_seq \* PAGE"),
         ("len-reach", call(lengths=n * 0 + tables.shape[1] * 16 + 1), r"lengths: expected values in \[1, max"),
         ("len-dtype", call(lengths=n.float()), "lengths: expected an int32 or int64"),
+        ("len-int64", call(lengths=n.long()), "lengths: expected an int32 tensor with block_tables"),
         ("out-dtype", call(out=torch.empty_like(q, dtype=torch.float32)), "out: expected dtype"),
     ], unused_entry
 
 
-@pytest.mark.parametrize("case", range(18), ids=[c[0] for c in _decode_bad_cases()[0]])
+@pytest.mark.parametrize("case", range(19), ids=[c[0] for c in _decode_bad_cases()[0]])
 def test_paged_decode_bad_input(case):
     _, fn, match = _decode_bad_cases()[0][case]
     with pytest.raises(ValueError, match=match):
@@ -300,7 +301,7 @@ def test_paged_decode_ignores_table_entries_past_the_lengths():
     cases, unused_entry = _decode_bad_cases()
     k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=40)
     q = _randn(_gen(41), 2, 4, 64, dtype=torch.float16)
-    n = torch.tensor([5, 20], device=DEVICE)
+    n = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
     got = paged_decode_attention(q, k_pages, v_pages, unused_entry, n)
     assert_close(got, ref.paged_decode_attention(q.float(), _clean(k_pages), _clean(v_pages), tables, n), q.dtype)
 
@@ -309,7 +310,7 @@ def test_paged_rope_decode_bad_input():
     k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=42)
     g = _gen(43)
     q, k, v = (_randn(g, 2, h, 64, dtype=torch.float16) for h in (4, 2, 2))
-    pos, cs, ws = torch.tensor([4, 19], device=DEVICE), _table(64), DecodeWorkspace(2, 4, 2, 64, DEVICE)
+    pos, cs, ws = torch.tensor([4, 19], dtype=torch.int32, device=DEVICE), _table(64), DecodeWorkspace(2, 4, 2, 64, DEVICE)
     args = (q, k, v, pos, cs, k_pages, v_pages)
     with pytest.raises(ValueError, match="block_tables: expected a"):
         paged_rope_decode_attention(*args, None, ws)
@@ -320,6 +321,8 @@ def test_paged_rope_decode_bad_input():
         paged_rope_decode_attention(q, k, v, pos, cs[:20], k_pages, v_pages, tables, ws)
     with pytest.raises(ValueError, match="workspace: expected a DecodeWorkspace"):
         paged_rope_decode_attention(*args, tables, DecodeWorkspace(1, 4, 2, 64, DEVICE))
+    with pytest.raises(ValueError, match="positions: expected dtype"):  # int32 only with pages: one variant
+        paged_rope_decode_attention(q, k, v, pos.long(), cs, k_pages, v_pages, tables, ws)
 
 
 # ---- 3. prefill over a prefix in pages plus a new chunk ------------------------------------------------------
