@@ -310,7 +310,11 @@ def test_paged_rope_decode_bad_input():
     k_pages, v_pages, tables = _pool([5, 20], 16, 2, 64, torch.float16, seed=42)
     g = _gen(43)
     q, k, v = (_randn(g, 2, h, 64, dtype=torch.float16) for h in (4, 2, 2))
-    pos, cs, ws = torch.tensor([4, 19], dtype=torch.int32, device=DEVICE), _table(64), DecodeWorkspace(2, 4, 2, 64, DEVICE)
+    pos, cs, ws = (
+        torch.tensor([4, 19], dtype=torch.int32, device=DEVICE),
+        _table(64),
+        DecodeWorkspace(2, 4, 2, 64, DEVICE),
+    )
     args = (q, k, v, pos, cs, k_pages, v_pages)
     with pytest.raises(ValueError, match="block_tables: expected a"):
         paged_rope_decode_attention(*args, None, ws)
