@@ -63,6 +63,18 @@ from llama3_triton.model.tokenizers.llama3 import Tokenizer
 
 
 @dataclass
+class Pages:
+    """A step over the paged KV cache (the engine's, model/engine): the new tokens of several sequences packed
+    into one row, each written to its own slot of the page pools, each sequence reading its pages."""
+
+    slot_mapping: torch.Tensor  # (N,) page * PAGE + offset of each new token's k and v
+    cu_seqlens_q: torch.Tensor  # (S + 1,) int32: sequence s's new tokens are rows cu[s] .. cu[s + 1] - 1
+    seq_lens: torch.Tensor  # (S,) int32: keys of sequence s once its new tokens are in
+    block_tables: torch.Tensor  # (S, pages) int32: sequence s's i-th page
+    decode: bool  # one new token per sequence: the split-KV decode attention instead of the prefill's
+
+
+@dataclass
 class Step:
     """What every block of one forward pass shares."""
 
@@ -72,6 +84,7 @@ class Step:
     lengths: torch.Tensor | None  # decode: (B,) cache length of each sequence once this token is in
     cos_sin: torch.Tensor  # (max_seq_len, hd) RoPE table
     eps: float  # RMSNorm epsilon
+    pages: Pages | None = None  # the paged cache's addressing; None: the static slab, slot = position
 
 
 class Attention(nn.Module):
@@ -98,12 +111,28 @@ class Attention(nn.Module):
         # Positions were validated once per step (forward's input checks, or generate's own bookkeeping),
         # so the ops skip their per-layer host check: no device sync inside the layer loop.
         ops = step.ops
+        if step.pages is not None:  # k_cache, v_cache: this layer's page pools (num_pages, PAGE, Hkv, hd)
+            o = self._paged(q[0], k[0], v[0], step, k_cache, v_cache)  # (N, Hq, hd), the N packed tokens
+            return self.tp.all_reduce(self.wo(o.reshape(B, T, Hq * hd)))
         q = ops.rope_write_cache(q, k, v, step.positions, step.cos_sin, k_cache, v_cache, check_values=False)
         if step.start_pos is None:  # decode: one query per sequence, each sees its own cache length
             o = ops.decode_attention(q[:, 0], k_cache, v_cache, step.lengths, check_values=False)  # (B, Hq, hd)
         else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
             o = ops.attention(q, k_cache, v_cache, start_pos=step.start_pos)  # (B, T, Hq, hd)
         return self.tp.all_reduce(self.wo(o.reshape(B, T, Hq * hd)))  # (B, T, dim); TP: sum the ranks' parts
+
+    def _paged(self, q, k, v, step: Step, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        """The same attention over the paged cache: RoPE + k, v to their slots, then each sequence's queries
+        over its pages (causal among its new tokens); q (N, Hq, hd), k and v (N, Hkv, hd)."""
+        ops, p = step.ops, step.pages
+        q = ops.rope_write_paged_cache(
+            q, k, v, step.positions[0], p.slot_mapping, step.cos_sin, k_pages, v_pages, check_values=False
+        )
+        if p.decode:
+            return ops.paged_decode_attention(q, k_pages, v_pages, p.block_tables, p.seq_lens, check_values=False)
+        return ops.paged_prefill_attention(
+            q, k_pages, v_pages, p.cu_seqlens_q, p.seq_lens, p.block_tables, check_values=False
+        )
 
 
 class FeedForward(nn.Module):
@@ -209,6 +238,8 @@ class Llama(nn.Module):
         self.max_seq_len = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self.k_pages: list[torch.Tensor] = []  # the engine's paged cache (setup_pages), empty until then
+        self.v_pages: list[torch.Tensor] = []
         self.use_cuda_graph = True
         self.fused_decode = backend == "triton" and not tp.enabled
         self.decode_workspace = self.gemv_workspace = None
@@ -273,6 +304,23 @@ class Llama(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._make_decode_workspace()
         self._graphs.clear()
+
+    def setup_pages(self, num_pages: int, page_size: int) -> None:
+        """Allocate the paged KV cache the engine runs on: per layer, k and v pools of ``num_pages`` pages of
+        ``page_size`` tokens, (num_pages, page_size, Hkv, hd). Positions reach at most max_seq_len (RoPE table)."""
+        a, dev, dt = self.args, self.device, self.dtype
+        shape = (num_pages, page_size, a.n_kv_heads // self.tp.world, a.head_dim)
+        self.k_pages = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
+        self.v_pages = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
+
+    @torch.inference_mode()
+    def forward_paged(
+        self, tokens: torch.Tensor, positions: torch.Tensor, pages: Pages, last: torch.Tensor
+    ) -> torch.Tensor:
+        """One engine step over the paged cache: the new tokens (N,) of several sequences packed, at ``positions``
+        (N,), their k and v written to ``pages.slot_mapping``; logits (S, vocab) fp32 at rows ``last`` (S,), each
+        sequence's last new token. Inputs are the engine's own, trusted (no checks, no host sync here)."""
+        return self._run(tokens[None], positions[None], 0, gather=last, pages=pages)[:, 0]
 
     @property
     def device(self) -> torch.device:
@@ -377,20 +425,26 @@ class Llama(nn.Module):
             positions = (start_pos + torch.arange(T, device=tokens.device)).expand(B, T)
         return self._run(tokens, positions, start_pos, gather=last)
 
-    def _run(self, tokens, positions, start_pos, gather: torch.Tensor | None = None) -> torch.Tensor:
+    def _run(self, tokens, positions, start_pos, gather: torch.Tensor | None = None, pages: Pages | None = None):
         """tokens (B, T), positions (B, T) on the device; start_pos None for a decode step. ``gather`` (B,):
-        return only logits at those token indices (B, 1, vocab)."""
+        return only logits at those token indices (B, 1, vocab). ``pages``: a paged step, tokens (1, N) packed,
+        the caches the page pools (``setup_pages``), logits at ``gather`` (S,) rows: (S, 1, vocab)."""
         B = tokens.shape[0]
         lengths = positions[:, 0] + 1 if start_pos is None else None  # decode: cache length per sequence
-        step = Step(self.ops, positions, start_pos, lengths, self.rope_cos_sin, self.args.norm_eps)
+        step = Step(self.ops, positions, start_pos, lengths, self.rope_cos_sin, self.args.norm_eps, pages)
         x = self._embed(tokens)  # (B, T, dim): the residual stream
         h = self.ops.rms_norm(x, self.layers[0].attention_norm, step.eps)
         for i, layer in enumerate(self.layers):
-            k_cache = self.k_cache[i][:B].transpose(1, 2)  # (B, S_max, Hkv, hd) view
-            v_cache = self.v_cache[i][:B].transpose(1, 2)
+            if pages is None:
+                k_cache = self.k_cache[i][:B].transpose(1, 2)  # (B, S_max, Hkv, hd) view
+                v_cache = self.v_cache[i][:B].transpose(1, 2)
+            else:
+                k_cache, v_cache = self.k_pages[i], self.v_pages[i]  # (num_pages, PAGE, Hkv, hd)
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
             x, h = layer(x, h, step, k_cache, v_cache, next_norm)
-        if gather is not None:
+        if pages is not None:
+            h = h[0, gather][:, None]  # (S, 1, dim): each sequence's last new token
+        elif gather is not None:
             h = h[torch.arange(B, device=h.device), gather][:, None]  # (B, 1, dim)
         # The head's own module when it has one (a quantized head reads its bytes, not a weight dequantized per step)
         logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
@@ -512,4 +566,4 @@ def _describe(x) -> str:
     return repr(x)
 
 
-__all__ = ["Llama", "Step", "DecodeStep", "CheckpointError", "select_ops", "default_device", "default_dtype"]
+__all__ = ["Llama", "Step", "Pages", "DecodeStep", "CheckpointError", "select_ops", "default_device", "default_dtype"]

@@ -1,7 +1,7 @@
 """Imports run one way, layer by layer, and no module imports one that imports it:
 
     kernels  <-  model's core (llama, config, distributed, loading, graph; checkpoints, tokenizers, quant)
-             <-  generation  <-  (cli, tools)  <-  benchmarks
+             <-  generation  <-  engine  <-  (server, cli, tools)  <-  benchmarks
 
 Read from the source (every import statement, those inside functions included), not from what happens to be
 loaded: a circle hidden in a function body is a circle for a reader too. Also: every import of the project goes
@@ -21,9 +21,11 @@ LAYERS = {
     "llama3_triton.kernels": 0,
     "llama3_triton.model": 1,
     "llama3_triton.model.generation": 2,
-    "llama3_triton.model.cli": 3,
-    "llama3_triton.model.tools": 3,
-    "llama3_triton.benchmarks": 4,
+    "llama3_triton.model.engine": 3,
+    "llama3_triton.model.server": 4,
+    "llama3_triton.model.cli": 4,
+    "llama3_triton.model.tools": 4,
+    "llama3_triton.benchmarks": 5,
 }
 
 
@@ -143,3 +145,18 @@ def test_the_name_kernels_is_hugging_faces_when_it_is_installed():
 
     assert kernels is not ours and not Path(kernels.__file__).resolve().is_relative_to(ROOT), kernels.__file__
     assert "llama3_triton.kernels" in sys.modules and not hasattr(kernels, "Ops")
+
+
+def test_every_package_folder_is_in_the_distribution():
+    """pyproject.toml lists the packages explicitly (one import root over three folders): a new sub-package left
+    out works from a checkout and is missing from every installed wheel."""
+    import re
+
+    packages = (ROOT / "pyproject.toml").read_text().split("packages = [")[1].split("]")[0]
+    listed = set(re.findall(r'"(llama3_triton[\w.]*)"', packages))
+    folders = {
+        "llama3_triton." + ".".join(f.parent.relative_to(ROOT).parts)
+        for top in FOLDERS
+        for f in (ROOT / top).rglob("__init__.py")
+    }
+    assert folders <= listed, f"sub-packages missing from pyproject.toml's packages: {sorted(folders - listed)}"

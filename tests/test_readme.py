@@ -1,5 +1,6 @@
-"""The README's "From Python" block runs as written, the way a user runs it: in a fresh ``python`` process with a
-clean environment (no TRITON_INTERPRET, nothing from the test run), outside the repository."""
+"""The README's Python blocks ("From Python", "Many requests at once") run as written, the way a user runs them: in
+a fresh ``python`` process with a clean environment (no TRITON_INTERPRET, nothing from the test run), outside the
+repository."""
 
 from __future__ import annotations
 
@@ -35,3 +36,19 @@ def test_readme_python_block_runs_as_written_in_a_fresh_process(tmp_path):
     assert T >= 5 and vocab in (49152, 128256)
     assert float(out[2].removeprefix("tensor(").split(")")[0].split(",")[0]) < 1e-4  # Triton == reference
     assert out[3] == f"torch.Size([1, {vocab}])"  # one decode step after the prefill
+
+
+def test_readme_engine_block_runs_as_written_in_a_fresh_process(tmp_path):
+    code = python_block("## Many requests at once")
+    (tmp_path / "block.py").write_text(code)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "block.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout.splitlines()
+    streamed = [line for line in out if line.startswith("req-0 ")]
+    assert streamed and streamed[-1].endswith(("stop", "length")), out  # one finish reason, on the last output
+    texts = eval(out[len(streamed)])
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    metrics = eval(out[-1])
+    assert metrics["running"] == metrics["waiting"] == 0 and metrics["pages_used"] == 0, metrics

@@ -24,7 +24,16 @@ import torch
 from llama3_triton.model.errors import UserError, shown
 from llama3_triton.model.generation.sampling import SampleRng, SamplingParams, TokenCounts, sample
 
-__all__ = ["SamplingParams", "sample", "generate", "GenerationOutput", "StopStrings", "ChatSession", "ContextFull"]
+__all__ = [
+    "SamplingParams",
+    "sample",
+    "generate",
+    "GenerationOutput",
+    "StopStrings",
+    "TextStream",
+    "ChatSession",
+    "ContextFull",
+]
 
 SYNC_EVERY = 16
 # The smallest temperature accepted (0 means greedy). Below it, logits / temperature overflows fp32 for
@@ -148,7 +157,7 @@ def generate(
 
     lengths = torch.tensor([len(p) for p in ids], device=device)
     padded = torch.tensor([p + [tok.pad_id] * (longest - len(p)) for p in ids], device=device)
-    texts_streamed = [_TextStream(tok, stop) for _ in range(B)] if (stop or on_text) else None
+    texts_streamed = [TextStream(tok, stop) for _ in range(B)] if (stop or on_text) else None
     stop_set = set(stops.tolist())
     stopped_at: list[int | None] = [None] * B  # step of the token that ends each sequence (host-side view)
     sample_seconds = 0.0
@@ -433,7 +442,7 @@ class StopStrings:
         return piece
 
 
-class _TextStream:
+class TextStream:
     """Token ids -> text for one sequence: whole UTF-8 characters (StreamDecoder), cut at the first stop string."""
 
     def __init__(self, tokenizer, stops: Sequence[str]):
