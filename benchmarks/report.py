@@ -427,6 +427,11 @@ def render_markdown(results: dict) -> str:
             lines.append("")
         lines += _cpu_quantized_lines(cpu.get("quantized"))
 
+    if results.get("serving"):
+        from llama3_triton.benchmarks.serving import markdown as serving_markdown
+
+        lines += serving_markdown(results["serving"])
+
     if results.get("tp"):
         from llama3_triton.benchmarks.tp import markdown as tp_markdown
 

@@ -274,6 +274,9 @@ class Engine:
     def metrics(self) -> dict:
         """What a server exposes: queue lengths, pages, prefix-cache hits, preemptions, and the recent finished
         requests' time to first token and time per output token."""
+        done = list(self.finished_requests)
+        ttft = sorted(r["ttft_s"] for r in done)
+        tpot = sorted(r["tpot_s"] for r in done if r["tpot_s"] is not None)
         return {
             "running": len(self.running),
             "waiting": len(self.waiting),
@@ -281,6 +284,9 @@ class Engine:
             "pages_used": self.pool.num_used,
             "pages_free": self.pool.num_free,
             **self.stats,
+            "finished": len(done),
+            "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
+            "tpot_p50_s": tpot[len(tpot) // 2] if tpot else None,
         }
 
     # ---- scheduling -------------------------------------------------------------------------------------------

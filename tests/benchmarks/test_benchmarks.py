@@ -126,6 +126,12 @@ def test_smoke_json_has_the_expected_keys(smoke):
     assert q["smollm2"]["dtype"] == {"fp32": "float32", "int8": "bfloat16", "int4": "bfloat16"}
     assert all(v > 0 for v in q["smollm2"]["tokens_per_s"].values())
     assert "## CPU decode, quantized weights" in (out / "results.md").read_text()
+    serving = r["serving"]  # the engine against static batches and one request at a time, then online arrivals
+    assert all(serving[k]["tokens_per_s"] > 0 for k in ("engine", "static", "one_at_a_time")), serving
+    assert (
+        serving["engine"]["output_tokens"] == serving["static"]["output_tokens"] and serving["online"]["ttft_p50_s"] > 0
+    )
+    assert serving["engine"]["pages_used"] == 0 and "## Serving" in (out / "results.md").read_text()
     # 6, issue 13's e2e goal and its proxy, and the fused decode attention's
     assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 9
     tp = r["tp"]

