@@ -286,13 +286,15 @@ def decode_attention(
     S_max = k_cache.shape[1]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qf = q.float().reshape(B, Hkv, G, 1, D)
-    kf = k_cache.float().permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, S_max, D)
-    vf = v_cache.float().permute(0, 2, 1, 3)[:, :, None]
-    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, G, 1, S_max)
+    # The G query heads of a kv head are the rows of one product with its keys: (G, D) @ (D, S), no copy of k per
+    # query head (a broadcast (G, 1, D) @ (1, D, S) product expanded k G times: 20% of an engine step on a CPU).
+    qf = q.float().reshape(B, Hkv, G, D)
+    kf = k_cache.float().permute(0, 2, 3, 1)  # (B, Hkv, D, S_max)
+    vf = v_cache.float().permute(0, 2, 1, 3)  # (B, Hkv, S_max, D)
+    scores = (qf @ kf) * scale  # (B, Hkv, G, S_max)
     valid = torch.arange(S_max, device=q.device)[None, :] < lengths.to(q.device).long()[:, None]  # (B, S_max)
-    scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ vf  # (B, Hkv, G, 1, D)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vf  # (B, Hkv, G, D)
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
