@@ -55,7 +55,10 @@ LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HALF_CONFIGS = [(64, 32, 4, 3), (16, 32, 4, 3)]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_FP32_CONFIGS = [(16, 16, 4, 1)]  # tests only; 2 stages left an 8-byte stack frame (STL) at D = 64 on sm_80
+# fp32 (tests only) by head dim. ptxas leaves small stack frames (STL/LDL) in neighbouring configs: 2 stages at
+# D = 64 on sm_80 (triton 3.9), (16, 16, 4, 1) at D = 128 on sm_80 (triton 3.6), 2 warps or BLOCK_M = 32 at
+# D = 128 everywhere; these two compile clean with both triton versions the project supports.
+_FP32_CONFIGS = {64: (16, 16, 4, 1), 128: (16, 32, 8, 1)}
 
 
 @triton.jit(
@@ -138,10 +141,10 @@ def _paged_prefill_kernel(
 _INTERPRET = interpreting(_paged_prefill_kernel)
 
 
-def _config(dtype: torch.dtype, rows: int) -> tuple[int, int, int, int]:
+def _config(dtype: torch.dtype, head_dim: int, rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the longest chunk's rows = max q_len * G (module docstring)."""
     if dtype == torch.float32:
-        return _FP32_CONFIGS[0]
+        return _FP32_CONFIGS[head_dim]
     return _HALF_CONFIGS[1] if rows <= 16 else _HALF_CONFIGS[0]
 
 
@@ -216,7 +219,7 @@ def paged_prefill_attention(
         return out
     G = Hq // Hkv
     qk_scale = (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
-    block_m, block_n, num_warps, num_stages = _config(q.dtype, max_seqlen_q * G)
+    block_m, block_n, num_warps, num_stages = _config(q.dtype, D, max_seqlen_q * G)
     grid = (triton.cdiv(max_seqlen_q * G, block_m), B * Hkv)
     _paged_prefill_kernel[grid](
         q, k_pages, v_pages, out, cu_seqlens_q, seq_lens, paged.tables, *[s for st in strides for s in st],
@@ -233,8 +236,8 @@ def compile_variants() -> list[dict]:
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     variants = []
     for dtype in DTYPES:
-        for m, n, w, s in _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS:
-            for d in HEAD_DIMS:
+        for d in HEAD_DIMS:
+            for m, n, w, s in [_FP32_CONFIGS[d]] if dtype == torch.float32 else _HALF_CONFIGS:
                 for page in PAGE_SIZES:
                     types = {x: ptr[dtype] for x in ("Q", "K", "V", "Out")} | {"qk_scale": "fp32"}
                     types |= {x: "*i32" for x in ("CuSeqlensQ", "SeqLens", "BlockTables")}
