@@ -432,6 +432,11 @@ def render_markdown(results: dict) -> str:
 
         lines += serving_markdown(results["serving"])
 
+    if results.get("speculative"):
+        from llama3_triton.benchmarks.speculative import markdown as speculative_markdown
+
+        lines += speculative_markdown(results["speculative"])
+
     if results.get("tp"):
         from llama3_triton.benchmarks.tp import markdown as tp_markdown
 

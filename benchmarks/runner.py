@@ -10,7 +10,8 @@ run cut at any moment, by --time-budget, SIGINT or SIGTERM, keeps them and recor
   3. e2e       the rest of the end-to-end figures: peers, batch 8, the profile, torch.compile, generation,
                prefill (``e2e``'s second pass);
   4. cpu       CPU decode of the torch backend against transformers' generate, and quantized (``cpu``);
-  5. serving   the engine's throughput against static batches and one request at a time (``serving``); then tp.
+  5. serving   the engine's throughput against static batches and one request at a time (``serving``);
+  6. speculative  prompt lookup and a draft model against plain decoding (``speculative``); then tp.
 Output: results.json, results.md and plots/ in --out (default ~/.cache/llama3-triton/bench/<device>-<date>, or
 smoke-<device>-<date> for a smoke run, as every CPU run is; never the package's folder).
 
@@ -52,14 +53,16 @@ from llama3_triton.benchmarks.common import (
 
 # headline first in every run: the end-to-end goal rows (e2e.py's first pass), then the kernels, then the rest of
 # the end-to-end figures (its second pass), CPU decode and tensor parallel.
-SECTIONS = ("headline", "kernels", "e2e", "cpu", "serving", "tp")
+SECTIONS = ("headline", "kernels", "e2e", "cpu", "serving", "speculative", "tp")
 KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "decode_attention", "gemv", "quant")
 OPT_IN_KERNELS = ("gemv_configs",)  # tuning data, run only when named with --kernel
 MODEL_CHOICES = ("1B", "3B", "8B")
 # 8B first: it carries the headline goal, so a tight time budget drops a smaller model rather than it.
 DEFAULT_MODELS = ("8B", "1B", "3B")
 # Shares of the remaining time budget a section may use when it starts (only with --time-budget).
-SECTION_SHARE = {"headline": 0.25, "kernels": 0.25, "e2e": 0.25, "cpu": 0.05, "serving": 0.05, "tp": 0.15}
+SECTION_SHARE = {
+    "headline": 0.25, "kernels": 0.25, "e2e": 0.25, "cpu": 0.05, "serving": 0.05, "speculative": 0.05, "tp": 0.15,
+}  # fmt: skip
 
 
 def _models(text: str) -> list[str]:
@@ -90,8 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=SECTIONS,
         action="append",
         help="run only this section (repeatable, run in the order given; default: all of headline, kernels, e2e, "
-        "cpu, serving, tp; headline is the end-to-end goal rows, e2e the rest of the end-to-end figures; tp needs 2+ "
-        "GPUs)",
+        "cpu, serving, speculative, tp; headline is the end-to-end goal rows, e2e the rest of the end-to-end "
+        "figures; tp needs 2+ GPUs)",
     )
     p.add_argument(
         "--resume",
@@ -182,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     smoke = prepare_environment(args.smoke)  # before any kernel module is imported
     import torch
 
-    from llama3_triton.benchmarks import cpu, e2e, serving, tp
+    from llama3_triton.benchmarks import cpu, e2e, serving, speculative, tp
     from llama3_triton.benchmarks.report import list_problems, write_results
 
     cuda = torch.cuda.is_available()
@@ -248,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         "e2e": {},
         "cpu": {},
         "serving": {},
+        "speculative": {},
         "tp": {},
         "errors": [],
     }
@@ -298,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
                     results["tp"] = tp.run(ctx, models)
                 elif section == "serving":
                     results["serving"] = serving.run(ctx)
+                elif section == "speculative":
+                    results["speculative"] = speculative.run(ctx)
                 else:
                     results["cpu"] = cpu.run(ctx)
             except Exception as e:
@@ -368,7 +374,7 @@ def _resume(results: dict, out: Path, device: dict) -> None:
         raise RuntimeError(
             f"--resume: {path} was measured on {old.get('device', {}).get('name')!r}, not on {device.get('name')!r}"
         )
-    for key in ("ceilings", "kernels", "e2e", "cpu", "serving", "tp", "errors"):
+    for key in ("ceilings", "kernels", "e2e", "cpu", "serving", "speculative", "tp", "errors"):
         if old.get(key):
             results[key] = old[key]
     results["resumed"] = {"from": old.get("command"), "created": old.get("created")}

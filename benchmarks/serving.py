@@ -14,14 +14,25 @@ once and the figure is output tokens / wall time. Peers, same requests, same mod
 **Online**: the same requests arriving as a Poisson process at ``--rate`` requests a second; per request the time
 to first token, and the inter-token latency (the gaps between its tokens), p50 and p99 over all.
 
+**Over HTTP** (``--url``, or ``--http`` with ``--full``): a load-test client for any OpenAI-compatible server (this
+project's ``llama3-triton serve``, vLLM, SGLang, llama.cpp's server): the same requests as streamed completions
+(token-id prompts, greedy, ``ignore_eos``), at most ``--concurrency`` in flight or arriving at ``--rate`` per second;
+throughput from the servers' own usage counts, time to first token, inter-token latency (the gaps between streamed
+chunks, per token) p50/p99, and errors. ``--http --full`` starts ``llama3-triton serve`` on SmolLM2 on a free
+loopback port, after the offline engine run on the same requests, and compares the two.
+
 Goals on a CPU (SmolLM2-135M fp32, 64 requests, prompts 16-256, outputs 16-128): engine >= 4x one at a time and
->= 1.5x static batches. The runner's smoke run does the same on the tiny model with a few requests.
+>= 1.5x static batches; 32 concurrent streaming clients over HTTP >= 90% of the engine's offline throughput, with
+p99 inter-token latency under 3x its median. The runner's smoke run does the engine's on the tiny model.
 
     python -m llama3_triton.benchmarks.serving --full [--requests 64] [--out DIR]   # on this machine, full size
+    python -m llama3_triton.benchmarks.serving --full --http [--concurrency 32]     # the same, over HTTP too
+    python -m llama3_triton.benchmarks.serving --url http://127.0.0.1:8000 [--concurrency 32 | --rate 4]
 """
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import sys
@@ -32,7 +43,7 @@ from typing import Any
 
 from llama3_triton.benchmarks.common import Context, describe
 
-GOALS = {"vs_one_at_a_time": 4.0, "vs_static": 1.5}
+GOALS = {"vs_one_at_a_time": 4.0, "vs_static": 1.5, "http_vs_offline": 0.9, "http_itl_p99_over_p50": 3.0}
 
 
 def workload(n: int, prompt: tuple[int, int], output: tuple[int, int], vocab: int, seed: int = 0) -> list[dict]:
@@ -124,6 +135,87 @@ def online(llm, reqs: list[dict], rate: float, max_num_seqs: int, max_num_batche
     }
 
 
+def _p(values: list[float], pct: int) -> float | None:
+    if not values:
+        return None
+    return statistics.quantiles(values, n=100)[pct - 1] if len(values) > 1 else values[0]
+
+
+async def _load(url: str, reqs: list[dict], concurrency: int | None, rate: float | None, api_key: str | None,
+                model: str | None, timeout_s: float) -> dict:  # fmt: skip
+    import asyncio
+
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    gate = asyncio.Semaphore(concurrency or len(reqs))
+    rng = random.Random(1)
+    ttft, itl, tokens, errors = [], [], [], []
+
+    async def one(session, r: dict, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with gate:
+            body = {"prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            if model:
+                body["model"] = model
+            t0 = time.perf_counter()
+            last, got, usage = None, 0, None
+            try:
+                async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
+                    if resp.status != 200:
+                        errors.append(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                        return
+                    async for line in resp.content:
+                        line = line.strip()
+                        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("usage"):
+                            usage = event["usage"]
+                        if event.get("choices") and event["choices"][0].get("text"):
+                            now = time.perf_counter()
+                            if last is None:
+                                ttft.append(now - t0)
+                            else:
+                                itl.append(now - last)
+                            last, got = now, got + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                return
+            tokens.append(usage["completion_tokens"] if usage else got)
+
+    delays, t = [], 0.0
+    for _ in reqs:
+        if rate:
+            t += rng.expovariate(rate)
+        delays.append(t)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(session, r, d) for r, d in zip(reqs, delays, strict=True)))
+        wall = time.perf_counter() - start
+    return {
+        "url": url, "concurrency": concurrency, "rate_rps": rate, "requests": len(reqs), "completed": len(tokens),
+        "errors": len(errors), "error_examples": errors[:3], "output_tokens": sum(tokens), "wall_s": wall,
+        "tokens_per_s": sum(tokens) / wall, "ttft_p50_s": _p(ttft, 50), "ttft_p99_s": _p(ttft, 99),
+        "itl_p50_s": _p(itl, 50), "itl_p99_s": _p(itl, 99),
+    }  # fmt: skip
+
+
+def load(url: str, reqs: list[dict], *, concurrency: int | None = None, rate: float | None = None,
+         api_key: str | None = None, model: str | None = None, timeout_s: float = 3600) -> dict:  # fmt: skip
+    """Send ``reqs`` to an OpenAI-compatible server at ``url`` (streamed completions) and measure (module docstring).
+    Only a loopback address is a target: this is a load generator."""
+    import asyncio
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"--url {url}: load tests send traffic to this machine only (127.0.0.1, localhost)")
+    return asyncio.run(_load(url.rstrip("/"), reqs, concurrency, rate, api_key, model, timeout_s))
+
+
 def measure(llm, n: int, prompt, output, max_num_seqs: int, alone: int, rate: float | None, log) -> dict:
     """Every figure of one run on ``llm``."""
     reqs = workload(n, prompt, output, llm.args.vocab_size)
@@ -193,6 +285,17 @@ def markdown(rec: dict) -> list[str]:
         f"\nEngine: {sp['vs_one_at_a_time']:.2f}x one at a time (goal {GOALS['vs_one_at_a_time']}x), "
         f"{sp['vs_static']:.2f}x static batches (goal {GOALS['vs_static']}x). {rec['one_at_a_time'].get('note', '')}."
     )
+    if "http" in rec:
+        h = rec["http"]
+        ratio = h["tokens_per_s"] / rec["engine"]["tokens_per_s"]
+        spread = h["itl_p99_s"] / h["itl_p50_s"] if h["itl_p50_s"] else float("nan")
+        lines.append(
+            f"Over HTTP, {h['concurrency']} streaming clients (llama3-triton serve, same requests): "
+            f"{h['tokens_per_s']:.1f} output tokens/s = {ratio:.2f}x offline (goal {GOALS['http_vs_offline']}x); "
+            f"TTFT p50 / p99 {h['ttft_p50_s'] * 1e3:.0f} / {h['ttft_p99_s'] * 1e3:.0f} ms; inter-token latency "
+            f"p50 / p99 {h['itl_p50_s'] * 1e3:.1f} / {h['itl_p99_s'] * 1e3:.1f} ms = {spread:.1f}x (goal < "
+            f"{GOALS['http_itl_p99_over_p50']}x); {h['errors']} errors."
+        )
     if "online" in rec:
         o = rec["online"]
         itl = f"{o['itl_p50_s'] * 1e3:.1f} / {o['itl_p99_s'] * 1e3:.1f} ms" if o["itl_p50_s"] is not None else "n/a"
@@ -206,7 +309,6 @@ def markdown(rec: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``--full``: the CPU goals' run on this machine (SmolLM2 fp32 when installed, else the tiny model)."""
     import argparse
-    import json
     import os
 
     import torch
@@ -216,9 +318,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--alone", type=int, default=8, help="requests timed one at a time (the slowest peer)")
-    p.add_argument("--rate", type=float, default=2.0, help="online arrivals, requests per second (0: skip)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="online arrivals, requests per second (default 2; 0: skip); with --url: Poisson arrivals at this rate "
+        "instead of --concurrency",
+    )
     p.add_argument("--out", type=Path)
+    p.add_argument("--url", help="load-test this OpenAI-compatible server (127.0.0.1 only) instead of the engine")
+    p.add_argument("--http", action="store_true", help="with --full: also through llama3-triton serve, on a free port")
+    p.add_argument("--concurrency", type=int, default=32, help="with --url/--http: requests in flight (default 32)")
+    p.add_argument("--api-key", help="with --url: the server's key")
+    p.add_argument("--model", help="with --url: the model name to send")
+    p.add_argument("--vocab", type=int, default=49152, help="with --url: prompt ids are drawn below this (49152)")
+    p.add_argument("--output-tokens", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    p.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     args = p.parse_args(argv)
+    if args.url:
+        reqs = workload(args.requests, tuple(args.prompt_tokens), tuple(args.output_tokens), args.vocab)
+        try:
+            rec = load(args.url, reqs, concurrency=None if args.rate else args.concurrency, rate=args.rate or None,
+                       api_key=args.api_key, model=args.model)  # fmt: skip
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(rec, indent=1))
+        return 0 if rec["errors"] == 0 else 1
     if not args.full:
         from llama3_triton.benchmarks import run_as
 
@@ -240,9 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
     }
     rec["load_average_1m"] = os.getloadavg()[0]
-    rec |= measure(llm, args.requests, (16, 256), (16, 128), args.max_num_seqs, args.alone, args.rate or None,
-                   lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
-    rec["command"] = "python -m llama3_triton.benchmarks.serving --full " + " ".join(argv or sys.argv[1:])
+    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    prompt, output = tuple(args.prompt_tokens), tuple(args.output_tokens)
+    rate = 2.0 if args.rate is None else args.rate
+    rec |= measure(llm, args.requests, prompt, output, args.max_num_seqs, args.alone, rate or None, say)
+    if args.http:
+        rec["http"] = over_http(path, workload(args.requests, prompt, output, llm.args.vocab_size), rec, args)
+        say(f"serving over HTTP: {rec['http']['tokens_per_s']:.1f} output tokens/s")
+    rec["command"] = "python -m llama3_triton.benchmarks.serving " + " ".join(argv or sys.argv[1:])
     rec["date"], rec["torch"] = time.strftime("%Y-%m-%d"), torch.__version__
     md = "\n".join(markdown(rec))
     print(md)
@@ -253,6 +383,49 @@ def main(argv: list[str] | None = None) -> int:
         write_text(args.out / "serving.json", json.dumps(rec, indent=1))
         write_text(args.out / "serving.md", md + "\n")
     return 0
+
+
+def over_http(ckpt: Path, reqs: list[dict], rec: dict, args) -> dict:
+    """Start ``llama3-triton serve`` on ``ckpt`` with the engine settings of the offline run, on a free loopback
+    port, and load-test it with ``reqs`` at ``args.concurrency`` streams; the server stops with SIGTERM after."""
+    import re
+    import signal
+    import subprocess
+    import threading
+
+    import torch
+
+    cmd = [sys.executable, "-m", "llama3_triton.model.cli", "serve", "--ckpt", str(ckpt), "--port", "0",
+           "--backend", "torch", "--device", "cpu", "--dtype", "fp32", "--max-seq-len", "512",
+           "--threads", str(torch.get_num_threads()), "--max-num-seqs", str(rec["max_num_seqs"]),
+           "--max-num-batched-tokens", str(rec["max_num_batched_tokens"]),
+           "--kv-cache-tokens", str(rec["kv_cache_tokens"])]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    port: list[int] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port.append(int(m.group(1)))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(300) or not port:
+            raise RuntimeError("llama3-triton serve did not start")
+        url = f"http://127.0.0.1:{port[0]}"
+        warm = [{**r, "prompt": r["prompt"][::-1]} for r in reqs[:4]]  # other prompts: nothing for the prefix cache
+        load(url, warm, concurrency=4)  # warm-up: the server's one-time costs
+        return load(url, reqs, concurrency=args.concurrency)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":

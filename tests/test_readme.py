@@ -1,32 +1,42 @@
-"""The README's Python blocks ("From Python", "Many requests at once") run as written, the way a user runs them: in
-a fresh ``python`` process with a clean environment (no TRITON_INTERPRET, nothing from the test run), outside the
-repository."""
+"""The README's Python blocks ("From Python", "Many requests at once", "Serve") run as written, the way a user runs
+them: in a fresh ``python`` process with a clean environment (no TRITON_INTERPRET, nothing from the test run),
+outside the repository; "Serve"'s shell block too, on a free port instead of 8000."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def python_block(after: str) -> str:
+def python_block(after: str, lang: str = "python") -> str:
     text = README.read_text(encoding="utf-8")
     start = text.index(after)
-    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+    return re.search(rf"```{lang}\n(.*?)```", text[start:], re.S).group(1)
+
+
+def _run_block(tmp_path, code: str, cmd: tuple[str, ...] = (sys.executable, "block.py"), path: str | None = None):
+    """``code`` in a fresh process with a clean environment, in ``tmp_path``: its result, asserted successful."""
+    (tmp_path / "block.py").write_text(code)
+    env = {"PATH": path or os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "XDG_CACHE_HOME": str(tmp_path)}  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
 
 
 def test_readme_python_block_runs_as_written_in_a_fresh_process(tmp_path):
-    code = python_block("## From Python")
-    (tmp_path / "block.py").write_text(code)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}
-    p = subprocess.run([sys.executable, "block.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=900)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout.splitlines()
+    out = _run_block(tmp_path, python_block("## From Python")).stdout.splitlines()
     texts = eval(out[0])  # print(out.texts)
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
     # The default model: SmolLM2 (vocabulary 49152) when its wheel is installed, else the tiny Llama-3 (128256).
@@ -39,16 +49,32 @@ def test_readme_python_block_runs_as_written_in_a_fresh_process(tmp_path):
 
 
 def test_readme_engine_block_runs_as_written_in_a_fresh_process(tmp_path):
-    code = python_block("## Many requests at once")
-    (tmp_path / "block.py").write_text(code)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}
-    p = subprocess.run([sys.executable, "block.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=900)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout.splitlines()
+    out = _run_block(tmp_path, python_block("## Many requests at once")).stdout.splitlines()
     streamed = [line for line in out if line.startswith("req-0 ")]
     assert streamed and streamed[-1].endswith(("stop", "length")), out  # one finish reason, on the last output
     texts = eval(out[len(streamed)])
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
     metrics = eval(out[-1])
     assert metrics["running"] == metrics["waiting"] == 0 and metrics["pages_used"] == 0, metrics
+
+
+def test_readme_serve_blocks_run_as_written_on_a_free_port(tmp_path):
+    """The shell block (the server in the background, curl), then the openai snippet in a fresh python, then the
+    server is stopped with SIGTERM and must exit 0."""
+    pytest.importorskip("openai", reason="the openai client (dev extras; not on the GPU image)")
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed: the README's serve block uses it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    shell = python_block("## Serve", "bash").replace("8000", port)
+    (tmp_path / "snippet.py").write_text(python_block("## Serve").replace("8000", port))
+    script = f"{shell}\n{shlex.quote(sys.executable)} snippet.py\nkill -TERM %1\nwait %1\necho server exit $?\n"
+    bindir = str(Path(sys.executable).parent)  # where this interpreter's llama3-triton script is installed
+    p = _run_block(tmp_path, script, cmd=("bash", "block.py"), path=f"{bindir}:{os.environ.get('PATH', '/bin')}")
+    answer, end = json.JSONDecoder().raw_decode(p.stdout)  # curl's answer has no newline: the snippet's text follows
+    assert answer["object"] == "text_completion" and answer["choices"][0]["text"], answer
+    assert answer["usage"]["completion_tokens"] == 8 or answer["choices"][0]["finish_reason"] == "stop"
+    out = p.stdout[end:].splitlines()
+    assert "".join(out[:-1]).strip(), out  # the chat stream's text, then the server's exit status
+    assert out[-1] == "server exit 0", p.stderr[-2000:]

@@ -217,6 +217,17 @@ def check_arguments(args) -> None:
             )
         if any(not s for s in args.stop or []):
             raise CliError("--stop needs a non-empty string")
+    if getattr(args, "draft", None) is not None or getattr(args, "draft_quantize", None) is not None:
+        from llama3_triton.model.generation.speculative import MAX_DRAFT
+
+        if not 1 <= args.draft_tokens <= MAX_DRAFT:
+            raise CliError(f"--draft-tokens must be in [1, {MAX_DRAFT}], got {args.draft_tokens}")
+        if args.draft_quantize and args.draft in (None, "ngram"):
+            raise CliError("--draft-quantize quantizes a draft checkpoint: it needs --draft CKPT")
+        if not args.draft:
+            raise CliError("--draft needs 'ngram' or a checkpoint")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CliError("--draft runs in one process: speculative decoding does not run tensor parallel yet")
     if getattr(args, "threads", 1) < 1:
         raise CliError(f"--threads must be at least 1, got {args.threads}")
     cores = _usable_cores()
@@ -277,6 +288,14 @@ def _stats_line(llm, out, threads: int) -> str:
     reasons = ", ".join(sorted(set(out.stop_reasons)))
     parts = [f"{prompts}, generated {sum(len(t) for t in out.tokens)} ({reasons})"]
     parts.append(f"prefill {out.prefill_seconds * 1e3:.1f} ms")
+    spec = out.extra.get("speculative")
+    if spec is not None:
+        rate = "" if spec["acceptance_rate"] is None else f" ({spec['acceptance_rate']:.0%})"
+        per_step = f", {spec['tokens_per_step']:.2f} tokens per target step" if spec["tokens_per_step"] else ""
+        parts.append(f"then {out.decode_tokens_per_second:.1f} tokens/s speculative ({spec['drafter']}): "
+                     f"{spec['accepted']}/{spec['proposed']} drafts accepted{rate}{per_step} over "
+                     f"{spec['target_steps']} target steps")  # fmt: skip
+        return f"{where} " + "; ".join(parts)
     if out.decode_steps == 0:
         parts.append("too few tokens to time the decode (no steady-state decode timing)")
         return f"{where} " + "; ".join(parts)
@@ -319,6 +338,9 @@ def cmd_generate(args) -> int:
         except BrokenPipeError:  # the reader left (| head): finish quietly; under TP the other ranks need us
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
+    drafter = _drafter(args, llm)
+    if drafter is not None:
+        batch = 1
     stream = len(prompts) == 1 and not args.json
     # With no --prompt, say what is being continued: the first run's output would otherwise begin mid-sentence.
     echo = args.echo or (stream and not args.prompts_file and args.prompt is None)
@@ -326,14 +348,25 @@ def cmd_generate(args) -> int:
         group = prompts[start : start + batch]
         if stream and echo:
             write(group[0])
-        out = llm.generate(
-            group,
-            max_new_tokens=args.max_new_tokens,
-            seed=None if args.seed is None else args.seed + start,
-            stop=args.stop,
-            on_text=(lambda _b, text: write(text)) if stream else None,
-            **_sampling_kwargs(args),
-        )
+        if drafter is not None:
+            from llama3_triton.model.generation.sampling import SamplingParams
+            from llama3_triton.model.generation.speculative import speculative_generate
+
+            out = speculative_generate(
+                llm, group[0], drafter, max_new_tokens=args.max_new_tokens,
+                params=SamplingParams(**_sampling_kwargs(args)), seed=None if args.seed is None else args.seed + start,
+                stop=args.stop, on_text=(lambda _b, text: write(text)) if stream else None,
+                draft_tokens=args.draft_tokens,
+            )  # fmt: skip
+        else:
+            out = llm.generate(
+                group,
+                max_new_tokens=args.max_new_tokens,
+                seed=None if args.seed is None else args.seed + start,
+                stop=args.stop,
+                on_text=(lambda _b, text: write(text)) if stream else None,
+                **_sampling_kwargs(args),
+            )
         for i, prompt in enumerate(group):
             if args.json:
                 record = {
@@ -352,6 +385,8 @@ def cmd_generate(args) -> int:
                         "sampling_s": out.sample_seconds,
                     },
                 }
+                if "speculative" in out.extra:
+                    record["speculative"] = out.extra["speculative"]
                 write(json.dumps(record, ensure_ascii=False) + "\n")
             elif stream:
                 write("\n")
@@ -363,6 +398,23 @@ def cmd_generate(args) -> int:
         if tp.rank == 0:
             print(_stats_line(llm, out, args.threads), file=sys.stderr)
     return 0
+
+
+def _drafter(args, llm):
+    """--draft's drafter: prompt lookup, or a draft model loaded beside the target (same device, backend, context)."""
+    if not args.draft:
+        return None
+    from llama3_triton.model.generation.speculative import ModelDrafter, NgramDrafter
+
+    if args.draft == "ngram":
+        return NgramDrafter()
+    from llama3_triton.model.llama import Llama
+
+    draft = Llama.load(
+        args.draft, backend=llm.backend, device=llm.device, dtype=None if args.draft_quantize else llm.dtype,
+        max_seq_len=llm.max_seq_len, progress=sys.stderr.isatty(), quantize=args.draft_quantize,
+    )  # fmt: skip
+    return ModelDrafter(draft, llm)
 
 
 def _history_file() -> Path:
@@ -776,6 +828,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch with --prompts-file (8)")
     g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     g.add_argument(
+        "--draft",
+        metavar="ngram|CKPT",
+        help="speculative decoding, the output unchanged: 'ngram' proposes what followed the last words where they "
+        "occurred before (prompt lookup: fast when the text copies its input), or a draft checkpoint with the same "
+        "tokenizer (Llama-3.2-1B for an 8B; the model itself with --draft-quantize); one prompt at a time",
+    )
+    g.add_argument(
+        "--draft-tokens", type=int, default=4, help="tokens proposed per target step at most, adaptive (default 4)"
+    )
+    g.add_argument("--draft-quantize", choices=QUANTIZE, help="quantize the draft checkpoint (see --quantize)")
+    g.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per prompt and line: prompt, text, tokens, prompt_tokens, stop_reason, timings",
@@ -791,6 +854,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--system", help="system prompt")
     c.set_defaults(func=cmd_chat)
+    v = sub.add_parser(
+        "serve",
+        parents=[common, model],
+        help="serve OpenAI's API (completions, chat) on the request engine, at http://127.0.0.1:8000",
+        description="An OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions; GET /v1/models, "
+        "/health, /metrics) on the request engine: a paged KV cache, continuous batching, prefix caching. "
+        "SIGTERM or Ctrl-C stops it: no new requests, those in flight finish (--shutdown-timeout).",
+    )
+    from llama3_triton.model.cli import serve as serve_cli
+
+    serve_cli.add_arguments(v)
+    v.set_defaults(func=_cmd_serve)
     explain_model = copy.deepcopy(model)  # the same options; only --backend's default differs
     for action in explain_model._actions:
         if "--backend" in action.option_strings:
@@ -845,6 +920,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark the kernels and the model: `python -m llama3_triton.benchmarks` (bench --help)",
     )
     return p
+
+
+def _cmd_serve(args) -> int:
+    from llama3_triton.model.cli.serve import cmd_serve
+
+    return cmd_serve(args, _load, default_checkpoint)
 
 
 def cmd_bench(bench_args: list[str]) -> int:

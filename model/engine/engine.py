@@ -229,7 +229,8 @@ class Engine:
         self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests waiting or running, or aborted ones whose last output the next step gives."""
+        return bool(self.waiting or self.running or self._ended)
 
     # ---- a step -----------------------------------------------------------------------------------------------
 

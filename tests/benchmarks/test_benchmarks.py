@@ -132,6 +132,12 @@ def test_smoke_json_has_the_expected_keys(smoke):
         serving["engine"]["output_tokens"] == serving["static"]["output_tokens"] and serving["online"]["ttft_p50_s"] > 0
     )
     assert serving["engine"]["pages_used"] == 0 and "## Serving" in (out / "results.md").read_text()
+    spec = r["speculative"]  # prompt lookup and the model drafting for itself, against plain decoding
+    for task in ("grounded", "open"):
+        row = spec["tasks"][task]
+        assert row["plain"]["tokens_per_s"] > 0 and all(row[d]["same_tokens"] for d in ("ngram", "model")), row
+        assert row["model"]["acceptance_rate"] == 1.0  # the tiny model drafting for itself, greedy
+    assert "## Speculative decoding" in (out / "results.md").read_text()
     # 6, issue 13's e2e goal and its proxy, and the fused decode attention's
     assert [g["status"] for g in r["goals"]] == ["not judged (smoke run)"] * 9
     tp = r["tp"]

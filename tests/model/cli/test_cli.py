@@ -282,6 +282,12 @@ def test_help_and_version_import_no_torch(argv):
         (["generate", "--device", "gpu"], "--device 'gpu': expected cpu, cuda or cuda:N"),
         (["chat", "--device", "cuda:x"], "--device 'cuda:x': expected cpu, cuda or cuda:N"),
         (["generate", "--threads", "100000"], "--threads 100000 is more than the"),
+        (["generate", "--draft", "ngram", "--draft-tokens", "0"], "--draft-tokens must be in [1, 16]"),
+        (["generate", "--draft-quantize", "int8"], "--draft-quantize quantizes a draft checkpoint"),
+        (["generate", "--draft", "ngram", "--draft-quantize", "int4"], "it needs --draft CKPT"),
+        (["serve", "--port", "70000"], "--port must be in [0, 65535]"),
+        (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+        (["serve", "--kv-cache-tokens", "3"], "--kv-cache-tokens must be at least 16"),
     ],
 )
 def test_argument_errors_come_before_any_weight_is_read(ckpt, capsys, monkeypatch, argv, match):
@@ -589,3 +595,18 @@ def test_a_closed_or_full_stdout_is_its_own_one_line_error(ckpt, where):
         else "error: cannot write to stdout: No space left on device"
     )
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [want], p.stderr
+
+
+def test_generate_with_a_draft_gives_plain_greedy_and_says_its_acceptance(ckpt, capsys, monkeypatch):
+    """--draft ngram and --draft CKPT (the model itself, int8): the text of plain greedy decoding, and the stats line
+    and --json say how many drafts were accepted."""
+    expected = _greedy(ckpt, "Hello", 12).texts[0]
+    base = ["generate", "--ckpt", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
+            "--max-seq-len", "64"]  # fmt: skip
+    rc, out, err = run([*base, "--draft", "ngram"], capsys, monkeypatch)
+    assert rc == 0 and out == expected + "\n" and "speculative (ngram)" in err, err
+    rc, out, err = run([*base, "--draft", str(ckpt), "--draft-tokens", "3", "--json"], capsys, monkeypatch)
+    record = __import__("json").loads(out)
+    assert rc == 0 and record["text"] == expected and "speculative (model)" in err, err
+    spec = record["speculative"]
+    assert spec["acceptance_rate"] == 1.0 and spec["target_steps"] < 12  # the model drafting for itself
