@@ -1,8 +1,10 @@
 """Speculative decoding (model/generation/speculative.py) against plain decoding, in one run, same model, same prompts.
 
-Two tasks, both in the model's chat format, greedy:
+Three tasks, in the model's chat format, greedy:
 
-- ``grounded``: rewrite a given passage (the answer copies long runs of its input: where prompt lookup shines);
+- ``rewrite`` (input-grounded): rewrite a given passage keeping its wording (a model that copies gives prompt
+  lookup long runs; one that paraphrases, as SmolLM2-135M does, few);
+- ``code`` (input-grounded): add type hints to a given function and return it whole (the answer copies the code);
 - ``open``: an open-ended story (nothing to copy: where a drafter that guesses badly would slow decoding down).
 
 Per task: plain ``generate``'s tokens/s, and each drafter's (``ngram``: prompt lookup; ``model``: a draft model,
@@ -10,10 +12,12 @@ on the CPU the target itself quantized to int4), with its acceptance rate and to
 its tokens equal plain decoding's (greedy: they must). Tokens/s is new tokens over the whole call, prefill included,
 the median of ``--repeats`` runs.
 
-Goals on a CPU (SmolLM2-135M fp32 target): prompt lookup >= 1.5x plain on the grounded task and >= 0.95x on the
-open one; the int4 draft: reported, whatever it measures. On a GPU (not measured until a run exists): Llama-3-8B bf16
-drafted by Llama-3.2-1B >= 1.6x plain batch-1 decode (a prediction from the verify step costing about one decode
-step and the acceptance rate measured here). The runner's smoke run does the same on the tiny model.
+Goals on a CPU (SmolLM2-135M fp32 target): prompt lookup >= 1.5x plain on an input-grounded task and >= 0.95x on
+the open one (both grounded tasks are reported, each against the goal); the int4 draft: reported, whatever it
+measures. On a GPU (not measured until a run exists): Llama-3-8B bf16 drafted by Llama-3.2-1B >= 1.6x plain
+batch-1 decode. On this CPU a verify pass of K + 1 tokens is not the cost of one: SmolLM2's prefill of 1, 5 and 9
+tokens measured 36, 58 and 72 ms on 2 threads, so a step must keep about 1.6 tokens to pay for a K = 4 guess.
+The runner's smoke run does the same on the tiny model.
 
     python -m llama3_triton.benchmarks.speculative --full [--max-new-tokens 128] [--out DIR]
 """
@@ -38,10 +42,26 @@ PASSAGE = (
     "block of data: the compiler takes care of memory coalescing, shared memory and the scheduling inside a "
     "streaming multiprocessor, so that the programmer thinks about tiles rather than threads."
 )
+CODE = '''def moving_average(values, window):
+    """The mean of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    out = []
+    total = 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            out.append(total / window)
+    return out
+'''
 TASKS = {
-    "grounded": f"Rewrite the following passage, keeping its wording where you can.\n\n{PASSAGE}",
+    "rewrite": f"Rewrite the following passage, keeping its wording where you can.\n\n{PASSAGE}",
+    "code": f"Add type hints to this Python function and return the whole function.\n\n```python\n{CODE}```",
     "open": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
+GROUNDED = ("rewrite", "code")
 
 
 def _ids(llm, text: str) -> list[int]:
@@ -137,11 +157,11 @@ def markdown(rec: dict) -> list[str]:
             lines.append(f"| {task} | {name} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {acc} | {per} | "
                          f"{'yes' if r['same_tokens'] else 'NO'} |")  # fmt: skip
     t = rec["tasks"]
-    if "ngram" in t.get("grounded", {}) and "ngram" in t.get("open", {}):
+    if all("ngram" in t.get(task, {}) for task in (*GROUNDED, "open")):
+        grounded = ", ".join(f"{t[task]['ngram']['speedup']:.2f}x on {task}" for task in GROUNDED)
         lines.append(
-            f"\nPrompt lookup: {t['grounded']['ngram']['speedup']:.2f}x on the grounded task (goal "
-            f"{GOALS['ngram_grounded']}x), {t['open']['ngram']['speedup']:.2f}x on the open one (goal "
-            f"{GOALS['ngram_open']}x)."
+            f"\nPrompt lookup: {grounded} (input-grounded, goal {GOALS['ngram_grounded']}x); "
+            f"{t['open']['ngram']['speedup']:.2f}x on the open task (goal {GOALS['ngram_open']}x)."
         )
     return [*lines, ""]
 
