@@ -283,6 +283,8 @@ def _stats_line(llm, out, threads: int) -> str:
     where = f"[{llm.backend} on {llm.device}, {str(llm.dtype).removeprefix('torch.')}"
     where += f" activations, {llm.quantize} weights" if getattr(llm, "quantize", None) else ""
     where += f", {threads} thread{'s' * (threads != 1)}]" if llm.device.type == "cpu" else "]"
+    if out is None:  # the caller words the rest
+        return where
     n = len(out.prompt_tokens)
     prompts = f"prompt {out.prompt_tokens[0]} tokens" if n == 1 else f"{n} prompts, {sum(out.prompt_tokens)} tokens"
     reasons = ", ".join(sorted(set(out.stop_reasons)))
@@ -326,7 +328,10 @@ def cmd_generate(args) -> int:
 
     tp = distributed.init_from_env()  # a no-op unless launched by torchrun with several processes
     prompts = _read_prompts(args, tp)
-    batch = min(len(prompts), args.batch_size)
+    # Many prompts in one process: the request engine (continuous batching over a paged KV cache), each prompt
+    # its own request; under tensor parallelism, or with --draft, static batches as before.
+    many = len(prompts) > 1 and not tp.enabled and not args.draft
+    batch = 1 if many else min(len(prompts), args.batch_size)
     llm = _load(args, max_batch_size=batch)
     if tp.rank != 0:  # under tensor parallelism every rank computes; rank 0 alone prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
@@ -338,6 +343,8 @@ def cmd_generate(args) -> int:
         except BrokenPipeError:  # the reader left (| head): finish quietly; under TP the other ranks need us
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
+    if many:
+        return _generate_on_the_engine(args, llm, prompts, write)
     drafter = _drafter(args, llm)
     if drafter is not None:
         batch = 1
@@ -397,6 +404,72 @@ def cmd_generate(args) -> int:
                 write(("\n" if start + i else "") + (prompt if args.echo else "") + out.texts[i] + "\n")
         if tp.rank == 0:
             print(_stats_line(llm, out, args.threads), file=sys.stderr)
+    return 0
+
+
+def _generate_on_the_engine(args, llm, prompts: list[str], write) -> int:
+    """--prompts-file: every prompt a request of the engine, --batch-size of them running at once; each prompt's
+    output printed as soon as it and those before it are done, in the file's order."""
+    import json
+    import statistics
+    import time
+
+    from llama3_triton.model.engine import Engine, Request
+
+    engine = Engine(llm, max_num_seqs=args.batch_size)
+    stop_ids = set(llm.tokenizer.stop_tokens)
+    kw = _sampling_kwargs(args)
+    t0 = time.perf_counter()
+    ids = []
+    context = engine.max_model_len
+    for i, prompt in enumerate(prompts):
+        tokens = llm.tokenizer.encode(prompt, bos=True, limit=context)  # bounded, like generate's
+        if len(tokens) >= context:
+            raise CliError(f"prompt {i + 1} of --prompts-file has {len(tokens):,}+ tokens, more than the context of "
+                           f"{context:,} tokens leaves room for (--max-seq-len)")  # fmt: skip
+        # As generate does: a prompt near the end of the context gets the room that is left, not a refusal.
+        request = Request(max_tokens=min(args.max_new_tokens, context - len(tokens)),
+                          seed=None if args.seed is None else args.seed + i, stop=tuple(args.stop or ()), **kw)
+        ids.append(engine.add_request(tokens, request))
+    finals: dict[str, tuple] = {}
+    first: dict[str, float] = {}
+    done = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            now = time.perf_counter()
+            if out.new_token_ids:
+                first.setdefault(out.request_id, now)
+            if out.finished:
+                finals[out.request_id] = (out, now)
+        while done < len(ids) and ids[done] in finals:
+            out, end = finals[ids[done]]
+            tokens = list(out.token_ids)
+            if out.finish_reason == "length":
+                reason = "max_new_tokens"
+            elif tokens and tokens[-1] in stop_ids:
+                reason, tokens = "stop_token", tokens[:-1]  # as generate() reports it: without the stop token
+            else:
+                reason = "stop_string"
+            prompt = prompts[done]
+            if args.json:
+                record = {
+                    "prompt": prompt, "text": out.text, "tokens": tokens, "prompt_tokens": out.prompt_tokens,
+                    "stop_reason": reason,
+                    "timings": {"engine_max_num_seqs": args.batch_size,
+                                "time_to_first_token_s": first.get(out.request_id, end) - t0, "total_s": end - t0},
+                }  # fmt: skip
+                write(json.dumps(record, ensure_ascii=False) + "\n")
+            else:  # one block per prompt, a blank line between them
+                write(("\n" if done else "") + (prompt if args.echo else "") + out.text + "\n")
+            done += 1
+    wall = time.perf_counter() - t0
+    outs = [finals[i][0] for i in ids]
+    generated = sum(len(o.token_ids) for o in outs)
+    ttft = statistics.median(first.get(i, finals[i][1]) - t0 for i in ids)
+    where = _stats_line(llm, None, args.threads)
+    print(f"{where} {len(prompts)} prompts, {sum(o.prompt_tokens for o in outs)} tokens, generated {generated} on "
+          f"the engine, up to {args.batch_size} at once: {generated / wall:.1f} tokens/s over {wall:.1f} s, time to "
+          f"first token median {ttft * 1e3:.0f} ms", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -825,7 +898,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='one prompt per line (blank lines skipped; "-" for stdin), generated in batches of --batch-size',
     )
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch with --prompts-file (8)")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        help="with --prompts-file: prompts running at once on the request engine (continuous batching; static "
+        "batches under torchrun or with --draft) (default 8)",
+    )
     g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     g.add_argument(
         "--draft",

@@ -133,7 +133,7 @@ def test_smoke_json_has_the_expected_keys(smoke):
     )
     assert serving["engine"]["pages_used"] == 0 and "## Serving" in (out / "results.md").read_text()
     spec = r["speculative"]  # prompt lookup and the model drafting for itself, against plain decoding
-    for task in ("grounded", "open"):
+    for task in ("rewrite", "code", "open"):
         row = spec["tasks"][task]
         assert row["plain"]["tokens_per_s"] > 0 and all(row[d]["same_tokens"] for d in ("ngram", "model")), row
         assert row["model"]["acceptance_rate"] == 1.0  # the tiny model drafting for itself, greedy

@@ -348,13 +348,15 @@ def test_json_output_for_a_prompts_file(ckpt, tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in records] == ["Hello", "The capital of France is", "One, two,"]
-    for r in records:
+    for r, prompt in zip(records, ["Hello", "The capital of France is", "One, two,"], strict=True):
         assert set(r) == {"prompt", "text", "tokens", "prompt_tokens", "stop_reason", "timings"}
         assert len(r["tokens"]) <= 4 and r["stop_reason"] in ("max_new_tokens", "stop_token")
-        assert r["timings"]["prefill_s"] > 0 and r["timings"]["batch_size"] in (1, 2)
-    single = _greedy(ckpt, "Hello", 4)  # batching changes nothing in the result
-    assert records[0]["tokens"] == single.tokens[0] and records[0]["text"] == single.texts[0]
-    assert len(err.strip().splitlines()) == 2  # one stats line per batch
+        t = r["timings"]  # the prompts ran on the engine, two at a time
+        assert t["engine_max_num_seqs"] == 2 and 0 < t["time_to_first_token_s"] <= t["total_s"]
+        single = _greedy(ckpt, prompt, 4)  # batching changes nothing in the result
+        assert r["tokens"] == single.tokens[0] and r["text"] == single.texts[0]
+    (line,) = err.strip().splitlines()  # one stats line for the run
+    assert "3 prompts" in line and "on the engine, up to 2 at once" in line and "tokens/s" in line
 
 
 def test_default_threads_are_the_idle_physical_cores(monkeypatch):
