@@ -19,7 +19,8 @@ it measured and the next stage's line says what was cut:
                its CUDA graph, the GEMVs, decode and prefill attention, RoPE), --continue-on-collection-errors
                                                                                                     pytest.log
   4. rest      the same runner again with --resume: the rest of the end-to-end figures (peers, batch 8, the
-               decode-step profile, the torch.compile peer, generation, prefill), then the kernels with their
+               decode-step profile, the torch.compile peer, generation, prefill), the serving section (the
+               engine against static batches and one request at a time, 1B shapes), then the kernels with their
                torch.compile peers last, in the time left                          results/results.json, bench.log
   5. summary   each goal, its figure, the ceilings measured in the same run, what was cut          summary.txt
 
@@ -89,7 +90,7 @@ def stages(budget: float) -> list[dict]:
          "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "--durations=15",
                  "--continue-on-collection-errors", "-k", GPU_SELECT, *GPU_TESTS]},
         {"name": "rest", "limit": None, "floor": 40, "log": "bench.log",
-         "cmd": [*bench, "--resume", "--only", "e2e", "--only", "kernels"]},
+         "cmd": [*bench, "--resume", "--only", "e2e", "--only", "serving", "--only", "kernels"]},
     ]  # fmt: skip
 
 

@@ -42,6 +42,8 @@ def test_the_plan_puts_the_8b_goal_rows_before_any_test():
                                                  "test_gguf.py"]  # fmt: skip
     assert all((ROOT / f).is_file() for f in files), files  # every file the check names exists
     assert "--resume" in rest["cmd"]
+    sections = [rest["cmd"][i + 1] for i, a in enumerate(rest["cmd"]) if a == "--only"]
+    assert sections == ["e2e", "serving", "kernels"]  # the kernels' compile peers last, in the time left
 
 
 def test_the_runner_runs_the_headline_first_by_default():
