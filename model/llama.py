@@ -260,6 +260,7 @@ class Llama(nn.Module):
         tp: TensorParallel | None = None,
         quantize: str | None = None,
         calibration: str | None = None,
+        before_weights=None,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face layout, detected; or a ``checkpoint.MemoryCheckpoint`` of weights
         already in memory) tensor by tensor onto ``device``.
@@ -279,9 +280,13 @@ class Llama(nn.Module):
         ``calibration`` (int4 only): a text whose inputs to each product choose its int4 codes (GPTQ): the model is
         loaded dense, the text run through it, then each product quantized (model/calibrate.py; peak memory is the
         dense model's).
+
+        ``before_weights(tokenizer, max_seq_len)``: called once the config and tokenizer are read and before any
+        weight is, so a check on the input (a prompt too long for the context) fails before the long part.
         """
         tp = tp or distributed.current()
-        load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize, calibration)
+        load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize, calibration,
+                before_weights)  # fmt: skip
         if not tp.enabled:
             return loading.load(cls, *load)
         model, error = None, None

@@ -53,6 +53,7 @@ def load(
     tp: distributed.TensorParallel,
     quantize: str | None = None,
     calibration: str | None = None,
+    before_weights=None,
 ) -> nn.Module:
     """A ``cls`` (``Llama``) with the checkpoint's weights on ``device``; see ``Llama.load`` for the arguments."""
     from llama3_triton.model.quant import calibrate
@@ -88,6 +89,9 @@ def load(
             raise UserError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
 
     check_room(args, device, dtype, max_seq_len, max_batch_size, tp.world, dense=spec is None or calibration)
+    tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
+    if before_weights is not None:  # e.g. the command line's prompt against the context: found in seconds, not minutes
+        before_weights(tokenizer, max_seq_len)
 
     with torch.device("meta"):
         model = cls(args, backend, device, tp)
@@ -103,7 +107,7 @@ def load(
     model.eval().requires_grad_(False)
     model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
     model.setup_cache(max_batch_size, max_seq_len)
-    model.tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
+    model.tokenizer = tokenizer
     n_words = getattr(model.tokenizer, "n_words", args.vocab_size)
     if n_words < args.vocab_size:  # a padded embedding: generate masks the rows no text belongs to
         warnings.warn(

@@ -122,7 +122,7 @@ def default_threads() -> int:
     return max(1, min(cores, cores - round(busy)))
 
 
-def _load(args, max_batch_size: int = 1):
+def _load(args, max_batch_size: int = 1, before_weights=None):
     import torch
 
     from llama3_triton.model import distributed
@@ -148,6 +148,7 @@ def _load(args, max_batch_size: int = 1):
         progress=sys.stderr.isatty(),
         quantize=args.quantize,
         calibration=_read_calibration(args),
+        before_weights=before_weights,
     )
     if llm.backend == "triton" and llm.device.type == "cpu":
         # Said before the wait, not after: the interpreter runs each kernel in numpy, some 3 M weights a second
@@ -332,7 +333,18 @@ def cmd_generate(args) -> int:
     # its own request; under tensor parallelism, or with --draft, static batches as before.
     many = len(prompts) > 1 and not tp.enabled and not args.draft
     batch = 1 if many else min(len(prompts), args.batch_size)
-    llm = _load(args, max_batch_size=batch)
+
+    def prompts_fit(tokenizer, max_seq_len: int) -> None:  # with the tokenizer, before the weights load
+        from llama3_triton.model.generation.generate import check_fits
+
+        for i, prompt in enumerate(prompts):
+            n = len(tokenizer.encode(prompt, bos=True, limit=max_seq_len))
+            try:
+                check_fits(n, args.max_new_tokens, max_seq_len)
+            except UserError as e:
+                raise CliError(f"prompt {i + 1} of --prompts-file: {e}" if args.prompts_file else str(e)) from None
+
+    llm = _load(args, max_batch_size=batch, before_weights=prompts_fit)
     if tp.rank != 0:  # under tensor parallelism every rank computes; rank 0 alone prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
@@ -422,14 +434,10 @@ def _generate_on_the_engine(args, llm, prompts: list[str], write) -> int:
     t0 = time.perf_counter()
     ids = []
     context = engine.max_model_len
-    for i, prompt in enumerate(prompts):
-        tokens = llm.tokenizer.encode(prompt, bos=True, limit=context)  # bounded, like generate's
-        if len(tokens) >= context:
-            raise CliError(f"prompt {i + 1} of --prompts-file has {len(tokens):,}+ tokens, more than the context of "
-                           f"{context:,} tokens leaves room for (--max-seq-len)")  # fmt: skip
-        # As generate does: a prompt near the end of the context gets the room that is left, not a refusal.
-        request = Request(max_tokens=min(args.max_new_tokens, context - len(tokens)),
-                          seed=None if args.seed is None else args.seed + i, stop=tuple(args.stop or ()), **kw)
+    for i, prompt in enumerate(prompts):  # each fits the context: checked before the weights loaded
+        tokens = llm.tokenizer.encode(prompt, bos=True, limit=context)
+        request = Request(max_tokens=args.max_new_tokens, seed=None if args.seed is None else args.seed + i,
+                          stop=tuple(args.stop or ()), **kw)  # fmt: skip
         ids.append(engine.add_request(tokens, request))
     finals: dict[str, tuple] = {}
     first: dict[str, float] = {}
@@ -464,7 +472,7 @@ def _generate_on_the_engine(args, llm, prompts: list[str], write) -> int:
             done += 1
     wall = time.perf_counter() - t0
     outs = [finals[i][0] for i in ids]
-    generated = sum(len(o.token_ids) for o in outs)
+    generated = sum(len(o.token_ids) - (bool(o.token_ids) and o.token_ids[-1] in stop_ids) for o in outs)
     ttft = statistics.median(first.get(i, finals[i][1]) - t0 for i in ids)
     where = _stats_line(llm, None, args.threads)
     print(f"{where} {len(prompts)} prompts, {sum(o.prompt_tokens for o in outs)} tokens, generated {generated} on "

@@ -33,6 +33,7 @@ __all__ = [
     "TextStream",
     "ChatSession",
     "ContextFull",
+    "check_fits",
 ]
 
 SYNC_EVERY = 16
@@ -128,23 +129,7 @@ def generate(
         )
     if start_pos and B != 1:
         raise UserError("start_pos (continuing from the KV cache) needs exactly one prompt")
-    if start_pos + longest > model.max_seq_len:
-        raise UserError(
-            f"a prompt of {longest:,} tokens or more (after {start_pos:,} cached) is longer than the context of "
-            f"{model.max_seq_len:,} tokens: shorten it (or load with a larger max_seq_len, --max-seq-len)"
-        )
-    if start_pos + longest + max_new_tokens > model.max_seq_len:
-        raise UserError(
-            f"max_new_tokens={max_new_tokens} overflows the KV cache: {start_pos + longest:,} prompt tokens + "
-            f"{max_new_tokens:,} > max_seq_len {model.max_seq_len:,}; "
-            + (
-                f"at most {model.max_seq_len - start_pos - longest:,} new tokens fit (--max-new-tokens), or "
-                "shorten the prompt"
-                if model.max_seq_len - start_pos - longest >= 1
-                else "shorten the prompt"
-            )
-            + " (or load with a larger max_seq_len, --max-seq-len)"
-        )
+    check_fits(longest, max_new_tokens, model.max_seq_len, start_pos)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stop):
         raise UserError(f"stop strings must be non-empty strings, got {shown(stop)}")
@@ -480,6 +465,27 @@ def _check_finite(bad: torch.Tensor, step: int) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, max_seq_len: int, start_pos: int = 0) -> None:
+    """Refuse, in one line that says what to pass instead, a prompt (after ``start_pos`` cached tokens) that with
+    ``max_new_tokens`` does not fit the context. The command line runs it on the tokenizer before any weight is
+    read; ``generate`` and speculative decoding run it again."""
+    if start_pos + prompt_tokens > max_seq_len:
+        raise UserError(
+            f"a prompt of {prompt_tokens:,} tokens or more{f' (after {start_pos:,} cached)' if start_pos else ''} is "
+            f"longer than the context of {max_seq_len:,} tokens: shorten it (or load with a larger max_seq_len, "
+            "--max-seq-len)"
+        )
+    if start_pos + prompt_tokens + max_new_tokens > max_seq_len:
+        room = max_seq_len - start_pos - prompt_tokens
+        raise UserError(
+            f"max_new_tokens={max_new_tokens} overflows the KV cache: {start_pos + prompt_tokens:,} prompt tokens + "
+            f"{max_new_tokens:,} > max_seq_len {max_seq_len:,}; "
+            + (f"at most {room:,} new tokens fit (--max-new-tokens), or shorten the prompt" if room >= 1
+               else "shorten the prompt")
+            + " (or load with a larger max_seq_len, --max-seq-len)"
+        )  # fmt: skip
 
 
 class ContextFull(UserError):

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from llama3_triton.model.errors import UserError, shown
-from llama3_triton.model.generation.generate import GenerationOutput, TextStream
+from llama3_triton.model.generation.generate import GenerationOutput, TextStream, check_fits, sync
 from llama3_triton.model.generation.sampling import SamplingParams, TokenCounts, apply_penalties, draw, filter_probs
 
 MAX_DRAFT = 16  # --draft-tokens at most
@@ -111,7 +111,8 @@ class ModelDrafter:
         if k <= 0:
             return [], []
         new = seq[self.pos :]
-        logits = llm.prefill(torch.tensor([new], device=dev), self.pos, check=False)[:, -1]  # (1, V)
+        last = torch.tensor([len(new) - 1], device=dev)  # the head on the last token only, not on all of them
+        logits = llm.prefill(torch.tensor([new], device=dev), self.pos, last=last, check=False)[:, -1]  # (1, V)
         self.pos = len(seq)
         drafts, qs = [], []
         for i in range(k):
@@ -183,10 +184,7 @@ def speculative_generate(
         raise UserError("the prompt is empty: nothing to condition on")
     if min(ids) < 0 or max(ids) >= V:
         raise UserError(f"the prompt has token ids outside [0, {V})")
-    if len(ids) >= model.max_seq_len:
-        raise UserError(f"a prompt of {len(ids):,} tokens or more is longer than the context of "
-                        f"{model.max_seq_len:,} tokens")  # fmt: skip
-    max_new_tokens = min(max_new_tokens, model.max_seq_len - len(ids))
+    check_fits(len(ids), max_new_tokens, model.max_seq_len)  # as generate: refused, with what would fit
     stops = set(tok.stop_tokens if stop_tokens is None else stop_tokens)
     gen = None
     if params.temperature > 0:
@@ -223,7 +221,8 @@ def speculative_generate(
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        first = model.prefill(torch.tensor([ids], device=dev), 0)[0, -1]
+        first = model.prefill(torch.tensor([ids], device=dev), 0, last=torch.tensor([len(ids) - 1], device=dev))[0, 0]
+        sync(dev)
         prefill_s = time.perf_counter() - t0
         reason = take(pick(first))
         t1 = time.perf_counter()
@@ -260,6 +259,7 @@ def speculative_generate(
                 cooldown -= 1
                 if cooldown == 0:
                     k = 1
+        sync(dev)
         decode_s = time.perf_counter() - t1
     if stream.hit is None:
         piece = stream.flush()

@@ -57,7 +57,9 @@ class ServerState:
 
     def __post_init__(self):
         engine = self.worker.engine
-        self.tokenizer, self.vocab, self.context = engine.tokenizer, engine.llm.args.vocab_size, engine.max_model_len
+        self.tokenizer, self.vocab = engine.tokenizer, engine.llm.args.vocab_size
+        # What one request may use: the context, or the whole page pool when it is smaller (--kv-cache-tokens)
+        self.context = min(engine.max_model_len, engine.pool.num_pages * engine.page_size)
         try:
             from llama3_triton.model.tokenizers.hf import chat_format
 
@@ -149,8 +151,11 @@ async def _errors_and_auth(request: web.Request, handler):
 
 
 async def health(request: web.Request) -> web.Response:
-    if request.app[STATE].draining:
+    state = request.app[STATE]
+    if state.draining:
         return web.json_response({"status": "shutting down"}, status=503)
+    if not state.worker.alive():
+        return web.json_response({"status": "the engine stopped"}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -184,7 +189,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     s = request.app[STATE]
     body = await _body(request)
     P.check_model(body, s.model_name)
-    parsed = P.parse_completion(body, s.tokenizer, s.vocab, s.context)
+    # In a worker thread: encoding a long prompt must not stall the streams this loop is writing.
+    parsed = await asyncio.to_thread(P.parse_completion, body, s.tokenizer, s.vocab, s.context)
     return await _serve(request, s, parsed)
 
 
@@ -192,7 +198,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     s = request.app[STATE]
     body = await _body(request)
     P.check_model(body, s.model_name)
-    parsed = P.parse_chat(body, s.chat_format, s.vocab, s.context)
+    parsed = await asyncio.to_thread(P.parse_chat, body, s.chat_format, s.vocab, s.context)
     return await _serve(request, s, parsed)
 
 

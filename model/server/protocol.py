@@ -39,6 +39,7 @@ MAX_STOP_CHARS = 1024  # characters of one stop string
 MAX_LOGPROBS = 20  # top log-probabilities per token (OpenAI: 5 for completions, 20 for chat)
 MAX_MESSAGES = 4096  # messages in one chat request
 _SEED_RANGE = (-(2**63), 2**63 - 1)
+MAX_CHARS_PER_TOKEN = 64  # a chat's text past this many characters per context token cannot fit (tokens are ~4)
 
 
 class ApiError(Exception):
@@ -169,7 +170,8 @@ def _sampling(body: dict, max_tokens: int, seed: int | None, logprobs: int | Non
             logprobs=logprobs,
         )
     except UserError as e:  # a value in range for OpenAI but not for the sampler (top_p 0, temperature 1e-50)
-        raise ApiError(400, str(e)) from None
+        field = str(e).split(" ", 1)[0]  # the sampler's messages begin with the field's name
+        raise ApiError(400, str(e), param=field if field in body else None) from None
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -258,6 +260,15 @@ def parse_chat(body: Any, chat_format, vocab: int, context: int) -> Parsed:
     if len(messages) > MAX_MESSAGES:
         raise _bad("messages", f"at most {MAX_MESSAGES} messages, got {len(messages)}")
     plain = [_message(m, i) for i, m in enumerate(messages)]
+    chars = sum(len(m["content"]) for m in plain)
+    if chars > MAX_CHARS_PER_TOKEN * context:  # rendered and encoded whole below: bounded first by its length
+        raise ApiError(
+            400,
+            f"the messages hold {chars:,} characters, more than {MAX_CHARS_PER_TOKEN} for each of the context's "
+            f"{context:,} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if chat_format is None:
         raise ApiError(400, "this model has no chat template (a base model?): use /v1/completions",
                        param="messages", code="no_chat_template")  # fmt: skip

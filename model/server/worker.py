@@ -64,7 +64,7 @@ class EngineWorker:
             try:
                 self.engine.add_request(prompt, request, rid)
             except Exception as e:  # checked by the server already; a refusal here still reaches its client
-                sink(e)
+                self._give(sink, e)
                 return
             self._sinks[rid] = sink
         elif kind == "abort":
@@ -73,7 +73,25 @@ class EngineWorker:
             for rid in list(self._sinks):
                 self.engine.abort(rid)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _give(self, sink: Sink, item) -> None:
+        try:
+            sink(item)
+        except Exception:  # noqa: BLE001 - a sink whose event loop is gone (shutdown): nobody is waiting
+            pass
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug: every request in flight is told, /health turns 503 (alive() is False)
+            for sink in list(self._sinks.values()):
+                self._give(sink, e)
+            self._sinks.clear()
+            raise
+
+    def _loop(self) -> None:
         engine = self.engine
         while not self._stopping:
             busy = engine.has_unfinished()
@@ -94,7 +112,7 @@ class EngineWorker:
             except Exception as e:  # noqa: BLE001 - every request in flight learns of it; the thread goes on
                 for rid, sink in list(self._sinks.items()):
                     engine.abort(rid)
-                    sink(e)
+                    self._give(sink, e)
                 self._sinks.clear()
                 while engine.has_unfinished():  # the aborted requests' last outputs: nobody to give them to
                     try:
@@ -107,10 +125,10 @@ class EngineWorker:
                 if sink is not None:
                     if out.finished:
                         del self._sinks[out.request_id]
-                    sink(out)
+                    self._give(sink, out)
             self.metrics = engine.metrics()
         for sink in list(self._sinks.values()):  # stopped with requests in flight: each is told
-            sink(RuntimeError("the server stopped"))
+            self._give(sink, RuntimeError("the server stopped"))
 
 
 __all__ = ["EngineWorker"]

@@ -547,7 +547,7 @@ def test_a_prompt_of_megabytes_is_refused_in_bounded_time_and_memory(ckpt, tmp_p
     )
     p, seconds, peak_mb = _bounded_child(code)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "tokens or more (after 0 cached) is longer than the context of" in errors[0], p.stderr
+    assert len(errors) == 1 and "tokens or more is longer than the context of" in errors[0], p.stderr
     assert "rc 1" in p.stderr
     assert seconds < 90 and peak_mb < (2100 if model == "smol" else 1200), (seconds, peak_mb)
 
@@ -612,3 +612,28 @@ def test_generate_with_a_draft_gives_plain_greedy_and_says_its_acceptance(ckpt, 
     assert rc == 0 and record["text"] == expected and "speculative (model)" in err, err
     spec = record["speculative"]
     assert spec["acceptance_rate"] == 1.0 and spec["target_steps"] < 12  # the model drafting for itself
+
+
+@pytest.mark.parametrize("extra", [[], ["--prompts-file"]])
+def test_a_prompt_that_does_not_fit_is_refused_before_any_weight_is_read(ckpt, tmp_path, capsys, monkeypatch, extra):
+    """The tokenizer is read before the weights: a prompt past the context, or one that leaves no room for
+    --max-new-tokens, is one line saying what would fit, and no weight was read."""
+    from llama3_triton.model import loading
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were read before the prompt was checked")
+
+    monkeypatch.setattr(loading, "_fused_state_dict", no_weights)
+    prompt = "one two three four " * 12  # 48 words: ~49 tokens
+    if extra:
+        (tmp_path / "p.txt").write_text(f"Hi\n{prompt}\n", encoding="utf-8")
+        source = ["--prompts-file", str(tmp_path / "p.txt")]
+    else:
+        source = ["--prompt", prompt]
+    base = ["generate", "--ckpt", str(ckpt), *source, "--max-seq-len", "64"]
+    rc, out, err = run([*base, "--max-new-tokens", "40"], capsys, monkeypatch)
+    assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "overflows the KV cache" in err and "new tokens fit (--max-new-tokens)" in err
+    assert ("prompt 2 of --prompts-file" in err) == bool(extra)
+    rc, out, err = run([*base[:-2], "--max-seq-len", "32", "--max-new-tokens", "4"], capsys, monkeypatch)
+    assert rc == 1 and "is longer than the context of 32 tokens" in err, err

@@ -78,9 +78,10 @@ def test_each_bad_field_is_a_400_naming_it(tok, body, param):
 
 
 def test_the_sampler_refuses_what_openai_allows_with_a_400(tok):
-    with pytest.raises(P.ApiError) as e:
-        _completion(tok, top_p=0)
-    assert e.value.status == 400 and "top_p" in e.value.message
+    for field, value in (("top_p", 0), ("temperature", 1e-9), ("repetition_penalty", 0)):
+        with pytest.raises(P.ApiError) as e:
+            _completion(tok, **{field: value})
+        assert e.value.status == 400 and e.value.param == field and field in e.value.message
 
 
 def test_unknown_fields_are_ignored_and_the_model_is_checked(tok):
@@ -126,3 +127,7 @@ def test_chat_messages(tok):
     with pytest.raises(P.ApiError) as e:
         P.parse_chat({"messages": [{"role": "user", "content": "x"}]}, None, VOCAB, CONTEXT)
     assert e.value.code == "no_chat_template"
+    t0 = time.monotonic()
+    with pytest.raises(P.ApiError) as e:  # 4 MB of chat text: refused by its length, before the template runs
+        P.parse_chat({"messages": [{"role": "user", "content": "word " * 800_000}]}, fmt, VOCAB, CONTEXT)
+    assert e.value.code == "context_length_exceeded" and time.monotonic() - t0 < 1

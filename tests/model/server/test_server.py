@@ -265,10 +265,14 @@ def test_a_full_queue_gets_429_and_sigterm_ends_streams_and_exits_0(tiny_ckpt, t
     """One sequence slot and no queue: a second request gets 429 with Retry-After. SIGTERM: the stream in flight
     ends (after --shutdown-timeout) with a last chunk and [DONE], new connections are refused, the exit is 0."""
     s = Server(tiny_ckpt, "--max-num-seqs", "1", "--max-queue", "0", "--shutdown-timeout", "1",
-               "--max-seq-len", "4096", home=tmp_path)  # fmt: skip
+               "--max-seq-len", "4096", "--kv-cache-tokens", "2048", home=tmp_path)  # fmt: skip
     try:
+        # A page pool smaller than the context: what one request may use is the pool's 2048 tokens, said up front
+        assert s.request("GET", "/v1/models", key=None)[2]["data"][0]["max_model_len"] == 2048
+        over = s.request("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2048}, key=None)
+        assert over[0] == 400 and over[2]["error"]["code"] == "context_length_exceeded", over
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
-        body = {"prompt": PROMPT, "max_tokens": 4000, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
         conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
         r = conn.getresponse()
         assert r.status == 200
