@@ -307,6 +307,20 @@ def default_out_dir(ctx: Context) -> Path:
 # ---- small helpers ----------------------------------------------------------------------------------------
 
 
+def save_record(rec: dict, md: str, out: Path | None, stem: str) -> None:
+    """A stand-alone benchmark's record as ``out/stem.json`` and its table as ``out/stem.md``, each written whole
+    (nothing when ``out`` is None): how ``--out`` of cpu.py, serving.py and speculative.py commits a result."""
+    if out is None:
+        return
+    import json
+
+    from llama3_triton.model.checkpoints.files import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{stem}.json", json.dumps(rec, indent=1))
+    write_text(out / f"{stem}.md", md + "\n")
+
+
 def describe(e: BaseException) -> str:
     """One line for a results file: the exception type and the first line of its message."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

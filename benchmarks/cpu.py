@@ -304,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     """``--quantized``: the CPU's quantized path at full size on this CPU (the runner's CPU runs are smoke runs);
     anything else goes to the runner as ``--only cpu``."""
     import argparse
-    import json
     import os
 
     import torch
@@ -331,12 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     rec["date"] = time.strftime("%Y-%m-%d")
     md = "\n".join(_cpu_quantized_lines(rec))
     print(md)
-    if args.out is not None:
-        from llama3_triton.model.checkpoints.files import write_text
+    from llama3_triton.benchmarks.common import save_record
 
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_text(args.out / "cpu-quantized.json", json.dumps(rec, indent=1))
-        write_text(args.out / "cpu-quantized.md", md + "\n")
+    save_record(rec, md, args.out, "cpu-quantized")
     return 0
 
 

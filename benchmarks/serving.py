@@ -393,12 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     rec["date"], rec["torch"] = time.strftime("%Y-%m-%d"), torch.__version__
     md = "\n".join(markdown(rec))
     print(md)
-    if args.out is not None:
-        from llama3_triton.model.checkpoints.files import write_text
+    from llama3_triton.benchmarks.common import save_record
 
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_text(args.out / "serving.json", json.dumps(rec, indent=1))
-        write_text(args.out / "serving.md", md + "\n")
+    save_record(rec, md, args.out, "serving")
     return 0
 
 

@@ -169,7 +169,6 @@ def markdown(rec: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``--full``: the CPU goals' run (SmolLM2 fp32 target; prompt lookup; SmolLM2 int4 drafting)."""
     import argparse
-    import json
     import os
 
     import torch
@@ -211,12 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     rec["date"], rec["torch"] = time.strftime("%Y-%m-%d"), torch.__version__
     md = "\n".join(markdown(rec))
     print(md)
-    if args.out is not None:
-        from llama3_triton.model.checkpoints.files import write_text
+    from llama3_triton.benchmarks.common import save_record
 
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_text(args.out / "speculative.json", json.dumps(rec, indent=1))
-        write_text(args.out / "speculative.md", md + "\n")
+    save_record(rec, md, args.out, "speculative")
     return 0
 
 

@@ -89,8 +89,9 @@ def load(
             raise UserError("quantize='gguf' is not supported under tensor parallelism (blocks run along K)")
 
     check_room(args, device, dtype, max_seq_len, max_batch_size, tp.world, dense=spec is None or calibration)
-    tokenizer = open_tokenizer(ckpt, args.vocab_size)  # tiktoken or Hugging Face; checked against vocab
+    tokenizer = None
     if before_weights is not None:  # e.g. the command line's prompt against the context: found in seconds, not minutes
+        tokenizer = open_tokenizer(ckpt, args.vocab_size)
         before_weights(tokenizer, max_seq_len)
 
     with torch.device("meta"):
@@ -107,7 +108,9 @@ def load(
     model.eval().requires_grad_(False)
     model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
     model.setup_cache(max_batch_size, max_seq_len)
-    model.tokenizer = tokenizer
+    # Read after the weights unless a check needed it first: Llama-3's tiktoken ranks take ~80 MB, which would add
+    # to the load's peak (tests/model/test_loading_memory.py).
+    model.tokenizer = tokenizer if tokenizer is not None else open_tokenizer(ckpt, args.vocab_size)
     n_words = getattr(model.tokenizer, "n_words", args.vocab_size)
     if n_words < args.vocab_size:  # a padded embedding: generate masks the rows no text belongs to
         warnings.warn(
