@@ -116,9 +116,47 @@ def _vals(t: torch.Tensor, n: int = 4) -> str:
     return "[" + ", ".join(f"{v:+.4f}" for v in t[:n].tolist()) + more + "]"
 
 
-def _axis(piece: str) -> str:
-    """A token's text for a plot axis: spaces and newlines made visible."""
-    return piece.replace("\n", "\\n").replace(" ", "\u2423")
+def _axis(piece: str, has_glyph=None) -> str:
+    """A token's text for a plot axis: spaces and newlines made visible; a character the plot's font cannot draw
+    (``has_glyph`` says, when given) as its code point, U+4E2D, instead of an empty box."""
+    text = piece.replace("\n", "\\n").replace(" ", "\u2423")
+    if has_glyph is None:
+        return text
+    return "".join(c if has_glyph(c) else f"U+{ord(c):04X}" for c in text)
+
+
+def _glyph_test():
+    """A function telling whether matplotlib's default font draws a character (None when it cannot tell)."""
+    try:
+        from matplotlib import rcParams
+        from matplotlib.font_manager import FontProperties, findfont
+        from matplotlib.ft2font import FT2Font
+
+        font = FT2Font(findfont(FontProperties(family=rcParams["font.family"])))
+    except Exception:  # no matplotlib font machinery: keep the text as it is
+        return None
+    return lambda c: c.isspace() or font.get_char_index(ord(c)) != 0
+
+
+# What each figure shows and where to look: the page's captions (a file name taught nothing).
+CAPTIONS = {
+    "rope.png": "Rotary embedding. Each circle is one pair of the query's dimensions; position p turns pair j by "
+    "p x theta_j (the dots, coloured by position). The first pairs spin fast and tell neighbouring tokens apart; the "
+    "last barely move over the prompt and carry what a token is, not where. The right panel: every pair's theta, "
+    "with Llama 3.1's long-context scaling where the checkpoint uses it.",
+    "scores.png": "One head's raw attention scores, q . k / sqrt(d): a row per query token, a column per key token. "
+    "Columns bright for every row are tokens this head reads from everywhere.",
+    "scores_masked.png": "The same scores after the causal mask: blank above the diagonal, where a key lies in the "
+    "query's future and is never seen.",
+    "attention.png": "Softmax of each row: the weights the head gives each earlier token (each row sums to 1). A "
+    "bright first column is an attention sink (heads park their weight on the first token when nothing else "
+    "matters); a bright cell off the diagonal is a token this head copies from.",
+    "layer_norms.png": "The residual stream's size after each layer. Every block adds to it; a jump marks a layer "
+    "that writes a lot (often the first and the last few), and the last token's line is the one the "
+    "prediction is read from.",
+    "topk.png": "The next-token distribution after the last position. Red: the token greedy decoding picks; a tall "
+    "red bar is a confident model, a flat list a guess.",
+}
 
 
 class _Recorder:
@@ -466,10 +504,18 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _layer_ticks(n: int, most: int = 20) -> list[int]:
+    """The points of an n-point layer axis that get a label: every k-th and the last, at most ``most`` + 1, so that
+    80 layers' labels never run into each other (a label on each of 81 points did)."""
+    every = max(1, math.ceil(n / most))
+    return [x for x in range(n) if x % every == 0 or x == n - 1]
+
+
 def _figures(plot: dict, labels, summary, tok, top_ids, top_probs) -> dict[str, bytes]:
     Figure = _matplotlib()[0]
     T, figs = len(labels), {}
-    axis = [_axis(lab) for lab in labels]
+    has_glyph = _glyph_test()
+    axis = [_axis(lab, has_glyph) for lab in labels]
     scores, masked, probs, layer, head = plot["scores"]
     for name, m, what, cmap in (
         ("scores.png", scores, "q k^T / sqrt(d), before masking", "RdBu_r"),
@@ -522,12 +568,15 @@ def _figures(plot: dict, labels, summary, tok, top_ids, top_probs) -> dict[str, 
     fig.tight_layout()
     figs["rope.png"] = _png(fig)
 
-    fig = Figure(figsize=(6, 3.5))
+    n = len(summary)  # the embedding, then each layer: 17 to 81 points for 16 to 80 layers
+    fig = Figure(figsize=(max(6.0, 0.11 * n), 3.5))
     ax = fig.add_subplot()
-    xs = range(len(summary))
-    ax.plot(xs, [m[0] for m in summary], marker="o", label="mean over tokens")
-    ax.plot(xs, [m[1] for m in summary], marker="s", label="last token")
-    ax.set_xticks(list(xs), ["emb"] + [str(j) for j in range(len(summary) - 1)])
+    xs = range(n)
+    marker = n <= 40  # markers on every point crowd a long line
+    ax.plot(xs, [m[0] for m in summary], marker="o" if marker else None, label="mean over tokens")
+    ax.plot(xs, [m[1] for m in summary], marker="s" if marker else None, label="last token")
+    ticks = _layer_ticks(n)
+    ax.set_xticks(ticks, ["emb" if x == 0 else str(x - 1) for x in ticks], fontsize=8)
     ax.set(xlabel="after layer", ylabel="rms(x) = sqrt(mean(x^2))", title="The residual stream's RMS, layer by layer")
     ax.legend()
     fig.tight_layout()
@@ -535,7 +584,7 @@ def _figures(plot: dict, labels, summary, tok, top_ids, top_probs) -> dict[str, 
 
     fig = Figure(figsize=(6, 0.8 + 0.32 * len(top_ids)))
     ax = fig.add_subplot()
-    names = [f"{_axis(tok.piece(i))} ({i})" for i in top_ids]
+    names = [f"{_axis(tok.piece(i), has_glyph)} ({i})" for i in top_ids]
     ax.barh(range(len(top_ids)), top_probs, color=["crimson"] + ["steelblue"] * (len(top_ids) - 1))
     ax.set_yticks(range(len(top_ids)), names, fontsize=8)
     ax.invert_yaxis()
@@ -596,7 +645,7 @@ def _write_report(out_dir: Path, ex: Explanation, llm, prompt: str, layer: int, 
             data = base64.b64encode(ex.figures[name]).decode("ascii")
             body.append(
                 f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{esc(name)}</figcaption></figure>"
+                f"<figcaption>{esc(CAPTIONS.get(name, name))} <code>{esc(name)}</code></figcaption></figure>"
             )
         body.append("</section>")
     page = (

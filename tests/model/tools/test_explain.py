@@ -120,6 +120,12 @@ def test_cli_writes_a_self_contained_report(gqa4, tmp_path, capsys):
     assert all(v.startswith("data:image/png;base64,") for v in imgs) and len(imgs) == len(PNGS)
     embedded = {base64.b64decode(v.split(",", 1)[1]) for v in imgs}
     assert embedded == {(out_dir / name).read_bytes() for name in PNGS}
+    import html
+
+    from llama3_triton.model.tools.explain import CAPTIONS
+
+    # Each figure's caption says what to look at, not only its file name.
+    assert set(CAPTIONS) == PNGS and all(html.escape(CAPTIONS[name]) in page for name in PNGS)
     # Links: in-page anchors, and each kernel's source file by a path relative to the report (to follow,
     # never loaded), so the page names no absolute path of the machine that wrote it.
     from urllib.parse import unquote
@@ -185,3 +191,15 @@ def test_cli_explains_a_gguf_file_as_generate_takes_it(tmp_path, capsys):
     assert (out_dir / "explain.html").is_file() and {p.name for p in out_dir.glob("*.png")} == PNGS
     rc = main(["explain", "--ckpt", str(path), "--layer", "7", "--backend", "torch", "--device", "cpu"])
     assert rc == 1 and "layer 7 is out of range: this model has 2 layers" in capsys.readouterr().err
+
+
+def test_deep_models_keep_their_layer_labels_apart_and_missing_glyphs_fall_back():
+    from llama3_triton.model.tools.explain import _axis, _layer_ticks
+
+    for layers in (2, 16, 32, 80):
+        ticks = _layer_ticks(layers + 1)  # the embedding, then each layer
+        assert ticks[0] == 0 and ticks[-1] == layers and len(ticks) <= 21 and ticks == sorted(set(ticks))
+    assert _layer_ticks(17) == list(range(17))  # 16 layers: every one labelled
+    latin = lambda c: ord(c) < 0x250 or c == "\u2423"  # noqa: E731 - a font with Latin letters (and the space mark)
+    assert _axis(" 中 é\n", latin) == "\u2423U+4E2D\u2423é\\n"  # a code point, not an empty box
+    assert _axis(" 中") == "\u2423中"  # no font to ask: the text as it is
