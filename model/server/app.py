@@ -146,6 +146,9 @@ async def _errors_and_auth(request: web.Request, handler):
     except web.HTTPException as e:  # aiohttp's own: no route (404), wrong method (405), ...
         status = e.status
         return _error_response(P.ApiError(e.status, e.reason or "error", code=None))
+    except (ConnectionResetError, asyncio.CancelledError):  # the client left: counted as nginx counts it, 499
+        status = 499
+        raise
     finally:
         state.requests.labels(route, str(status)).inc()
 
