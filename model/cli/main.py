@@ -332,7 +332,7 @@ def cmd_generate(args) -> int:
     # Many prompts in one process: the request engine (continuous batching over a paged KV cache), each prompt
     # its own request; under tensor parallelism, or with --draft, static batches as before.
     many = len(prompts) > 1 and not tp.enabled and not args.draft
-    batch = 1 if many else min(len(prompts), args.batch_size)
+    batch = 1 if many or args.draft else min(len(prompts), args.batch_size)  # --draft: one prompt at a time
 
     def prompts_fit(tokenizer, max_seq_len: int) -> None:  # with the tokenizer, before the weights load
         from llama3_triton.model.generation.generate import check_fits
@@ -358,8 +358,6 @@ def cmd_generate(args) -> int:
     if many:
         return _generate_on_the_engine(args, llm, prompts, write)
     drafter = _drafter(args, llm)
-    if drafter is not None:
-        batch = 1
     stream = len(prompts) == 1 and not args.json
     # With no --prompt, say what is being continued: the first run's output would otherwise begin mid-sentence.
     echo = args.echo or (stream and not args.prompts_file and args.prompt is None)
