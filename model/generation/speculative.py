@@ -33,6 +33,10 @@ its input (rewriting, summarising, editing code). ``ModelDrafter``: a smaller mo
 it; at zero the loop decodes plainly for a few steps and then tries one draft again, so open-ended text, where
 guesses fail, costs about what plain decoding costs.
 
+A step with nothing to verify, and each of a draft model's one-token steps, run through the model's decode step
+(on CUDA its captured graph, the fused five launches a layer); the verify pass of K + 1 tokens runs eagerly through
+the prefill kernels (a graph for it, per K, is not written yet).
+
 The stats (target steps, drafts proposed and accepted) come back in ``GenerationOutput.extra["speculative"]``.
 Tokens equal plain decoding's exactly when greedy, given the same logits; a verify pass computes them with the
 prefill kernels instead of the decode ones, which agree to rounding (the tests compare token for token). Sampled
@@ -52,6 +56,17 @@ from llama3_triton.model.generation.sampling import SamplingParams, TokenCounts,
 
 MAX_DRAFT = 16  # --draft-tokens at most
 COOLDOWN_STEPS = 8  # plain steps after K fell to 0, before one draft is tried again
+
+
+def _next_logits(llm, tokens: list[int], start: int) -> torch.Tensor:
+    """Run ``tokens`` at positions ``start``.. and return the next-token logits (V,) after the last. One token goes
+    through the model's decode step (on CUDA its captured graph, the fused five launches a layer), several through
+    a prefill at ``start`` with the head on the last token only."""
+    dev = llm.device
+    if len(tokens) == 1:
+        return llm.decode(torch.tensor([tokens], device=dev), torch.tensor([start], device=dev))[0]
+    last = torch.tensor([len(tokens) - 1], device=dev)
+    return llm.prefill(torch.tensor([tokens], device=dev), start, last=last, check=False)[0, 0]
 
 
 class NgramDrafter:
@@ -78,7 +93,13 @@ class NgramDrafter:
         for n in range(min(self.n_max, len(seq) - 1), self.n_min - 1, -1):
             end = self._last.get(tuple(seq[len(seq) - n :]))
             if end is not None and end < len(seq):
-                return seq[end : end + k], None
+                # Copy what followed, reading on into the copy itself when the source runs into the sequence's
+                # end: a repeating run (period len(seq) - end) then proposes k tokens, not just the few left.
+                out: list[int] = []
+                for i in range(k):
+                    j = end + i
+                    out.append(seq[j] if j < len(seq) else out[j - len(seq)])
+                return out, None
         return [], None
 
     def rollback(self, valid: int) -> None:
@@ -106,13 +127,11 @@ class ModelDrafter:
         self.pos = 0
 
     def propose(self, seq: list[int], k: int, params: SamplingParams, gen) -> tuple[list[int], list[torch.Tensor]]:
-        llm, dev = self.llm, self.llm.device
+        llm = self.llm
         k = min(k, llm.max_seq_len - len(seq))
         if k <= 0:
             return [], []
-        new = seq[self.pos :]
-        last = torch.tensor([len(new) - 1], device=dev)  # the head on the last token only, not on all of them
-        logits = llm.prefill(torch.tensor([new], device=dev), self.pos, last=last, check=False)[:, -1]  # (1, V)
+        logits = _next_logits(llm, seq[self.pos :], self.pos)[None]  # (1, V): the tokens it has not seen yet
         self.pos = len(seq)
         drafts, qs = [], []
         for i in range(k):
@@ -125,7 +144,7 @@ class ModelDrafter:
                 qs.append(q[0])
             drafts.append(d)
             if i + 1 < k:
-                logits = llm.prefill(torch.tensor([[d]], device=dev), self.pos, check=False)[:, -1]
+                logits = _next_logits(llm, [d], self.pos)[None]
                 self.pos += 1
         return drafts, qs
 
@@ -232,8 +251,11 @@ def speculative_generate(
             room = min(max_new_tokens - len(out), model.max_seq_len - len(seq)) - 1  # drafts past it are wasted
             k_now = min(k, room) if cooldown == 0 else 0
             drafts, qs = drafter.propose(seq, k_now, params, gen) if k_now > 0 else ([], None)
-            block = torch.tensor([[seq[-1], *drafts]], device=dev)
-            logits = model.prefill(block, len(seq) - 1, check=False)[0]  # (1 + len(drafts), V)
+            if drafts:  # verify: the last token and the drafts in one pass, logits after each
+                block = torch.tensor([[seq[-1], *drafts]], device=dev)
+                logits = model.prefill(block, len(seq) - 1, check=False)[0]  # (1 + len(drafts), V)
+            else:  # nothing to verify: a plain decode step (on CUDA the captured graph)
+                logits = _next_logits(model, [seq[-1]], len(seq) - 1)[None]
             stats["target_steps"] += 1
             stats["proposed"] += len(drafts)
             accepted = 0

@@ -39,6 +39,22 @@ def _plain(llm, prompt, n, **kw):
     return llm.generate(prompt, max_new_tokens=n, temperature=0, **kw)
 
 
+def test_prompt_lookup_proposes_what_followed_the_last_words():
+    d = NgramDrafter()
+    assert d.propose([7, 1, 2, 3, 9, 1, 2], 3, GREEDY, None) == ([3, 9, 1], None)  # "1 2" was followed by "3 9 1"
+    d.reset()
+    assert d.propose([1, 2, 3, 1, 2, 3, 1, 2], 4, GREEDY, None) == ([3, 1, 2, 3], None)  # a repeat runs on
+    d.reset()
+    assert d.propose([5, 5, 5, 5], 4, GREEDY, None) == ([5, 5, 5, 5], None)
+    d.reset()
+    assert d.propose([4, 8, 15, 16], 4, GREEDY, None) == ([], None)  # nothing seen before: no guess
+    d.reset()
+    seq = [1, 2, 3, 4, 9, 2, 3, 4, 7, 3, 4]  # "3 4" last followed by 7, "2 3 4" by 9: the longest match wins
+    assert d.propose(seq, 1, GREEDY, None) == ([7], None)
+    d.reset()
+    assert d.propose([*seq[:-1], 2, 3, 4], 1, GREEDY, None) == ([7], None)  # "2 3 4" last seen before 7
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_greedy_with_prompt_lookup_equals_plain_greedy(target, k):
     want = _plain(target, REPEAT, 40, stop_tokens=[])
