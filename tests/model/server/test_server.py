@@ -212,7 +212,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_pages(server):
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())  # fmt: skip
     got = b""
     while got.count(b"data: ") < 2:
-        got += s.recv(4096)
+        chunk = s.recv(4096)  # 30 s timeout a read
+        assert chunk, f"the server closed the stream after {got[-200:]!r}"
+        got += chunk
     s.close()
     assert server.wait_metric("llama3_triton_engine_running", 0.0) == 0.0
     assert server.wait_metric("llama3_triton_engine_pages_used", 0.0) == 0.0
