@@ -42,6 +42,7 @@ KERNEL_MODULES = [
     "llama3_triton.kernels.swiglu",
     "llama3_triton.kernels.attention",
     "llama3_triton.kernels.decode",
+    "llama3_triton.kernels.decode_step",
     "llama3_triton.kernels.paged_attention",
     "llama3_triton.kernels.gemv",
     "llama3_triton.kernels.quant",

@@ -3,10 +3,11 @@
 Two backends implement the same ops, the ``Ops`` protocol below, which is all the model driver calls:
 
     kernels.triton_ops   the Triton kernels, one file each: rmsnorm.py, rope.py, attention.py (prefill),
-                         decode.py (split-KV decode), swiglu.py, gemv.py (the decode step's fused matrix
-                         products), paged_attention.py (varlen prefill over a paged KV cache; rope.py and
-                         decode.py take the paged cache too, behind a constexpr switch); _launch.py holds what
-                         their launchers share
+                         decode.py (split-KV decode), decode_step.py (the decode step's RoPE, cache write,
+                         attention and merge in one launch, on decode.py's loop), swiglu.py, gemv.py (the
+                         decode step's fused matrix products), paged_attention.py (varlen prefill over a paged
+                         KV cache; rope.py, decode.py and decode_step.py take the paged cache too, behind a
+                         constexpr switch); _launch.py holds what their launchers share
     kernels.reference    the same functions in plain PyTorch: the definitions the kernels are tested against,
                          and the backend that runs anywhere
 
@@ -188,5 +189,5 @@ class Ops(Protocol):
         scale: float | None = None,
     ) -> torch.Tensor:
         """A decode step's attention: RoPE of q (B, Hq, D) and the new k (B, Hkv, D) at positions (B,), k and v
-        to cache slot positions[b], attention over keys 0 .. positions[b]. ``workspace``: kernels.decode's."""
+        to cache slot positions[b], attention over keys 0 .. positions[b]. ``workspace``: kernels.decode_step's."""
         ...

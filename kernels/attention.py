@@ -100,8 +100,8 @@ def block_pages(
     Each key's own table entry, gathered, whatever the page size: when a page holds the whole block the BLOCK_N
     entries are one address (one L1 line), and the compile gate measured this form at fewer registers than a
     scalar page + the slab's loop-invariant rows (fp16, D = 128, PAGE 64, sm_90: 112 vs 136 in decode's stage 1,
-    148 vs 181 in its one-launch step; kernels/decode.py). Shared by the paged decode
-    (kernels/decode.py) and prefill (kernels/paged_attention.py)."""
+    148 vs 181 in the one-launch step; kernels/decode.py, decode_step.py). Shared by the paged decode
+    (kernels/decode.py's loop) and prefill (kernels/paged_attention.py)."""
     pos = n + offs_n
     page = tl.load(table + pos // PAGE_SIZE, mask=key_ok, other=0)
     page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)

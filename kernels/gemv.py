@@ -32,7 +32,7 @@ Split-K. Llama-3.2-1B's wo and w2 (N = 2048) have only 128 such tiles: fewer pro
 one 4-warp program per SM, too few loads in flight to pull the full bandwidth. So a launch may split K: grid
 (tiles, rows / 16, splits), program (n, m, s) sums its K_SPLIT slice of K into fp32 partials (only the rows of x
 there are; the norm's sum of x^2 too), stores them to a GemvWorkspace, then takes a ticket from the tile's
-int32 counter (an acq_rel atomic after a barrier, kernels/decode.py's protocol). The program that draws the last
+int32 counter (an acq_rel atomic after a barrier, kernels/decode_step.py's protocol). The program that draws the last
 ticket adds the slots in split order -- the same bits whichever finished last -- and runs the epilogue (the
 norm's 1/rms, SwiGLU, the residual, one rounding), then leaves the counter at zero: still one launch per product.
 The partials cost M * BLOCK_N * 4 bytes per program, against the 16 * K_SPLIT * 2 of weight it reads (1/256 at
@@ -152,7 +152,7 @@ def split_k_epilogue(
             tl.store(mine + 16 * BLOCK_N + offs, acc_up, mask=row_ok[:, None])
         if NORM:
             tl.store(mine + 32 * BLOCK_N + r, sumsq, mask=row_ok)
-        # Publish, then take a ticket (kernels/decode.py's protocol): every thread's stores are ordered before
+        # Publish, then take a ticket (kernels/decode_step.py's protocol): every thread's stores are ordered before
         # the barrier, the barrier before the atomic's release; the last ticket's acquire sees all the slots.
         tl.debug_barrier()
         ticket = tl.atomic_add(Counter + tile, 1, sem="acq_rel")

@@ -5,13 +5,8 @@ set ``TRITON_INTERPRET=1`` first (the model driver does it for ``backend="triton
 """
 
 from llama3_triton.kernels.attention import attention
-from llama3_triton.kernels.decode import (
-    DecodeWorkspace,
-    decode_attention,
-    paged_decode_attention,
-    paged_rope_decode_attention,
-    rope_decode_attention,
-)
+from llama3_triton.kernels.decode import decode_attention, paged_decode_attention
+from llama3_triton.kernels.decode_step import DecodeWorkspace, paged_rope_decode_attention, rope_decode_attention
 from llama3_triton.kernels.gemv import GemvWorkspace, linear
 from llama3_triton.kernels.paged_attention import paged_prefill_attention
 from llama3_triton.kernels.rmsnorm import add_rms_norm, rms_norm

@@ -202,7 +202,7 @@ class DecodeStep:
     ops: Ops  # the backend
     positions: torch.Tensor  # (B,) slot of each sequence's new token (its cache length is one more)
     cos_sin: torch.Tensor  # (max_seq_len, hd) RoPE table
-    workspace: object  # kernels.decode.DecodeWorkspace (the attention's split partials), None for the reference
+    workspace: object  # kernels.decode_step.DecodeWorkspace (the attention's split partials), None for the reference
     gemv_workspace: object  # kernels.gemv.GemvWorkspace (the products' split-K partials), None for the reference
     eps: float  # RMSNorm epsilon
 
@@ -380,7 +380,7 @@ class Llama(nn.Module):
         self._graphs.clear()
 
     def _make_decode_workspace(self) -> None:
-        """The fused step's scratch for the Triton kernels (kernels.decode.DecodeWorkspace for the attention,
+        """The fused step's scratch for the Triton kernels (kernels.decode_step.DecodeWorkspace for the attention,
         kernels.gemv.GemvWorkspace for the products' split-K), else None."""
         self.decode_workspace = self.gemv_workspace = None
         if self.fused_decode and self.max_batch_size and getattr(self.ops, "DecodeWorkspace", None) is not None:

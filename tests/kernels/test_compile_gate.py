@@ -59,7 +59,8 @@ def test_compiles_without_spills_within_shared_memory(rows, module):
 
 def test_attention_kernels_use_tensor_cores(rows):
     """The prefill and decode attention kernels hold matrix products: they must run on HMMA/HGMMA."""
-    for module in ("llama3_triton.kernels.attention", "llama3_triton.kernels.decode"):
+    for module in ("attention", "decode", "decode_step"):
+        module = f"llama3_triton.kernels.{module}"
         dot_rows = [r for r in rows if r["module"] == module and r.get("uses_dot")]
         assert dot_rows, f"{module}: no configuration with a tl.dot"
         for r in dot_rows:

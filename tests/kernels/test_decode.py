@@ -254,10 +254,11 @@ def test_cuda_graph_capture_and_replay():
 
 
 def test_compile_variants_are_well_formed():
-    """The compile gate's list: every kernel argument typed, both stages, every BLOCK_S up to MAX_SPLITS."""
-    from llama3_triton.kernels.decode import compile_variants
+    """The compile gate's lists: every kernel argument typed, both stages and the one-launch step, every BLOCK_S up
+    to MAX_SPLITS."""
+    from llama3_triton.kernels import decode, decode_step
 
-    variants = compile_variants()
+    variants = decode.compile_variants() + decode_step.compile_variants()
     assert len({v["name"] for v in variants}) == len(variants) > 0
     for v in variants:
         assert list(v["signature"]) == list(v["fn"].arg_names), v["name"]
@@ -276,3 +277,13 @@ def test_unchecked_lengths_are_clamped_to_the_cache():
     assert_close(out, _expected(q, k, v, torch.tensor([40, 40], device=DEVICE)), torch.float32)
     with pytest.raises(ValueError, match="lengths"):
         decode_attention(q, k, v, lengths)
+
+
+def test_empty_batch_is_named_as_such(device):
+    from llama3_triton.kernels import triton_ops as kernels
+
+    q, cache = torch.randn(0, 2, 64, device=device), torch.randn(0, 8, 1, 64, device=device)
+    with pytest.raises(ValueError, match=r"q: expected a batch of at least one sequence \(B >= 1\)"):
+        kernels.decode_attention(q, cache, cache, torch.ones(0, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="B >= 1"):
+        kernels.attention(torch.randn(0, 3, 2, 64, device=device), cache, cache)

@@ -1,4 +1,4 @@
-"""kernels.decode.rope_decode_attention (RoPE, the cache write and split-KV attention in one launch) against
+"""kernels.decode_step.rope_decode_attention (RoPE, the cache write and split-KV attention in one launch) against
 kernels.reference.rope_decode_attention (rope_write_cache, then decode_attention), in fp32 on the same inputs.
 
 q, k, v are slices of one fused qkv row as the model hands them over; positions are ragged (slot 0 and the last
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from llama3_triton.kernels import reference
-from llama3_triton.kernels.decode import MAX_SPLITS, DecodeWorkspace, rope_decode_attention
+from llama3_triton.kernels.decode import MAX_SPLITS
+from llama3_triton.kernels.decode_step import DecodeWorkspace, rope_decode_attention
 from tests.tolerances import DTYPES, assert_close, poisoned_like
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

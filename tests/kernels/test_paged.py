@@ -16,12 +16,8 @@ import pytest
 import torch
 
 from llama3_triton.kernels import reference as ref
-from llama3_triton.kernels.decode import (
-    DecodeWorkspace,
-    decode_attention,
-    paged_decode_attention,
-    paged_rope_decode_attention,
-)
+from llama3_triton.kernels.decode import decode_attention, paged_decode_attention
+from llama3_triton.kernels.decode_step import DecodeWorkspace, paged_rope_decode_attention
 from llama3_triton.kernels.paged_attention import paged_prefill_attention
 from llama3_triton.kernels.rope import rope_write_paged_cache
 from tests.tolerances import POISON, assert_close
@@ -431,15 +427,16 @@ def test_paged_prefill_bad_input(case):
 
 def test_compile_variants_cover_every_page_size():
     """The compile gate's lists: each paged kernel in every page size the launchers accept, well formed."""
-    from llama3_triton.kernels import decode, paged_attention, rope
+    from llama3_triton.kernels import decode, decode_step, paged_attention, rope
     from llama3_triton.kernels._launch import PAGE_SIZES
 
-    for module in (decode, paged_attention, rope):
+    for module in (decode, decode_step, paged_attention, rope):
         variants = module.compile_variants()
         assert len({v["name"] for v in variants}) == len(variants), module.__name__
         for v in variants:
             assert list(v["signature"]) == list(v["fn"].arg_names), v["name"]
-    pages = {v["constexprs"]["PAGE_SIZE"] for v in decode.compile_variants() if "PAGE_SIZE" in v["constexprs"]}
-    assert pages == {0, *PAGE_SIZES}
+    for module in (decode, decode_step):
+        pages = {v["constexprs"]["PAGE_SIZE"] for v in module.compile_variants() if "PAGE_SIZE" in v["constexprs"]}
+        assert pages == {0, *PAGE_SIZES}, module.__name__
     assert {v["constexprs"]["PAGE_SIZE"] for v in paged_attention.compile_variants()} == set(PAGE_SIZES)
     assert any(v["constexprs"].get("SLOTS") for v in rope.compile_variants())

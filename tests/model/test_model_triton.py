@@ -142,7 +142,7 @@ def test_kernel_launches_per_decode_step(pair, monkeypatch):
     tri.forward(torch.tensor([[1, 2, 3]], device=DEVICE), 0)
     launches, aten_ops = _count_launches(tri, monkeypatch, torch.tensor([[4]]), torch.tensor([3]))
     n_layers = tri.args.n_layers
-    layer = ["_gemv_kernel", "_decode_split_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_kernel"]
+    layer = ["_gemv_kernel", "_decode_step_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_kernel"]
     assert launches == layer * n_layers + ["head"], launches
     assert aten_ops == ["embedding"], aten_ops  # and no host sync
     assert len(launches) + len(aten_ops) == 5 * n_layers + 2
