@@ -228,7 +228,10 @@ class Llama(nn.Module):
         self.backend = backend
         self.tp = tp = tp or TensorParallel()
         self.vocab_local = args.vocab_size // tp.world  # TP: each rank holds a slice of the vocabulary
-        self.tok_embeddings = nn.Embedding(self.vocab_local, args.dim)
+        # The weight is given, so nn.Embedding skips its own init: normal_ on the meta device imports torch._dynamo,
+        # 1.2 s of every start, to fill values the checkpoint overwrites.
+        emb = torch.empty(self.vocab_local, args.dim)
+        self.tok_embeddings = nn.Embedding(self.vocab_local, args.dim, _weight=emb)
         self.layers = nn.ModuleList(TransformerBlock(args, tp) for _ in range(args.n_layers))
         self.norm = nn.Parameter(torch.empty(args.dim))
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, self.vocab_local, bias=False)

@@ -2,8 +2,10 @@
 
 A GGUF file is one memory-mapped file: a header of typed key/value metadata (the config, the tokenizer's
 token list, merges and chat template) followed by the tensors, each in its own storage type (F32, F16,
-BF16, or block-quantized: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...). The ``gguf`` package, maintained with
-llama.cpp, parses it; ``gguf.quants.dequantize`` turns one tensor's blocks into fp32.
+BF16, or block-quantized: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...). ``_Header`` reads the header itself, every count
+checked against the bytes left and the token arrays decoded only when the tokenizer asks; the ``gguf`` package,
+maintained with llama.cpp, supplies the storage types' block sizes and ``gguf.quants.dequantize``, which turns one
+tensor's blocks into fp32.
 
 ``GGUFCheckpoint`` presents the file the way ``model.checkpoint.Checkpoint`` presents Meta's and Hugging
 Face's folders: ``args`` (ModelArgs from the metadata) and ``tensor(name)`` under Meta's names, one
@@ -26,10 +28,12 @@ a sandboxed Jinja environment by model/hf_tokenizer.py).
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
+import struct
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,108 +106,216 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
-# ---- the header, checked before the gguf package walks it ------------------------------------------------
+# ---- the header: read here, every count checked against the bytes left ---------------------------------------
 
-# GGUF value types: fixed sizes in bytes (8: string, 9: array, handled apart).
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# GGUF value types: struct formats of the fixed-size ones (8: string, 9: array, handled apart).
+_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_FIXED = {k: struct.calcsize(f) for k, f in _FORMATS.items()}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
-# The longest metadata array a Llama-3 file needs: its tokenizer's merges (~280k) and tokens (128,256). The gguf
-# package walks an array element by element (~650 bytes of Python objects each), so a longer one, needed or not,
-# is refused before it does: a file claiming 2**62 elements would otherwise run forever.
+_U64 = struct.Struct("<Q")
+# The longest metadata array a Llama-3 file needs: its tokenizer's merges (~280k) and tokens (128,256). A longer
+# one, needed or not, is refused: a file claiming 2**62 elements must not start work that grows with the claim.
 MAX_ARRAY = 1 << 20
 MAX_STRING = 16 << 20  # a chat template is a few KB; a token a few bytes
 MAX_DIMS = 4  # GGML_MAX_DIMS
+DEFAULT_ALIGNMENT = 32  # general.alignment when the file does not say
 
 
-def check_header(path: Path) -> None:
-    """Walk the GGUF header with every count checked against the bytes left, before ``gguf.GGUFReader`` does.
+@dataclass
+class _Field:
+    """One metadata value: a scalar or string read at once; an array kept as (element type, count, offset) and
+    read when asked for (a tokenizer's 100k-string arrays cost nothing until the tokenizer wants them)."""
+
+    vtype: int
+    value: Any = None
+    etype: int = -1
+    count: int = 0
+    offset: int = 0
+
+
+@dataclass
+class _Tensor:
+    """One tensor record: its GGUF name, dims fastest-first (as stored), storage type id, and its data as a
+    read-only numpy view of the mapped file (the bytes of the blocks, or the values of a float/int type)."""
+
+    name: str
+    dims: tuple[int, ...]
+    type_id: int
+    data: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Row-major shape, slowest dim first (GGUF lists dims fastest-first)."""
+        return tuple(reversed(self.dims))
+
+    @property
+    def tensor_type(self):
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self.type_id)
+
+
+class _Header:
+    """A GGUF file's metadata and tensor records, read with every count checked against the bytes left.
 
     Numeric arrays are skipped in O(1) (count times element size, which must fit); string arrays are walked by
-    their length prefixes, at most MAX_ARRAY of them. Raises CheckpointError naming the field for a count that the
-    file cannot hold or an array longer than MAX_ARRAY. Time and memory do not depend on what the counts claim."""
-    import mmap
-    import struct
+    their length prefixes, at most MAX_ARRAY of them, and decoded only when asked for. Raises CheckpointError
+    naming the field for a count the file cannot hold, an array longer than MAX_ARRAY, a type GGUF does not
+    define, a tensor whose data lies past the end of the file. Time and memory do not depend on what the counts
+    claim. (gguf.GGUFReader, which this replaces, builds a numpy view per element of every array at open: 1.9 s
+    for SmolLM2's tokenizer, on every start.)"""
 
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 24:
-            raise CheckpointError(f"{path}: not a readable GGUF file, truncated ({size} bytes)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            pos = 4
+    def __init__(self, path: Path, m: mmap.mmap):
+        self.path, self.m = path, m
+        size = len(m)
+        self.pos = 4
+        self.version = self._take("<I", "the version")
+        if self.version not in (2, 3):
+            raise CheckpointError(f"{path}: GGUF version {self.version} (this reader takes versions 2 and 3)")
+        n_tensors = self._take("<Q", "the tensor count")
+        n_kv = self._take("<Q", "the metadata count")
+        # Each key/value needs at least 8 (key length) + 4 (type) + 1 bytes; each tensor record 8+4+8+4+8.
+        if n_kv * 13 > size - self.pos or n_tensors * 32 > size - self.pos:
+            raise CheckpointError(
+                f"{path}: GGUF header claims {n_kv:,} metadata fields and {n_tensors:,} tensors, more than its "
+                f"{size:,} bytes can hold"
+            )
+        self.fields: dict[str, _Field] = {}
+        for i in range(n_kv):
+            key = self._string(f"metadata key {i}").decode("utf-8", "replace")
+            what = f"metadata field {shown(key)}"
+            if key in self.fields:
+                raise CheckpointError(f"{path}: GGUF {what} appears twice")
+            self.fields[key] = self._field(what)
+        records = []
+        for i in range(n_tensors):
+            name = self._string(f"tensor record {i}").decode("utf-8", "replace")
+            what = f"tensor {shown(name)}"
+            n_dims = self._take("<I", what)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise CheckpointError(f"{path}: GGUF {what} has {n_dims} dimensions (1 to {MAX_DIMS})")
+            dims = tuple(self._take("<Q", what) for _ in range(n_dims))
+            if any(d == 0 or d > size * 8 for d in dims):  # 8: the most elements a byte can hold (1-bit)
+                raise CheckpointError(f"{path}: GGUF {what} has dimensions {list(dims)}, more than the file can hold")
+            records.append((name, dims, self._take("<I", what), self._take("<Q", what)))
+        align = self.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
+            raise CheckpointError(f"{path}: GGUF general.alignment is {shown(align)}, not a power of two")
+        self.data_start = -(-self.pos // align) * align
+        self.tensors = [self._tensor(*r) for r in records]
+        if len({t.name for t in self.tensors}) != len(self.tensors):
+            dup = next(n for n, c in Counter(t.name for t in self.tensors).items() if c > 1)
+            raise CheckpointError(f"{path}: GGUF tensor {shown(dup)} appears twice")
 
-            def take(fmt: str, what: str):
-                nonlocal pos
-                n = struct.calcsize(fmt)
-                if pos + n > size:
-                    raise CheckpointError(f"{path}: GGUF header truncated in {what} (byte {pos} of {size})")
-                v = struct.unpack_from(fmt, m, pos)
-                pos += n
-                return v[0]
+    # -- the walk
+    def _take(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > len(self.m):
+            raise CheckpointError(f"{self.path}: GGUF header truncated in {what} (byte {self.pos} of {len(self.m)})")
+        v = struct.unpack_from(fmt, self.m, self.pos)[0]
+        self.pos += n
+        return v
 
-            def skip(n: int, what: str) -> None:
-                nonlocal pos
-                if n < 0 or pos + n > size:
-                    raise CheckpointError(
-                        f"{path}: GGUF {what} claims {n:,} bytes, but only {size - pos:,} are left in the file"
-                    )
-                pos += n
+    def _skip(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > len(self.m):
+            raise CheckpointError(
+                f"{self.path}: GGUF {what} claims {n:,} bytes, but only {len(self.m) - self.pos:,} are left in the file"
+            )
+        self.pos += n
 
-            def string(what: str) -> bytes:
-                n = take("<Q", what)
-                if n > MAX_STRING:
-                    raise CheckpointError(f"{path}: GGUF {what} is a string of {n:,} bytes (at most {MAX_STRING:,})")
-                start = pos
-                skip(n, what)
-                return bytes(m[start:pos])
+    def _string(self, what: str) -> bytes:
+        n = self._take("<Q", what)
+        if n > MAX_STRING:
+            raise CheckpointError(f"{self.path}: GGUF {what} is a string of {n:,} bytes (at most {MAX_STRING:,})")
+        start = self.pos
+        self._skip(n, what)
+        return bytes(self.m[start : self.pos])
 
-            version = take("<I", "the version")
-            if version not in (2, 3):
-                raise CheckpointError(f"{path}: GGUF version {version} (this reader takes versions 2 and 3)")
-            n_tensors = take("<Q", "the tensor count")
-            n_kv = take("<Q", "the metadata count")
-            # Each key/value needs at least 8 (key length) + 4 (type) + 1 bytes; each tensor record 8+4+8+4+8.
-            if n_kv * 13 > size - pos or n_tensors * 32 > size - pos:
-                raise CheckpointError(
-                    f"{path}: GGUF header claims {n_kv:,} metadata fields and {n_tensors:,} tensors, more than its "
-                    f"{size:,} bytes can hold"
-                )
-            for i in range(n_kv):
-                key = string(f"metadata key {i}").decode("utf-8", "replace")
-                what = f"metadata field {shown(key)}"
-                vtype = take("<I", what)
-                if vtype in _FIXED:
-                    skip(_FIXED[vtype], what)
-                elif vtype == _STRING:
-                    string(what)
-                elif vtype == _ARRAY:
-                    etype, count = take("<I", what), take("<Q", what)
-                    if count > MAX_ARRAY:
-                        raise CheckpointError(
-                            f"{path}: GGUF {what} is an array of {count:,} elements (a Llama model's longest, its "
-                            f"tokenizer's, has under {MAX_ARRAY:,}): not read"
-                        )
-                    if etype in _FIXED:
-                        skip(count * _FIXED[etype], what)
-                    elif etype == _STRING:
-                        if count * 8 > size - pos:
-                            skip(count * 8, what)  # raises: the length prefixes alone do not fit
-                        for _ in range(count):
-                            string(what)
-                    else:
-                        raise CheckpointError(f"{path}: GGUF {what} is an array of type {etype}, not one GGUF defines")
-                else:
-                    raise CheckpointError(f"{path}: GGUF {what} has type {vtype}, not one GGUF defines")
-            for i in range(n_tensors):
-                name = string(f"tensor record {i}").decode("utf-8", "replace")
-                what = f"tensor {shown(name)}"
-                n_dims = take("<I", what)
-                if not 1 <= n_dims <= MAX_DIMS:
-                    raise CheckpointError(f"{path}: GGUF {what} has {n_dims} dimensions (1 to {MAX_DIMS})")
-                dims = [take("<Q", what) for _ in range(n_dims)]
-                if any(d == 0 or d > size * 8 for d in dims):  # 8: the most elements a byte can hold (1-bit)
-                    raise CheckpointError(f"{path}: GGUF {what} has dimensions {dims}, more than the file can hold")
-                take("<I", what)  # storage type (the gguf package checks it)
-                take("<Q", what)  # offset (the gguf package checks it against the data section)
+    def _field(self, what: str) -> _Field:
+        vtype = self._take("<I", what)
+        if vtype in _FORMATS:
+            return _Field(vtype, self._take(_FORMATS[vtype], what))
+        if vtype == _STRING:
+            return _Field(vtype, self._string(what))
+        if vtype != _ARRAY:
+            raise CheckpointError(f"{self.path}: GGUF {what} has type {vtype}, not one GGUF defines")
+        etype, count = self._take("<I", what), self._take("<Q", what)
+        if count > MAX_ARRAY:
+            raise CheckpointError(
+                f"{self.path}: GGUF {what} is an array of {count:,} elements (a Llama model's longest, its "
+                f"tokenizer's, has under {MAX_ARRAY:,}): not read"
+            )
+        field = _Field(vtype, etype=etype, count=count, offset=self.pos)
+        if etype in _FIXED:
+            self._skip(count * _FIXED[etype], what)
+        elif etype == _STRING:
+            if count * 8 > len(self.m) - self.pos:
+                self._skip(count * 8, what)  # raises: the length prefixes alone do not fit
+            # The length prefixes, walked in a tight loop (a tokenizer's 100k strings in ~30 ms); the first that
+            # does not fit is read again by _string, which raises with its message.
+            m, size, unpack, pos = self.m, len(self.m), _U64.unpack_from, self.pos
+            for _ in range(count):
+                if pos + 8 > size or (end := pos + 8 + unpack(m, pos)[0]) > size or end - pos - 8 > MAX_STRING:
+                    self.pos = pos
+                    self._string(what)
+                pos = end
+            self.pos = pos
+        else:  # nested arrays: GGUF allows them, no Llama file has one
+            raise CheckpointError(f"{self.path}: GGUF {what} is an array of type {etype}, not one this reader takes")
+        return field
+
+    def _tensor(self, name: str, dims: tuple[int, ...], type_id: int, offset: int) -> _Tensor:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
+
+        what = f"tensor {shown(name)}"
+        try:
+            qtype = GGMLQuantizationType(type_id)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise CheckpointError(
+                f"{self.path}: GGUF {what} has storage type {type_id}, not one GGUF defines"
+            ) from None
+        n = math.prod(dims)
+        shape = tuple(reversed(dims))
+        if dims[0] % block:
+            raise CheckpointError(f"{self.path}: GGUF {what}: rows of {dims[0]} values are not whole {qtype.name} "
+                                  f"blocks of {block}")  # fmt: skip
+        n_bytes = n // block * type_size
+        start = self.data_start + offset
+        if start + n_bytes > len(self.m):
+            raise CheckpointError(
+                f"{self.path}: not a readable GGUF file, truncated or corrupt (tensor {shown(name)}'s "
+                f"{n_bytes:,} bytes at {start:,} lie past the end of the file, {len(self.m):,} bytes)"
+            )
+        plain = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
+        if qtype.name in plain:
+            data = np.frombuffer(self.m, dtype=plain[qtype.name], count=n, offset=start).reshape(shape)
+        else:
+            data = np.frombuffer(self.m, dtype=np.uint8, count=n_bytes, offset=start)
+            data = data.reshape(quant_shape_to_byte_shape(shape, qtype))
+        return _Tensor(name, dims, type_id, data)
+
+    # -- the values
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of metadata field ``key`` (a str, a number, a bool, or a list of them), or ``default``."""
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        if f.vtype == _STRING:
+            return f.value.decode("utf-8")  # a UnicodeDecodeError is the caller's "unreadable"
+        if f.vtype != _ARRAY:
+            return f.value
+        if f.etype in _NUMPY:
+            return np.frombuffer(self.m, dtype=_NUMPY[f.etype], count=f.count, offset=f.offset).tolist()
+        out, pos, m = [], f.offset, self.m
+        unpack = struct.unpack_from
+        for _ in range(f.count):  # every prefix was checked against the file's size when the header was walked
+            (n,) = unpack("<Q", m, pos)
+            out.append(m[pos + 8 : pos + 8 + n].decode("utf-8"))
+            pos += 8 + n
+        return out
 
 
 class GGUFCheckpoint:
@@ -212,8 +324,6 @@ class GGUFCheckpoint:
     layout = "gguf"
 
     def __init__(self, path: str | os.PathLike, part: tuple[int, int] | None = None):
-        import gguf
-
         self.path = self.dir = self.root = Path(path)
         self.files = [self.path]
         self.part = part
@@ -223,27 +333,25 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path}: not a file (a GGUF checkpoint is one .gguf file)")
         try:
             with open(self.path, "rb") as f:
-                magic = f.read(4)
+                magic, size = f.read(4), os.fstat(f.fileno()).st_size
+                if magic == GGUF_MAGIC and size >= 24:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the tensors are views of it
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
         if magic != GGUF_MAGIC:
             raise CheckpointError(
                 f"{self.path}: not a GGUF file (starts with {shown(magic)}, expected {shown(GGUF_MAGIC)})"
             )
-        check_header(self.path)  # every count against the bytes left, before the reader trusts them
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises ValueError, IndexError, ... on a truncated or corrupt header
-            raise CheckpointError(
-                f"{self.path}: not a readable GGUF file, truncated or corrupt ({_first_line(e)})"
-            ) from None
+        if size < 24:
+            raise CheckpointError(f"{self.path}: not a readable GGUF file, truncated ({size} bytes)")
+        self.header = _Header(self.path, self._map)
         self.metadata = self._read_metadata()
         arch = self.metadata.get("general.architecture")
         if arch != "llama":
             raise CheckpointError(f"{self.path}: GGUF architecture is {shown(arch)}, this project runs 'llama' models")
         self._tensors: dict[str, Any] = {}
         unknown: list[str] = []
-        for t in self.reader.tensors:
+        for t in self.header.tensors:
             meta = _meta_name(t.name)
             if meta is not None:
                 self._tensors[meta] = t
@@ -278,10 +386,9 @@ class GGUFCheckpoint:
             )
         for name, want in full.items():
             t = self._tensors[name]
-            have = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
-            if have != want:
+            if t.shape != want:
                 raise CheckpointError(
-                    f"{self.path}: tensor {t.name} has shape {have}, the config implies {want} (Meta name {name})"
+                    f"{self.path}: tensor {t.name} has shape {t.shape}, the config implies {want} (Meta name {name})"
                 )
         self.shapes = full
         if part is not None:
@@ -294,31 +401,18 @@ class GGUFCheckpoint:
     # ---- metadata -----------------------------------------------------------------------------------
     def _read_metadata(self) -> dict[str, Any]:
         """Every scalar, string and short array field (token lists are read separately, by the tokenizer)."""
-        out: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if key in (
-                "tokenizer.ggml.tokens",
-                "tokenizer.ggml.merges",
-                "tokenizer.ggml.token_type",
-                "tokenizer.ggml.scores",
-            ):
-                continue
-            try:
-                out[key] = field.contents()
-            except Exception as e:
-                raise CheckpointError(
-                    f"{self.path}: metadata field {shown(key)} is unreadable ({_first_line(e)})"
-                ) from None
+        skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+        out: dict[str, Any] = {"GGUF.version": self.header.version}
+        for key in self.header.fields:
+            if key not in skip:
+                out[key] = self.field(key)
         return out
 
     def field(self, key: str) -> Any:
         """Any metadata field's value (lists included), or None."""
-        f = self.reader.fields.get(key)
-        if f is None:
-            return None
         try:
-            return f.contents()
-        except Exception as e:
+            return self.header.get(key)
+        except UnicodeDecodeError as e:
             raise CheckpointError(
                 f"{self.path}: metadata field {shown(key)} is unreadable ({_first_line(e)})"
             ) from None
@@ -345,7 +439,7 @@ class GGUFCheckpoint:
         n_heads = self._get(a + "attention.head_count", int)
         n_kv = self._get(a + "attention.head_count_kv", int, default=n_heads)
         emb = self._tensors.get("tok_embeddings.weight")
-        vocab_default = int(emb.shape[1]) if emb is not None and len(emb.shape) == 2 else ...
+        vocab_default = emb.shape[0] if emb is not None and len(emb.shape) == 2 else ...
         vocab = self._get(a + "vocab_size", int, default=vocab_default)
         ctx = self._get(a + "context_length", int, default=8192)
         head_dim = dim // n_heads
@@ -379,7 +473,7 @@ class GGUFCheckpoint:
                 f"{self.path}: embedding_length {dim}, head_count {n_heads}, head_count_kv {n_kv}: need whole, even "
                 "heads and a whole number of query heads per k/v head"
             )
-        freqs = next((t for t in self.reader.tensors if t.name == ROPE_FREQS), None)
+        freqs = next((t for t in self.header.tensors if t.name == ROPE_FREQS), None)
         if freqs is not None:
             args = replace(args, rope_scaling=self._llama3_scaling_from(freqs, args))
         return args
@@ -427,7 +521,7 @@ class GGUFCheckpoint:
             raise CheckpointError(
                 f"{self.path}: tensor {t.name} is unreadable, truncated or corrupt ({_first_line(e)})"
             ) from None
-        want = tuple(int(d) for d in reversed(t.shape.tolist()))
+        want = t.shape
         if out.size != int(np.prod(want)):
             raise CheckpointError(f"{self.path}: tensor {t.name} holds {out.size} values, its shape {want} needs more")
         return out.reshape(want)

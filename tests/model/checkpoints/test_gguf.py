@@ -9,8 +9,10 @@ The real-model tests are skipped, with the reason printed, when the wheel is abs
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,7 +300,89 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
         Llama.load(small, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=16)
 
 
-# ---- headers that lie: refused before the gguf package walks them ------------------------------------------
+# ---- our header reader against the gguf package's -----------------------------------------------------------
+
+
+def _same_as_gguf_reader(path) -> int:
+    """Every metadata value and every tensor (name, type, shape, bytes) that GGUFCheckpoint's header reader gives
+    equals what gguf.GGUFReader, the reference, gives for the same file. Returns the tensors compared."""
+    from llama3_triton.model.checkpoints.gguf import _Header
+
+    ref = gguf.GGUFReader(path)
+    ck = GGUFCheckpoint(path)
+    header: _Header = ck.header
+    ref_keys = [k for k in ref.fields if not k.startswith("GGUF.")]
+    assert list(header.fields) == ref_keys
+    for key in ref_keys:
+        want, got = ref.fields[key].contents(), header.get(key)
+        assert type(got) is type(want) and got == want, key
+    assert ck.metadata["GGUF.version"] == ref.fields["GGUF.version"].contents()
+    assert [t.name for t in header.tensors] == [t.name for t in ref.tensors]
+    for ours, theirs in zip(header.tensors, ref.tensors, strict=True):
+        assert ours.tensor_type == theirs.tensor_type and ours.shape == tuple(reversed(theirs.shape.tolist()))
+        assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape, ours.name
+        assert np.array_equal(ours.data, theirs.data, equal_nan=True), ours.name
+    return len(ref.tensors)
+
+
+def test_header_reader_equals_the_gguf_packages_on_every_storage_type(tmp_path):
+    kinds = {"attn_q": Q.Q8_0, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1, "ffn_down": Q.Q4_K, "ffn_up": Q.Q6_K}
+    kinds |= {"ffn_gate": Q.BF16, "token_embd": Q.F16}
+    path = tmp_path / "t.gguf"
+    write_tiny_gguf(path, types=kinds, tied=False, rope_freqs=_llama3_freqs(64, 10000.0, 8.0))
+    assert _same_as_gguf_reader(path) == 2 * 9 + 4  # two blocks, the norms, embedding, output, rope_freqs
+
+
+@needs_smol
+def test_header_reader_equals_the_gguf_packages_on_smollm2():
+    """A real file: SmolLM2's 49,152 tokens, 48,900 merges, chat template and 272 Q4_1/Q8_0/F32 tensors."""
+    assert _same_as_gguf_reader(SMOL) == 272
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("duplicate key", r"metadata field 'general.architecture' appears twice"),
+        ("duplicate tensor", r"tensor 'token_embd.weight' appears twice"),
+        ("storage type", r"tensor 'token_embd.weight' has storage type 99, not one GGUF defines"),
+        ("alignment", r"general.alignment is 3, not a power of two"),
+        ("partial block", r"rows of 100 values are not whole Q8_0 blocks of 32"),
+        ("data past the end", r"not a readable GGUF file, truncated or corrupt \(tensor 'token_embd.weight'"),
+        ("bad utf-8", r"metadata field 'general.name' is unreadable"),
+    ],
+)
+def test_header_records_the_reader_checks_are_refused(tmp_path, case, match):
+    import struct
+
+    arch = _gguf_string("general.architecture") + struct.pack("<I", 8) + _gguf_string("llama")
+    kvs, n_kv, tensors, n_tensors = arch, 1, b"", 1
+
+    def record(name: str, dims: tuple[int, ...], qtype: int, offset: int = 0) -> bytes:
+        return _gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, qtype, offset)
+
+    emb = record("token_embd.weight", (64, 4), 0)  # F32, 1 KiB
+    if case == "duplicate key":
+        kvs, n_kv, tensors = arch + arch, 2, emb
+    elif case == "duplicate tensor":
+        tensors, n_tensors = emb + emb, 2
+    elif case == "storage type":
+        tensors = record("token_embd.weight", (64, 4), 99)
+    elif case == "alignment":
+        kvs, n_kv, tensors = arch + _gguf_string("general.alignment") + struct.pack("<II", 4, 3), 2, emb
+    elif case == "partial block":
+        tensors = record("token_embd.weight", (100, 4), int(Q.Q8_0))
+    elif case == "data past the end":
+        tensors = record("token_embd.weight", (64, 4), 0, offset=4096)
+    else:
+        kvs, n_kv, tensors = arch + _gguf_string("general.name") + struct.pack("<IQ", 8, 2) + b"\xff\xfe", 2, emb
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(_gguf_header(kvs + tensors, n_kv, n_tensors=n_tensors, pad=2048))
+    with pytest.raises(CheckpointError, match=match) as e:
+        GGUFCheckpoint(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(path))
+
+
+# ---- headers that lie: refused before any work grows with them ------------------------------------------
 
 
 def _gguf_header(kvs: bytes, n_kv: int, n_tensors: int = 0, pad: int = 0) -> bytes:
@@ -326,9 +410,9 @@ def _gguf_string(s: str) -> bytes:
     ],
 )
 def test_a_gguf_header_that_lies_is_refused_in_bounded_time(tmp_path, case, match):
-    """A metadata array whose count says 2**62 made the gguf package walk forever (~45 MB/s of growth); a real
-    but huge array in a key nobody reads took minutes and gigabytes. Every count is now checked against the bytes
-    left, and arrays longer than any Llama tokenizer needs are refused, before the package sees the file."""
+    """A metadata array whose count says 2**62 made the gguf package's reader walk forever (~45 MB/s of growth); a
+    real but huge array in a key nobody reads took minutes and gigabytes. Every count is checked against the bytes
+    left, and arrays longer than any Llama tokenizer needs are refused, before any of it is read."""
     import struct
     import time
 
@@ -364,3 +448,71 @@ def test_a_non_finite_float_in_the_metadata_is_refused(tmp_path, value):
     ck.metadata["llama.rope.freq_base"] = value
     with pytest.raises(ConfigError, match=r"'llama.rope.freq_base' must be a finite positive float"):
         ck._args(tied=True)
+
+
+# ---- bad GGUF files: one line each, in bounded time ---------------------------------------------------------
+
+
+def _bad_gguf(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / f"{case}.gguf"
+    if case == "magic":
+        path.write_bytes(b"GGML" + bytes(60))
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated-header":
+        write_tiny_gguf(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "truncated-data":
+        write_tiny_gguf(path)
+        path.write_bytes(path.read_bytes()[:-4096])
+    elif case == "arch":
+        write_tiny_gguf(path, arch="qwen2")
+    elif case == "missing":
+        write_tiny_gguf(path, drop="blk.1.ffn_up.weight")
+    elif case == "shape":
+        write_tiny_gguf(path, reshape={"blk.0.attn_k.weight": (64, 256)})
+    elif case == "directory":
+        path.mkdir()
+    elif case == "fifo":  # would block a reader for ever
+        os.mkfifo(path)
+    elif case == "layers":  # a small file claiming a billion layers: refused by its real size, in bounded time
+        write_tiny_gguf(path, block_count=1_000_000_000)
+    return path
+
+
+BAD_GGUF = {
+    "magic": r"not a GGUF file \(starts with b'GGML'",
+    "empty": r"not a GGUF file \(starts with b''",
+    # Refused by the header check before the gguf package reads it: its tensor count does not fit the 300 bytes.
+    "truncated-header": r"GGUF header claims 19 metadata fields and 20 tensors, more than its 300 bytes can hold",
+    "truncated-data": r"not a readable GGUF file, truncated or corrupt",
+    "arch": r"GGUF architecture is 'qwen2', this project runs 'llama' models",
+    "missing": r"missing tensor 'layers\.1\.feed_forward\.w3\.weight' \(1 missing in all\)",
+    "shape": r"tensor blk\.0\.attn_k\.weight has shape \(64, 256\), the config implies \(128, 256\)",
+    "directory": r"not a file",
+    "fifo": r"not a file \(a GGUF checkpoint is one .gguf file\)",  # refused before any read: no hang
+    "layers": r"GGUF metadata says 1000000000 layers \(block_count\), the file holds the tensors of 2",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GGUF))
+def test_bad_gguf_files_get_one_line(tmp_path, case):
+    path = _bad_gguf(tmp_path, case)
+    with pytest.raises(CheckpointError, match=BAD_GGUF[case]) as e:
+        GGUFCheckpoint(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+
+
+@pytest.mark.parametrize("case", ["truncated-data", "arch", "missing"])
+def test_cli_bad_gguf_one_line_exit_1(tmp_path, case):
+    path = _bad_gguf(tmp_path, case)
+    r = subprocess.run(
+        [sys.executable, "-m", "llama3_triton.model.cli", "generate", "--ckpt", str(path), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(BAD_GGUF[case], lines[0]), r.stderr
