@@ -1,6 +1,6 @@
-"""The README's Python blocks ("From Python", "Many requests at once", "Serve") run as written, the way a user runs
-them: in a fresh ``python`` process with a clean environment (no TRITON_INTERPRET, nothing from the test run),
-outside the repository; "Serve"'s shell block too, on a free port instead of 8000."""
+"""The code blocks of README.md ("From Python", "Serve") and docs/serving.md ("The engine", "The server") run as
+written, the way a user runs them: in a fresh ``python`` (or ``bash``) process with a clean environment (no
+TRITON_INTERPRET, nothing from the test run), outside the repository; the server on a free port instead of 8000."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SERVING = ROOT / "docs" / "serving.md"
 
 
-def python_block(after: str, lang: str = "python") -> str:
-    text = README.read_text(encoding="utf-8")
+def python_block(after: str, lang: str = "python", doc: Path = README) -> str:
+    """The first ``lang`` block after the heading ``after`` in ``doc``."""
+    text = doc.read_text(encoding="utf-8")
     start = text.index(after)
     return re.search(rf"```{lang}\n(.*?)```", text[start:], re.S).group(1)
 
@@ -49,7 +52,7 @@ def test_readme_python_block_runs_as_written_in_a_fresh_process(tmp_path):
 
 
 def test_readme_engine_block_runs_as_written_in_a_fresh_process(tmp_path):
-    out = _run_block(tmp_path, python_block("## Many requests at once")).stdout.splitlines()
+    out = _run_block(tmp_path, python_block("## The engine", doc=SERVING)).stdout.splitlines()
     streamed = [line for line in out if line.startswith("req-0 ")]
     assert streamed and streamed[-1].endswith(("stop", "length")), out  # one finish reason, on the last output
     texts = eval(out[len(streamed)])
@@ -59,8 +62,8 @@ def test_readme_engine_block_runs_as_written_in_a_fresh_process(tmp_path):
 
 
 def test_readme_serve_blocks_run_as_written_on_a_free_port(tmp_path):
-    """The shell block (the server in the background, curl), then the openai snippet in a fresh python, then the
-    server is stopped with SIGTERM and must exit 0."""
+    """The README's shell block (the server in the background, curl), then docs/serving.md's openai snippet in a
+    fresh python, then the server is stopped with SIGTERM and must exit 0."""
     pytest.importorskip("openai", reason="the openai client (dev extras; not on the GPU image)")
     if shutil.which("curl") is None:
         pytest.fail("curl is not installed: the README's serve block uses it")
@@ -68,7 +71,7 @@ def test_readme_serve_blocks_run_as_written_on_a_free_port(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     shell = python_block("## Serve", "bash").replace("8000", port)
-    (tmp_path / "snippet.py").write_text(python_block("## Serve").replace("8000", port))
+    (tmp_path / "snippet.py").write_text(python_block("## The server", doc=SERVING).replace("8000", port))
     script = f"{shell}\n{shlex.quote(sys.executable)} snippet.py\nkill -TERM %1\nwait %1\necho server exit $?\n"
     bindir = str(Path(sys.executable).parent)  # where this interpreter's llama3-triton script is installed
     p = _run_block(tmp_path, script, cmd=("bash", "block.py"), path=f"{bindir}:{os.environ.get('PATH', '/bin')}")

@@ -530,3 +530,39 @@ def test_gemv_configs_times_the_launchers_choice_beside_its_neighbours(tmp_path)
             gemv_configs.config_name(c, i == 0) for i, c in enumerate(gemv_configs.CONFIGS[rec["shape"]["format"]])
         ]
         assert list(rec["results"]) == names and all("median_ms" in v for v in rec["results"].values()), rec
+
+
+def test_benchmark_results_are_written_whole(tmp_path, monkeypatch):
+    from llama3_triton.benchmarks import report
+    from llama3_triton.model.checkpoints import files as _files
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}\n')
+    real = _files.write_text
+
+    def fail_md(path, text, encoding="utf-8"):
+        if Path(path).name == "results.md":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, encoding)
+
+    monkeypatch.setattr(_files, "write_text", fail_md)
+    with pytest.raises(OSError):
+        report.write_results({"runs": []}, out, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # the new json whole, no .md, no temp
+    assert json.loads((out / "results.json").read_text())["runs"] == []
+
+
+def test_startup_benchmark_times_the_console_script(tiny64_ckpt, tmp_path, capsys):
+    """benchmarks/startup.py runs info and generate as a user does and writes its record whole."""
+    from llama3_triton.benchmarks import startup
+
+    assert startup.main(["--ckpt", str(tiny64_ckpt), "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "startup.json").read_text())
+    res = rec["results"]
+    assert set(res) == {"info", "generate_first_output", "generate_exit"}
+    assert all(len(v["runs_s"]) == 1 and v["median_s"] > 0 for v in res.values())
+    assert res["generate_first_output"]["median_s"] <= res["generate_exit"]["median_s"]
+    assert "| info |" in (tmp_path / "startup.md").read_text() and "| info |" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="exited 1"):
+        startup.first_output([startup._script(), "info", "--ckpt", str(tmp_path / "missing")])

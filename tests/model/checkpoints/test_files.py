@@ -7,7 +7,10 @@ import errno
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,52 @@ def test_a_slow_writer_is_read_to_the_end():
     assert read_stream_capped(Trickle(b"a prompt that trickles in"), "stdin", 100) == b"a prompt that trickles in"
     with pytest.raises(UserError, match="more than the 10-byte limit"):
         read_stream_capped(Trickle(b"a prompt that trickles in"), "stdin", 10)
+
+
+# ---- every file the project writes appears whole or not at all, with the usual modes -----------------------
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    out = {("dir", root.stat().st_mode & 0o777)}
+    for p in root.rglob("*"):
+        out.add(("dir" if p.is_dir() else "file", p.stat().st_mode & 0o777))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mask", "want"), [(0o022, {("dir", 0o755), ("file", 0o644)}), (0o077, {("dir", 0o700), ("file", 0o600)})]
+)
+def test_make_tiny_files_have_the_usual_modes(tmp_path, mask, want):
+    from llama3_triton.model.tools.tiny import make_tiny
+
+    old = os.umask(mask)
+    try:
+        make_tiny(tmp_path / "t", dim=64, n_layers=1, hf=True)
+    finally:
+        os.umask(old)
+    assert _modes(tmp_path / "t") == want
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temporary leftovers
+
+
+def test_atomic_write_failing_half_way_leaves_the_old_file(tmp_path):
+    from llama3_triton.model.checkpoints import files as _files
+
+    target = tmp_path / "report.html"
+    target.write_text("old")
+    with pytest.raises(OSError, match="disk full"), _files.atomic_path(target) as tmp:
+        tmp.write_text("half of the new")
+        raise OSError(28, "disk full")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    _files.write_text(target, "new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o666 & ~_files.umask()
+
+
+def test_make_tiny_removes_the_temporary_folder_of_a_killed_run(tmp_path):
+    from llama3_triton.model.tools.tiny import make_tiny
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".t.tmp-{int(dead.stdout)}-abc"
+    leftover.mkdir()
+    (leftover / "consolidated.00.pth").write_bytes(b"half")
+    make_tiny(tmp_path / "t", dim=64, n_layers=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from llama3_triton.model.cli.main import main
-from llama3_triton.model.tools.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("cli") / "tiny", seed=3, dtype=torch.float32)
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 def run(argv, capsys, monkeypatch, stdin: bytes | None = None):

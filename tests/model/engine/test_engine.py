@@ -22,9 +22,8 @@ PROMPTS = [SYSTEM + q for q in ("What is one?", "What is two plus two?", "Name a
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    ckpt = make_tiny(tmp_path_factory.mktemp("engine") / "tiny", seed=3, dtype=torch.float32)
-    return Llama.load(ckpt, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=256)
+def llm(tiny_ckpt):
+    return Llama.load(tiny_ckpt, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=256)
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,17 @@ import io
 import sys
 
 import pytest
-import torch
 
 from llama3_triton.model.cli.main import main
 from llama3_triton.model.generation.generate import ChatSession, ContextFull, generate
 from llama3_triton.model.generation.sampling import SampleRng
 from llama3_triton.model.llama import Llama
 from llama3_triton.model.tokenizers.llama3 import ChatFormat
-from llama3_triton.model.tools.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("chat") / "tiny", seed=4, dtype=torch.float32)
+def ckpt(tiny_ckpt_b):
+    return tiny_ckpt_b
 
 
 @pytest.fixture(scope="module")

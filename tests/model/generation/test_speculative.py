@@ -13,7 +13,6 @@ from llama3_triton.model.errors import UserError
 from llama3_triton.model.generation.sampling import SamplingParams, TokenCounts
 from llama3_triton.model.generation.speculative import ModelDrafter, NgramDrafter, judge, speculative_generate
 from llama3_triton.model.llama import Llama
-from llama3_triton.model.tools.tiny import make_tiny
 from tests.smol import SMOL, needs_smol
 
 REPEAT = "one two three four five six seven eight nine ten. one two three four five six seven eight nine ten. one two"
@@ -21,9 +20,8 @@ GREEDY = SamplingParams(0.0, 1.0, 0)
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec")
-    return make_tiny(root / "a", seed=3, dtype=torch.float32), make_tiny(root / "b", seed=4, dtype=torch.float32)
+def ckpts(tiny_ckpt, tiny_ckpt_b):
+    return tiny_ckpt, tiny_ckpt_b
 
 
 def _load(ckpt, backend="torch"):

@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama3_triton.model.tools.tiny import make_tiny
-
 API_KEY = "test-key"
 CONTEXT = 256
 
@@ -104,11 +102,6 @@ class Server:
             if got == want or time.monotonic() > end:
                 return got
             time.sleep(0.05)
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("serve") / "tiny", seed=3, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -203,3 +204,31 @@ def test_deep_models_keep_their_layer_labels_apart_and_missing_glyphs_fall_back(
     latin = lambda c: ord(c) < 0x250 or c == "\u2423"  # noqa: E731 - a font with Latin letters (and the space mark)
     assert _axis(" 中 é\n", latin) == "\u2423U+4E2D\u2423é\\n"  # a code point, not an empty box
     assert _axis(" 中") == "\u2423中"  # no font to ask: the text as it is
+
+
+def test_explain_report_is_whole_or_absent(tiny64_ckpt, tmp_path, monkeypatch):
+    from llama3_triton.model.checkpoints import files as _files
+    from llama3_triton.model.llama import Llama
+    from llama3_triton.model.tools import explain
+
+    llm = Llama.load(tiny64_ckpt, backend="torch", device="cpu", max_seq_len=64)
+    real, written = _files.write_text, []
+
+    def full_disk(path, text, encoding="utf-8"):
+        written.append(Path(path).name)
+        if Path(path).name == "explain.html":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, encoding)
+
+    monkeypatch.setattr(_files, "write_text", full_disk)
+    out = tmp_path / "report"
+    with pytest.raises(OSError, match="No space left"):
+        explain.explain(llm, "Hi", out_dir=out, file=open(os.devnull, "w"))  # noqa: SIM115
+    assert "explain.html" in written and not (out / "explain.html").exists()
+    assert all(not p.name.startswith(".") for p in out.iterdir())  # no temporary leftovers
+    monkeypatch.setattr(_files, "write_text", real)
+    explain.explain(llm, "Hi", out_dir=out, file=open(os.devnull, "w"))  # noqa: SIM115
+    page = (out / "explain.html").read_text()
+    assert (
+        page.rstrip().endswith("</html>") and (out / "explain.html").stat().st_mode & 0o777 == 0o666 & ~_files.umask()
+    )
