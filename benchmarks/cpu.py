@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_as("--only", "cpu")  # with this process's own arguments
     from llama3_triton.benchmarks.report import _cpu_quantized_lines
-    from llama3_triton.model.cli.main import default_threads
+    from llama3_triton.model.cli.threads import default_threads
 
     torch.set_num_threads(default_threads())  # as the CLI runs: an OpenMP thread waiting for a busy core stalls all
     ctx = Context(device=torch.device("cpu"), dtype=torch.float32, smoke=False)

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_as("--only", "serving")
     from llama3_triton.benchmarks.common import _cpu_name
     from llama3_triton.model.checkpoints.sources import bundled_model
-    from llama3_triton.model.cli.main import default_threads
+    from llama3_triton.model.cli.threads import default_threads
     from llama3_triton.model.llama import Llama
 
     torch.set_num_threads(default_threads())

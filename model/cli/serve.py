@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llama3_triton.model.errors import UserError as CliError
+from llama3_triton.model.cli import CliError
 
 
 def add_arguments(s) -> None:

@@ -359,7 +359,7 @@ def test_json_output_for_a_prompts_file(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_default_threads_are_the_idle_physical_cores(monkeypatch):
-    import llama3_triton.model.cli.main as cli
+    import llama3_triton.model.cli.threads as cli
 
     assert 1 <= cli.physical_cores() <= (os.cpu_count() or 1)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
