@@ -566,3 +566,20 @@ def test_startup_benchmark_times_the_console_script(tiny64_ckpt, tmp_path, capsy
     assert "| info |" in (tmp_path / "startup.md").read_text() and "| info |" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="exited 1"):
         startup.first_output([startup._script(), "info", "--ckpt", str(tmp_path / "missing")])
+
+
+def test_gate_archs_come_from_the_environment(monkeypatch):
+    """CI's image environment compiles for sm_90 alone (the lent H100/H200); by default the gate compiles both."""
+    from llama3_triton.benchmarks.kernel_resources import all_variants, gate_archs
+
+    monkeypatch.delenv("LLAMA3_TRITON_GATE_ARCHS", raising=False)
+    assert gate_archs() == [80, 90]
+    both = all_variants()
+    monkeypatch.setenv("LLAMA3_TRITON_GATE_ARCHS", "90")
+    assert gate_archs() == [90]
+    only = all_variants()
+    assert only and all(archs == [90] for _, _, archs in only)
+    assert [(m, i) for m, i, a in both if 90 in a] == [(m, i) for m, i, _ in only]
+    monkeypatch.setenv("LLAMA3_TRITON_GATE_ARCHS", "75")
+    with pytest.raises(SystemExit, match="expected some of"):
+        gate_archs()
