@@ -433,7 +433,8 @@ def cmd_chat(args) -> int:
 
     tp = distributed.init_from_env()
     llm = _load(args)
-    session = ChatSession(llm, system=args.system, seed=args.seed, stop=args.stop, **_sampling_kwargs(args))
+    session = ChatSession(llm, system=args.system, seed=args.seed, stop=args.stop, drafter=_drafter(args, llm),
+                          draft_tokens=args.draft_tokens, **_sampling_kwargs(args))  # fmt: skip
     if tp.rank != 0:  # rank 0 reads stdin and prints; the others follow its lines
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     interactive = sys.stdin is not None and sys.stdin.isatty() and tp.rank == 0
@@ -496,6 +497,9 @@ def cmd_chat(args) -> int:
         if show_speed:
             n = len(out.tokens[0])
             speed = f", {out.decode_tokens_per_second:.1f} tokens/s" if out.decode_steps else ""
+            spec = out.extra.get("speculative")
+            if spec is not None and spec["proposed"]:
+                speed += f", {spec['accepted']}/{spec['proposed']} drafts accepted"
             print(f"[{n} tokens{speed}; {session.context_left} tokens of context left]", file=sys.stderr)
     return 0
 

@@ -151,7 +151,21 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     p = _Parser(prog="llama3-triton", description="Llama-3 inference with hand-written Triton kernels.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", parents=[common, model, sampling], help="continue a prompt, streaming the text")
+    draft = argparse.ArgumentParser(add_help=False)  # generate's and chat's
+    draft.add_argument(
+        "--draft",
+        metavar="ngram|CKPT",
+        help="speculative decoding, the output unchanged: 'ngram' proposes what followed the last words where they "
+        "occurred before (prompt lookup: fast when the text copies its input), or a draft checkpoint with the same "
+        "tokenizer (Llama-3.2-1B for an 8B; the model itself with --draft-quantize); one prompt at a time",
+    )
+    draft.add_argument(
+        "--draft-tokens", type=int, default=4, help="tokens proposed per target step at most, adaptive (default 4)"
+    )
+    draft.add_argument("--draft-quantize", choices=QUANTIZE, help="quantize the draft checkpoint (see --quantize)")
+    g = sub.add_parser(
+        "generate", parents=[common, model, sampling, draft], help="continue a prompt, streaming the text"
+    )
     g.add_argument(
         "--prompt",
         help='prompt text, or "-" to read it from stdin (one trailing newline is dropped); without it, '
@@ -171,17 +185,6 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     )
     g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     g.add_argument(
-        "--draft",
-        metavar="ngram|CKPT",
-        help="speculative decoding, the output unchanged: 'ngram' proposes what followed the last words where they "
-        "occurred before (prompt lookup: fast when the text copies its input), or a draft checkpoint with the same "
-        "tokenizer (Llama-3.2-1B for an 8B; the model itself with --draft-quantize); one prompt at a time",
-    )
-    g.add_argument(
-        "--draft-tokens", type=int, default=4, help="tokens proposed per target step at most, adaptive (default 4)"
-    )
-    g.add_argument("--draft-quantize", choices=QUANTIZE, help="quantize the draft checkpoint (see --quantize)")
-    g.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per prompt and line: prompt, text, tokens, prompt_tokens, stop_reason, timings",
@@ -189,7 +192,7 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     g.set_defaults(func=commands["generate"])
     c = sub.add_parser(
         "chat",
-        parents=[common, model, sampling],
+        parents=[common, model, sampling, draft],
         help="multi-turn chat in the checkpoint's chat format (reads stdin)",
         description="Multi-turn chat in the checkpoint's chat format (Llama-3's, or the template that comes with "
         f"it). On a terminal: line editing and history; {CHAT_HINT}. "

@@ -496,23 +496,34 @@ class ChatSession:
     """A conversation in the model's chat format (Meta's Llama-3 format, or the checkpoint's own template for a
     Hugging Face tokenizer) whose history lives in the model's KV cache: each turn
     feeds only its new tokens. One random generator serves the whole session (seeded once), so a seed makes
-    the session repeatable without making every reply start the same way."""
+    the session repeatable without making every reply start the same way.
 
-    def __init__(self, model, *, system: str | None = None, seed: int | None = None, **sampling):
+    ``drafter`` (speculative.py's NgramDrafter or ModelDrafter): each reply is decoded speculatively, the drafter
+    seeing the whole conversation; greedy replies are the same tokens, sampled ones the same distribution (drawn
+    from the session's own torch.Generator, seeded from ``seed``)."""
+
+    def __init__(self, model, *, system: str | None = None, seed: int | None = None, drafter=None,
+                 draft_tokens: int = 4, **sampling):  # fmt: skip
         from llama3_triton.model.tokenizers.hf import chat_format
 
         self.model = model
         self.fmt = chat_format(model.tokenizer)
         self.system = system
         self.sampling = sampling  # generate()'s sampling keywords: temperature, top_p, top_k, min_p, penalties, stop
-        SamplingParams(**{k: v for k, v in sampling.items() if k != "stop"})  # bad values fail here, not mid-chat
+        # bad values fail here, not mid-chat
+        self.params = SamplingParams(**{k: v for k, v in sampling.items() if k != "stop"})
         self.generator = SampleRng(seed, model.device)
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        if drafter is not None:
+            self.draft_generator = torch.Generator(device=model.device)
+            self.draft_generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays); the random stream goes on."""
         self.pending: list[int] = self.fmt.encode_start(self.system)  # to feed before the next answer: BOS, system
         self.pos = 0  # tokens already in the KV cache
+        self.history: list[int] = []  # those tokens (what a drafter looks back on)
 
     @property
     def context_left(self) -> int:
@@ -540,16 +551,25 @@ class ChatSession:
                 f"the chat history ({self.pos + len(prompt)} tokens) is longer than the context of "
                 f"{self.model.max_seq_len} tokens"
             )
-        out = generate(
-            self.model,
-            [prompt],
-            max_new_tokens=min(max_new_tokens, room),
-            generator=self.generator,
-            start_pos=self.pos,
-            on_text=on_text,
-            interruptible=interruptible,
-            **self.sampling,
-        )
+        if self.drafter is not None:
+            from llama3_triton.model.generation.speculative import speculative_generate
+
+            out = speculative_generate(
+                self.model, prompt, self.drafter, max_new_tokens=min(max_new_tokens, room), params=self.params,
+                stop=self.sampling.get("stop"), on_text=on_text, draft_tokens=self.draft_tokens,
+                context=self.history, generator=self.draft_generator, interruptible=interruptible,
+            )  # fmt: skip
+        else:
+            out = generate(
+                self.model,
+                [prompt],
+                max_new_tokens=min(max_new_tokens, room),
+                generator=self.generator,
+                start_pos=self.pos,
+                on_text=on_text,
+                interruptible=interruptible,
+                **self.sampling,
+            )
         if out.stop_reasons[0] == "max_new_tokens" and room < max_new_tokens:
             out.stop_reasons[0] = "context_full"
         kept = out.tokens[0]
@@ -558,5 +578,6 @@ class ChatSession:
         # (the cache is indexed by position, so feeding it twice writes the same slot with the same values).
         unfed = [] if out.stop_reasons[0] == "stop_token" else kept[-1:]
         self.pos += len(prompt) + len(kept) - len(unfed)
+        self.history += prompt + kept[: len(kept) - len(unfed)]
         self.pending = unfed + self.fmt.end_of_turn()
         return out

@@ -37,6 +37,9 @@ A step with nothing to verify, and each of a draft model's one-token steps, run 
 (on CUDA its captured graph, the fused five launches a layer); the verify pass of K + 1 tokens runs eagerly through
 the prefill kernels (a graph for it, per K, is not written yet).
 
+A chat (``ChatSession(drafter=...)``, ``chat --draft``) decodes each reply this way, the history already in the
+cache passed as ``context`` (the drafter looks back on all of it).
+
 The stats (target steps, drafts proposed and accepted) come back in ``GenerationOutput.extra["speculative"]``.
 Tokens equal plain decoding's exactly when greedy, given the same logits; a verify pass computes them with the
 prefill kernels instead of the decode ones, which agree to rounding (the tests compare token for token). Sampled
@@ -189,9 +192,17 @@ def speculative_generate(
     on_text: Callable[[int, str], None] | None = None,
     draft_tokens: int = 4,
     adaptive: bool = True,
+    context: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    interruptible: bool = False,
 ) -> GenerationOutput:
     """Generate for one prompt with ``drafter``'s proposals verified by ``model`` (module docstring); the same
-    ``GenerationOutput`` as ``generate``, with ``extra["speculative"]`` the acceptance statistics."""
+    ``GenerationOutput`` as ``generate``, with ``extra["speculative"]`` the acceptance statistics.
+
+    ``context``: tokens already in the model's KV cache at positions 0.. (a chat's history): the prompt goes in
+    after them, and the drafter sees them too. ``generator``: the random stream of sampled runs (a chat session's
+    one), else one seeded with ``seed``. ``interruptible``: Ctrl-C ends the generation with stop reason
+    "interrupted" once a token is out, as ``generate``'s."""
     params = params or SamplingParams(0.0, 1.0, 0)
     tok, dev, V = model.tokenizer, model.device, model.args.vocab_size
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT:
@@ -203,10 +214,11 @@ def speculative_generate(
         raise UserError("the prompt is empty: nothing to condition on")
     if min(ids) < 0 or max(ids) >= V:
         raise UserError(f"the prompt has token ids outside [0, {V})")
-    check_fits(len(ids), max_new_tokens, model.max_seq_len)  # as generate: refused, with what would fit
+    context = [int(t) for t in context]
+    check_fits(len(ids), max_new_tokens, model.max_seq_len, start_pos=len(context))  # as generate's refusal
     stops = set(tok.stop_tokens if stop_tokens is None else stop_tokens)
-    gen = None
-    if params.temperature > 0:
+    gen = generator
+    if params.temperature > 0 and gen is None:
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     counts = TokenCounts([ids], V, dev) if params.penalized else None
@@ -239,48 +251,55 @@ def speculative_generate(
         return None
 
     t0 = time.perf_counter()
+    start = len(context)
     with torch.no_grad():
-        first = model.prefill(torch.tensor([ids], device=dev), 0, last=torch.tensor([len(ids) - 1], device=dev))[0, 0]
+        last = torch.tensor([len(ids) - 1], device=dev)
+        first = model.prefill(torch.tensor([ids], device=dev), start, last=last)[0, 0]
         sync(dev)
         prefill_s = time.perf_counter() - t0
         reason = take(pick(first))
         t1 = time.perf_counter()
         k, cooldown = draft_tokens, 0
-        while reason is None:
-            seq = ids + out
-            room = min(max_new_tokens - len(out), model.max_seq_len - len(seq)) - 1  # drafts past it are wasted
-            k_now = min(k, room) if cooldown == 0 else 0
-            drafts, qs = drafter.propose(seq, k_now, params, gen) if k_now > 0 else ([], None)
-            if drafts:  # verify: the last token and the drafts in one pass, logits after each
-                block = torch.tensor([[seq[-1], *drafts]], device=dev)
-                logits = model.prefill(block, len(seq) - 1, check=False)[0]  # (1 + len(drafts), V)
-            else:  # nothing to verify: a plain decode step (on CUDA the captured graph)
-                logits = _next_logits(model, [seq[-1]], len(seq) - 1)[None]
-            stats["target_steps"] += 1
-            stats["proposed"] += len(drafts)
-            accepted = 0
-            for i, d in enumerate(drafts):
-                instead = judge(logits[i], d, qs[i] if qs else None, params, counts, gen)
-                if instead is None:
-                    accepted += 1
-                    reason = take(d)
-                    if reason is not None:
-                        break
-                    continue
-                reason = take(instead)
-                break
-            else:  # every draft accepted (or none proposed): the last row gives one more token
-                reason = take(pick(logits[len(drafts)]))
-            stats["accepted"] += accepted
-            drafter.rollback(len(seq) + accepted)
-            if adaptive and drafts:
-                k = min(k + 1, draft_tokens) if accepted == len(drafts) else (k // 2 if accepted == 0 else k)
-                if k == 0:
-                    cooldown = COOLDOWN_STEPS
-            elif cooldown:
-                cooldown -= 1
-                if cooldown == 0:
-                    k = 1
+        try:
+            while reason is None:
+                seq = context + ids + out
+                room = min(max_new_tokens - len(out), model.max_seq_len - len(seq)) - 1  # drafts past it are wasted
+                k_now = min(k, room) if cooldown == 0 else 0
+                drafts, qs = drafter.propose(seq, k_now, params, gen) if k_now > 0 else ([], None)
+                if drafts:  # verify: the last token and the drafts in one pass, logits after each
+                    block = torch.tensor([[seq[-1], *drafts]], device=dev)
+                    logits = model.prefill(block, len(seq) - 1, check=False)[0]  # (1 + len(drafts), V)
+                else:  # nothing to verify: a plain decode step (on CUDA the captured graph)
+                    logits = _next_logits(model, [seq[-1]], len(seq) - 1)[None]
+                stats["target_steps"] += 1
+                stats["proposed"] += len(drafts)
+                accepted = 0
+                for i, d in enumerate(drafts):
+                    instead = judge(logits[i], d, qs[i] if qs else None, params, counts, gen)
+                    if instead is None:
+                        accepted += 1
+                        reason = take(d)
+                        if reason is not None:
+                            break
+                        continue
+                    reason = take(instead)
+                    break
+                else:  # every draft accepted (or none proposed): the last row gives one more token
+                    reason = take(pick(logits[len(drafts)]))
+                stats["accepted"] += accepted
+                drafter.rollback(len(seq) + accepted)
+                if adaptive and drafts:
+                    k = min(k + 1, draft_tokens) if accepted == len(drafts) else (k // 2 if accepted == 0 else k)
+                    if k == 0:
+                        cooldown = COOLDOWN_STEPS
+                elif cooldown:
+                    cooldown -= 1
+                    if cooldown == 0:
+                        k = 1
+        except KeyboardInterrupt:
+            if not interruptible or not out:
+                raise
+            reason = "interrupted"
         sync(dev)
         decode_s = time.perf_counter() - t1
     if stream.hit is None:

@@ -52,8 +52,11 @@ def test_one_generator_per_session(llm):
     assert [b.reply("hi", max_new_tokens=6).tokens, b.reply("hi", max_new_tokens=6).tokens] == [r1.tokens, r2.tokens]
 
 
-def test_interrupted_reply_keeps_the_session(llm):
-    s = ChatSession(llm, seed=0, temperature=0)
+@pytest.mark.parametrize("draft", [False, True], ids=["plain", "speculative"])
+def test_interrupted_reply_keeps_the_session(llm, draft):
+    from llama3_triton.model.generation.speculative import NgramDrafter
+
+    s = ChatSession(llm, seed=0, temperature=0, drafter=NgramDrafter() if draft else None)
     pieces = []
 
     def on_text(_b, text):
@@ -117,3 +120,42 @@ def test_stop_strings_never_show_a_piece_of_the_stop():
     assert s.hit == len("Hello </end maybe not. ") and s.flush() == ""
     t = StopStrings(["xyz"])
     assert [t.feed("ab"), t.feed("cx"), t.flush()] == ["ab", "c", "x"]  # an unfinished prefix comes out at the end
+
+
+TURNS = ["one two three four one two three four", "and again: one two three four", "hi"]
+
+
+@pytest.mark.parametrize("kind", ["ngram", "model"])
+def test_speculative_chat_replies_equal_plain_chat_greedy(llm, tiny_ckpt, kind):
+    """chat --draft: each reply is decoded speculatively over the history in the cache; greedy, every turn's tokens,
+    stop reason and the cache's bookkeeping equal plain chat's."""
+    from llama3_triton.model.generation.speculative import ModelDrafter, NgramDrafter
+
+    plain = ChatSession(llm, temperature=0, system="Be brief.")
+    want = [plain.reply(t, max_new_tokens=10) for t in TURNS]  # the sessions share one KV cache: one after the other
+    drafter = NgramDrafter() if kind == "ngram" else ModelDrafter(Llama.load(tiny_ckpt, device="cpu"), llm)
+    spec = ChatSession(llm, temperature=0, system="Be brief.", drafter=drafter, draft_tokens=3)
+    got = [spec.reply(t, max_new_tokens=10) for t in TURNS]
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.stop_reasons for g in got] == [w.stop_reasons for w in want]
+    assert (spec.pos, spec.pending) == (plain.pos, plain.pending) and spec.pos == len(spec.history)
+    assert sum(g.extra["speculative"]["proposed"] for g in got) > 0  # the drafter was asked, every turn a verify
+
+
+def test_speculative_chat_sampled_repeats_with_its_seed(llm):
+    from llama3_triton.model.generation.speculative import NgramDrafter
+
+    def session():
+        s = ChatSession(llm, seed=3, drafter=NgramDrafter(), **SAMPLING)
+        return [s.reply(t, max_new_tokens=8).tokens for t in TURNS]
+
+    first = session()
+    assert session() == first and all(len(t[0]) <= 8 for t in first)
+
+
+def test_cli_chat_with_a_draft_prints_plain_chats_replies(ckpt, capsys, monkeypatch):
+    argv = ["--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0"]
+    lines = "\n".join(TURNS).encode() + b"\n"
+    rc, plain, _ = _chat(argv, lines, capsys, monkeypatch)
+    rc2, drafted, err = _chat([*argv, "--draft", "ngram", "--draft-tokens", "3"], lines, capsys, monkeypatch)
+    assert rc == rc2 == 0 and drafted == plain and len(plain.split("\n\n")) == len(TURNS), err
