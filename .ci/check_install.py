@@ -36,6 +36,8 @@ import llama3_triton.kernels as ours
 assert ours is not theirs and theirs.__name__ == "kernels"
 """
 where = python(ours_first).strip()
+# Package data: the calibration texts ship in the wheel (benchmarks/data), not only in the checkout.
+python("from llama3_triton.benchmarks import quant_texts; assert len(quant_texts.CALIBRATION) > 10_000")
 python(theirs_first)
 script = os.path.join(os.path.dirname(sys.executable), "llama3-triton")
 for args in (["--version"], ["info", "--help"], ["bench", "--help"]):

@@ -42,7 +42,7 @@ MAX_TOKENS = 1 << 16
 # the codes are chosen on, so a serving setting must not change it. It matters more than its size suggests: each
 # chunk's first token is an attention sink that every later position reads (the sink pass below), and cutting the
 # same text at 254 instead of 256 moved SmolLM2's int4 perplexity on HELDOUT from +4.0% to +5.3% and +7.0% (no
-# sink pass; an exact run and a perturbed one, tests/smol_gptq_spread.py's seed 0). The loader used to cut at
+# sink pass; an exact run and a perturbed one, benchmarks/gptq_spread.py's seed 0). The loader used to cut at
 # min(512, max_seq_len), so the CLI's default max_seq_len quantized SmolLM2 otherwise than the tests' 256 did (512:
 # +4.7% to +4.9% on TEXT, +6.0% to +6.2% on HELDOUT, the same two runs, against +4.4% to +5.6% and +3.3% to +4.1%
 # at 256). On DEV cut every 256 tokens (below) 128, 256 and 512 measured alike: +5.7%, +6.0%, +5.8%.
@@ -52,7 +52,7 @@ CHUNK = 256
 # alone. The chunks above show the products a dozen first tokens among ~2,950, so GPTQ spends almost nothing on
 # them. After the chunks, every distinct token of the text runs alone at position 0 (batches of SINK_BATCH), those
 # rows weighted to total SINK_SHARE of the text's tokens. Chosen on DEV (the paragraphs of
-# tests/data/calibration_more.txt, each from its start, with TEXT and HELDOUT: 3,379 tokens), SmolLM2, single runs:
+# benchmarks/data/calibration_more.txt, each from its start, with TEXT and HELDOUT: 3,379 tokens), SmolLM2, single runs:
 #
 #     share        plain int4: DEV   TEXT    HELDOUT     int4-g64: DEV   TEXT    HELDOUT
 #     none                 +6.0%   +4.9%   +4.1%                 +4.6%   +5.8%   +1.2%

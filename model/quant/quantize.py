@@ -210,7 +210,7 @@ def gptq_int4(
     calibrated on ~2,950
     tokens of other public-domain prose: the search alone +24.2%; both +5.8% to +6.7% (+5.3% to +5.7% since the
     sink pass of model/calibrate.py; GPTQ's choices cascade: runs whose H differ by 1e-6 land that far apart;
-    tests/smol_gptq_spread.py). A prototype's single runs, so within
+    benchmarks/gptq_spread.py). A prototype's single runs, so within
     that noise: the weighted search alone +9.7%, GPTQ with the unweighted search +12.2%, weighting by the damped
     diagonal (H_kk + 1% of its mean) +7.2%. Costs K Python steps over (block, N) rows and one (K, K) Cholesky per
     product; it holds W in fp32 (transposed, in rounding order) plus H."""

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.model.server.conftest import API_KEY, CONTEXT, Server
+from tests.model.server.harness import API_KEY, CONTEXT, Server
 
 PROMPT = "The capital of France is"
 

