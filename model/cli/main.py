@@ -429,7 +429,7 @@ def _drafter(args, llm):
 
 def cmd_chat(args) -> int:
     from llama3_triton.model import distributed
-    from llama3_triton.model.generation.generate import ChatSession, ContextFull
+    from llama3_triton.model.generation.chat import ChatSession, ContextFull
 
     tp = distributed.init_from_env()
     llm = _load(args)

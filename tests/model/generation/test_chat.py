@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from llama3_triton.model.cli.main import main
-from llama3_triton.model.generation.generate import ChatSession, ContextFull, generate
+from llama3_triton.model.generation.chat import ChatSession, ContextFull
+from llama3_triton.model.generation.generate import generate
 from llama3_triton.model.generation.sampling import SampleRng
 from llama3_triton.model.llama import Llama
 from llama3_triton.model.tokenizers.llama3 import ChatFormat
