@@ -216,10 +216,11 @@ def load(url: str, reqs: list[dict], *, concurrency: int | None = None, rate: fl
     return asyncio.run(_load(url.rstrip("/"), reqs, concurrency, rate, api_key, model, timeout_s))
 
 
-def measure(llm, n: int, prompt, output, max_num_seqs: int, alone: int, rate: float | None, log) -> dict:
-    """Every figure of one run on ``llm``."""
+def measure(llm, n: int, prompt, output, max_num_seqs: int, alone: int, rate: float | None, log,
+            budget: int = 512) -> dict:  # fmt: skip
+    """Every figure of one run on ``llm``; ``budget``: the engine's max_num_batched_tokens (a prompt's chunk)."""
     reqs = workload(n, prompt, output, llm.args.vocab_size)
-    budget, kv = 512, max_num_seqs * (prompt[1] + output[1])
+    kv = max_num_seqs * (prompt[1] + output[1])
     rec: dict[str, Any] = {
         "requests": n, "prompt_tokens": list(prompt), "output_tokens": list(output), "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": budget, "kv_cache_tokens": kv, "greedy": True, "ignore_eos": True,
@@ -334,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="the full-size run (default: the runner's smoke section)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="the engine's tokens per step (a new prompt's chunk), offline and over HTTP (default 512)",
+    )
     p.add_argument("--alone", type=int, default=8, help="requests timed one at a time (the slowest peer)")
     p.add_argument(
         "--rate",
@@ -351,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     p.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     args = p.parse_args(argv)
+    if not 1 <= args.max_num_batched_tokens <= 8192:
+        p.error(f"--max-num-batched-tokens must be in [1, 8192], got {args.max_num_batched_tokens}")
     if args.url:
         reqs = workload(args.requests, tuple(args.prompt_tokens), tuple(args.output_tokens), args.vocab)
         try:
@@ -385,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     prompt, output = tuple(args.prompt_tokens), tuple(args.output_tokens)
     rate = 2.0 if args.rate is None else args.rate
-    rec |= measure(llm, args.requests, prompt, output, args.max_num_seqs, args.alone, rate or None, say)
+    rec |= measure(llm, args.requests, prompt, output, args.max_num_seqs, args.alone, rate or None, say,
+                   budget=args.max_num_batched_tokens)  # fmt: skip
     if args.http:
         rec["http"] = over_http(path, workload(args.requests, prompt, output, llm.args.vocab_size), rec, args)
         say(f"serving over HTTP: {rec['http']['tokens_per_s']:.1f} output tokens/s")

@@ -583,3 +583,16 @@ def test_gate_archs_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("LLAMA3_TRITON_GATE_ARCHS", "75")
     with pytest.raises(SystemExit, match="expected some of"):
         gate_archs()
+
+
+def test_serving_takes_the_engines_token_budget(tiny64_ckpt):
+    """--max-num-batched-tokens reaches the engine (the chunk a new prompt is cut into) and is checked up front."""
+    from llama3_triton.benchmarks import serving
+    from llama3_triton.model.llama import Llama
+
+    with pytest.raises(SystemExit) as e:
+        serving.main(["--full", "--max-num-batched-tokens", "0"])
+    assert e.value.code == 2
+    llm = Llama.load(tiny64_ckpt, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=64)
+    rec = serving.measure(llm, 3, (4, 20), (2, 4), 2, 1, None, lambda s: None, budget=8)
+    assert rec["max_num_batched_tokens"] == 8 and rec["engine"]["tokens_per_s"] > 0
