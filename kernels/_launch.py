@@ -15,6 +15,7 @@ when this module is first imported, before any kernel can be launched; compiled 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,21 @@ def check_index(
     if (contiguous and not t.is_contiguous()) or (t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1):
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
     return t
+
+
+def check_scale(scale: object) -> float | None:
+    """The softmax scale a launcher takes: None (1 / sqrt(D)) or a finite number > 0, else a ValueError."""
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    return scale
+
+
+def check_splits(num_splits: object, most: int) -> int | None:
+    """A split count a caller chose: None (the launcher's choice) or an int in [1, most], else a ValueError."""
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= most):  # fmt: skip
+        raise ValueError(f"num_splits: expected an int in [1, {most}], got {num_splits!r}")
+    return num_splits
 
 
 def check_pages(name: str, pages: object, *, like: torch.Tensor, head_dim: int, heads: int | None = None) -> tuple:

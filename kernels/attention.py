@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llama3_triton.kernels._launch import aligned_strides, check_tensor, interpreting, variant
+from llama3_triton.kernels._launch import aligned_strides, check_scale, check_tensor, interpreting, variant
 
 __all__ = ["attention", "compile_variants"]
 
@@ -359,8 +359,7 @@ def attention(
         raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
     if start_pos + T > S:
         raise ValueError(f"start_pos: start_pos + T = {start_pos + T} exceeds the {S} keys in k/v")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    check_scale(scale)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 
 import torch
 import triton
@@ -77,6 +76,8 @@ from llama3_triton.kernels._launch import (
     PagedCache,
     aligned_strides,
     capturing,
+    check_scale,
+    check_splits,
     check_tensor,
     interpreting,
     variant,
@@ -413,15 +414,11 @@ def decode_attention(
         raise ValueError(f"lengths: expected shape ({B},) on {q.device}, got {got}")
     if block_tables is not None and lengths.dtype != torch.int32:  # one compiled variant, as the tables
         raise ValueError(f"lengths: expected an int32 tensor with block_tables (the engine's), got {lengths.dtype}")
-    min_keys = MIN_KEYS_PER_SPLIT
-    if num_splits is None:
-        num_splits = _default_num_splits(B, Hkv, S_max, q.device)
-    elif not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits: expected an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if check_splits(num_splits, MAX_SPLITS) is None:
+        num_splits, min_keys = _default_num_splits(B, Hkv, S_max, q.device), MIN_KEYS_PER_SPLIT
     else:
         min_keys = 1  # the caller chose the split count: use it wherever there are keys
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    check_scale(scale)
     if out is None:
         out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     else:
@@ -486,6 +483,16 @@ def paged_decode_attention(
     )  # fmt: skip
 
 
+def stage1_shapes():
+    """(dtype, its name, head dim, lengths type, page size) of every stage-1-shaped launch: the slab (page 0) with
+    int32 or int64 lengths, the pool with int32 only. The compile lists here and in decode_step.py walk it."""
+    for dtype in DTYPES:
+        for d in HEAD_DIMS:
+            for len_ty, page in itertools.product(("*i32", "*i64"), (0, *PAGE_SIZES)):
+                if not (page and len_ty == "*i64"):  # paged launches take int32 lengths and positions only
+                    yield dtype, str(dtype).split(".")[-1], d, len_ty, page
+
+
 def compile_variants() -> list[dict]:
     """Every kernel configuration the launcher can pick on a GPU, for the AOT compile gate.
 
@@ -494,30 +501,24 @@ def compile_variants() -> list[dict]:
     ``DOT_FP32=True`` is left out: only the interpreter picks it.
     """
     variants = []
-    for dtype in DTYPES:
-        name = str(dtype).split(".")[-1]
-        for d in HEAD_DIMS:
-            for len_ty, page in itertools.product(("*i32", "*i64"), (0, *PAGE_SIZES)):
-                if page and len_ty == "*i64":  # paged launches take int32 lengths only
-                    continue
-                block_n, num_warps, num_stages = _stage1_config(dtype, d, page > 0)
-                types = {n: PTR[dtype] for n in ("Q", "K", "V")} | {"Lengths": len_ty}
-                types.update(O_part="*fp32", Lse="*fp32", qk_scale="fp32")
-                types["BlockTables"] = "*i32" if page else PTR[dtype]  # the slab's launcher passes q, never read
-                cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False, "PAGE_SIZE": page}
-                tag = f"decode_split_{name}_d{d}_n{block_n}_len{len_ty[1:]}" + (f"_pages{page}" if page else "")
-                unaligned = ["Lengths", "BlockTables"]
-                variants.append(
-                    variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=unaligned)
-                )
-            block_n = _stage1_config(dtype, d, False)[0]  # the combine's BLOCK_N: stage 1's, which paging keeps
-            for len_ty in ("*i32", "*i64"):
-                block_s = 1
-                while block_s <= MAX_SPLITS:
-                    types = {"O_part": "*fp32", "Lse": "*fp32", "Out": PTR[dtype], "Lengths": len_ty}
-                    cx = {"HEAD_DIM": d, "BLOCK_S": block_s, "BLOCK_N": block_n}
-                    tag = f"decode_combine_{name}_d{d}_s{block_s}_len{len_ty[1:]}"
-                    w = _combine_warps(d)
-                    variants.append(variant(tag, _decode_combine_kernel, types, cx, w, 3, unaligned=["Lengths"]))
-                    block_s *= 2
+    for dtype, name, d, len_ty, page in stage1_shapes():
+        block_n, num_warps, num_stages = _stage1_config(dtype, d, page > 0)
+        types = {n: PTR[dtype] for n in ("Q", "K", "V")} | {"Lengths": len_ty}
+        types.update(O_part="*fp32", Lse="*fp32", qk_scale="fp32")
+        types["BlockTables"] = "*i32" if page else PTR[dtype]  # the slab's launcher passes q, never read
+        cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False, "PAGE_SIZE": page}
+        tag = f"decode_split_{name}_d{d}_n{block_n}_len{len_ty[1:]}" + (f"_pages{page}" if page else "")
+        unaligned = ["Lengths", "BlockTables"]
+        variants.append(variant(tag, _decode_split_kernel, types, cx, num_warps, num_stages, unaligned=unaligned))
+    for dtype, name, d in ((dt, str(dt).split(".")[-1], d) for dt in DTYPES for d in HEAD_DIMS):
+        block_n = _stage1_config(dtype, d, False)[0]  # the combine's BLOCK_N: stage 1's, which paging keeps
+        for len_ty in ("*i32", "*i64"):
+            block_s = 1
+            while block_s <= MAX_SPLITS:
+                types = {"O_part": "*fp32", "Lse": "*fp32", "Out": PTR[dtype], "Lengths": len_ty}
+                cx = {"HEAD_DIM": d, "BLOCK_S": block_s, "BLOCK_N": block_n}
+                tag = f"decode_combine_{name}_d{d}_s{block_s}_len{len_ty[1:]}"
+                w = _combine_warps(d)
+                variants.append(variant(tag, _decode_combine_kernel, types, cx, w, 3, unaligned=["Lengths"]))
+                block_s *= 2
     return variants

@@ -31,18 +31,22 @@ partials of a split sequence, written and read once from L2: the floor is decode
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from llama3_triton.kernels._launch import PAGE_SIZES, PagedCache, aligned_strides, check_tensor, interpreting, variant
+from llama3_triton.kernels._launch import (
+    PagedCache,
+    aligned_strides,
+    check_scale,
+    check_splits,
+    check_tensor,
+    interpreting,
+    variant,
+)
 from llama3_triton.kernels.attention import online_softmax_step
 from llama3_triton.kernels.decode import (
     BLOCK_G,
-    DTYPES,
     HEAD_DIMS,
     LOG2E,
     MAX_SPLITS,
@@ -54,6 +58,7 @@ from llama3_triton.kernels.decode import (
     _stage1_config,
     attend_keys,
     query_rows,
+    stage1_shapes,
     store_partials,
 )
 
@@ -295,14 +300,11 @@ def rope_decode_attention(
         raise ValueError(f"workspace: expected a DecodeWorkspace for >= {B} sequences of ({Hq}, {Hkv}, {D}) heads")
     if ws.counters.device != q.device:
         raise ValueError(f"workspace: on {ws.counters.device}, q is on {q.device}")
-    if num_splits is None:
+    if check_splits(num_splits, MAX_SPLITS) is None:
         num_splits, min_keys = _default_num_splits(B, Hkv, S_max, q.device), MIN_KEYS_PER_SPLIT
-    elif isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS:
-        min_keys = 1
     else:
-        raise ValueError(f"num_splits: expected an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+        min_keys = 1  # the caller chose the split count: use it wherever there are keys
+    check_scale(scale)
     if out is None:
         out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     else:
@@ -353,20 +355,13 @@ def compile_variants() -> list[dict]:
     dtype x head dim x positions dtype x page size (0: the slab), with stage 1's block config.
     ``DOT_FP32=True`` is left out: only the interpreter picks it."""
     variants = []
-    for dtype in DTYPES:
-        name = str(dtype).split(".")[-1]
-        for d in HEAD_DIMS:
-            for len_ty, page in itertools.product(("*i32", "*i64"), (0, *PAGE_SIZES)):
-                if page and len_ty == "*i64":  # paged launches take int32 positions only
-                    continue
-                block_n, num_warps, num_stages = _stage1_config(dtype, d, page > 0)
-                types = {n: PTR[dtype] for n in ("Q", "K", "V", "Knew", "Vnew", "Out")} | {"Lengths": len_ty}
-                types.update(O_part="*fp32", Lse="*fp32", CosSin="*fp32", Counter="*i32", qk_scale="fp32")
-                types["BlockTables"] = "*i32" if page else PTR[dtype]  # the slab's launcher passes q, never read
-                cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False, "PAGE_SIZE": page}
-                tag = f"decode_step_{name}_d{d}_n{block_n}_len{len_ty[1:]}" + (f"_pages{page}" if page else "")
-                unaligned = ["Lengths", "BlockTables"]
-                variants.append(
-                    variant(tag, _decode_step_kernel, types, cx, num_warps, num_stages, unaligned=unaligned)
-                )
+    for dtype, name, d, len_ty, page in stage1_shapes():
+        block_n, num_warps, num_stages = _stage1_config(dtype, d, page > 0)
+        types = {n: PTR[dtype] for n in ("Q", "K", "V", "Knew", "Vnew", "Out")} | {"Lengths": len_ty}
+        types.update(O_part="*fp32", Lse="*fp32", CosSin="*fp32", Counter="*i32", qk_scale="fp32")
+        types["BlockTables"] = "*i32" if page else PTR[dtype]  # the slab's launcher passes q, never read
+        cx = {"HEAD_DIM": d, "BLOCK_G": BLOCK_G, "BLOCK_N": block_n, "DOT_FP32": False, "PAGE_SIZE": page}
+        tag = f"decode_step_{name}_d{d}_n{block_n}_len{len_ty[1:]}" + (f"_pages{page}" if page else "")
+        unaligned = ["Lengths", "BlockTables"]
+        variants.append(variant(tag, _decode_step_kernel, types, cx, num_warps, num_stages, unaligned=unaligned))
     return variants

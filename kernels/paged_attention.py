@@ -43,6 +43,7 @@ from llama3_triton.kernels._launch import (
     aligned_strides,
     capturing,
     check_index,
+    check_scale,
     check_tensor,
     interpreting,
     variant,
@@ -187,8 +188,7 @@ def paged_prefill_attention(
         raise ValueError(f"cu_seqlens_q: expected batch * kv heads <= 65535, got {B} * {Hkv}")
     if max_seqlen_q is not None and not (isinstance(max_seqlen_q, int) and 0 <= max_seqlen_q):
         raise ValueError(f"max_seqlen_q: expected an int >= 0 (the longest chunk), got {max_seqlen_q!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    check_scale(scale)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:

@@ -48,3 +48,17 @@ def test_importing_does_not_import_triton_kernels(module):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith(('kernels.', 'triton'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() in ("[]", "['llama3_triton.kernels.reference']"), out
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "0.1"])
+def test_one_scale_check_for_every_attention_launcher(bad):
+    """kernels/_launch.py's check_scale and check_splits are the launchers' one copy of these checks."""
+    from llama3_triton.kernels._launch import check_scale, check_splits
+
+    with pytest.raises(ValueError, match=r"scale: expected a finite float > 0"):
+        check_scale(bad)
+    assert check_scale(None) is None and check_scale(0.125) == 0.125
+    for splits in (0, 65, True, 2.0, "4"):
+        with pytest.raises(ValueError, match=r"num_splits: expected an int in \[1, 64\]"):
+            check_splits(splits, 64)
+    assert check_splits(None, 64) is None and check_splits(64, 64) == 64
