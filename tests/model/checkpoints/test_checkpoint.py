@@ -32,9 +32,9 @@ from llama3_triton.model.tools.tiny import (
     make_tiny,
     random_weights,
     tiny_args,
-    write_hf_checkpoint,
     write_meta_checkpoint,
 )
+from tests.hostile import small_checkpoint
 
 # ---- round trips through make_tiny --------------------------------------------------------------------------
 
@@ -258,17 +258,7 @@ def test_permutation_turns_interleaved_rope_into_rotate_half():
 
 # ---- small checkpoints to break -----------------------------------------------------------------------------
 
-_SMALL = {"dim": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32}
-
-
-def _small(folder: Path, *, shards: int = 1, hf: bool = False, hf_shards: int = 1, tied: bool = False, seed: int = 1):
-    args = tiny_args(**_SMALL, tie_embeddings=tied)
-    weights = random_weights(args, seed, torch.float32)
-    if hf:
-        write_hf_checkpoint(folder, args, weights, hf_shards)
-    else:
-        write_meta_checkpoint(folder, args, weights, shards, 32, 1.3, default_tokenizer_path())
-    return args, weights
+_small = small_checkpoint  # tests/hostile.py
 
 
 def _edit_pth(path: Path, edit) -> None:

@@ -16,20 +16,9 @@ import torch
 
 from llama3_triton.model.checkpoints.folder import Checkpoint, CheckpointError
 from llama3_triton.model.tokenizers.llama3 import default_tokenizer_path
-from llama3_triton.model.tools.tiny import random_weights, tiny_args, write_hf_checkpoint, write_meta_checkpoint
-from tests.hostile import fifo_in_place
+from tests.hostile import fifo_in_place, small_checkpoint
 
-_SMALL = {"dim": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32}
-
-
-def _small(folder: Path, *, shards: int = 1, hf: bool = False, hf_shards: int = 1, seed: int = 1):
-    args = tiny_args(**_SMALL)
-    weights = random_weights(args, seed, torch.float32)
-    if hf:
-        write_hf_checkpoint(folder, args, weights, hf_shards)
-    else:
-        write_meta_checkpoint(folder, args, weights, shards, 32, 1.3, default_tokenizer_path())
-    return args, weights
+_small = small_checkpoint  # tests/hostile.py
 
 
 def _raises(folder: Path, *needles: str, read_all: bool = False) -> str:
