@@ -61,6 +61,8 @@ def gate_archs() -> list[int]:
     if not archs:
         raise SystemExit(f"LLAMA3_TRITON_GATE_ARCHS={named!r}: expected some of {ARCHS}, comma-separated")
     return archs
+
+
 # Opt-in shared memory per block: A100 163 KB (sm_80), H100 227 KB (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TENSOR_CORE_OPS = {80: ("HMMA",), 90: ("HMMA", "HGMMA")}
@@ -179,8 +181,10 @@ def run(jobs: int = 2, progress: bool = True, only: list[str] | None = None) -> 
         tasks = [t for t in tasks if any(o in names[t[0], t[1]] for o in only)]
     # Each compile takes seconds (ptxas on the autotuner's largest tiles): say what is happening, and how far.
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
-    log(f"compiling {len(tasks)} kernel configurations for sm_{'/sm_'.join(map(str, gate_archs()))} with {jobs} "
-        "process(es)")
+    log(
+        f"compiling {len(tasks)} kernel configurations for sm_{'/sm_'.join(map(str, gate_archs()))} with {jobs} "
+        "process(es)"
+    )
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), unit="config", file=sys.stderr, disable=not (progress and sys.stderr.isatty()))
