@@ -36,14 +36,20 @@ def _script() -> str:
 
 def first_output(cmd: list[str], timeout: float = 600.0) -> tuple[float, float]:
     """(seconds to the first byte on stdout, seconds to exit) of ``cmd``; a failed command raises."""
+    import select
+
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        # Wait for the first byte at most ``timeout`` (a command that hangs before printing must not hang this).
+        if not select.select([p.stdout], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(cmd, timeout)
         first = p.stdout.read(1)
         t_first = time.perf_counter() - t0
-        _, err = p.communicate(timeout=timeout)
+        _, err = p.communicate(timeout=max(timeout - t_first, 1.0))
     except BaseException:
         p.kill()
+        p.wait()
         raise
     if p.returncode != 0 or not first:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {err.decode(errors='replace').strip()[-300:]}")

@@ -566,6 +566,11 @@ def test_startup_benchmark_times_the_console_script(tiny64_ckpt, tmp_path, capsy
     assert "| info |" in (tmp_path / "startup.md").read_text() and "| info |" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="exited 1"):
         startup.first_output([startup._script(), "info", "--ckpt", str(tmp_path / "missing")])
+    with pytest.raises(subprocess.TimeoutExpired):  # silent and stuck: given up on, not waited for
+        startup.first_output([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1.0)
+    with pytest.raises(SystemExit) as e:
+        startup.main(["--repeats", "0"])
+    assert e.value.code == 2
 
 
 def test_gate_archs_come_from_the_environment(monkeypatch):
