@@ -83,6 +83,7 @@ class ChatSession:
                 self.model, prompt, self.drafter, max_new_tokens=min(max_new_tokens, room), params=self.params,
                 stop=self.sampling.get("stop"), on_text=on_text, draft_tokens=self.draft_tokens,
                 context=self.history, generator=self.draft_generator, interruptible=interruptible,
+                keep_drafter=bool(self.history),  # the previous turn's sequence is a prefix of this one's
             )  # fmt: skip
         else:
             out = generate(

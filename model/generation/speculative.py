@@ -195,6 +195,7 @@ def speculative_generate(
     context: Sequence[int] = (),
     generator: torch.Generator | None = None,
     interruptible: bool = False,
+    keep_drafter: bool = False,
 ) -> GenerationOutput:
     """Generate for one prompt with ``drafter``'s proposals verified by ``model`` (module docstring); the same
     ``GenerationOutput`` as ``generate``, with ``extra["speculative"]`` the acceptance statistics.
@@ -202,7 +203,9 @@ def speculative_generate(
     ``context``: tokens already in the model's KV cache at positions 0.. (a chat's history): the prompt goes in
     after them, and the drafter sees them too. ``generator``: the random stream of sampled runs (a chat session's
     one), else one seeded with ``seed``. ``interruptible``: Ctrl-C ends the generation with stop reason
-    "interrupted" once a token is out, as ``generate``'s."""
+    "interrupted" once a token is out, as ``generate``'s. ``keep_drafter``: the drafter last saw a sequence that
+    ``context`` extends (a chat's previous turn): it keeps what it holds of ``context`` (a draft model's cache)
+    instead of starting over."""
     params = params or SamplingParams(0.0, 1.0, 0)
     tok, dev, V = model.tokenizer, model.device, model.args.vocab_size
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT:
@@ -223,7 +226,10 @@ def speculative_generate(
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     counts = TokenCounts([ids], V, dev) if params.penalized else None
     stream = TextStream(tok, stop or ())
-    drafter.reset()
+    if keep_drafter:
+        drafter.rollback(len(context))
+    else:
+        drafter.reset()
     stats = {"drafter": drafter.name, "target_steps": 0, "proposed": 0, "accepted": 0, "draft_tokens": draft_tokens}
     out: list[int] = []
     reason: str | None = None

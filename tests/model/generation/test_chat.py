@@ -136,7 +136,16 @@ def test_speculative_chat_replies_equal_plain_chat_greedy(llm, tiny_ckpt, kind):
     want = [plain.reply(t, max_new_tokens=10) for t in TURNS]  # the sessions share one KV cache: one after the other
     drafter = NgramDrafter() if kind == "ngram" else ModelDrafter(Llama.load(tiny_ckpt, device="cpu"), llm)
     spec = ChatSession(llm, temperature=0, system="Be brief.", drafter=drafter, draft_tokens=3)
-    got = [spec.reply(t, max_new_tokens=10) for t in TURNS]
+    starts: list[list[int]] = []  # per turn: where the draft model's multi-token passes began
+    if kind == "model":
+        real = drafter.llm.prefill
+        drafter.llm.prefill = lambda tokens, start, **kw: starts[-1].append(int(start)) or real(tokens, start, **kw)
+    got = []
+    for t in TURNS:
+        starts.append([])
+        got.append(spec.reply(t, max_new_tokens=10))
+    if kind == "model":  # the draft's cache is kept across turns: only the first turn feeds it from position 0
+        assert starts[0][0] == 0 and all(s > 0 for turn in starts[1:] for s in turn) and all(starts[1:]), starts
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert [g.stop_reasons for g in got] == [w.stop_reasons for w in want]
     assert (spec.pos, spec.pending) == (plain.pos, plain.pending) and spec.pos == len(spec.history)
