@@ -105,6 +105,7 @@ def _products(ctx: Context) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from llama3_triton.kernels import reference
     from llama3_triton.model.quant.quantize import QuantLinear
 
     shapes = PRODUCTS_SMOKE if ctx.smoke else PRODUCTS_8B
@@ -127,12 +128,13 @@ def _products(ctx: Context) -> dict:
                     q = torch.randint(0, 256, (N, K // 2), generator=g).to(torch.uint8)
                     s = torch.full((N, K // 128), 1e-3, dtype=torch.float16)
                     m = torch.full((N, K // 128), -8e-3, dtype=torch.float16)
-                lin = QuantLinear(q, s, m, format=fmt, dtype=torch.bfloat16, backend="torch")
+                lin = QuantLinear(q, s, m, format=fmt, dtype=torch.bfloat16)
                 x = torch.randn(1, K, generator=g).to(torch.bfloat16)
-                if lin._cpu_kernel(x) is None:
+                packed = reference.pack_quant(*lin.planes, torch.bfloat16)  # what the torch backend's model holds
+                if packed is None:
                     raise RuntimeError(f"{fmt} {N}x{K}: torch's CPU weight-only kernel does not take this layout")
-                ms = _median_ms(lambda lin=lin, x=x: lin(x), reps)
-                del q, lin
+                ms = _median_ms(lambda lin=lin, x=x, p=packed: reference.quant_linear(x, *lin.planes, packed=p), reps)
+                del q, lin, packed
             out["ms"].setdefault(fmt, {})[name] = ms
             total += ms
         out["ms"][fmt]["layer"] = total

@@ -485,10 +485,10 @@ def _quantized_points(ctx: Context, model, args, contexts: list[int], es: int, a
                                      (layer.feed_forward, "w13"), (layer.feed_forward, "w2")):  # fmt: skip
                     old = getattr(parent, name)
                     swapped.append((parent, name, old))
-                    setattr(parent, name, quant.quantize_product(name, old.weight, (kind, g), model.dtype, "triton"))
+                    setattr(parent, name, quant.quantize_product(name, old.weight, (kind, g), model.dtype))
             head = model.tok_embeddings if model.output is None else model.output  # tied: a quantized copy, as loaded
             swapped.append((model, "output", model.output))
-            model.output = quant.quantize_product("output", head.weight, (kind, g), model.dtype, "triton")
+            model.output = quant.quantize_product("output", head.weight, (kind, g), model.dtype)
             _use(model, "triton", True, True)
             for L in contexts:
                 row = _decode_point(ctx, model, args, f"triton_{fmt}", 1, L, es)

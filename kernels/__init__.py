@@ -9,7 +9,8 @@ Two backends implement the same ops, the ``Ops`` protocol below, which is all th
                          KV cache; rope.py, decode.py and decode_step.py take the paged cache too, behind a
                          constexpr switch); _launch.py holds what their launchers share
     kernels.reference    the same functions in plain PyTorch: the definitions the kernels are tested against,
-                         and the backend that runs anywhere
+                         and the backend that runs anywhere (its one fast path: a quantized product on a CPU
+                         runs on torch's own weight-only kernels, given the weight ``pack_quant`` made for them)
 
 Choosing one is one line: ``ops = kernels.reference`` or ``from kernels import triton_ops as ops``.
 
@@ -31,9 +32,9 @@ __all__ = ["Ops"]
 class Ops(Protocol):
     """The ops the model driver calls on its backend, one per kernel.
 
-    Prefill and the unfused decode step use the first six around torch's (cuBLAS's) matrix products. The fused
-    decode step (``Llama.decode`` on the Triton backend) uses ``linear`` and ``rope_decode_attention`` alone:
-    five launches a layer.
+    Prefill and the unfused decode step use the first six around torch's (cuBLAS's) matrix products, and
+    ``quant_linear`` for a quantized product of up to 8 rows. The fused decode step (``Llama.decode`` on the Triton
+    backend) uses ``linear`` (or ``quant_linear``) and ``rope_decode_attention`` alone: five launches a layer.
 
     Shapes (Meta's): activations (B, T, heads, head_dim); the KV cache as a (B, S_max, Hkv, head_dim) view.
     The engine's paged ops (``rope_write_paged_cache``, ``paged_*``) take packed tokens instead, and the cache as
@@ -173,6 +174,41 @@ class Ops(Protocol):
         """x (M, K) @ weight.T for few rows M, with the ops around it fused: RMSNorm(x) * rms_weight instead of
         x, silu(x W1.T) * (x W3.T) of weight = [W1; W3], + residual. Into ``out`` (x's dtype or fp32) if given.
         ``workspace``: kernels.gemv's GemvWorkspace, the scratch of its split-K (one per model)."""
+        ...
+
+    def quant_linear(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor | None,
+        group: int,
+        *,
+        rms_weight: torch.Tensor | None = None,
+        eps: float = 1e-5,
+        residual: torch.Tensor | None = None,
+        swiglu: bool = False,
+        out: torch.Tensor | None = None,
+        workspace: object = None,
+        packed: object = None,
+    ) -> torch.Tensor:
+        """``linear`` (same fusions, same keywords) with a weight-only quantized weight given as its planes
+        (kernels/quant.py's layouts: ``qweight`` int8 or packed 4-bit, ``scales`` and ``mins`` per ``group``
+        weights of a row). ``packed``: what this backend's ``pack_quant`` made of these planes, or None."""
+        ...
+
+    def pack_quant(
+        self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int, dtype: torch.dtype
+    ) -> object:
+        """The planes as this backend's quantized product reads them best with ``dtype`` activations, made once
+        per weight and handed back to ``quant_linear`` as ``packed``; None when the planes serve as they are."""
+        ...
+
+    def workspaces(
+        self, max_batch: int, n_heads: int, n_kv_heads: int, head_dim: int, device: torch.device
+    ) -> tuple[object, object]:
+        """The fused decode step's scratch, made once per model: (``rope_decode_attention``'s workspace,
+        ``linear``'s and ``quant_linear``'s); (None, None) for a backend that keeps none."""
         ...
 
     def rope_decode_attention(

@@ -280,11 +280,14 @@ def quant_linear(
     split_k: int | None = None,
     workspace=None,
     config: tuple[int, int, int, int] | None = None,
+    packed: None = None,
 ) -> torch.Tensor:
     """x (..., K) @ dequantize(W).T with the fusions and split-K of ``kernels.gemv.linear`` (same keywords, same
     meaning); W given as its planes (module docstring): ``qweight``, ``scales``, ``mins`` (None: symmetric),
     ``group`` (weights per scale; K: per channel). Returns (..., N) in x's dtype. ``config``: as gemv's (BLOCK_K a
-    multiple of 32 and of the group)."""
+    multiple of 32 and of the group). ``packed``: ``pack_quant``'s, always None (the kernel reads the planes)."""
+    if packed is not None:
+        raise ValueError("packed: the Triton kernel reads the planes themselves (its pack_quant gives None)")
     K = check_x(x, _INTERPRET)
     bits = check_layout(qweight, scales, mins, K, group)
     if config is not None:
@@ -313,6 +316,13 @@ def quant_linear(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def pack_quant(
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int, dtype: torch.dtype
+) -> None:
+    """The ops contract's repacking step: none, the kernel reads the planes as the loader stores them."""
+    return None
 
 
 # The layouts the loader builds: (name, bits, group (0: per channel), has_min).

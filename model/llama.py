@@ -59,6 +59,7 @@ from llama3_triton.model.distributed import TensorParallel
 from llama3_triton.model.errors import UserError, shown
 from llama3_triton.model.graph import DecodeGraph
 from llama3_triton.model.loading import default_device, default_dtype, select_ops
+from llama3_triton.model.quant.quantize import QuantLinear
 from llama3_triton.model.tokenizers.llama3 import Tokenizer
 
 
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         layer's cache, into which this step's keys and values are written."""
         B, T, _ = h.shape
         Hq, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(h)  # (B, T, (Hq + 2 Hkv) * hd)
+        qkv = _matmul(step.ops, self.wqkv, h)  # (B, T, (Hq + 2 Hkv) * hd)
         q = qkv[..., : Hq * hd].unflatten(-1, (Hq, hd))  # (B, T, Hq, hd), a view
         k = qkv[..., Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
         v = qkv[..., (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))  # (B, T, Hkv, hd)
@@ -113,13 +114,13 @@ class Attention(nn.Module):
         ops = step.ops
         if step.pages is not None:  # k_cache, v_cache: this layer's page pools (num_pages, PAGE, Hkv, hd)
             o = self._paged(q[0], k[0], v[0], step, k_cache, v_cache)  # (N, Hq, hd), the N packed tokens
-            return self.tp.all_reduce(self.wo(o.reshape(B, T, Hq * hd)))
+            return self.tp.all_reduce(_matmul(ops, self.wo, o.reshape(B, T, Hq * hd)))
         q = ops.rope_write_cache(q, k, v, step.positions, step.cos_sin, k_cache, v_cache, check_values=False)
         if step.start_pos is None:  # decode: one query per sequence, each sees its own cache length
             o = ops.decode_attention(q[:, 0], k_cache, v_cache, step.lengths, check_values=False)  # (B, Hq, hd)
         else:  # prefill (possibly a chunk after earlier tokens): causal over slots 0 .. start_pos + T - 1
             o = ops.attention(q, k_cache, v_cache, start_pos=step.start_pos)  # (B, T, Hq, hd)
-        return self.tp.all_reduce(self.wo(o.reshape(B, T, Hq * hd)))  # (B, T, dim); TP: sum the ranks' parts
+        return self.tp.all_reduce(_matmul(ops, self.wo, o.reshape(B, T, Hq * hd)))  # (B, T, dim); TP: sum the parts
 
     def _paged(self, q, k, v, step: Step, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
         """The same attention over the paged cache: RoPE + k, v to their slots, then each sequence's queries
@@ -144,8 +145,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(self.hidden, args.dim, bias=False)
 
     def forward(self, h: torch.Tensor, step: Step) -> torch.Tensor:
-        gu = self.w13(h)  # (B, T, 2 * hidden)
-        out = self.w2(step.ops.swiglu(gu[..., : self.hidden], gu[..., self.hidden :]))  # (B, T, dim)
+        ops = step.ops
+        gu = _matmul(ops, self.w13, h)  # (B, T, 2 * hidden)
+        out = _matmul(ops, self.w2, ops.swiglu(gu[..., : self.hidden], gu[..., self.hidden :]))  # (B, T, dim)
         return self.tp.all_reduce(out)
 
 
@@ -208,9 +210,23 @@ class DecodeStep:
 
 
 def _product(ops: Ops, linear: nn.Module, x: torch.Tensor, **fusions) -> torch.Tensor:
-    """x @ linear's weight with ``ops.linear``'s fusions; a quantized layer brings its own kernel (``gemv``)."""
-    gemv = getattr(linear, "gemv", None)
-    return gemv(x, **fusions) if gemv is not None else ops.linear(x, linear.weight, **fusions)
+    """The fused decode step's product: x @ linear's weight with ``ops.linear``'s fusions, or ``ops.quant_linear``'s
+    for a quantized layer (its planes, and what the backend packed of them)."""
+    if isinstance(linear, QuantLinear):
+        return ops.quant_linear(x, *linear.planes, packed=linear.packed, **fusions)
+    return ops.linear(x, linear.weight, **fusions)
+
+
+def _matmul(ops: Ops, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A product of the prefill path, x (B, T, K): torch's (cuBLAS's) for a dense weight; for a quantized one the
+    backend's ``quant_linear`` up to GEMV_ROWS rows (an unfused decode step, an engine's decode batch, a speculative
+    verify), beyond them torch's product on the weight dequantized a slice at a time (``QuantLinear.forward``)."""
+    if isinstance(linear, QuantLinear) and x.numel() <= GEMV_ROWS * x.shape[-1]:
+        return ops.quant_linear(x, *linear.planes, packed=linear.packed)
+    return linear(x)
+
+
+GEMV_ROWS = 8  # rows up to which a quantized product reads its planes (a GEMV) rather than a dequantized copy
 
 
 class Llama(nn.Module):
@@ -368,9 +384,6 @@ class Llama(nn.Module):
             self.backend = backend
             if fused_decode is None:
                 self.fused_decode = backend == "triton" and not self.tp.enabled
-            for m in self.modules():  # quantized products pick their kernels by backend too
-                if hasattr(m, "gemv") and hasattr(m, "backend"):
-                    m.backend = backend
         if ops is not None:
             self.ops = ops
         if cuda_graph is not None:
@@ -379,20 +392,20 @@ class Llama(nn.Module):
             if fused_decode and self.tp.enabled:
                 raise UserError("fused_decode: not available under tensor parallelism")
             self.fused_decode = bool(fused_decode)
+        for m in self.modules():  # each quantized product's planes as this backend reads them best
+            if isinstance(m, QuantLinear):
+                m.packed = self.ops.pack_quant(*m.planes, self.dtype)
         self._make_decode_workspace()
         self._graphs.clear()
 
     def _make_decode_workspace(self) -> None:
-        """The fused step's scratch for the Triton kernels (kernels.decode_step.DecodeWorkspace for the attention,
-        kernels.gemv.GemvWorkspace for the products' split-K), else None."""
+        """The fused step's scratch, the backend's (``ops.workspaces``): for the attention and the products."""
         self.decode_workspace = self.gemv_workspace = None
-        if self.fused_decode and self.max_batch_size and getattr(self.ops, "DecodeWorkspace", None) is not None:
+        if self.fused_decode and self.max_batch_size:
             a = self.args
-            self.decode_workspace = self.ops.DecodeWorkspace(
+            self.decode_workspace, self.gemv_workspace = self.ops.workspaces(
                 self.max_batch_size, a.n_heads, a.n_kv_heads, a.head_dim, self.device
             )
-            gemv_workspace = getattr(self.ops, "GemvWorkspace", None)
-            self.gemv_workspace = gemv_workspace.for_device(self.device) if gemv_workspace is not None else None
 
     def has_decode_graph(self, batch: int) -> bool:
         """Whether decode steps of this batch size replay a captured CUDA graph (False: eager, or not yet run)."""
@@ -553,7 +566,7 @@ class Llama(nn.Module):
             x = layer.decode(x, step, self.k_cache[i][:B].transpose(1, 2), self.v_cache[i][:B].transpose(1, 2))
         head = self.tok_embeddings if self.output is None else self.output  # tied, or its own (maybe quantized)
         logits = torch.empty((B, self.vocab_local), dtype=torch.float32, device=x.device)
-        if x.device.type == "cpu" and self.ops is not reference:
+        if x.device.type == "cpu" and self.backend == "triton":
             # Triton's interpreter (no GPU) reads ~4M weights a second: a 128k-row head would take seconds a token.
             # The head-wide kernels are tested on their own (tests/kernels/test_gemv.py, test_quant.py); PyTorch
             # computes the same thing here.

@@ -98,9 +98,7 @@ def load(
         model = cls(args, backend, device, tp)
     quantized: dict[str, nn.Module] = {}
     dense = calibration is not None  # GPTQ needs the dense model's inputs: quantized after loading
-    state = _fused_state_dict(
-        ckpt, device, dtype, progress, quantize=None if dense else spec, backend=backend, modules=quantized
-    )
+    state = _fused_state_dict(ckpt, device, dtype, progress, quantize=None if dense else spec, modules=quantized)
     for name, module in quantized.items():  # QuantLinear in place of nn.Linear (or of the tied head's None)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -108,6 +106,7 @@ def load(
     model.eval().requires_grad_(False)
     model.inv_freq = reference.rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
     model.setup_cache(max_batch_size, max_seq_len)
+    model.use()  # the backend's packing of the quantized products, and its workspaces
     # Read after the weights unless a check needed it first: Llama-3's tiktoken ranks take ~80 MB, which would add
     # to the load's peak (tests/model/test_loading_memory.py).
     model.tokenizer = tokenizer if tokenizer is not None else open_tokenizer(ckpt, args.vocab_size)
@@ -132,7 +131,6 @@ def _fused_state_dict(
     dtype,
     progress: bool,
     quantize: tuple[str, int] | None = None,
-    backend: str = "torch",
     modules: dict[str, nn.Module] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stream the checkpoint into our parameter names, fusing wq|wk|wv and w1|w3, cast and moved per tensor.
@@ -164,7 +162,7 @@ def _fused_state_dict(
                 planes = [quant.gguf_planes(types[0], ckpt.blocks(n).to(device)) for n in parts]
                 bar.update(len(parts))
                 q, s, m = (None if p[0] is None else torch.cat(p) for p in zip(*planes, strict=True))
-                lin = quant.QuantLinear(q, s, m, format=types[0], dtype=dtype, backend=backend)
+                lin = quant.QuantLinear(q, s, m, format=types[0], dtype=dtype)
                 _put(module, lin)
                 return
             kept = [t for t in types if t in quant.GGUF_KEPT]
@@ -184,7 +182,7 @@ def _fused_state_dict(
 
     def _quantized(w: torch.Tensor, module: str) -> nn.Module:
         try:
-            return quant.quantize_product(module, w, quantize, dtype, backend)  # the head stays at int8
+            return quant.quantize_product(module, w, quantize, dtype)  # the head stays at int8
         except ValueError as e:
             raise UserError(f"{module}: {e}") from None
 
@@ -212,7 +210,7 @@ def _fused_state_dict(
     elif quantize is not None and ckpt.storage_type("tok_embeddings.weight") in quant.GGUF_KEPT:
         kind = ckpt.storage_type("tok_embeddings.weight")
         q, s, m = quant.gguf_planes(kind, ckpt.blocks("tok_embeddings.weight").to(device))
-        _put("output", quant.QuantLinear(q, s, m, format=kind, dtype=dtype, backend=backend))
+        _put("output", quant.QuantLinear(q, s, m, format=kind, dtype=dtype))
     bar.close()
     return state
 

@@ -156,8 +156,14 @@ class ModelDrafter:
         self.pos = min(self.pos, valid)
 
 
-def judge(row: torch.Tensor, d: int, q: torch.Tensor | None, params: SamplingParams, counts: TokenCounts | None,
-          gen: torch.Generator | None) -> int | None:
+def judge(
+    row: torch.Tensor,
+    d: int,
+    q: torch.Tensor | None,
+    params: SamplingParams,
+    counts: TokenCounts | None,
+    gen: torch.Generator | None,
+) -> int | None:
     """One draft token against the target's logits ``row`` (V,) for its position: None to accept it, else the
     token to emit instead (module docstring). ``q``: the drafter's distribution (V,), normalised, None for a point
     mass at ``d`` (prompt lookup)."""

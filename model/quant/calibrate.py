@@ -149,17 +149,17 @@ def quantize_calibrated(model, spec: tuple[str, int], text: str) -> None:
         group = spec[1] or quant.int4_group(K)
         if K % group or K % 32:
             raise UserError(f"{name}: int4 group size {group} does not divide K={K}")
-    dtype, backend = model.dtype, model.backend
+    dtype = model.dtype
     for names in _passes(dense):
         hessians = input_hessians(model, tokens, names)
         for name in names:
             K = dense[name].in_features
             group = spec[1] or quant.int4_group(K)
             q, s, m = quant.gptq_int4(dense[name].weight, hessians.pop(name), group)
-            _replace(model, name, quant.QuantLinear(q, s, m, format=f"int4-g{group}", dtype=dtype, backend=backend))
+            _replace(model, name, quant.QuantLinear(q, s, m, format=f"int4-g{group}", dtype=dtype))
     head = model.tok_embeddings.weight if model.output is None else model.output.weight
-    _replace(model, "output", quant.quantize_product("output", head, spec, dtype, backend))
-    model.use(ops=model.ops)  # drop graphs captured with the dense weights
+    _replace(model, "output", quant.quantize_product("output", head, spec, dtype))
+    model.use(ops=model.ops)  # drop graphs captured with the dense weights; pack the new products for the backend
 
 
 def _passes(dense: dict[str, nn.Linear]) -> list[list[str]]:

@@ -33,9 +33,10 @@ Each tensor is quantized on the target device as it is loaded, its rows in slice
 fp32; the int4 search holds three such temporaries), so peak memory stays near the quantized model plus one dense
 tensor (tests/model/test_loading_memory.py measures it).
 
-``QuantLinear`` replaces ``nn.Linear``: ``forward(x)`` for any number of rows, ``gemv(x, ...)`` with the fused
-decode product's keywords (``kernels.gemv.linear``'s), and ``weight`` (the dequantized matrix, for readers such
-as explain; slow, not for the hot path). Layouts and kernels: kernels/quant.py.
+``QuantLinear`` replaces ``nn.Linear``: it holds the planes, ``forward(x)`` is torch's product for any number of rows,
+and ``weight`` is the dequantized matrix (for readers such as explain; slow, not for the hot path). The decode
+products run on the backend's ``quant_linear`` (the ops contract, kernels/__init__.py): kernels/quant.py's Triton
+GEMV, or kernels/reference.py's definition (torch's CPU weight-only kernels with bf16 activations on a CPU).
 """
 
 from __future__ import annotations
@@ -285,32 +286,31 @@ def gguf_planes(kind: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 class QuantLinear(nn.Module):
     """A weight-only quantized ``nn.Linear`` (no bias) whose weight is held as the planes of kernels/quant.py.
 
-    ``format``: "int8", "int4-gG", "Q8_0", "Q4_0" or "Q4_1"; ``dtype``: the activations' (the model's) dtype;
-    ``backend``: "triton" runs the Triton dequantize-GEMV for up to 8 rows, "torch" always dequantizes and
-    calls torch's matrix product (the reference path; what runs anywhere)."""
+    ``format``: "int8", "int4-gG", "Q8_0", "Q4_0" or "Q4_1"; ``dtype``: the activations' (the model's) dtype.
+    The model runs its products through its backend (``ops.quant_linear(x, *layer.planes, packed=layer.packed)``,
+    llama.py's ``_product``); ``packed`` is what that backend's ``pack_quant`` made of the planes (``Llama.use``
+    sets it; None: the planes serve as they are)."""
 
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        mins: torch.Tensor | None,
-        *,
-        format: str,
-        dtype: torch.dtype,
-        backend: str = "torch",
-    ):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, *, format: str,
+                 dtype: torch.dtype):  # fmt: skip
         super().__init__()
         bits = 8 if qweight.dtype == torch.int8 else 4
         self.out_features = qweight.shape[0]
         self.in_features = qweight.shape[1] * 8 // bits
         self.group = self.in_features // scales.shape[1]
-        self.format, self.dtype, self.backend = format, dtype, backend
+        self.format, self.dtype = format, dtype
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)  # None: symmetric (not in the state dict)
+        self.packed: object = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+    @property
+    def planes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """(qweight, scales, mins, group): the weight as the ops contract's ``quant_linear`` takes it."""
+        return self.qweight, self.scales, self.mins, self.group
 
     @property
     def weight_bytes(self) -> int:
@@ -326,39 +326,13 @@ class QuantLinear(nn.Module):
         mins = None if self.mins is None else self.mins[r0:r1]
         return reference.dequantize(self.qweight[r0:r1], self.scales[r0:r1], mins, self.group, dtype)
 
-    def _kernel(self, x: torch.Tensor) -> bool:
-        rows = x.numel() // max(x.shape[-1], 1)
-        return self.backend == "triton" and rows <= 8
-
-    def _cpu_kernel(self, x: torch.Tensor) -> tuple | None:
-        """Torch's CPU weight-only kernels for this layout, when they apply: the torch backend, bf16 activations
-        on a CPU, int8 with one scale a row or int4 in groups of 32-256 (``cpu_weights``); else None (dequantize)."""
-        if self.backend != "torch" or x.device.type != "cpu" or x.dtype != torch.bfloat16:
-            return None
-        if not hasattr(self, "_cpu"):
-            self._cpu = cpu_weights(self.qweight, self.scales, self.mins, self.group)
-        return self._cpu
-
-    def _cpu_product(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
-        """x (..., K) bf16 @ W.T through torch's CPU weight-only kernel: (..., N) bf16."""
-        kind, weight, scales = packed
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        if kind == "int8":
-            y = torch._weight_int8pack_mm(x2, weight, scales)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, weight, self.group, scales)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N): the Triton dequantize-GEMV for up to 8 rows on the triton backend, else the
-        weight dequantized to x's dtype slice by slice (at most 4 M weights at a time) and torch's product."""
-        if self._kernel(x):
-            from llama3_triton.kernels.quant import quant_linear
-
-            return quant_linear(x, self.qweight, self.scales, self.mins, self.group)
-        packed = self._cpu_kernel(x)
-        if packed is not None:
-            return self._cpu_product(x, packed)
+        """x (..., K) -> (..., N) with torch's product, for any number of rows, as ``nn.Linear`` has it: with a
+        ``packed`` weight torch's CPU weight-only kernel, else the weight dequantized to x's dtype a slice of rows
+        at a time (at most 4 M weights) and torch's matrix product. (A prefill's many rows; the model's products
+        of up to 8 rows go through its backend instead.)"""
+        if self.packed is not None:
+            return reference.quant_linear(x, *self.planes, packed=self.packed)
         N, K = self.out_features, self.in_features
         step = max(_SLICE // K, 1)
         if step >= N:
@@ -368,102 +342,25 @@ class QuantLinear(nn.Module):
             out[..., r : r + step] = F.linear(x, self._dequantize(r, min(r + step, N), x.dtype))
         return out
 
-    def gemv(
-        self,
-        x: torch.Tensor,
-        *,
-        rms_weight: torch.Tensor | None = None,
-        eps: float = 1e-5,
-        residual: torch.Tensor | None = None,
-        swiglu: bool = False,
-        out: torch.Tensor | None = None,
-        workspace: object = None,
-    ) -> torch.Tensor:
-        """``kernels.gemv.linear(x, W, rms_weight=, eps=, residual=, swiglu=, out=, workspace=)`` with this module's W,
-        exactly its semantics: on the triton backend the fused Triton dequantize-GEMV (kernels/quant.py), on the
-        torch backend its plain-PyTorch definition (kernels.reference.quant_linear), written into ``out`` if given."""
-        if self.backend == "triton":
-            from llama3_triton.kernels.quant import quant_linear
 
-            return quant_linear(
-                x, self.qweight, self.scales, self.mins, self.group,
-                rms_weight=rms_weight, eps=eps, residual=residual, swiglu=swiglu, out=out, workspace=workspace,
-            )  # fmt: skip
-        packed = self._cpu_kernel(x)
-        if packed is not None:  # the fusions in fp32 as reference.linear has them; the kernel's input is bf16
-            xf = x.float()
-            if rms_weight is not None:
-                xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * rms_weight.float()
-            y = self._cpu_product(xf.to(x.dtype), packed).float()
-            if swiglu:
-                gate, up = y.chunk(2, dim=-1)
-                y = F.silu(gate) * up
-            y = (y if residual is None else residual.float() + y).to(x.dtype)
-        else:
-            y = reference.quant_linear(
-                x, self.qweight, self.scales, self.mins, self.group,
-                rms_weight=rms_weight, eps=eps, residual=residual, swiglu=swiglu,
-            )  # fmt: skip
-        if out is None:
-            return y
-        return out.copy_(y)
-
-
-def cpu_weights(
-    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int
-) -> tuple[str, torch.Tensor, torch.Tensor] | None:
-    """The planes of a layout as torch's CPU weight-only kernels take them, for bf16 activations: ("int8", the int8
-    (N, K) weight, bf16 scales (N,)) for ``torch._weight_int8pack_mm`` (one scale a row: "int8"); ("int4", the
-    packed weight, bf16 (K/G, N, 2) scales and zeros) for ``torch._weight_int4pack_mm_for_cpu`` (any 4-bit layout
-    in groups of 32 to 256: int4-gG, Q4_0, Q4_1). That kernel computes w = (q - 8) * s + z, so the offset m of
-    w = q * s + m becomes z = m + 8 s, and Q4_0's (q - 8) * s takes z = 0. None for what they cannot run (Q8_0's
-    groups of 32, a row count not a multiple of 32).
-
-    Why: dequantizing each product's weight on every step made CPU decode 4-6x slower than fp32 (SmolLM2: int8
-    3.2-3.8 tokens/s, int4 2.5-2.7, against 14.6-16.7 in fp32); these kernels read the 1 or 0.5 bytes a weight the
-    layout holds. The int4 weight is packed in slices of rows (the packing works on blocks of 32 rows), so the
-    int32 codes it takes never cost more than one slice."""
-    N = qweight.shape[0]
-    if qweight.device.type != "cpu" or N % 32:
-        return None
-    if qweight.dtype == torch.int8:
-        if scales.shape[1] != 1:
-            return None
-        return "int8", qweight, scales[:, 0].to(torch.bfloat16).contiguous()
-    if group not in (32, 64, 128, 256):
-        return None
-    K = qweight.shape[1] * 2
-    step = max(64, _SLICE // K // 64 * 64)
-    packed = []
-    for r in range(0, N, step):
-        b = qweight[r : r + step].view(-1, K // 32, 16)  # the bytes of each 32-block, as reference.dequantize reads
-        q = torch.cat((b & 0xF, b >> 4), dim=-1).reshape(-1, K).to(torch.int32)
-        packed.append(torch._convert_weight_to_int4pack_for_cpu(q, 1))
-    s = scales.float().T  # (K/G, N)
-    z = torch.zeros_like(s) if mins is None else mins.float().T + 8 * s
-    return "int4", torch.cat(packed), torch.stack((s, z), dim=-1).to(torch.bfloat16).contiguous()
-
-
-def quantize_weight(w: torch.Tensor, kind: str, group: int, dtype: torch.dtype, backend: str) -> QuantLinear:
+def quantize_weight(w: torch.Tensor, kind: str, group: int, dtype: torch.dtype) -> QuantLinear:
     """A dense (N, K) weight (on its target device) as a QuantLinear of ``kind`` "int8" or "int4" (group G; 0:
     ``int4_group(K)``)."""
     if kind == "int8":
         q, s = quantize_int8(w)
-        return QuantLinear(q, s, None, format="int8", dtype=dtype, backend=backend)
+        return QuantLinear(q, s, None, format="int8", dtype=dtype)
     group = group or int4_group(w.shape[1])
     q, s, m = quantize_int4(w, group)
-    return QuantLinear(q, s, m, format=f"int4-g{group}", dtype=dtype, backend=backend)
+    return QuantLinear(q, s, m, format=f"int4-g{group}", dtype=dtype)
 
 
-def quantize_product(
-    name: str, w: torch.Tensor, spec: tuple[str, int], dtype: torch.dtype, backend: str
-) -> QuantLinear:
+def quantize_product(name: str, w: torch.Tensor, spec: tuple[str, int], dtype: torch.dtype) -> QuantLinear:
     """The loader's choice for product ``name`` ("layers.0.attention.wqkv", ..., "output") under ``spec`` (from
     ``parse``, "int8" or "int4"): its format, except the output head, always int8. The head is the most sensitive
     product (on SmolLM2 an int4 head alone cost +11% perplexity at g32 with min/max rounding, int8 +0.03%), as
     llama.cpp's 4-bit mixes keep it at 6-8 bits."""
     kind = "int8" if name == "output" else spec[0]
-    return quantize_weight(w, kind, spec[1], dtype, backend)
+    return quantize_weight(w, kind, spec[1], dtype)
 
 
 def quantized_modules(model: nn.Module) -> list[QuantLinear]:

@@ -207,6 +207,16 @@ class _Recorder:
     def swiglu(self, gate, up):
         return self._run("swiglu", (gate, up), {})
 
+    # Not recorded: the products (a dense one is torch's, a quantized one the backend's), and what the backend keeps.
+    def quant_linear(self, x, qweight, scales, mins, group, **kwargs):
+        return self.ops.quant_linear(x, qweight, scales, mins, group, **kwargs)
+
+    def pack_quant(self, qweight, scales, mins, group, dtype):
+        return self.ops.pack_quant(qweight, scales, mins, group, dtype)
+
+    def workspaces(self, max_batch, n_heads, n_kv_heads, head_dim, device):
+        return self.ops.workspaces(max_batch, n_heads, n_kv_heads, head_dim, device)
+
 
 @torch.inference_mode()
 def _record(llm, tokens: torch.Tensor) -> tuple[torch.Tensor, _Recorder]:

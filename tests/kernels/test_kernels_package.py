@@ -17,9 +17,31 @@ OPS = [name for name, member in vars(kernels.Ops).items() if inspect.isfunction(
 def test_the_contract_names_every_op_the_driver_calls():
     unfused = {"rms_norm", "add_rms_norm", "rope_write_cache", "attention", "decode_attention", "swiglu"}
     fused = {"linear", "rope_decode_attention"}  # the fused decode step's two
+    quantized = {"quant_linear", "pack_quant"}  # a quantized product, and the backend's repacking of its planes
+    kept = {"workspaces"}  # the fused step's scratch
     paged = {"rope_write_paged_cache", "paged_prefill_attention", "paged_decode_attention"}  # the engine's
     paged |= {"paged_rope_decode_attention"}
-    assert set(OPS) == unfused | fused | paged
+    assert set(OPS) == unfused | fused | quantized | kept | paged
+
+
+def test_the_driver_reaches_its_backend_through_the_contract_only():
+    """Every ``ops.X`` / ``self.ops.X`` the model's driver reads is an op of ``kernels.Ops``: no attribute a
+    backend may or may not have (no ``getattr(ops, ...)``, no ``hasattr``), so choosing a backend is the one switch."""
+    import ast
+    from pathlib import Path
+
+    root = Path(kernels.__file__).resolve().parents[1] / "model"
+    for f in (root / "llama.py", root / "graph.py", root / "engine" / "engine.py"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                base = node.value
+                name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None)
+                if name == "ops" and node.attr != "ops":
+                    assert node.attr in OPS, f"{f.name}: ops.{node.attr} is not in kernels.Ops"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr"):
+                target = node.args[0]
+                assert "ops" not in ast.unparse(target), f"{f.name}: {ast.unparse(node)} goes around the contract"
 
 
 @pytest.mark.parametrize("backend", [triton_ops, reference], ids=["triton", "torch"])

@@ -143,7 +143,8 @@ def test_cpu_weight_only_kernels_match_the_definition(layout, fusion):
     g = torch.Generator().manual_seed(7)
     N, K = 64, 384
     q, s, m, group = _planes(layout, N, K, g)
-    lin = quant.QuantLinear(q, s, m, format=layout, dtype=torch.bfloat16, backend="torch")
+    lin = quant.QuantLinear(q, s, m, format=layout, dtype=torch.bfloat16)
+    lin.packed = packed = ref.pack_quant(q, s, m, group, torch.bfloat16)  # as Llama.use sets it
     x, kw = _x(3, N // 2 if "swiglu" in fusion else N, K, torch.bfloat16, fusion, g)
     # The kernel takes bf16 activations: RMSNorm's output enters the product rounded to bf16 (the definition keeps
     # it in fp32; with SwiGLU's cancellation that alone moved an output by 7%), so that rounding is the input here.
@@ -151,10 +152,11 @@ def test_cpu_weight_only_kernels_match_the_definition(layout, fusion):
     if kw["rms_weight"] is not None:
         xn = ref.rms_norm(x.float(), kw["rms_weight"].float(), kw["eps"]).to(torch.bfloat16)
     want = ref.quant_linear(xn, q, s, m, group, **(kw | {"rms_weight": None}))
-    assert_close(lin.gemv(x, **kw), want, torch.bfloat16, f"gemv {layout} {fusion}")
+    got = ref.quant_linear(x, q, s, m, group, packed=packed, **kw)
+    assert_close(got, want, torch.bfloat16, f"packed {layout} {fusion}")
     assert_close(lin(x[None]), ref.quant_linear(x, q, s, m, group)[None], torch.bfloat16, f"forward {layout}")
-    assert (lin._cpu is None) == (layout == "q8_0"), layout
-    assert lin._cpu_kernel(x.float()) is None  # fp32 activations: the exact dequantizing path
+    assert (packed is None) == (layout == "q8_0"), layout
+    assert ref.pack_quant(q, s, m, group, torch.float32) is None  # fp32 activations: the exact dequantizing path
 
 
 def test_output_head_sized_block_and_leading_dims(device):
@@ -267,27 +269,35 @@ def test_bytes_per_weight_of_the_layouts():
     assert quant.bytes_per_weight("Q4_1", 4096) == 20 / 32 and quant.bytes_per_weight("Q4_0", 1) == 18 / 32
 
 
-# ---- QuantLinear: forward and gemv, both backends -----------------------------------------------------------
+# ---- QuantLinear and the ops contract's quant_linear, both backends ----------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_quant_linear_module(backend, device):
+    """QuantLinear.forward (torch's product, any rows) and the backend's ``quant_linear`` on the module's planes,
+    fusions and ``out`` included, against the dequantized weight."""
+    from llama3_triton.model.loading import select_ops
+
+    ops = select_ops(backend, torch.device(device))
     g = torch.Generator().manual_seed(2)
     w = torch.randn(64, 128, generator=g) / 10
-    lin = quant.quantize_weight(w.to(device), "int4", 64, torch.float32, backend)
+    lin = quant.quantize_weight(w.to(device), "int4", 64, torch.float32)
+    lin.packed = ops.pack_quant(*lin.planes, torch.float32)
+    assert lin.packed is None  # fp32 activations: every backend reads the planes
     deq = ref.dequantize(lin.qweight, lin.scales, lin.mins, 64)
-    for rows in (1, 8, 20):  # the kernel (triton, up to 8 rows) and dequantize-then-matmul (past 8, and torch)
+    for rows in (1, 8, 20):
         x = torch.randn(rows, 128, generator=g).to(device)
         assert_close(lin(x), x @ deq.T, torch.float32, f"forward {rows} rows")
+        assert_close(ops.quant_linear(x, *lin.planes), x @ deq.T, torch.float32, f"{backend} {rows} rows")
     x = torch.randn(1, 1, 128, generator=g).to(device)
     gamma = (1 + 0.1 * torch.randn(128, generator=g)).to(device)
     res = torch.randn(1, 1, 32, generator=g).to(device)
     out = torch.full((1, 1, 32), float("nan"), device=device)
-    got = lin.gemv(x, rms_weight=gamma, eps=1e-6, swiglu=True, out=out[..., :32])
+    got = ops.quant_linear(x, *lin.planes, rms_weight=gamma, eps=1e-6, swiglu=True, out=out[..., :32])
     assert got.data_ptr() == out.data_ptr()
-    assert_close(out, ref.linear(x, deq, rms_weight=gamma, eps=1e-6, swiglu=True), torch.float32, "gemv swiglu")
-    assert_close(lin.gemv(x[..., :128], residual=torch.cat([res, res], -1)), x @ deq.T + torch.cat([res, res], -1),
-                 torch.float32, "gemv add")  # fmt: skip
+    assert_close(out, ref.linear(x, deq, rms_weight=gamma, eps=1e-6, swiglu=True), torch.float32, "fused swiglu")
+    add = ops.quant_linear(x[..., :128], *lin.planes, residual=torch.cat([res, res], -1))
+    assert_close(add, x @ deq.T + torch.cat([res, res], -1), torch.float32, "fused add")
     assert lin.weight_bytes == 64 * 64 + 2 * 2 * 64 * 2
     assert torch.equal(lin.weight, deq)
 
@@ -356,7 +366,7 @@ def test_plain_int4_takes_per_tensor_the_largest_group_that_divides_k(tiny):
                        "layers.0.feed_forward.w13": "int4-g128", "layers.0.feed_forward.w2": "int4-g64",
                        "output": "int8"}  # fmt: skip
     with pytest.raises(ValueError, match=r"int4 group size 128 does not divide K=48 \(no int4 group .* try int8\)"):
-        quant.quantize_weight(torch.randn(4, 48), "int4", 0, torch.float32, "torch")
+        quant.quantize_weight(torch.randn(4, 48), "int4", 0, torch.float32)
 
 
 # ---- GPTQ: codes chosen on calibration inputs (model/quantize.py gptq_int4, model/calibrate.py) -------------
@@ -529,20 +539,40 @@ def test_calibrated_int4_load(tiny):
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _Spy:
+    """A backend that records each ``quant_linear`` call, (rows, qweight, sorted keywords, workspace), and runs it
+    on the backend it wraps: every other op is that backend's."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def quant_linear(self, x, qweight, scales, mins, group, **kw):
+        keywords = sorted(k for k in kw if k != "packed")
+        self.calls.append((x.numel() // x.shape[-1], qweight, keywords, kw.get("workspace")))
+        return self.ops.quant_linear(x, qweight, scales, mins, group, **kw)
+
+
 def test_tiny_decode_on_the_triton_backend_runs_the_kernel(tiny):
-    """Decode steps (one row: the dequantize-GEMV in forward) equal the torch backend's dequantize-then-matmul."""
+    """A prefill of up to 8 rows and a decode step run each quantized product on the backend's quant_linear (the
+    Triton dequantize-GEMV), and equal the torch backend's; past 8 rows, torch's product on the dequantized weight."""
     kw = dict(device=TRITON_DEVICE, dtype=torch.float32, max_seq_len=32, quantize="int4-g64")
     llm = Llama.load(tiny, backend="triton", **kw)
-    calls = []
-    lin = llm.layers[1].attention.wo
-    lin.register_forward_hook(lambda *a: calls.append(1))
+    spy = _Spy(llm.ops)
+    llm.use(ops=spy)
+    wo = llm.layers[1].attention.wo.qweight
     tokens = torch.tensor([[128000, 791, 6460, 374]], device=TRITON_DEVICE)
     want = llm.forward(tokens, 0)[0, -1]  # prefill: 4 rows, ... then one decode step on each backend
     got_t = llm.forward(torch.tensor([[1234]], device=TRITON_DEVICE), 4)[0, -1]
+    assert [c[0] for c in spy.calls if c[1] is wo] == [4, 1]
+    spy.calls.clear()
+    llm.forward(torch.arange(9, device=TRITON_DEVICE)[None] + 100, 5)  # 9 rows: no GEMV
+    assert not [c for c in spy.calls if c[1] is wo]
     llm.use(backend="torch")
-    assert lin.backend == "torch"
     got_r = llm.forward(torch.tensor([[1234]], device=TRITON_DEVICE), 4)[0, -1]
-    assert calls and want.isfinite().all()
+    assert want.isfinite().all()
     assert_close(got_t, got_r, torch.float32, "triton vs torch backend decode step")
 
 
@@ -553,11 +583,9 @@ def test_fused_decode_step_runs_the_quantized_kernels(tiny, q):
     kw = dict(device=TRITON_DEVICE, dtype=torch.float32, max_seq_len=32, quantize=q)
     tri, ref = Llama.load(tiny, backend="triton", **kw), Llama.load(tiny, backend="torch", **kw)
     assert tri.fused_decode and not ref.fused_decode
-    fused = []
-    for name in ("wqkv", "wo"):
-        lin = getattr(tri.layers[1].attention, name)
-        gemv = lin.gemv
-        lin.gemv = lambda x, _g=gemv, _n=name, **k: (fused.append((_n, sorted(k), k["workspace"])), _g(x, **k))[1]
+    spy = _Spy(tri.ops)
+    tri.use(ops=spy)
+    names = {id(getattr(tri.layers[1].attention, n).qweight): n for n in ("wqkv", "wo")}
     prompt = torch.tensor([[128000, 791, 6460, 374]], device=TRITON_DEVICE)
     for m in (tri, ref):
         m.forward(prompt, 0)
@@ -565,6 +593,7 @@ def test_fused_decode_step_runs_the_quantized_kernels(tiny, q):
         t, pos = torch.tensor([[tok]], device=TRITON_DEVICE), torch.tensor([4 + i], device=TRITON_DEVICE)
         assert_close(tri.decode(t, pos), ref.decode(t, pos), torch.float32, f"decode step {i} ({q})")
     ws = tri.gemv_workspace  # the model's split-K scratch, passed to every product of the step
+    fused = [(names[id(q)], kw, w) for rows, q, kw, w in spy.calls if rows == 1 and id(q) in names]
     assert fused[:2] == [("wqkv", ["eps", "rms_weight", "workspace"], ws), ("wo", ["residual", "workspace"], ws)]
     for layer in range(tri.args.n_layers):
         assert_close(tri.k_cache[layer][0, :, :7], ref.k_cache[layer][0, :, :7], torch.float32, "k cache")
