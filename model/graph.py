@@ -1,7 +1,8 @@
 """The decode step as a CUDA graph: recorded once per batch size, replayed for every token.
 
 At batch 1 a step's kernels take microseconds each, and launching them one by one from Python would cost more
-than running them; a replayed graph launches the whole step at once. ``Llama.decode`` captures and replays it.
+than running them; a replayed graph launches the whole step at once. ``Llama.decode`` captures and replays it,
+one graph per batch size (``DecodeGraphs``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class DecodeGraph:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits = model._decode_step(static_tokens, static_pos)
+            graph.replay()  # capturing ran nothing: now the logits buffer holds this step's, not the pool's leftovers
             return cls(graph, static_tokens, static_pos, logits)
         except Exception as e:  # capture is an optimisation: fall back to eager, say so once
             warnings.warn(f"CUDA graph capture failed, decoding eagerly: {type(e).__name__}: {e}", stacklevel=3)
@@ -54,3 +56,34 @@ class DecodeGraph:
         """A step on whatever the static buffers hold (the caller wrote them, on the device)."""
         self.graph.replay()
         return self.logits
+
+
+class DecodeGraphs:
+    """The model's captured decode steps, one per batch size, each captured on its first step; None for a batch
+    size whose capture failed (those steps run eagerly). ``Llama.use`` clears them: they hold the kernels and
+    workspaces they were captured with."""
+
+    def __init__(self):
+        self._by_batch: dict[int, DecodeGraph | None] = {}
+
+    def clear(self) -> None:
+        self._by_batch.clear()
+
+    def captured(self, batch: int) -> bool:
+        return self._by_batch.get(batch) is not None
+
+    def get(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor) -> DecodeGraph | None:
+        """The graph for tokens' batch size, captured now (running ``model._decode_step`` on these inputs) if this
+        is its first step. Under tensor parallelism every rank replays a graph or every rank runs eagerly, so
+        their collectives match: one failed capture makes every rank eager for that batch size."""
+        batch = tokens.shape[0]
+        if batch not in self._by_batch:
+            graph = DecodeGraph.capture(model, tokens, positions)
+            tp = model.tp
+            if tp.enabled:
+                ok = torch.tensor([int(graph is not None)], device=tokens.device)
+                tp.all_reduce(ok)
+                if int(ok) != tp.world:
+                    graph = None
+            self._by_batch[batch] = graph
+        return self._by_batch[batch]

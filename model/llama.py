@@ -29,7 +29,8 @@ nanoseconds:
     x = x + a @ w2.T                            ops.linear
     logits = RMSNorm(x) @ output.T              once per step, fp32 out
 
-A quantized product (quant/quantize.py) brings its own dequantizing GEMV with the same fusions.
+A quantized product (quant/quantize.py's QuantLinear: the weight as planes) runs on ``ops.quant_linear``, the
+dequantizing GEMV with the same fusions; so does a prefill's up to 8 rows (``_matmul``).
 
 The public steps: ``prefill(tokens, start_pos)`` runs a prompt (or a chunk of one) and fills the cache;
 ``decode(tokens, positions)`` runs one new token per sequence; ``forward`` checks its inputs and does either;
@@ -57,7 +58,8 @@ from llama3_triton.model.checkpoints.folder import CheckpointError
 from llama3_triton.model.config import ModelArgs
 from llama3_triton.model.distributed import TensorParallel
 from llama3_triton.model.errors import UserError, shown
-from llama3_triton.model.graph import DecodeGraph
+from llama3_triton.model.graph import DecodeGraph, DecodeGraphs
+from llama3_triton.model.inputs import check_inputs, described
 from llama3_triton.model.loading import default_device, default_dtype, select_ops
 from llama3_triton.model.quant.quantize import QuantLinear
 from llama3_triton.model.tokenizers.llama3 import Tokenizer
@@ -262,7 +264,7 @@ class Llama(nn.Module):
         self.use_cuda_graph = True
         self.fused_decode = backend == "triton" and not tp.enabled
         self.decode_workspace = self.gemv_workspace = None
-        self._graphs: dict[int, DecodeGraph | None] = {}
+        self._graphs = DecodeGraphs()
         self.quantize: str | None = None  # the loader's quantize= (None: dense products)
 
     # ---- loading ----------------------------------------------------------------------------------
@@ -409,7 +411,7 @@ class Llama(nn.Module):
 
     def has_decode_graph(self, batch: int) -> bool:
         """Whether decode steps of this batch size replay a captured CUDA graph (False: eager, or not yet run)."""
-        return self._graphs.get(batch) is not None
+        return self._graphs.captured(batch)
 
     # ---- the forward pass -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -420,7 +422,7 @@ class Llama(nn.Module):
         per-sequence positions (a batch whose histories differ in length). The T positions are
         written to the KV cache, so the next call continues from start_pos + T. Inputs are checked.
         """
-        tokens, positions, start = self._check_inputs(tokens, start_pos)
+        tokens, positions, start = check_inputs(self, tokens, start_pos)
         if start is None:  # one token per sequence at its own position: a decode step
             return self._decode_step(tokens, positions[:, 0])[:, None]
         return self._run(tokens, positions, start)
@@ -438,9 +440,9 @@ class Llama(nn.Module):
         if check:
             if not isinstance(start_pos, int) or isinstance(start_pos, bool):
                 raise UserError(f"start_pos must be an int, got {shown(start_pos)}")
-            tokens, positions, start_pos = self._check_inputs(tokens, start_pos)
+            tokens, positions, start_pos = check_inputs(self, tokens, start_pos)
             if last is not None and (not torch.is_tensor(last) or last.shape != (tokens.shape[0],)):
-                raise UserError(f"last must be a ({tokens.shape[0]},) tensor of token indices, got {_describe(last)}")
+                raise UserError(f"last must be a ({tokens.shape[0]},) tensor of token indices, got {described(last)}")
         else:
             B, T = tokens.shape
             positions = (start_pos + torch.arange(T, device=tokens.device)).expand(B, T)
@@ -480,40 +482,6 @@ class Llama(nn.Module):
         x = self.tok_embeddings(local.clamp(0, self.vocab_local - 1)) * inside[..., None]
         return self.tp.all_reduce(x)
 
-    def _check_inputs(self, tokens, start_pos):
-        if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
-            raise UserError(f"tokens must be an integer tensor of shape (B, T), got {_describe(tokens)}")
-        if tokens.device != self.device:
-            raise UserError(f"tokens are on {tokens.device}, the model is on {self.device}")
-        B, T = tokens.shape
-        if not 1 <= B <= self.max_batch_size:
-            raise UserError(f"batch size {B} must be in [1, max_batch_size={self.max_batch_size}]")
-        if T < 1:
-            raise UserError("tokens must hold at least one position (T >= 1)")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.args.vocab_size:
-            raise UserError(f"token ids must be in [0, {self.args.vocab_size}), got range [{lo}, {hi}]")
-        steps = torch.arange(T, device=self.device)
-        if isinstance(start_pos, bool):
-            raise UserError(f"start_pos must be an int or an integer tensor, got {shown(start_pos)}")
-        if isinstance(start_pos, int):
-            if start_pos < 0 or start_pos + T > self.max_seq_len:
-                raise UserError(
-                    f"start_pos={start_pos}: positions {start_pos}..{start_pos + T - 1} do not fit the KV cache of "
-                    f"{self.max_seq_len}"
-                )
-            return tokens.long(), (start_pos + steps).expand(B, T), start_pos
-        if not torch.is_tensor(start_pos) or start_pos.shape != (B,) or start_pos.is_floating_point():
-            raise UserError(
-                f"start_pos must be an int or an integer tensor of shape ({B},), got {_describe(start_pos)}"
-            )
-        if T != 1:
-            raise UserError("per-sequence start_pos (a tensor) is only supported for one-token decode steps (T == 1)")
-        start_pos = start_pos.to(self.device, torch.long)
-        if int(start_pos.min()) < 0 or int(start_pos.max()) >= self.max_seq_len:
-            raise UserError(f"start_pos values must be in [0, {self.max_seq_len}), got {start_pos.tolist()}")
-        return tokens.long(), start_pos[:, None], None
-
     # ---- decode step (CUDA graph on GPUs) ---------------------------------------------------------
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -521,17 +489,8 @@ class Llama(nn.Module):
 
         No host synchronisation: on CUDA the step is a replayed CUDA graph over static input buffers.
         """
-        B = tokens.shape[0]
         if self.device.type == "cuda" and self.use_cuda_graph:
-            if B not in self._graphs:
-                graph = DecodeGraph.capture(self, tokens, positions)
-                if self.tp.enabled:  # every rank replays a graph, or every rank runs eagerly: the collectives match
-                    ok = torch.tensor([int(graph is not None)], device=self.device)
-                    self.tp.all_reduce(ok)
-                    if int(ok) != self.tp.world:
-                        graph = None
-                self._graphs[B] = graph
-            graph = self._graphs[B]
+            graph = self._graphs.get(self, tokens, positions)  # captured on the first step of this batch size
             if graph is not None:
                 return graph.replay(tokens, positions)
         return self._decode_step(tokens, positions)
@@ -543,10 +502,7 @@ class Llama(nn.Module):
         the logits in ``graph.logits``. None where decode steps run eagerly (no CUDA, or graphs off, or failed)."""
         if self.device.type != "cuda" or not self.use_cuda_graph:
             return None
-        B = tokens.shape[0]
-        if B not in self._graphs:
-            self.decode(tokens, positions)  # captures (every rank under TP), then runs one step: same slot, same values
-        graph = self._graphs[B]
+        graph = self._graphs.get(self, tokens, positions)
         if graph is not None:
             graph.tokens.copy_(tokens)
             graph.positions.copy_(positions)
@@ -579,12 +535,6 @@ class Llama(nn.Module):
         from llama3_triton.model.generation.generate import generate
 
         return generate(self, prompts, **kwargs)
-
-
-def _describe(x) -> str:
-    if torch.is_tensor(x):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return repr(x)
 
 
 __all__ = ["Llama", "Step", "Pages", "DecodeStep", "CheckpointError", "select_ops", "default_device", "default_dtype"]
