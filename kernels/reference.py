@@ -440,11 +440,12 @@ def quant_linear(
     ``packed`` (from ``pack_quant``: a CPU, bf16 activations): the product runs on torch's CPU weight-only kernel
     instead, its input RMSNorm(x) rounded to bf16, its bf16 result widened for the fused epilogue in fp32. That is
     torch's fast path, not the definition: it reads 1 or 0.5 bytes a weight where dequantizing writes and reads 4."""
-    xf = x.float()
-    if rms_weight is not None:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * rms_weight.float()
+    xf = x.float() if rms_weight is None else rms_norm(x.float(), rms_weight.float(), eps)
     if packed is not None:
-        y = _packed_product(xf.to(x.dtype), packed, group).float()
+        y = _packed_product(x if rms_weight is None else xf.to(x.dtype), packed, group)
+        if not swiglu and residual is None:  # a plain product (the unfused step's): no fp32 round trip
+            return y if out is None else out.copy_(y)
+        y = y.float()
     else:
         N, K = qweight.shape[0], xf.shape[-1]
         step = max(SLICE // K, 1)
