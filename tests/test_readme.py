@@ -42,13 +42,12 @@ def test_readme_python_block_runs_as_written_in_a_fresh_process(tmp_path):
     out = _run_block(tmp_path, python_block("## From Python")).stdout.splitlines()
     texts = eval(out[0])  # print(out.texts)
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    # The default model: SmolLM2 (vocabulary 49152) when its wheel is installed, else the tiny Llama-3 (128256).
-    shape = re.fullmatch(r"torch\.Size\(\[1, (\d+), (\d+)\]\)", out[1])
-    assert shape, out[1]
-    T, vocab = int(shape.group(1)), int(shape.group(2))
-    assert T >= 5 and vocab in (49152, 128256)
-    assert float(out[2].removeprefix("tensor(").split(")")[0].split(",")[0]) < 1e-4  # Triton == reference
-    assert out[3] == f"torch.Size([1, {vocab}])"  # one decode step after the prefill
+    assert float(out[1].removeprefix("tensor(").split(")")[0].split(",")[0]) < 1e-4  # Triton == reference
+    # One decode step after the prefill. The default model: SmolLM2 (vocabulary 49152) when its wheel is installed,
+    # else the tiny Llama-3 (128256).
+    shape = re.fullmatch(r"torch\.Size\(\[1, (\d+)\]\)", out[2])
+    assert shape and int(shape.group(1)) in (49152, 128256), out[2]
+    assert len(out) == 3, out
 
 
 def test_readme_engine_block_runs_as_written_in_a_fresh_process(tmp_path):
