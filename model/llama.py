@@ -283,27 +283,16 @@ class Llama(nn.Module):
         calibration: str | None = None,
         before_weights=None,
     ) -> Llama:
-        """Load a checkpoint (Meta or Hugging Face layout, detected; or a ``checkpoint.MemoryCheckpoint`` of weights
-        already in memory) tensor by tensor onto ``device``.
+        """Load a checkpoint (a Meta or Hugging Face folder, a .gguf file, a hub name, or a
+        ``checkpoints.folder.MemoryCheckpoint``) tensor by tensor onto ``device``; the body is loading.py's.
 
-        Defaults: CUDA + bf16 when there is a GPU, else CPU + fp32; max_seq_len = the model's context,
-        capped at 8192 to keep the KV cache modest (pass a larger value for long contexts).
-
-        Inside an initialised torch.distributed process group (torchrun), each rank loads only its
-        tensor-parallel slice of the weights; ``tp`` overrides the group read from torch.distributed.
-
-        ``quantize``: None, "int8" (per output channel), "int4" (groups of 128, or 64/32 where 128 does not divide
-        a product's K), "int4-g32", "int4-g64", "int4-g128" (groups along K, with scales and offsets), or "gguf"
-        (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as they are): the products wqkv, wo, w13, w2 and the output head
-        become ``QuantLinear`` modules, quantized tensor by tensor on ``device`` as they load (model/quantize.py says
-        which and why).
-
-        ``calibration`` (int4 only): a text whose inputs to each product choose its int4 codes (GPTQ): the model is
-        loaded dense, the text run through it, then each product quantized (model/calibrate.py; peak memory is the
-        dense model's).
-
-        ``before_weights(tokenizer, max_seq_len)``: called once the config and tokenizer are read and before any
-        weight is, so a check on the input (a prompt too long for the context) fails before the long part.
+        Defaults: CUDA + bf16 with a GPU, else CPU + fp32 (bf16 when quantized); max_seq_len = the model's context,
+        capped at 8192 to keep the KV cache modest. Under torchrun each rank loads its tensor-parallel slice (``tp``
+        overrides the group read from torch.distributed). ``quantize``: None, "int8", "int4", "int4-gG" or "gguf":
+        the products become ``QuantLinear`` as they load (model/quant/quantize.py says which and why);
+        ``calibration`` (int4): a text whose inputs choose the int4 codes (GPTQ, model/quant/calibrate.py).
+        ``before_weights(tokenizer, max_seq_len)``: called before any weight is read, so a check on the input (a
+        prompt too long for the context) fails before the long part.
         """
         tp = tp or distributed.current()
         load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize, calibration,
@@ -470,7 +459,7 @@ class Llama(nn.Module):
         elif gather is not None:
             h = h[torch.arange(B, device=h.device), gather][:, None]  # (B, 1, dim)
         # The head's own module when it has one (a quantized head reads its bytes, not a weight dequantized per step)
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else _matmul(self.ops, self.output, h)
         return self.tp.all_gather_last(logits.float())  # (B, T, vocab); TP: gather the slices
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:

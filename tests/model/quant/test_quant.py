@@ -565,6 +565,7 @@ def test_tiny_decode_on_the_triton_backend_runs_the_kernel(tiny):
     wo = llm.layers[1].attention.wo.qweight
     tokens = torch.tensor([[128000, 791, 6460, 374]], device=TRITON_DEVICE)
     want = llm.forward(tokens, 0)[0, -1]  # prefill: 4 rows, ... then one decode step on each backend
+    assert [c[0] for c in spy.calls if c[1] is llm.output.qweight] == [4]  # the head too (int8)
     got_t = llm.forward(torch.tensor([[1234]], device=TRITON_DEVICE), 4)[0, -1]
     assert [c[0] for c in spy.calls if c[1] is wo] == [4, 1]
     spy.calls.clear()
