@@ -193,7 +193,11 @@ class TransformerBlock(nn.Module):
         q = qkv[:, : Hq * hd].unflatten(-1, (Hq, hd))
         k = qkv[:, Hq * hd : (Hq + Hkv) * hd].unflatten(-1, (Hkv, hd))
         v = qkv[:, (Hq + Hkv) * hd :].unflatten(-1, (Hkv, hd))
-        o = ops.rope_decode_attention(q, k, v, step.positions, step.cos_sin, k_cache, v_cache, step.workspace)  # 2
+        if step.block_tables is None:  # 2: k_cache, v_cache the slab's (B, S_max, Hkv, hd) views, or the page pools
+            o = ops.rope_decode_attention(q, k, v, step.positions, step.cos_sin, k_cache, v_cache, step.workspace)
+        else:
+            args = (step.positions, step.cos_sin, k_cache, v_cache, step.block_tables, step.workspace)
+            o = ops.paged_rope_decode_attention(q, k, v, *args)
         x = _product(ops, a.wo, o.reshape(B, Hq * hd), residual=x, workspace=ws)  # 3: x + o @ wo.T
         g = _product(ops, f.w13, x, rms_weight=self.ffn_norm, eps=eps, swiglu=True, workspace=ws)  # 4: SwiGLU
         return _product(ops, f.w2, g, residual=x, workspace=ws)  # 5: x + g @ w2.T
@@ -209,6 +213,7 @@ class DecodeStep:
     workspace: object  # kernels.decode_step.DecodeWorkspace (the attention's split partials), None for the reference
     gemv_workspace: object  # kernels.gemv.GemvWorkspace (the products' split-K partials), None for the reference
     eps: float  # RMSNorm epsilon
+    block_tables: torch.Tensor | None = None  # the engine's paged cache: (B, pages) int32; None: the static slab
 
 
 def _product(ops: Ops, linear: nn.Module, x: torch.Tensor, **fusions) -> torch.Tensor:
@@ -228,6 +233,7 @@ def _matmul(ops: Ops, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(x)
 
 
+FUSED_PAGED_SEQS = 16  # an engine's decode steps up to this many sequences (one row tile of the GEMV) run fused
 GEMV_ROWS = 8  # rows up to which a quantized product reads its planes (a GEMV) rather than a dequantized copy
 
 
@@ -315,18 +321,24 @@ class Llama(nn.Module):
         self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
         self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
         # RoPE's cos/sin of every position the cache can hold, exact (fp64, rounded once): 4 * hd bytes a position.
-        self.rope_cos_sin = reference.rope_table(self.inv_freq, max_seq_len)  # (max_seq_len, hd) fp32
+        page = self.k_pages[0].shape[1] if self.k_pages else 1  # the paged cache's steps read whole pages
+        self.rope_cos_sin = reference.rope_table(self.inv_freq, -(-max_seq_len // page) * page)  # (S, hd) fp32
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._make_decode_workspace()
         self._graphs.clear()
 
     def setup_pages(self, num_pages: int, page_size: int) -> None:
         """Allocate the paged KV cache the engine runs on: per layer, k and v pools of ``num_pages`` pages of
-        ``page_size`` tokens, (num_pages, page_size, Hkv, hd). Positions reach at most max_seq_len (RoPE table)."""
+        ``page_size`` tokens, (num_pages, page_size, Hkv, hd). Positions reach at most max_seq_len; the RoPE table
+        covers whole pages (the fused step's kernel may read as far as a block-table row reaches)."""
         a, dev, dt = self.args, self.device, self.dtype
         shape = (num_pages, page_size, a.n_kv_heads // self.tp.world, a.head_dim)
         self.k_pages = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
         self.v_pages = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.n_layers)]
+        rows = -(-self.max_seq_len // page_size) * page_size
+        if self.rope_cos_sin.shape[0] < rows:
+            self.rope_cos_sin = reference.rope_table(self.inv_freq, rows)
+        self._make_decode_workspace()
 
     @torch.inference_mode()
     def forward_paged(
@@ -334,7 +346,13 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """One engine step over the paged cache: the new tokens (N,) of several sequences packed, at ``positions``
         (N,), their k and v written to ``pages.slot_mapping``; logits (S, vocab) fp32 at rows ``last`` (S,), each
-        sequence's last new token. Inputs are the engine's own, trusted (no checks, no host sync here)."""
+        sequence's last new token. Inputs are the engine's own, trusted (no checks, no host sync here).
+
+        A decode step of at most FUSED_PAGED_SEQS sequences runs the fused step (5 launches a layer) over the pages;
+        beyond that many rows the prefill path's products (cuBLAS's GEMM reads each weight once for all rows, the
+        fused GEMV once per tile of 16 rows) win."""
+        if pages.decode and self.fused_decode and tokens.shape[0] <= FUSED_PAGED_SEQS:
+            return self._decode_step(tokens[:, None], positions.int(), pages)
         return self._run(tokens[None], positions[None], 0, gather=last, pages=pages)[:, 0]
 
     @property
@@ -392,10 +410,11 @@ class Llama(nn.Module):
     def _make_decode_workspace(self) -> None:
         """The fused step's scratch, the backend's (``ops.workspaces``): for the attention and the products."""
         self.decode_workspace = self.gemv_workspace = None
-        if self.fused_decode and self.max_batch_size:
+        batch = max(self.max_batch_size, FUSED_PAGED_SEQS if self.k_pages else 0)  # the engine's fused steps too
+        if self.fused_decode and batch:
             a = self.args
             self.decode_workspace, self.gemv_workspace = self.ops.workspaces(
-                self.max_batch_size, a.n_heads, a.n_kv_heads, a.head_dim, self.device
+                batch, a.n_heads, a.n_kv_heads, a.head_dim, self.device
             )
 
     def has_decode_graph(self, batch: int) -> bool:
@@ -497,18 +516,22 @@ class Llama(nn.Module):
             graph.positions.copy_(positions)
         return graph
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, pages: Pages | None = None) -> torch.Tensor:
         """One token per sequence, tokens (B, 1) at positions (B,) -> logits (B, vocab) fp32: the fused step
-        (embedding, 5 launches a block, the output head) or the prefill path with T = 1."""
+        (embedding, 5 launches a block, the output head) or the prefill path with T = 1. ``pages``: the engine's
+        paged cache, read and written through ``pages.block_tables`` (positions int32)."""
         if not self.fused_decode:
             return self._run(tokens, positions[:, None], None)[:, 0]
-        step = DecodeStep(
-            self.ops, positions, self.rope_cos_sin, self.decode_workspace, self.gemv_workspace, self.args.norm_eps
-        )
+        tables = None if pages is None else pages.block_tables
+        ws, gemv_ws, eps = self.decode_workspace, self.gemv_workspace, self.args.norm_eps
+        step = DecodeStep(self.ops, positions, self.rope_cos_sin, ws, gemv_ws, eps, tables)
         B = tokens.shape[0]
         x = self.tok_embeddings(tokens[:, 0])  # (B, dim): the residual stream
         for i, layer in enumerate(self.layers):
-            x = layer.decode(x, step, self.k_cache[i][:B].transpose(1, 2), self.v_cache[i][:B].transpose(1, 2))
+            if pages is None:
+                x = layer.decode(x, step, self.k_cache[i][:B].transpose(1, 2), self.v_cache[i][:B].transpose(1, 2))
+            else:
+                x = layer.decode(x, step, self.k_pages[i], self.v_pages[i])
         head = self.tok_embeddings if self.output is None else self.output  # tied, or its own (maybe quantized)
         logits = torch.empty((B, self.vocab_local), dtype=torch.float32, device=x.device)
         if x.device.type == "cpu" and self.backend == "triton":

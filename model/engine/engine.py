@@ -11,7 +11,8 @@ request's next tokens (one for a request that is decoding; the next chunk of its
 prefill), oldest first, then waiting requests in arrival order while there are free sequences
 (``max_num_seqs``) and pages. Their new tokens are packed into one row and run through the model once
 (``Llama.forward_paged``): each writes its keys and values to its own slot of the page pools and attends to its
-sequence's pages. A request whose new tokens reach the end of what it has (its prompt, or its last sampled
+sequence's pages (a step of decodes alone, up to 16 of them, runs the fused decode step through the block tables:
+5 launches a layer on the Triton backend). A request whose new tokens reach the end of what it has (its prompt, or its last sampled
 token) samples its next token from its own parameters and its own random stream; a long prompt is cut into
 chunks, so it never holds up the running decodes for more than a step's budget. A finished request leaves at
 once and its pages go back to the pool.

@@ -219,6 +219,49 @@ def test_the_triton_kernels_serve_the_same_tokens(tmp_path):
     assert got["triton"] == got["torch"]
 
 
+class _OpNames:
+    """A backend that records the name of each op the model calls on it, then runs the op on the wrapped one."""
+
+    def __init__(self, ops):
+        self.ops, self.names = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+        if not callable(op) or name in ("pack_quant", "workspaces"):
+            return op
+        return lambda *a, **k: (self.names.append(name), op(*a, **k))[1]
+
+
+def test_the_engines_decode_steps_run_the_fused_paged_step(tmp_path):
+    """On the Triton backend an engine step whose every request is decoding runs the fused decode step through the
+    block tables: per layer the four fused products and the one-launch paged RoPE + cache write + attention, and
+    nothing else on the backend (the head is PyTorch's in the interpreter). Its tokens and log-probabilities equal
+    the unfused path's (the prefill path over the pages, T = 1 per sequence), three sequences of ragged lengths."""
+    ckpt = make_tiny(tmp_path / "small", seed=5, dtype=torch.float32, n_layers=2, dim=256, n_heads=4, n_kv_heads=2)
+    prompts = ["Hello there my friend", "The capital of France is a city that", "Hi"]
+    request = Request(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True)
+    model = Llama.load(ckpt, backend="triton", device="cpu", dtype=torch.float32, max_seq_len=60)
+    got = {}
+    for fused in (True, False):
+        model.use(fused_decode=fused)
+        engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_tokens=256, page_size=16)
+        got[fused] = engine.generate(prompts, request)
+    for a, b in zip(got[True], got[False], strict=True):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            torch.testing.assert_close(x["logprob"], y["logprob"], atol=1e-4, rtol=1e-4)
+    model.use(fused_decode=True)
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_tokens=256, page_size=16)
+    for p in prompts:
+        engine.add_request(p, request)
+    engine.step()  # the three prompts, one step
+    spy = _OpNames(model.ops)
+    model.use(ops=spy)
+    engine.step()  # three decodes
+    layer = ["linear", "paged_rope_decode_attention", "linear", "linear", "linear"]
+    assert spy.names == layer * model.args.n_layers, spy.names
+
+
 @needs_smol
 def test_smollm2_staggered_greedy_equals_alone():
     model = Llama.load(SMOL, backend="torch", device="cpu", dtype=torch.float32, max_seq_len=256)
