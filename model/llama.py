@@ -38,9 +38,10 @@ The public steps: ``prefill(tokens, start_pos)`` runs a prompt (or a chunk of on
 
 The KV cache is static: one (max_batch, Hkv, max_seq_len, hd) tensor per layer for k and for v,
 allocated once; a token at absolute position p lives in slot p. It is handed to the ops as the
-(B, S, Hkv, hd) view they expect (a transpose, no copy). On CUDA the one-token decode step is
-captured once in a CUDA graph and replayed (graph.py), since at batch 1 launching ~10 kernels per layer from
-Python would otherwise cost more than the kernels themselves. Loading a checkpoint is loading.py's.
+(B, S, Hkv, hd) view they expect (a transpose, no copy). The engine's cache is paged instead (``setup_pages``,
+``forward_paged``: a pool of pages per layer, each sequence's reached through its block table). On CUDA the
+one-token decode step is captured once in a CUDA graph and replayed (graph.py), since at batch 1 launching ~10
+kernels per layer from Python would otherwise cost more than the kernels themselves. Loading is loading.py's.
 """
 
 from __future__ import annotations
@@ -300,18 +301,9 @@ class Llama(nn.Module):
         ``before_weights(tokenizer, max_seq_len)``: called before any weight is read, so a check on the input (a
         prompt too long for the context) fails before the long part.
         """
-        tp = tp or distributed.current()
-        load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize, calibration,
-                before_weights)  # fmt: skip
-        if not tp.enabled:
-            return loading.load(cls, *load)
-        model, error = None, None
-        try:
-            model = loading.load(cls, *load)
-        except Exception as e:  # every rank must learn that one failed, or the others hang in a collective
-            error = e
-        tp.agree(error)
-        return model
+        load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp or distributed.current(),
+                quantize, calibration, before_weights)  # fmt: skip
+        return loading.load_on_every_rank(cls, *load)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """(Re)allocate the static KV cache: per layer, k and v of shape (max_batch, Hkv, max_seq_len, hd)

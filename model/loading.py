@@ -41,6 +41,21 @@ def select_ops(backend: str, device: torch.device) -> Ops:
     return triton_ops
 
 
+def load_on_every_rank(cls: type[nn.Module], *args) -> nn.Module:
+    """``load``, under tensor parallelism on every rank at once: a rank that fails tells the others, which raise
+    too (else they would hang in the next collective)."""
+    tp = args[7]
+    if not tp.enabled:
+        return load(cls, *args)
+    model, error = None, None
+    try:
+        model = load(cls, *args)
+    except Exception as e:
+        error = e
+    tp.agree(error)
+    return model
+
+
 def load(
     cls: type[nn.Module],
     ckpt_dir,

@@ -12,10 +12,10 @@ prefill), oldest first, then waiting requests in arrival order while there are f
 (``max_num_seqs``) and pages. Their new tokens are packed into one row and run through the model once
 (``Llama.forward_paged``): each writes its keys and values to its own slot of the page pools and attends to its
 sequence's pages (a step of decodes alone, up to 16 of them, runs the fused decode step through the block tables:
-5 launches a layer on the Triton backend). A request whose new tokens reach the end of what it has (its prompt, or its last sampled
-token) samples its next token from its own parameters and its own random stream; a long prompt is cut into
-chunks, so it never holds up the running decodes for more than a step's budget. A finished request leaves at
-once and its pages go back to the pool.
+5 launches a layer on the Triton backend). A request whose new tokens reach the end of what it has (its prompt,
+or its last sampled token) samples its next token from its own parameters and its own random stream; a long
+prompt is cut into chunks, so it never holds up the running decodes for more than a step's budget. A finished
+request leaves at once and its pages go back to the pool.
 
 **Pages.** The pool (``kv_cache_tokens``, in pages of PAGE_SIZE = 16 tokens: the granularity at which prompts
 share a prefix, and at most 15 tokens of a sequence's last page unused) is the model's memory for keys and
