@@ -51,8 +51,9 @@ applies its scale once to the accumulator, after the K loop; grouped layouts sca
 K must be a multiple of 32 for the 4-bit and the G = 32 layouts, and of G for int4 (every Llama-3 width and
 SmolLM2's 576 and 1536 are).
 
-M > 8 (prefill) does not come here: ``QuantLinear`` dequantizes to the activation dtype and calls torch's
-matrix product (cuBLAS), compute bound at those sizes, with the dequantized copy freed at once.
+A prefill of more than 8 rows does not come here: ``QuantLinear`` dequantizes to the activation dtype and calls
+torch's matrix product (cuBLAS), compute bound at those sizes, with the dequantized copy freed at once. The fused
+decode step does at any batch it runs (an engine's decode steps: up to 16 rows, one row tile).
 """
 
 from __future__ import annotations

@@ -251,12 +251,20 @@ def paged_prefill_attention(
     """Causal prefill over a paged cache, sequence by sequence: q (total_q, Hq, D) packed, sequence b's queries rows
     cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1, its newest tokens, so that query i sits at position
     seq_lens[b] - q_len_b + i; its keys 0 .. seq_lens[b] - 1 gathered from the pools (num_pages, PAGE, Hkv, D)
-    through block_tables[b], then ``attention`` with that start position. Returns (total_q, Hq, D)."""
+    through block_tables[b], then ``attention`` with that start position. Returns (total_q, Hq, D).
+
+    The sequences with one new token (the decodes an engine step carries beside a prompt's chunk) are the case of
+    ``paged_decode_attention`` (one query, every key of its sequence) and run through it together, one call for all
+    of them instead of a gather and an ``attention`` each."""
     out = torch.empty_like(q)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    ones = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
+    if ones:
+        rows, which = torch.tensor([cu[b] for b in ones], device=q.device), torch.tensor(ones, device=q.device)
+        out[rows] = paged_decode_attention(q[rows], k_pages, v_pages, block_tables[which], seq_lens[which], scale=scale)
     for b in range(len(lens)):
         s, e, n = cu[b], cu[b + 1], lens[b]
-        if e == s:
+        if e - s <= 1:  # none, or done above
             continue
         k = gather_pages(k_pages, block_tables[b : b + 1], seq_lens[b : b + 1])[:, :n]  # (1, n, Hkv, D)
         v = gather_pages(v_pages, block_tables[b : b + 1], seq_lens[b : b + 1])[:, :n]
@@ -435,18 +443,19 @@ def quant_linear(
 ) -> torch.Tensor:
     """``kernels.quant.quant_linear``'s definition: ``linear`` (fusions included) of x with the dequantized
     weight, all in fp32, returned in x's dtype. The weight is dequantized a slice of rows at a time (at most
-    ``SLICE`` weights), so a 128k-row head costs 16 MB of fp32 temporaries, not 2 GB.
+    ``SLICE`` weights), so a 128k-row head costs a few 16-MB fp32 temporaries, not 2 GB each.
 
     ``packed`` (from ``pack_quant``: a CPU, bf16 activations): the product runs on torch's CPU weight-only kernel
     instead, its input RMSNorm(x) rounded to bf16, its bf16 result widened for the fused epilogue in fp32. That is
     torch's fast path, not the definition: it reads 1 or 0.5 bytes a weight where dequantizing writes and reads 4."""
-    xf = x.float() if rms_weight is None else rms_norm(x.float(), rms_weight.float(), eps)
+    xf = None if rms_weight is None else rms_norm(x.float(), rms_weight.float(), eps)
     if packed is not None:
-        y = _packed_product(x if rms_weight is None else xf.to(x.dtype), packed, group)
+        y = _packed_product(x if xf is None else xf.to(x.dtype), packed, group)
         if not swiglu and residual is None:  # a plain product (the unfused step's): no fp32 round trip
             return y if out is None else out.copy_(y)
         y = y.float()
     else:
+        xf = x.float() if xf is None else xf
         N, K = qweight.shape[0], xf.shape[-1]
         step = max(SLICE // K, 1)
         parts = [
@@ -463,7 +472,7 @@ def quant_linear(
     return y.to(x.dtype) if out is None else out.copy_(y)
 
 
-SLICE = 1 << 22  # weights per slice when a quantized weight is dequantized: bounds the fp32 temporaries (16 MB)
+SLICE = 1 << 22  # weights per slice when a quantized weight is dequantized: 16 MB per fp32 temporary
 
 
 def pack_quant(

@@ -38,7 +38,6 @@ class DecodeGraph:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits = model._decode_step(static_tokens, static_pos)
-            graph.replay()  # capturing ran nothing: now the logits buffer holds this step's, not the pool's leftovers
             return cls(graph, static_tokens, static_pos, logits)
         except Exception as e:  # capture is an optimisation: fall back to eager, say so once
             warnings.warn(f"CUDA graph capture failed, decoding eagerly: {type(e).__name__}: {e}", stacklevel=3)
@@ -85,5 +84,7 @@ class DecodeGraphs:
                 tp.all_reduce(ok)
                 if int(ok) != tp.world:
                     graph = None
+            if graph is not None:  # after the ranks agreed (the step holds collectives): capturing ran nothing, so
+                graph.graph.replay()  # now the logits buffer holds this step's, not the allocator's leftovers
             self._by_batch[batch] = graph
         return self._by_batch[batch]

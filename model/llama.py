@@ -86,7 +86,7 @@ class Step:
     positions: torch.Tensor  # (B, T) absolute position of each token = its KV-cache slot
     start_pos: int | None  # prefill: position of token 0, the same for every sequence; None: a decode step
     lengths: torch.Tensor | None  # decode: (B,) cache length of each sequence once this token is in
-    cos_sin: torch.Tensor  # (max_seq_len, hd) RoPE table
+    cos_sin: torch.Tensor  # (max_seq_len rounded up to whole pages, hd) RoPE table
     eps: float  # RMSNorm epsilon
     pages: Pages | None = None  # the paged cache's addressing; None: the static slab, slot = position
 
@@ -210,7 +210,7 @@ class DecodeStep:
 
     ops: Ops  # the backend
     positions: torch.Tensor  # (B,) slot of each sequence's new token (its cache length is one more)
-    cos_sin: torch.Tensor  # (max_seq_len, hd) RoPE table
+    cos_sin: torch.Tensor  # (max_seq_len rounded up to whole pages, hd) RoPE table
     workspace: object  # kernels.decode_step.DecodeWorkspace (the attention's split partials), None for the reference
     gemv_workspace: object  # kernels.gemv.GemvWorkspace (the products' split-K partials), None for the reference
     eps: float  # RMSNorm epsilon
@@ -331,6 +331,7 @@ class Llama(nn.Module):
         if self.rope_cos_sin.shape[0] < rows:
             self.rope_cos_sin = reference.rope_table(self.inv_freq, rows)
         self._make_decode_workspace()
+        self._graphs.clear()  # captured steps hold the workspaces and table they were captured with
 
     @torch.inference_mode()
     def forward_paged(
@@ -393,9 +394,10 @@ class Llama(nn.Module):
             if fused_decode and self.tp.enabled:
                 raise UserError("fused_decode: not available under tensor parallelism")
             self.fused_decode = bool(fused_decode)
-        for m in self.modules():  # each quantized product's planes as this backend reads them best
-            if isinstance(m, QuantLinear):
-                m.packed = self.ops.pack_quant(*m.planes, self.dtype)
+        pack = self.ops.pack_quant
+        for m in self.modules():  # each quantized product's planes as this backend reads them best, packed once
+            if isinstance(m, QuantLinear) and m.packed_with is not pack:
+                m.packed, m.packed_with = pack(*m.planes, self.dtype), pack
         self._make_decode_workspace()
         self._graphs.clear()
 

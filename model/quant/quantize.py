@@ -303,6 +303,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)  # None: symmetric (not in the state dict)
         self.packed: object = None
+        self.packed_with = None  # the pack_quant that made ``packed`` (Llama.use packs again only for another)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"

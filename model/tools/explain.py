@@ -167,6 +167,7 @@ class _Recorder:
 
     def __init__(self, ops):
         self.ops = ops
+        self.pack_quant = ops.pack_quant  # the backend's own function: what it packed stays packed
         self.layer: int | None = None  # set by a forward pre-hook on each block
         self.calls: list[Check] = []
 
@@ -210,9 +211,6 @@ class _Recorder:
     # Not recorded: the products (a dense one is torch's, a quantized one the backend's), and what the backend keeps.
     def quant_linear(self, x, qweight, scales, mins, group, **kwargs):
         return self.ops.quant_linear(x, qweight, scales, mins, group, **kwargs)
-
-    def pack_quant(self, qweight, scales, mins, group, dtype):
-        return self.ops.pack_quant(qweight, scales, mins, group, dtype)
 
     def workspaces(self, max_batch, n_heads, n_kv_heads, head_dim, device):
         return self.ops.workspaces(max_batch, n_heads, n_kv_heads, head_dim, device)

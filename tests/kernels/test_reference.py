@@ -46,3 +46,32 @@ def test_chunked_reference_attention_matches_the_whole_matrix(monkeypatch, T, st
         assert (got - whole).abs().max() < 1e-6, rows
         assert len(shapes) == -(-T // rows) and all(s[3] <= rows for s in shapes)  # chunks of `rows` queries
         assert max(s[3] * s[4] for s in shapes) <= rows * S  # never the (T, S) matrix
+
+
+def test_paged_prefill_reference_equals_the_plain_formula_with_one_token_chunks():
+    """The reference's paged prefill runs its one-token chunks (an engine step's decodes beside a prompt's chunk)
+    together through the paged decode attention: every row still equals the plain causal formula in float64 over
+    its own sequence's keys, read from shuffled pages."""
+    from llama3_triton.kernels import reference
+
+    g = torch.Generator().manual_seed(5)
+    Hkv, G, D, page = 2, 3, 64, 16
+    seq_lens, q_lens = [9, 40, 1, 33, 17, 5], [1, 6, 1, 1, 17, 0]
+    pages_of = [-(-n // page) for n in seq_lens]
+    order = torch.randperm(sum(pages_of), generator=g).tolist()  # pages in shuffled order in the pool
+    tables = torch.zeros(len(seq_lens), max(pages_of), dtype=torch.int32)
+    k_pages, v_pages = (torch.randn(len(order), page, Hkv, D, generator=g) for _ in range(2))
+    i = 0
+    for b, n in enumerate(pages_of):
+        tables[b, :n] = torch.tensor(order[i : i + n])
+        i += n
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), Hkv * G, D, generator=g)
+    got = reference.paged_prefill_attention(q, k_pages, v_pages, cu, torch.tensor(seq_lens, dtype=torch.int32), tables)
+    for b, (n, t) in enumerate(zip(seq_lens, q_lens, strict=True)):
+        if t == 0:
+            continue
+        k = k_pages[tables[b, : pages_of[b]].long()].reshape(-1, Hkv, D)[None, :n]
+        v = v_pages[tables[b, : pages_of[b]].long()].reshape(-1, Hkv, D)[None, :n]
+        want = _attention_fp64(q[None, cu[b] : cu[b + 1]], k, v, n - t)[0]
+        torch.testing.assert_close(got[cu[b] : cu[b + 1]].double(), want, atol=1e-5, rtol=1e-5)

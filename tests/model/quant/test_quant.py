@@ -539,6 +539,21 @@ def test_calibrated_int4_load(tiny):
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def test_use_packs_each_quantized_product_once_per_backend(tiny):
+    """Llama.use packs a product's planes for the backend (torch's CPU layout here: bf16 on a CPU) once: another
+    use() with the same backend keeps them; a product swapped in afterwards is packed at the next use()."""
+    llm = Llama.load(tiny, device="cpu", dtype=torch.bfloat16, max_seq_len=16, quantize="int8")
+    wo = llm.layers[0].attention.wo
+    packed = wo.packed
+    assert packed is not None and wo.packed_with is llm.ops.pack_quant
+    llm.use(cuda_graph=False)
+    assert wo.packed is packed
+    fresh = quant.quantize_weight(torch.randn(wo.out_features, wo.in_features), "int8", 0, torch.bfloat16)
+    llm.layers[0].attention.wo = fresh
+    llm.use()
+    assert fresh.packed is not None and fresh.packed_with is llm.ops.pack_quant
+
+
 class _Spy:
     """A backend that records each ``quant_linear`` call, (rows, qweight, sorted keywords, workspace), and runs it
     on the backend it wraps: every other op is that backend's."""
