@@ -371,13 +371,18 @@ def linear(
     xf = x.float()
     if rms_weight is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * rms_weight.float()
-    y = xf @ weight.float().T
+    return _epilogue(xf @ weight.float().T, x.dtype, residual, swiglu, out)
+
+
+def _epilogue(y: torch.Tensor, dtype: torch.dtype, residual, swiglu: bool, out) -> torch.Tensor:
+    """The fused products' end, in fp32: silu(y1) * y3 of y = [y1 | y3] with ``swiglu``, + ``residual``, then
+    rounded once to ``dtype`` (or into ``out``)."""
     if swiglu:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
     if residual is not None:
         y = residual.float() + y
-    return y.to(x.dtype) if out is None else out.copy_(y)
+    return y.to(dtype) if out is None else out.copy_(y)
 
 
 def rope_decode_attention(
@@ -464,12 +469,7 @@ def quant_linear(
             for r in range(0, N, step)
         ]  # fmt: skip
         y = torch.cat(parts, dim=-1)
-    if swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    if residual is not None:
-        y = residual.float() + y
-    return y.to(x.dtype) if out is None else out.copy_(y)
+    return _epilogue(y, x.dtype, residual, swiglu, out)
 
 
 SLICE = 1 << 22  # weights per slice when a quantized weight is dequantized: 16 MB per fp32 temporary
