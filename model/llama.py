@@ -301,9 +301,10 @@ class Llama(nn.Module):
         ``before_weights(tokenizer, max_seq_len)``: called before any weight is read, so a check on the input (a
         prompt too long for the context) fails before the long part.
         """
-        load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp or distributed.current(),
-                quantize, calibration, before_weights)  # fmt: skip
-        return loading.load_on_every_rank(cls, *load)
+        tp = tp or distributed.current()
+        load = (ckpt_dir, backend, device, dtype, max_seq_len, max_batch_size, progress, tp, quantize, calibration,
+                before_weights)  # fmt: skip
+        return loading.load_on_every_rank(tp, lambda: loading.load(cls, *load))
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """(Re)allocate the static KV cache: per layer, k and v of shape (max_batch, Hkv, max_seq_len, hd)

@@ -41,15 +41,14 @@ def select_ops(backend: str, device: torch.device) -> Ops:
     return triton_ops
 
 
-def load_on_every_rank(cls: type[nn.Module], *args) -> nn.Module:
-    """``load``, under tensor parallelism on every rank at once: a rank that fails tells the others, which raise
-    too (else they would hang in the next collective)."""
-    tp = args[7]
+def load_on_every_rank(tp: distributed.TensorParallel, load_model) -> nn.Module:
+    """``load_model()`` (a ``load``), under tensor parallelism on every rank at once: a rank that fails tells the
+    others, which raise too (else they would hang in the next collective)."""
     if not tp.enabled:
-        return load(cls, *args)
+        return load_model()
     model, error = None, None
     try:
-        model = load(cls, *args)
+        model = load_model()
     except Exception as e:
         error = e
     tp.agree(error)
