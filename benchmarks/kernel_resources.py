@@ -110,20 +110,26 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     # it on the tensor cores (fp32 variants, kept for tests, use input_precision="ieee": exact FMA, no TF32).
     half = any(t in ("*fp16", "*bf16") for t in v["signature"].values())
     row["uses_dot"] = half and "tt.dot" in compiled.asm["ttir"]
+    # Local memory can be used without a spill (a stack array that libdevice's sin/cos slow path keeps, say), and
+    # -res-usage reports both kinds: the frame (STACK) and the spilled or local bytes (LOCAL). An STL/LDL needs one
+    # of them, so the sizes are the check for every row. Disassembling costs ~0.6 s a cubin, a third of the gate's
+    # time: the SASS is read where it is needed, for the tensor-core instructions of a kernel with a dot, and there
+    # the STL/LDL instructions are counted as well.
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         res = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        sass = None
+        if row["uses_dot"]:
+            sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
     if m is None:
         row["error"] = f"could not parse cuobjdump -res-usage output: {res.strip()[:200]}"
         return row
     row["registers"], row["stack_bytes"], row["static_shared_bytes"], row["local_bytes"] = map(int, m.groups())
-    row["tensor_core_ops"] = sorted({op for op in ("HMMA", "HGMMA") if re.search(rf"\b{op}\b", sass)})
-    # Local memory can be used without a spill (a stack array that libdevice's sin/cos slow path keeps, say):
-    # count the SASS instructions that touch it, as well as the frame and spill sizes cuobjdump reports.
-    row["local_memory_ops"] = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))
+    if sass is not None:
+        row["tensor_core_ops"] = sorted({op for op in ("HMMA", "HGMMA") if re.search(rf"\b{op}\b", sass)})
+        row["local_memory_ops"] = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))
     row["ctas_per_sm"] = ctas_per_sm(arch, v["num_warps"], row["registers"], row["shared_bytes"])
     if "stream_bytes" in v:
         row["in_flight_bytes"] = row["ctas_per_sm"] * max(v["num_stages"] - 1, 1) * v["stream_bytes"]
@@ -225,7 +231,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['module'].removeprefix('kernels.')} | {r['name']} | {r['arch']} "
             f"| {r['num_warps']} | {r['num_stages']} "
             f"| {r['registers']} | {r['shared_bytes']} | {r['local_bytes']} | {r['stack_bytes']} "
-            f"| {','.join(r['tensor_core_ops']) or '-'} | {r['ctas_per_sm']} | {in_flight} "
+            f"| {','.join(r.get('tensor_core_ops', [])) or '-'} | {r['ctas_per_sm']} | {in_flight} "
             f"| {'ok' if not bad else 'FAIL: ' + '; '.join(bad)} |"
         )
     return "\n".join(lines)
