@@ -213,7 +213,66 @@ def load(url: str, reqs: list[dict], *, concurrency: int | None = None, rate: fl
     host = urlparse(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"--url {url}: load tests send traffic to this machine only (127.0.0.1, localhost)")
-    return asyncio.run(_load(url.rstrip("/"), reqs, concurrency, rate, api_key, model, timeout_s))
+    url = url.rstrip("/")
+    before = step_histogram(url, api_key)
+    rec = asyncio.run(_load(url, reqs, concurrency, rate, api_key, model, timeout_s))
+    after = step_histogram(url, api_key)
+    if before is not None and after is not None:
+        rec["steps"] = step_summary(before, after)
+    return rec
+
+
+def step_histogram(url: str, api_key: str | None = None) -> dict | None:
+    """The server's step-time histogram (``llama3_triton_engine_step_seconds``, by kind) from its /metrics: per
+    kind {"count", "sum", "buckets": {upper bound: cumulative count}}; None where the server has none (another
+    OpenAI-compatible server) or /metrics does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "llama3_triton_engine_step_seconds":
+            continue
+        for sample in family.samples:
+            kind = out.setdefault(sample.labels.get("kind", ""), {"count": 0.0, "sum": 0.0, "buckets": {}})
+            if sample.name.endswith("_bucket"):
+                kind["buckets"][float(sample.labels["le"])] = sample.value
+            elif sample.name.endswith("_count"):
+                kind["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                kind["sum"] = sample.value
+    return out or None
+
+
+def step_summary(before: dict, after: dict) -> dict:
+    """The steps between two step_histogram readings, per kind ("decode": decode rows only; "prompt": a step that
+    carried prompt tokens): how many, their mean seconds, and the bucket bounds that hold their p50 and p99 (an
+    upper bound: the histogram's resolution). Read beside the inter-token latency: a tail that matches the prompt
+    steps' time is decodes waiting on a prefill chunk in their step."""
+    out = {}
+    for kind, a in after.items():
+        b = before.get(kind, {"count": 0.0, "sum": 0.0, "buckets": {}})
+        n = a["count"] - b["count"]
+        if n <= 0:
+            continue
+        cum = sorted((le, a["buckets"][le] - b["buckets"].get(le, 0.0)) for le in a["buckets"])
+        p50, p99 = (next(le for le, c in cum if c >= q * n) for q in (0.5, 0.99))
+        out[kind] = {
+            "steps": int(n),
+            "mean_s": (a["sum"] - b["sum"]) / n,
+            "p50_le_s": p50,
+            "p99_le_s": p99,
+        }
+    return out
 
 
 def measure(llm, n: int, prompt, output, max_num_seqs: int, alone: int, rate: float | None, log,
@@ -314,6 +373,12 @@ def markdown(rec: dict) -> list[str]:
             f"p50 / p99 {h['itl_p50_s'] * 1e3:.1f} / {h['itl_p99_s'] * 1e3:.1f} ms = {spread:.1f}x (goal < "
             f"{GOALS['http_itl_p99_over_p50']}x); {h['errors']} errors."
         )
+        for kind, st in h.get("steps", {}).items():  # the server's own step times, to read the tail against
+            lines.append(
+                f"Server steps with {'prompt tokens' if kind == 'prompt' else 'decodes only'}: {st['steps']}, mean "
+                f"{st['mean_s'] * 1e3:.0f} ms, p50 <= {st['p50_le_s'] * 1e3:.0f} ms, "
+                f"p99 <= {st['p99_le_s'] * 1e3:.0f} ms."
+            )
     if "online" in rec:
         o = rec["online"]
         itl = f"{o['itl_p50_s'] * 1e3:.1f} / {o['itl_p99_s'] * 1e3:.1f} ms" if o["itl_p50_s"] is not None else "n/a"

@@ -106,6 +106,17 @@ class RequestOutput:
 
 
 @dataclass
+class StepRecord:
+    """One step that ran the model: its seconds (forward and sampling), its prompt tokens (including a preempted
+    request's recomputed ones) and its decode rows. A server's step-time histogram is made of these: a step with
+    prompt tokens delays every decode in it, the usual cause of an inter-token latency tail."""
+
+    seconds: float
+    prompt_tokens: int
+    decodes: int
+
+
+@dataclass
 class _Seq:
     """A request being served: its tokens, pages and progress."""
 
@@ -173,6 +184,7 @@ class Engine:
         self.stats = {"preemptions": 0, "prefix_hit_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.finished_requests: deque[dict] = deque(maxlen=1000)  # recent requests' timings, for the metrics
         self._ended: list[_Seq] = []  # finished between steps (aborted): their last output comes with the next step
+        self.last_step: StepRecord | None = None  # the latest step, if it ran the model
 
     # ---- requests in ------------------------------------------------------------------------------------------
 
@@ -238,11 +250,15 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once over every scheduled request's new tokens, sample; the outputs of every
         request that produced something or finished (aborted ones included)."""
-        plan = self._schedule()
+        plan, self.last_step = self._schedule(), None
         outputs = [self._output(s) for s in self._ended]
         self._ended = []
         if not plan:
             return outputs
+        started = time.perf_counter()
+        # A decode row: one token, the newest, of a request whose prompt is in the cache; anything else is prompt
+        # (or, after a preemption, recomputed) tokens: what makes a step slow for every request in it.
+        decodes = sum(n == 1 and s.computed == len(s.tokens) - 1 >= len(s.prompt) for s, n in plan)
         logits = self._forward(plan)  # (len(plan), vocab) fp32
         sampled = []
         for i, (seq, n) in enumerate(plan):
@@ -253,6 +269,7 @@ class Engine:
         for seq, token in zip((s for s, _ in sampled), self._sample(sampled), strict=True):
             self._append(seq, token)
             outputs.append(self._output(seq))
+        self.last_step = StepRecord(time.perf_counter() - started, sum(n for _, n in plan) - decodes, decodes)
         return outputs
 
     def generate(

@@ -41,6 +41,8 @@ from llama3_triton.model.server.worker import EngineWorker
 
 MAX_BODY_BYTES = 4 * 2**20  # a whole context of text or token ids is well under 1 MiB
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
+# Steps: finer, since a step's time against the inter-token latency's tail is what they are read for
+_STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 
 
 @dataclass
@@ -79,7 +81,18 @@ class ServerState:
                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.e2e = Histogram("llama3_triton_request_latency_seconds", "from arrival to the last token",
                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.steps = Histogram(
+            "llama3_triton_engine_step_seconds",
+            "one step of the model (forward and sampling), by whether it carried prompt tokens",
+            ["kind"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.worker.on_step = self._observe_step
         r.register(_EngineCollector(self))
+
+    def _observe_step(self, step) -> None:  # in the engine's thread
+        self.steps.labels("prompt" if step.prompt_tokens else "decode").observe(step.seconds)
 
 
 class _EngineCollector:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 
 from llama3_triton.model.engine import Engine, Request, RequestOutput
+from llama3_triton.model.engine.engine import StepRecord
 
 Sink = Callable[[RequestOutput | BaseException], None]
 
@@ -27,8 +28,8 @@ Sink = Callable[[RequestOutput | BaseException], None]
 class EngineWorker:
     """Runs ``engine`` in a thread; ``submit``/``abort`` from any thread."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, on_step: Callable[[StepRecord], None] | None = None):
+        self.engine, self.on_step = engine, on_step  # on_step: called in this thread after each step of the model
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._stopping = False
@@ -120,6 +121,8 @@ class EngineWorker:
                     except Exception:  # noqa: BLE001
                         break
                 continue
+            if self.on_step is not None and engine.last_step is not None:
+                self.on_step(engine.last_step)
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
                 if sink is not None:

@@ -101,6 +101,25 @@ def test_preemption_changes_no_output_and_leaks_no_page(llm, alone):
     assert m["finished"] == 6 and m["generated_tokens"] == 6 * 24 and 0 < m["ttft_p50_s"] and 0 < m["tpot_p50_s"]
 
 
+def test_each_step_records_its_time_prompt_tokens_and_decodes(llm):
+    """Engine.last_step, what a server's step-time histogram is made of: a prompt chunk counts as prompt tokens,
+    the one newest token of a request past its prompt as a decode, in the same step as each other."""
+    engine = _engine(llm, max_num_batched_tokens=8)
+    ids = llm.tokenizer.encode(PROMPTS[4])
+    a = engine.add_request(ids[:11], Request(max_tokens=3, temperature=0, ignore_eos=True))
+    seen = []
+    for _ in range(3):  # the prompt in chunks of 8 and 3 (the first token sampled), then a decode
+        engine.step()
+        seen.append((engine.last_step.prompt_tokens, engine.last_step.decodes))
+    engine.add_request(ids[:5], Request(max_tokens=1, temperature=0))
+    engine.step()  # a's second decode beside the new request's prompt
+    seen.append((engine.last_step.prompt_tokens, engine.last_step.decodes))
+    assert seen == [(8, 0), (3, 0), (0, 1), (5, 1)] and engine.last_step.seconds > 0
+    _drain(engine)
+    assert a not in engine.seqs
+    _assert_no_page_held(engine)
+
+
 def test_preempted_seeded_sampling_resumes_its_own_stream(llm):
     request = Request(max_tokens=20, temperature=1.0, seed=11)
     want = _engine(llm).generate([PROMPTS[1]], request)[0].token_ids

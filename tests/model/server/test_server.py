@@ -309,7 +309,13 @@ def test_the_load_test_client_counts_every_token(server):
     assert (rec["completed"], rec["errors"]) == (6, 0), rec["error_examples"]
     assert rec["output_tokens"] == sum(r["max_tokens"] for r in reqs)
     assert 0 < rec["ttft_p50_s"] <= rec["ttft_p99_s"] and 0 < rec["itl_p50_s"] <= rec["itl_p99_s"]
+    # The server's step times over the run, from its /metrics: each prompt (4-24 tokens, under the 256 budget) in
+    # one step of its own or shared; every output token but the first of each request from a decode row.
+    steps = rec["steps"]
+    assert set(steps) == {"prompt", "decode"} and 1 <= steps["prompt"]["steps"] <= 6, steps
+    for st in steps.values():
+        assert st["mean_s"] > 0 and st["p50_le_s"] <= st["p99_le_s"], st
     bad = load(server.url, reqs[:1], concurrency=1, api_key="wrong")
-    assert bad["errors"] == 1 and "401" in bad["error_examples"][0]
+    assert bad["errors"] == 1 and "401" in bad["error_examples"][0] and "steps" not in bad  # /metrics refused too
     with pytest.raises(ValueError, match="this machine only"):
         load("http://10.0.0.1:8000", reqs, concurrency=1)
