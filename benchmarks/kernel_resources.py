@@ -2,8 +2,9 @@
 
 Each ``kernels/<op>.py`` lists, in ``compile_variants()``, every configuration its launcher or autotuner
 can pick. This script compiles each for sm_80 (A100) and sm_90 (H100) with Triton's bundled ptxas and
-reads from the cubin, with the bundled ``cuobjdump``: registers per thread, spills to local memory, and
-whether the SASS uses the tensor cores (HMMA; on sm_90 also the warpgroup HGMMA). Dynamic shared memory
+reads from the cubin, with the bundled ``cuobjdump``: registers per thread, spills and stack frames in local memory,
+and, for the kernels with a matrix product, whether the SASS uses the tensor cores (HMMA; on sm_90 also the
+warpgroup HGMMA; only those are disassembled, ~0.6 s each). Dynamic shared memory
 comes from the compiler's metadata (cuobjdump's SHARED column only shows static shared memory).
 
     python -m llama3_triton.benchmarks.kernel_resources            # a table

@@ -93,5 +93,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Only for --dist loadfile, read in a worker from the command line it was started for (xdist sets each worker's
+    # own "dist" option to "no"): a run in one process, or gpu-check's order of its GPU tests, stays as it is.
+    argv = getattr(config, "workerinput", {}).get("mainargv", [])
+    if not any(a in ("loadfile", "--dist=loadfile") for a in argv):
+        return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order

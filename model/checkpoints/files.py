@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import stat
 import tempfile
@@ -248,15 +249,32 @@ def read_capped(path: str | os.PathLike, what: str, cap: int) -> bytes:
         if st.st_size > cap:
             raise UserError(f"{what}: {st.st_size:,} bytes, over the {cap:,}-byte limit")
         if stat.S_ISFIFO(st.st_mode):
-            # The non-blocking open did not wait for a writer, and a FIFO without one reads as empty: open it again,
-            # blocking, which waits for the writer as a FIFO's reader does (``<(command)`` has one already).
-            with open(path, "rb") as f:
-                return read_stream_capped(f, what, cap)
+            return read_stream_capped(_FifoReader(fd), what, cap)
         os.set_blocking(fd, True)
         with os.fdopen(os.dup(fd), "rb") as f:
             return read_stream_capped(f, what, cap)
     finally:
         os.close(fd)
+
+
+class _FifoReader:
+    """``read(n)`` on a FIFO opened without waiting for a writer, which reads as empty until one comes: each read
+    first polls, which waits for data or for a writer that has come and gone (Linux reports POLLHUP on such a FIFO
+    only once it has seen a writer: one that has not opened yet is waited for, as a FIFO's reader does). Opening
+    the FIFO again, blocking, would wait for a writer too, but forever when the writer has already written its
+    bytes and left between the two opens (a fast ``<(echo ...)``): the bytes are in this open's pipe, read here."""
+
+    def __init__(self, fd: int):
+        self.fd, self.poller = fd, select.poll()
+        self.poller.register(fd, select.POLLIN)
+
+    def read(self, n: int) -> bytes:
+        while True:
+            self.poller.poll()
+            try:
+                return os.read(self.fd, n)  # b"": every writer has closed its end
+            except BlockingIOError:  # woken with nothing to read yet
+                continue
 
 
 def read_stream_capped(f, what: str, cap: int) -> bytes:

@@ -79,6 +79,37 @@ def test_a_short_pipe_is_read_whole(tmp_path):
     writer.join(10)
 
 
+def test_a_writer_that_comes_and_goes_before_the_read_is_read_whole(tmp_path, monkeypatch):
+    """The race of a fast ``<(echo ...)``: the writer opens, writes and closes between read_capped's open and its
+    read (made certain here: the writer runs to its end when read_capped looks at what it opened). Its bytes are
+    read. A second, blocking open of the FIFO, the way this was first written, waited for a writer forever: the
+    suite hung on test_a_short_pipe_is_read_whole under load."""
+    from llama3_triton.model.checkpoints import files
+
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+
+    def echo():
+        with open(fifo, "wb") as w:
+            w.write(b"a prompt\n")
+
+    writer = threading.Thread(target=echo, daemon=True)
+    fstat = os.fstat
+
+    def fstat_once_the_writer_has_gone(fd):
+        writer.start()  # its open returns: read_capped's open is a reader
+        writer.join(10)
+        assert not writer.is_alive()
+        return fstat(fd)
+
+    monkeypatch.setattr(files.os, "fstat", fstat_once_the_writer_has_gone)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(read_capped(fifo, "<(echo)", 64)), daemon=True)
+    reader.start()
+    reader.join(20)  # a hang fails the test instead of the suite
+    assert got == [b"a prompt\n"], "read_capped waited for a writer that had already come and gone"
+
+
 def test_a_stream_is_read_under_the_cap():
     assert read_stream_capped(io.BytesIO(b"abc"), "stdin", 3) == b"abc"
     with pytest.raises(UserError, match=r"^stdin: more than the 3-byte limit$"):
