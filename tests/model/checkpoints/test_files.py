@@ -94,15 +94,18 @@ def test_a_writer_that_comes_and_goes_before_the_read_is_read_whole(tmp_path, mo
             w.write(b"a prompt\n")
 
     writer = threading.Thread(target=echo, daemon=True)
-    fstat = os.fstat
 
-    def fstat_once_the_writer_has_gone(fd):
-        writer.start()  # its open returns: read_capped's open is a reader
-        writer.join(10)
-        assert not writer.is_alive()
-        return fstat(fd)
+    class OsWhoseFstatWaitsForTheWriter:  # files.py's ``os`` only: other threads keep the real os.fstat
+        def __getattr__(self, name):
+            return getattr(os, name)
 
-    monkeypatch.setattr(files.os, "fstat", fstat_once_the_writer_has_gone)
+        def fstat(self, fd):
+            writer.start()  # its open returns: read_capped's open is a reader
+            writer.join(10)
+            assert not writer.is_alive()
+            return os.fstat(fd)
+
+    monkeypatch.setattr(files, "os", OsWhoseFstatWaitsForTheWriter())
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(read_capped(fifo, "<(echo)", 64)), daemon=True)
     reader.start()
