@@ -65,15 +65,20 @@ def test_a_pipe_that_never_ends_stops_at_the_cap(tmp_path):
     assert not writer.is_alive()  # the reader closed its end: the writer saw a broken pipe
 
 
-def test_a_short_pipe_is_read_whole(tmp_path):
-    fifo = tmp_path / "f"
+def _echo_into_a_fifo(fifo: Path) -> threading.Thread:
+    """``<(echo a prompt)``: makes the FIFO ``fifo``; returns a thread, not started, that writes into it and closes."""
     os.mkfifo(fifo)
 
     def echo():
         with open(fifo, "wb") as w:
             w.write(b"a prompt\n")
 
-    writer = threading.Thread(target=echo, daemon=True)
+    return threading.Thread(target=echo, daemon=True)
+
+
+def test_a_short_pipe_is_read_whole(tmp_path):
+    fifo = tmp_path / "f"
+    writer = _echo_into_a_fifo(fifo)
     writer.start()
     assert read_capped(fifo, "<(echo)", 64) == b"a prompt\n"
     writer.join(10)
@@ -87,13 +92,7 @@ def test_a_writer_that_comes_and_goes_before_the_read_is_read_whole(tmp_path, mo
     from llama3_triton.model.checkpoints import files
 
     fifo = tmp_path / "f"
-    os.mkfifo(fifo)
-
-    def echo():
-        with open(fifo, "wb") as w:
-            w.write(b"a prompt\n")
-
-    writer = threading.Thread(target=echo, daemon=True)
+    writer = _echo_into_a_fifo(fifo)
 
     class OsWhoseFstatWaitsForTheWriter:  # files.py's ``os`` only: other threads keep the real os.fstat
         def __getattr__(self, name):
