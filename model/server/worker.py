@@ -28,8 +28,9 @@ Sink = Callable[[RequestOutput | BaseException], None]
 class EngineWorker:
     """Runs ``engine`` in a thread; ``submit``/``abort`` from any thread."""
 
-    def __init__(self, engine: Engine, on_step: Callable[[StepRecord], None] | None = None):
-        self.engine, self.on_step = engine, on_step  # on_step: called in this thread after each step of the model
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.on_step: Callable[[StepRecord], None] | None = None  # called in this thread after each model step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._stopping = False
