@@ -217,15 +217,15 @@ def load(url: str, reqs: list[dict], *, concurrency: int | None = None, rate: fl
     before = step_histogram(url, api_key)
     rec = asyncio.run(_load(url, reqs, concurrency, rate, api_key, model, timeout_s))
     after = step_histogram(url, api_key)
-    if before is not None and after is not None:
+    if before is not None and after:  # {} before the first step: the histogram has no kind yet
         rec["steps"] = step_summary(before, after)
     return rec
 
 
 def step_histogram(url: str, api_key: str | None = None) -> dict | None:
     """The server's step-time histogram (``llama3_triton_engine_step_seconds``, by kind) from its /metrics: per
-    kind {"count", "sum", "buckets": {upper bound: cumulative count}}; None where the server has none (another
-    OpenAI-compatible server) or /metrics does not answer."""
+    kind {"count", "sum", "buckets": {upper bound: cumulative count}}; {} before its first step or on another
+    OpenAI-compatible server; None where /metrics does not answer."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -250,7 +250,7 @@ def step_histogram(url: str, api_key: str | None = None) -> dict | None:
                 kind["count"] = sample.value
             elif sample.name.endswith("_sum"):
                 kind["sum"] = sample.value
-    return out or None
+    return out
 
 
 def step_summary(before: dict, after: dict) -> dict:
